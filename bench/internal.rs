@@ -1,0 +1,185 @@
+//! Benchmarks of the internal-snapshot tree, each printed with a ratio
+//! against a peer measured in the same run:
+//!
+//! 1. mkdir / revert / rmdir through the tree versus the bare QMP job
+//!    (`snapshot-save` / `snapshot-load` / `snapshot-delete`) for the same
+//!    work on the same VM (goal: overhead ratio <= 1.2).
+//! 2. `ls -l` and `cat .tree` of a domain with 1000 snapshots (goal
+//!    < 20 ms each), against `ls -l` of a plain directory of 1000 dirs.
+//! 3. The daemon's RSS with 1000 snapshots.
+//!
+//! Run: `cargo bench --bench internal` (root, QEMU 7.2, /dev/fuse).
+//! `VMSNAPFS_BENCH_SNAPSHOTS=N` changes the 1000.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const REPS: usize = 7;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs a QMP snapshot job on the control socket and waits for it.
+fn bare_job(vm: &Vm, command: &str, tag: &str, with_vmstate: bool) -> Duration {
+    let mut q = vm.control().unwrap();
+    let nodes: Vec<String> = vm
+        .disks
+        .iter()
+        .map(|d| format!("{}-fmt", d.target))
+        .collect();
+    let mut args = json!({"job-id": "bench", "tag": tag, "devices": nodes});
+    if with_vmstate {
+        args["vmstate"] = json!(nodes[0]);
+    }
+    let t = Instant::now();
+    q.execute_raw(command, args).unwrap();
+    let err = q
+        .wait_job("bench", Duration::from_secs(600), |_, _| {})
+        .unwrap();
+    let d = t.elapsed();
+    assert!(err.is_none(), "{command}: {err:?}");
+    d
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn overhead() {
+    let fx = Fixture::new("bench-ops");
+    fx.vm.qemu_io("vda", "write -P 0xab 0 32M").unwrap();
+    fx.vm.qemu_io("vdb", "write -P 0xcd 0 16M").unwrap();
+    let (mut tree_c, mut bare_c, mut tree_r, mut bare_r, mut tree_d, mut bare_d) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..REPS {
+        let tag = format!("bare{i}");
+        bare_c.push(bare_job(&fx.vm, "snapshot-save", &tag, true));
+        let name = format!("tree{i}");
+        tree_c.push(timed(|| fs::create_dir(fx.path(&name)).unwrap()));
+        bare_r.push(bare_job(&fx.vm, "snapshot-load", &tag, true));
+        tree_r.push(timed(|| fx.revert(&name, "running").unwrap()));
+    }
+    for i in 0..REPS {
+        bare_d.push(bare_job(
+            &fx.vm,
+            "snapshot-delete",
+            &format!("bare{i}"),
+            false,
+        ));
+        let name = format!("tree{i}");
+        tree_d.push(timed(|| fs::remove_dir(fx.path(&name)).unwrap()));
+    }
+    println!("\n== operations through the tree vs the bare QMP job (median of {REPS}, 2 disks, 48 MiB data, 128 MiB RAM)");
+    for (what, tree, bare) in [
+        ("mkdir  vs snapshot-save  ", tree_c, bare_c),
+        ("revert vs snapshot-load  ", tree_r, bare_r),
+        ("rmdir  vs snapshot-delete", tree_d, bare_d),
+    ] {
+        let (t, b) = (median(tree), median(bare));
+        println!(
+            "{what}: tree {:8.2} ms  bare {:8.2} ms  ratio {:.2}x (goal <= 1.2x)",
+            ms(t),
+            ms(b),
+            t.as_secs_f64() / b.as_secs_f64()
+        );
+    }
+}
+
+fn run_median(reps: usize, mut f: impl FnMut()) -> Duration {
+    median((0..reps).map(|_| timed(&mut f)).collect())
+}
+
+fn drop_kernel_caches() {
+    let _ = fs::write("/proc/sys/vm/drop_caches", "2");
+}
+
+fn many_snapshots() {
+    let n: usize = std::env::var("VMSNAPFS_BENCH_SNAPSHOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut fx = Fixture::new("bench-many");
+    // Stopped domain: snapshots are qemu-img disk snapshots (fast to make).
+    fx.vm.kill();
+    fx.wait_state("shutoff");
+    let t = Instant::now();
+    for i in 0..n {
+        fs::create_dir(fx.path(&format!("snap-{i:05}"))).unwrap();
+    }
+    let made = t.elapsed();
+    let mnt_dir = fx.path("");
+    let peer = fx.dir.0.join("peer");
+    for i in 0..n {
+        fs::create_dir_all(peer.join(format!("snap-{i:05}"))).unwrap();
+    }
+    let ls = |dir: &std::path::Path| {
+        let out = Command::new("ls").arg("-l").arg(dir).output().unwrap();
+        assert!(out.status.success());
+    };
+    drop_kernel_caches();
+    let ls_cold = timed(|| ls(&mnt_dir));
+    let ls_warm = run_median(11, || ls(&mnt_dir));
+    let peer_ls = run_median(11, || ls(&peer));
+    let tree = fx.path(".tree");
+    let cat = run_median(11, || {
+        let out = Command::new("cat").arg(&tree).output().unwrap();
+        assert_eq!(out.stdout.iter().filter(|b| **b == b'\n').count(), n);
+    });
+    let peer_file = fx.dir.0.join("peer.tree");
+    fs::write(&peer_file, fs::read(&tree).unwrap()).unwrap();
+    let peer_cat = run_median(11, || {
+        Command::new("cat").arg(&peer_file).output().unwrap();
+    });
+    let rss = daemon_rss_kib(&fx);
+    println!(
+        "\n== a domain with {n} snapshots (made through the tree in {:.1} s)",
+        made.as_secs_f64()
+    );
+    println!(
+        "ls -l     : cold {:6.2} ms, warm {:6.2} ms (goal < 20 ms); plain dir {:6.2} ms; ratio {:.2}x",
+        ms(ls_cold),
+        ms(ls_warm),
+        ms(peer_ls),
+        ls_warm.as_secs_f64() / peer_ls.as_secs_f64()
+    );
+    println!(
+        "cat .tree : {:6.2} ms (goal < 20 ms); plain file {:6.2} ms; ratio {:.2}x",
+        ms(cat),
+        ms(peer_cat),
+        cat.as_secs_f64() / peer_cat.as_secs_f64()
+    );
+    println!(
+        "daemon RSS: {:.1} MiB with {n} snapshots",
+        rss as f64 / 1024.0
+    );
+}
+
+fn daemon_rss_kib(fx: &Fixture) -> u64 {
+    let pid = fx.daemon.pid().expect("daemon runs");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    overhead();
+    many_snapshots();
+}

@@ -1,0 +1,398 @@
+//! The real backend: one QMP connection per running domain, `qemu-img`
+//! when it is stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use super::qmp::{Qmp, QmpError};
+use super::{process, qemu_img, Backend, ImageSnapshot};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{DomainDef, DomainState, SnapshotState};
+use crate::store::DomainStore;
+
+/// How long one QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a snapshot job may take (RAM saves run ~3 s per GiB here).
+const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a started QEMU may take to open its monitor.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Conn {
+    qmp: Qmp,
+    pid: Option<i32>,
+}
+
+/// One disk as the running QEMU sees it.
+struct LiveDisk {
+    node: String,
+    snapshots: Vec<ImageSnapshot>,
+}
+
+/// QMP + qemu-img backend of one domain.
+pub struct QemuBackend {
+    def: DomainDef,
+    store: DomainStore,
+    conn: Mutex<Option<Conn>>,
+}
+
+fn qmp_err(e: QmpError) -> Error {
+    Error::io(e.to_string())
+}
+
+impl QemuBackend {
+    /// A backend for the domain `def`, recording argv in `store`.
+    pub fn new(def: DomainDef, store: DomainStore) -> Self {
+        QemuBackend {
+            def,
+            store,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The qcow2 disks (the ones that can hold internal snapshots).
+    fn qcow2_disks(&self) -> Result<Vec<&crate::model::DiskDef>> {
+        if let Some(d) = self.def.disks.iter().find(|d| d.format != "qcow2") {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "disk {} is {}, internal snapshots need every disk in qcow2",
+                    d.target, d.format
+                ),
+            ));
+        }
+        if self.def.disks.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the domain has no disks",
+            ));
+        }
+        Ok(self.def.disks.iter().collect())
+    }
+
+    /// Ensures a connection when QEMU answers; `None` when it is stopped.
+    fn connect<'a>(&self, guard: &'a mut Option<Conn>) -> Option<&'a mut Conn> {
+        if guard.as_ref().is_some_and(|c| !c.qmp.is_usable()) {
+            *guard = None;
+        }
+        if guard.is_none() {
+            let path = self.def.monitor.as_ref()?;
+            match Qmp::connect(path, QMP_TIMEOUT) {
+                Ok(qmp) => {
+                    let pid = qmp.peer_pid();
+                    if let Some(argv) = pid.and_then(process::read_argv) {
+                        if let Err(e) = self.store.save_argv(&argv) {
+                            log::warn!("{}: cannot record QEMU's argv: {e}", self.def.name);
+                        }
+                    }
+                    log::info!("{}: connected to QEMU pid {pid:?}", self.def.name);
+                    *guard = Some(Conn { qmp, pid });
+                }
+                Err(e) => {
+                    log::debug!("{}: monitor {}: {e}", self.def.name, path.display());
+                    return None;
+                }
+            }
+        }
+        guard.as_mut()
+    }
+
+    fn state_of(&self, guard: &mut Option<Conn>) -> DomainState {
+        let Some(conn) = self.connect(guard) else {
+            return DomainState::Shutoff;
+        };
+        match conn.qmp.execute_raw("query-status", json!({})) {
+            Ok(v) if v["status"] == "running" => DomainState::Running,
+            Ok(_) => DomainState::Paused,
+            Err(e) => {
+                log::info!("{}: QEMU stopped answering: {e}", self.def.name);
+                *guard = None;
+                DomainState::Shutoff
+            }
+        }
+    }
+
+    /// Runs `f` on the live connection, or fails with EIO when QEMU is not up.
+    fn with_qmp<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut guard = self.conn.lock();
+        let conn = self
+            .connect(&mut guard)
+            .ok_or_else(|| Error::io("QEMU is not running (the monitor does not answer)"))?;
+        let r = f(conn);
+        if guard.as_ref().is_some_and(|c| !c.qmp.is_usable()) {
+            *guard = None;
+        }
+        r
+    }
+
+    /// The domain's disks as the running QEMU has them, by target.
+    fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
+        let blocks = qmp.execute_raw("query-block", json!({})).map_err(qmp_err)?;
+        let mut out = BTreeMap::new();
+        for disk in &self.def.disks {
+            let want = canonical(&disk.source);
+            let found = blocks.as_array().into_iter().flatten().find(|b| {
+                b["inserted"]["file"]
+                    .as_str()
+                    .is_some_and(|f| canonical(Path::new(f)) == want)
+            });
+            let Some(b) = found else {
+                return Err(Error::io(format!(
+                    "disk {} ({}) is not attached to the running QEMU",
+                    disk.target,
+                    disk.source.display()
+                )));
+            };
+            let node = b["inserted"]["node-name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let snapshots = qemu_img::parse_snapshot_table(&b["inserted"]["image"]["snapshots"]);
+            out.insert(disk.target.clone(), LiveDisk { node, snapshots });
+        }
+        Ok(out)
+    }
+
+    /// Starts a snapshot job and waits for it; a job error becomes EIO.
+    fn run_job(qmp: &mut Qmp, command: &str, args: Value, job_id: &str) -> Result<()> {
+        qmp.execute_raw(command, args).map_err(qmp_err)?;
+        match qmp
+            .wait_job(job_id, JOB_TIMEOUT, |_, _| {})
+            .map_err(qmp_err)?
+        {
+            None => Ok(()),
+            Some(e) => Err(Error::io(format!("{command}: {e}"))),
+        }
+    }
+
+    fn job_args(&self, qmp: &mut Qmp, tag: &str, job: &str) -> Result<(Value, String)> {
+        let qcow2 = self.qcow2_disks()?;
+        let live = self.live_disks(qmp)?;
+        let nodes: Vec<String> = qcow2
+            .iter()
+            .filter_map(|d| live.get(&d.target).map(|l| l.node.clone()))
+            .collect();
+        let job_id = format!("vmsnapfs-{job}-{}", std::process::id());
+        Ok((
+            json!({"job-id": job_id, "tag": tag, "vmstate": nodes[0], "devices": nodes}),
+            job_id,
+        ))
+    }
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// Merges per-disk snapshot tables by tag.
+fn merge(tables: impl IntoIterator<Item = Vec<ImageSnapshot>>) -> Vec<ImageSnapshot> {
+    let mut by_tag: BTreeMap<String, ImageSnapshot> = BTreeMap::new();
+    for t in tables {
+        for s in t {
+            by_tag
+                .entry(s.tag.clone())
+                .and_modify(|e| {
+                    e.vm_state_size = e.vm_state_size.max(s.vm_state_size);
+                    e.date_sec = e.date_sec.min(s.date_sec);
+                })
+                .or_insert(s);
+        }
+    }
+    by_tag.into_values().collect()
+}
+
+impl Backend for QemuBackend {
+    fn refresh_state(&self) -> DomainState {
+        let mut guard = self.conn.lock();
+        self.state_of(&mut guard)
+    }
+
+    fn try_refresh_state(&self) -> Option<DomainState> {
+        let mut guard = self.conn.try_lock()?;
+        Some(self.state_of(&mut guard))
+    }
+
+    fn list_internal(&self) -> Result<Vec<ImageSnapshot>> {
+        let running = {
+            let mut guard = self.conn.lock();
+            self.connect(&mut guard).is_some()
+        };
+        if running {
+            return self.with_qmp(|c| {
+                let live = self.live_disks(&mut c.qmp)?;
+                Ok(merge(live.into_values().map(|d| d.snapshots)))
+            });
+        }
+        let mut tables = Vec::new();
+        for d in self.def.disks.iter().filter(|d| d.format == "qcow2") {
+            tables.push(qemu_img::list(&d.source)?);
+        }
+        Ok(merge(tables))
+    }
+
+    fn create_internal(&self, tag: &str, live: DomainState) -> Result<SnapshotState> {
+        let disks = self.qcow2_disks()?;
+        if live == DomainState::Shutoff {
+            for d in &disks {
+                qemu_img::create(&d.source, tag)?;
+            }
+            return Ok(SnapshotState::Shutoff);
+        }
+        self.with_qmp(|conn| {
+            let (args, job_id) = self.job_args(&mut conn.qmp, tag, "save")?;
+            Self::run_job(&mut conn.qmp, "snapshot-save", args, &job_id)
+        })?;
+        Ok(if live == DomainState::Running {
+            SnapshotState::Running
+        } else {
+            SnapshotState::Paused
+        })
+    }
+
+    fn delete_internal(&self, tag: &str) -> Result<()> {
+        let mut guard = self.conn.lock();
+        if self.state_of(&mut guard) == DomainState::Shutoff {
+            drop(guard);
+            for d in self.def.disks.iter().filter(|d| d.format == "qcow2") {
+                if qemu_img::list(&d.source)?.iter().any(|s| s.tag == tag) {
+                    qemu_img::delete(&d.source, tag)?;
+                }
+            }
+            return Ok(());
+        }
+        let conn = guard.as_mut().ok_or_else(|| Error::io("QEMU went away"))?;
+        let live = self.live_disks(&mut conn.qmp)?;
+        let nodes: Vec<String> = live
+            .values()
+            .filter(|d| d.snapshots.iter().any(|s| s.tag == tag))
+            .map(|d| d.node.clone())
+            .collect();
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let job_id = format!("vmsnapfs-delete-{}", std::process::id());
+        let args = json!({"job-id": job_id, "tag": tag, "devices": nodes});
+        Self::run_job(&mut conn.qmp, "snapshot-delete", args, &job_id)
+    }
+
+    fn load_checkpoint_live(&self, tag: &str) -> Result<()> {
+        self.with_qmp(|c| {
+            let (args, job_id) = self.job_args(&mut c.qmp, tag, "load")?;
+            Self::run_job(&mut c.qmp, "snapshot-load", args, &job_id)
+        })
+    }
+
+    fn apply_disks_offline(&self, tag: &str) -> Result<()> {
+        for d in self.qcow2_disks()? {
+            qemu_img::apply(&d.source, tag)?;
+        }
+        Ok(())
+    }
+
+    fn stop_process(&self) -> Result<()> {
+        let mut guard = self.conn.lock();
+        let Some(conn) = self.connect(&mut guard) else {
+            return Ok(());
+        };
+        let pid = conn.pid;
+        // QEMU may close the socket before it answers `quit`.
+        let _ = conn.qmp.execute_raw("quit", json!({}));
+        *guard = None;
+        if let Some(pid) = pid {
+            if !process::wait_exit(pid, Duration::from_secs(30)) {
+                return Err(Error::io(format!("QEMU pid {pid} did not exit after quit")));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_process(&self, loadvm: Option<&str>, paused: bool) -> Result<()> {
+        let argv = self
+            .def
+            .commandline
+            .clone()
+            .or_else(|| self.store.load_argv())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "no QEMU command line known: add <commandline> to the definition \
+                     or start the VM once while vmsnapfs runs",
+                )
+            })?;
+        let mut argv = process::strip_start_options(&argv);
+        argv.push("-S".into());
+        if let Some(tag) = loadvm {
+            argv.push("-loadvm".into());
+            argv.push(tag.into());
+        }
+        let pid = process::spawn_detached(&argv, &self.store.dir().join("qemu.log"))?;
+        log::info!("{}: started QEMU pid {pid}", self.def.name);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.conn.lock();
+                if self.connect(&mut guard).is_some() {
+                    break;
+                }
+            }
+            if !process::is_alive(pid as i32, None) {
+                return Err(Error::io(format!(
+                    "QEMU exited at start; see {}",
+                    self.store.dir().join("qemu.log").display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::io("QEMU did not open its monitor in time"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !paused {
+            self.set_running(true)?;
+        }
+        Ok(())
+    }
+
+    fn set_running(&self, running: bool) -> Result<()> {
+        self.with_qmp(|c| {
+            let cmd = if running { "cont" } else { "stop" };
+            c.qmp.execute_raw(cmd, json!({})).map(drop).map_err(qmp_err)
+        })
+    }
+
+    fn can_start(&self) -> bool {
+        self.def.commandline.is_some() || self.store.load_argv().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_unions_tags() {
+        let a = vec![ImageSnapshot {
+            tag: "x".into(),
+            vm_state_size: 0,
+            date_sec: 5,
+        }];
+        let b = vec![
+            ImageSnapshot {
+                tag: "x".into(),
+                vm_state_size: 10,
+                date_sec: 7,
+            },
+            ImageSnapshot {
+                tag: "y".into(),
+                vm_state_size: 0,
+                date_sec: 1,
+            },
+        ];
+        let m = merge([a, b]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].vm_state_size, 10);
+        assert_eq!(m[0].date_sec, 5);
+    }
+}

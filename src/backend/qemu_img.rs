@@ -1,0 +1,100 @@
+//! `qemu-img` on the images of a stopped domain: list, create, apply and
+//! delete internal snapshots.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::ImageSnapshot;
+use crate::error::{Error, Result};
+
+/// Runs qemu-img with `args`, returning stdout; a failure carries stderr.
+pub fn run(args: &[&str]) -> Result<String> {
+    log::debug!("qemu-img {}", args.join(" "));
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| Error::io(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::io(format!(
+            "qemu-img {} failed: {}",
+            args.first().unwrap_or(&""),
+            stderr.trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The internal snapshots of one image (read with `-U`, so it works while
+/// a QEMU holds the image; use QMP for an authoritative view then).
+pub fn list(image: &Path) -> Result<Vec<ImageSnapshot>> {
+    let path = image.to_string_lossy();
+    let json = run(&["info", "-U", "--output=json", &path])?;
+    let info: Value =
+        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))?;
+    Ok(parse_snapshot_table(&info["snapshots"]))
+}
+
+/// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's
+/// `query-block` (`inserted.image.snapshots`) give it.
+pub fn parse_snapshot_table(table: &Value) -> Vec<ImageSnapshot> {
+    table
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| {
+                    Some(ImageSnapshot {
+                        tag: r["name"].as_str()?.to_owned(),
+                        vm_state_size: r["vm-state-size"].as_u64().unwrap_or(0),
+                        date_sec: r["date-sec"].as_i64().unwrap_or(0),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Creates internal snapshot `tag` in a stopped image (refusing a
+/// duplicate: `qemu-img snapshot -c` would make a second one).
+pub fn create(image: &Path, tag: &str) -> Result<()> {
+    if list(image)?.iter().any(|s| s.tag == tag) {
+        return Err(Error::new(
+            crate::error::ErrorKind::Exists,
+            format!("{} already has a snapshot tagged {tag}", image.display()),
+        ));
+    }
+    run(&["snapshot", "-c", tag, &image.to_string_lossy()]).map(drop)
+}
+
+/// Reverts a stopped image to internal snapshot `tag`.
+pub fn apply(image: &Path, tag: &str) -> Result<()> {
+    run(&["snapshot", "-a", tag, &image.to_string_lossy()]).map(drop)
+}
+
+/// Deletes internal snapshot `tag` from a stopped image.
+pub fn delete(image: &Path, tag: &str) -> Result<()> {
+    run(&["snapshot", "-d", tag, &image.to_string_lossy()]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qemu_img_snapshot_table() {
+        let v: Value = serde_json::from_str(
+            r#"[{"icount":0,"vm-clock-nsec":0,"name":"s1","date-sec":1700000000,
+                 "date-nsec":0,"vm-clock-sec":0,"id":"1","vm-state-size":4096},
+                {"name":"s2","id":"2"}]"#,
+        )
+        .unwrap();
+        let t = parse_snapshot_table(&v);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].tag, "s1");
+        assert_eq!(t[0].vm_state_size, 4096);
+        assert_eq!(t[1].vm_state_size, 0);
+        assert!(parse_snapshot_table(&Value::Null).is_empty());
+    }
+}

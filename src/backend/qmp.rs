@@ -1,0 +1,381 @@
+//! A QMP session on a Unix socket: typed commands from the `qapi` crate's
+//! schema, a tolerant reader, timeouts, events kept for whoever waits.
+//!
+//! The `qapi` crate's own session (`qapi::Qmp`) is not used: it panics when
+//! the peer closes before its greeting (`expect("unexpected eof")`) and
+//! fails a whole response when an interleaved event does not decode, and a
+//! daemon must survive a hostile or dying peer. Its typed command structs
+//! (`qapi::qmp::*`) are used for every command sent.
+
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Longest line accepted from QEMU (a `query-block` of many disks is a few KiB).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Why a QMP exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket could not be reached or broke.
+    #[error("QMP socket: {0}")]
+    Io(#[from] io::Error),
+    /// QEMU did not answer in time; the session is unusable afterwards.
+    #[error("QMP: no answer within {0:?}")]
+    Timeout(Duration),
+    /// QEMU sent something that is not QMP.
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    /// QEMU refused the command.
+    #[error("QMP {command}: {desc}")]
+    Command {
+        /// The command's name.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's message.
+        desc: String,
+    },
+}
+
+/// One QMP connection, past the capabilities handshake.
+pub struct Qmp {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    events: VecDeque<Value>,
+    timeout: Duration,
+    peer_pid: Option<i32>,
+    broken: bool,
+}
+
+impl Qmp {
+    /// Connects to a QMP socket and negotiates capabilities. Every later
+    /// exchange must finish within `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(timeout))?;
+        let peer_pid = peer_pid(&stream);
+        let mut qmp = Qmp {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            events: VecDeque::new(),
+            timeout,
+            peer_pid,
+            broken: false,
+        };
+        let deadline = Instant::now() + timeout;
+        let greeting = qmp.read_message(deadline)?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "expected a greeting, got {greeting}"
+            )));
+        }
+        qmp.execute_raw("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// The pid of the QEMU process on the other end (`SO_PEERCRED`).
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.peer_pid
+    }
+
+    /// False once a timeout or protocol error left the stream in an unknown state.
+    pub fn is_usable(&self) -> bool {
+        !self.broken
+    }
+
+    /// Runs a typed command and decodes its answer.
+    pub fn execute<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, QmpError> {
+        let args = serde_json::to_value(cmd).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        let ret = self.execute_raw(C::NAME, args)?;
+        serde_json::from_value(ret)
+            .map_err(|e| QmpError::Protocol(format!("{}: cannot decode the answer: {e}", C::NAME)))
+    }
+
+    /// Runs a command given by name with JSON arguments; returns `return`.
+    pub fn execute_raw(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        if self.broken {
+            return Err(QmpError::Protocol(
+                "session broken by an earlier error".into(),
+            ));
+        }
+        let mut line = serde_json::to_vec(&json!({"execute": name, "arguments": args}))
+            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        log::trace!("qmp -> {}", String::from_utf8_lossy(&line).trim_end());
+        if let Err(e) = self.writer.write_all(&line) {
+            self.broken = true;
+            return Err(e.into());
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let msg = self.read_message(deadline)?;
+            if let Some(ret) = msg.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = msg.get("error") {
+                let text = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                return Err(QmpError::Command {
+                    command: name.to_owned(),
+                    class: text("class"),
+                    desc: text("desc"),
+                });
+            }
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+                continue;
+            }
+            self.broken = true;
+            return Err(QmpError::Protocol(format!("unexpected message {msg}")));
+        }
+    }
+
+    /// Runs a human monitor command (HMP) and returns its text output.
+    pub fn hmp(&mut self, command_line: &str) -> Result<String, QmpError> {
+        self.execute(&qapi::qmp::human_monitor_command {
+            command_line: command_line.to_owned(),
+            cpu_index: None,
+        })
+    }
+
+    /// Takes the events received so far.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// Waits until an event satisfies `pred` (events already queued count)
+    /// and returns it; other events stay queued. Fails after `timeout`.
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value, QmpError> {
+        if let Some(i) = self.events.iter().position(&mut pred) {
+            return Ok(self.events.remove(i).unwrap_or_default());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let msg = self.read_message(deadline)?;
+            if msg.get("event").is_none() {
+                self.broken = true;
+                return Err(QmpError::Protocol(format!("unexpected message {msg}")));
+            }
+            if pred(&msg) {
+                return Ok(msg);
+            }
+            self.events.push_back(msg);
+        }
+    }
+
+    /// Waits for a job started with `job_id` to conclude, dismisses it and
+    /// returns its error text if it failed. `on_progress` sees
+    /// (done, total) each time the job is polled.
+    pub fn wait_job(
+        &mut self,
+        job_id: &str,
+        timeout: Duration,
+        mut on_progress: impl FnMut(u64, u64),
+    ) -> Result<Option<String>, QmpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let jobs = self.execute(&qapi::qmp::query_jobs {})?;
+            let Some(job) = jobs.iter().find(|j| j.id == job_id) else {
+                return Err(QmpError::Protocol(format!("job {job_id} vanished")));
+            };
+            on_progress(job.current_progress as u64, job.total_progress as u64);
+            if matches!(job.status, qapi::qmp::JobStatus::concluded) {
+                let error = job.error.clone();
+                self.execute(&qapi::qmp::job_dismiss {
+                    id: job_id.to_owned(),
+                })?;
+                return Ok(error);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(timeout));
+            }
+            // Sleep until the next status change of this job, or 200 ms.
+            let id = job_id.to_owned();
+            match self.wait_event(left.min(Duration::from_millis(200)), |e| {
+                e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == id.as_str()
+            }) {
+                Ok(_) | Err(QmpError::Timeout(_)) => {
+                    self.broken = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads one JSON message, whole, before `deadline`.
+    fn read_message(&mut self, deadline: Instant) -> Result<Value, QmpError> {
+        let mut line = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // A partial line means the stream is out of step for good.
+                self.broken = !line.is_empty() || self.broken;
+                return Err(QmpError::Timeout(self.timeout));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let limit = (MAX_LINE - line.len()) as u64;
+            match (&mut self.reader).take(limit).read_until(b'\n', &mut line) {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(QmpError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "QEMU closed the monitor connection",
+                    )));
+                }
+                Ok(_) if line.ends_with(b"\n") => break,
+                Ok(_) if line.len() >= MAX_LINE => {
+                    self.broken = true;
+                    return Err(QmpError::Protocol("message too long".into()));
+                }
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    continue
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+        }
+        log::trace!("qmp <- {}", String::from_utf8_lossy(&line).trim_end());
+        serde_json::from_slice(&line).map_err(|e| {
+            self.broken = true;
+            QmpError::Protocol(format!("not JSON: {e}"))
+        })
+    }
+}
+
+/// The pid of the process at the other end of a Unix socket.
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn fake_peer(
+        script: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (tempdir::Dir, std::path::PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            script(s);
+        });
+        (dir, path)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "vmsnapfs-qmp-test-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                let _ = std::fs::remove_dir_all(&p);
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn peer_closing_before_greeting_is_an_error_not_a_panic() {
+        let (_d, path) = fake_peer(drop);
+        assert!(Qmp::connect(&path, Duration::from_secs(2)).is_err());
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        let (_d, path) = fake_peer(|mut s| {
+            let _ = s.write_all(b"\x00\x01garbage\n");
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        assert!(matches!(
+            Qmp::connect(&path, Duration::from_secs(2)),
+            Err(QmpError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn silent_peer_times_out() {
+        let (_d, path) = fake_peer(|s| {
+            std::thread::sleep(Duration::from_millis(800));
+            drop(s);
+        });
+        let t = Instant::now();
+        assert!(matches!(
+            Qmp::connect(&path, Duration::from_millis(200)),
+            Err(QmpError::Timeout(_))
+        ));
+        assert!(t.elapsed() < Duration::from_millis(700));
+    }
+
+    #[test]
+    fn events_are_queued_and_errors_decoded() {
+        let (_d, path) = fake_peer(|s| {
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"return\": {}}\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n")
+                .unwrap();
+            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(2)).unwrap();
+        match q.execute(&qapi::qmp::stop {}) {
+            Err(QmpError::Command { desc, .. }) => assert_eq!(desc, "nope"),
+            other => panic!("{other:?}"),
+        }
+        let ev = q.take_events();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0]["event"], "STOP");
+    }
+}

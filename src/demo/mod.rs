@@ -1,0 +1,86 @@
+//! The built-in demo: a small real VM, its definition, and a mounted tree.
+
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::domain::Registry;
+use crate::error::{Error, Result};
+use crate::fs::{MountConfig, SnapFs};
+use vm::{Vm, VmSpec};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set the flag that [`stop_requested`] reads.
+pub fn install_stop_handlers() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Runs the demo: VM up, tree mounted at `mountpoint` (or a temp dir),
+/// until Ctrl-C; then everything is taken down.
+pub fn run(mountpoint: Option<PathBuf>) -> Result<()> {
+    install_stop_handlers();
+    let work = std::env::temp_dir().join(format!("vmsnapfs-demo-{}", std::process::id()));
+    let result = run_in(&work, mountpoint);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> Result<()> {
+    let images = work.join("images");
+    let domains = work.join("domains");
+    let state = work.join("state");
+    let (mnt, own_mnt) = match mountpoint {
+        Some(m) => (m, false),
+        None => (work.join("mnt"), true),
+    };
+    std::fs::create_dir_all(&mnt)?;
+    let vm = Vm::start(&VmSpec::small("demo"), &images)?;
+    vm.write_definition(&domains)?;
+    vm.qemu_io("vda", "write -P 0x61 0 1M")?;
+    vm.qemu_io("vdb", "write -P 0x62 1M 1M")?;
+    let reg = Registry::open(&domains, &state)?;
+    reg.start_poller();
+    let session = SnapFs::new(reg.clone(), MountConfig::default())
+        .spawn(&mnt)
+        .map_err(|e| Error::io(format!("mount {}: {e}", mnt.display())))?;
+    let m = mnt.display();
+    println!(
+        "vmsnapfs demo: VM 'demo' (2 qcow2 disks, {}) mounted at {m}\n\n\
+         Try, in another shell:\n  \
+         ls {m}/demo; cat {m}/demo/.state\n  \
+         mkdir {m}/demo/first            # internal checkpoint of the running VM\n  \
+         mkdir {m}/demo/second; cat {m}/demo/.tree\n  \
+         cat {m}/demo/first/snapshot.xml\n  \
+         echo running > {m}/demo/first/revert\n  \
+         mv {m}/demo/second {m}/demo/later; rmdir {m}/demo/later\n  \
+         cat {m}/demo/.log\n\nCtrl-C ends the demo and removes everything.",
+        if vm::kvm_usable() { "KVM" } else { "TCG" }
+    );
+    while !stop_requested() && !session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("\nvmsnapfs demo: unmounting and stopping the VM");
+    reg.shutdown();
+    drop(session);
+    drop(vm);
+    if own_mnt {
+        let _ = std::fs::remove_dir(&mnt);
+    }
+    Ok(())
+}

@@ -1,0 +1,337 @@
+//! A small real VM with no guest OS: qcow2 disks, two QMP sockets (one for
+//! vmsnapfs, one for whoever drives the guest), KVM when `/dev/kvm` opens,
+//! TCG otherwise. Used by `vmsnapfs demo`, the tests and the benchmarks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::backend::qmp::Qmp;
+use crate::backend::{process, qemu_img};
+use crate::error::{Error, Result};
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Domain name.
+    pub name: String,
+    /// Disks: target name and virtual size in MiB.
+    pub disks: Vec<(String, u64)>,
+    /// Guest RAM in MiB.
+    pub memory_mb: u64,
+}
+
+impl VmSpec {
+    /// `name` with two qcow2 disks (vda 64 MiB, vdb 32 MiB) and 128 MiB of RAM.
+    pub fn small(name: &str) -> Self {
+        VmSpec {
+            name: name.into(),
+            disks: vec![("vda".into(), 64), ("vdb".into(), 32)],
+            memory_mb: 128,
+        }
+    }
+}
+
+/// A disk of a [`Vm`].
+#[derive(Debug, Clone)]
+pub struct VmDisk {
+    /// Target name, e.g. `vda`.
+    pub target: String,
+    /// Image file.
+    pub image: PathBuf,
+    /// The virtio-blk device id (`qemu-io -d <id>/virtio-backend`).
+    pub device: String,
+}
+
+/// A running QEMU started by [`Vm::start`]; killed (by pid) on drop.
+pub struct Vm {
+    /// Domain name.
+    pub name: String,
+    /// Directory holding the images and sockets.
+    pub dir: PathBuf,
+    /// The QMP socket vmsnapfs uses.
+    pub monitor: PathBuf,
+    /// A second QMP socket for tests and the demo's own commands.
+    pub control: PathBuf,
+    /// The disks.
+    pub disks: Vec<VmDisk>,
+    /// The QEMU command line.
+    pub argv: Vec<String>,
+    /// RAM in MiB.
+    pub memory_mb: u64,
+    pid: Option<i32>,
+}
+
+/// True when KVM can be used here.
+pub fn kvm_usable() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+impl Vm {
+    /// Creates the images in `dir` and starts QEMU.
+    pub fn start(spec: &VmSpec, dir: &Path) -> Result<Vm> {
+        fs::create_dir_all(dir)?;
+        let mut disks = Vec::new();
+        for (target, mb) in &spec.disks {
+            let image = dir.join(format!("{}-{target}.qcow2", spec.name));
+            qemu_img::run(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &image.to_string_lossy(),
+                &format!("{mb}M"),
+            ])?;
+            disks.push(VmDisk {
+                target: target.clone(),
+                image,
+                device: format!("{target}-dev"),
+            });
+        }
+        let mut vm = Vm {
+            name: spec.name.clone(),
+            dir: dir.to_owned(),
+            monitor: dir.join(format!("{}.qmp", spec.name)),
+            control: dir.join(format!("{}.control.qmp", spec.name)),
+            disks,
+            argv: Vec::new(),
+            memory_mb: spec.memory_mb,
+            pid: None,
+        };
+        vm.argv = vm.command_line();
+        vm.launch()?;
+        Ok(vm)
+    }
+
+    fn command_line(&self) -> Vec<String> {
+        let accel = if kvm_usable() { "kvm" } else { "tcg" };
+        let mut a: Vec<String> = [
+            "qemu-system-x86_64",
+            "-name",
+            &self.name,
+            "-accel",
+            accel,
+            "-machine",
+            "q35",
+            "-m",
+            &self.memory_mb.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for d in &self.disks {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=qcow2,if=none,id={},node-name={}-fmt,cache=writeback",
+                d.image.display(),
+                d.target,
+                d.target
+            ));
+            a.push("-device".into());
+            a.push(format!("virtio-blk-pci,drive={},id={}", d.target, d.device));
+        }
+        for sock in [&self.monitor, &self.control] {
+            a.push("-qmp".into());
+            a.push(format!("unix:{},server=on,wait=off", sock.display()));
+        }
+        a
+    }
+
+    /// Starts QEMU from [`Vm::argv`] and waits until the control socket answers.
+    pub fn launch(&mut self) -> Result<()> {
+        let log = fs::File::create(self.dir.join(format!("{}.qemu.log", self.name)))?;
+        let child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::io(format!("cannot start QEMU: {e}")))?;
+        let pid = child.id() as i32;
+        self.pid = Some(pid);
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if Qmp::connect(&self.control, Duration::from_secs(5)).is_ok() {
+                return Ok(());
+            }
+            if !process::is_alive(pid, None) {
+                return Err(Error::io("QEMU exited at start (see its .qemu.log)"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(Error::io("QEMU did not open its monitor"))
+    }
+
+    /// The pid of the QEMU this handle started (a restarted QEMU is found
+    /// through the monitor socket instead).
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    /// A new QMP session on the control socket.
+    pub fn control(&self) -> Result<Qmp> {
+        Qmp::connect(&self.control, Duration::from_secs(30)).map_err(|e| Error::io(e.to_string()))
+    }
+
+    /// Runs `qemu-io` on a disk through the guest's device, e.g.
+    /// `write -P 0xab 0 64k`. Output goes to QEMU's log, not here.
+    pub fn qemu_io(&self, target: &str, cmd: &str) -> Result<()> {
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.target == target)
+            .ok_or_else(|| Error::not_found(format!("no disk {target}")))?;
+        let out = self
+            .control()?
+            .hmp(&format!(
+                "qemu-io -d {}/virtio-backend \"{cmd}\"",
+                disk.device
+            ))
+            .map_err(|e| Error::io(e.to_string()))?;
+        if out.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(Error::io(format!("qemu-io {cmd}: {}", out.trim())))
+        }
+    }
+
+    /// The whole guest-visible content of a disk, read through an NBD
+    /// export of the running QEMU's node (or from the image when QEMU is
+    /// not running).
+    pub fn read_disk(&self, target: &str) -> Result<Vec<u8>> {
+        let disk = self
+            .disks
+            .iter()
+            .find(|d| d.target == target)
+            .ok_or_else(|| Error::not_found(format!("no disk {target}")))?;
+        let out = self.dir.join(format!("{target}.read.raw"));
+        let src = match self.control() {
+            Ok(mut q) => {
+                let sock = self.dir.join("read.nbd");
+                let _ = q.execute_raw(
+                    "nbd-server-start",
+                    serde_json::json!({"addr": {"type": "unix",
+                        "data": {"path": sock.to_string_lossy()}}}),
+                );
+                let id = format!("read-{target}");
+                let _ = q.execute_raw("block-export-del", serde_json::json!({"id": id}));
+                let _ = q.execute_raw("query-block-exports", serde_json::json!({}));
+                q.execute_raw(
+                    "block-export-add",
+                    serde_json::json!({"type": "nbd", "id": id, "node-name": format!("{target}-fmt"),
+                        "name": target, "writable": false}),
+                )
+                .map_err(|e| Error::io(e.to_string()))?;
+                let src = format!("nbd+unix:///{target}?socket={}", sock.display());
+                let r = qemu_img::run(&[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    &src,
+                    &out.to_string_lossy(),
+                ]);
+                let _ = q.execute_raw("block-export-del", serde_json::json!({"id": id}));
+                r?;
+                None
+            }
+            Err(_) => Some(disk.image.to_string_lossy().into_owned()),
+        };
+        if let Some(image) = src {
+            qemu_img::run(&[
+                "convert",
+                "-U",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                &image,
+                &out.to_string_lossy(),
+            ])?;
+        }
+        let data = fs::read(&out)?;
+        let _ = fs::remove_file(&out);
+        Ok(data)
+    }
+
+    /// The domain definition vmsnapfs reads.
+    pub fn definition_xml(&self) -> String {
+        let mut x = format!(
+            "<domain type='kvm'>\n  <name>{}</name>\n  <memory unit='MiB'>{}</memory>\n  \
+             <monitor path='{}'/>\n  <devices>\n",
+            self.name,
+            self.memory_mb,
+            self.monitor.display()
+        );
+        for d in &self.disks {
+            x.push_str(&format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+                 <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+                d.image.display(),
+                d.target
+            ));
+        }
+        x.push_str("  </devices>\n  <commandline>\n");
+        for a in &self.argv {
+            x.push_str(&format!("    <arg value='{}'/>\n", xml_escape(a)));
+        }
+        x.push_str("  </commandline>\n</domain>\n");
+        x
+    }
+
+    /// Writes the definition to `<domains_dir>/<name>.xml`.
+    pub fn write_definition(&self, domains_dir: &Path) -> Result<PathBuf> {
+        fs::create_dir_all(domains_dir)?;
+        let path = domains_dir.join(format!("{}.xml", self.name));
+        fs::write(&path, self.definition_xml())?;
+        Ok(path)
+    }
+
+    /// The pid of whatever QEMU now answers on the control socket.
+    pub fn current_pid(&self) -> Option<i32> {
+        self.control().ok().and_then(|q| q.peer_pid())
+    }
+
+    /// Kills the QEMU that serves this VM now (by pid, never by name).
+    pub fn kill(&mut self) {
+        let pid = self.current_pid().or(self.pid.take());
+        if let Some(pid) = pid {
+            // SAFETY: plain kill(2) on a pid this handle started or found on its socket.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            process::wait_exit(pid, Duration::from_secs(10));
+        }
+        self.pid = None;
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

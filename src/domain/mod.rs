@@ -1,0 +1,391 @@
+//! Snapshot operations on one domain: one at a time, journaled, logged.
+//! Runs on worker threads, never on a FUSE thread that serves `ls`.
+
+pub mod oplog;
+pub mod recovery;
+pub mod registry;
+pub mod revert;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::backend::Backend;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{
+    validate_name_bytes, DiskPoint, DiskSnapshotKind, DomainDef, DomainState, Forest,
+    MemoryLocation, Snapshot, SnapshotState,
+};
+use crate::store::{DomainStore, Intent, Journal};
+use oplog::{now_secs, OpLog};
+pub use registry::Registry;
+pub use revert::RevertRequest;
+
+/// One VM known to the daemon: its definition, snapshots, backend and log.
+pub struct Domain {
+    /// The definition file's content.
+    pub def: DomainDef,
+    store: DomainStore,
+    journal: Journal,
+    backend: Arc<dyn Backend>,
+    forest: RwLock<Forest>,
+    state: RwLock<DomainState>,
+    busy: Mutex<Option<String>>,
+    log: OpLog,
+    generation: AtomicU64,
+}
+
+/// Marks the domain busy for one operation; frees it on drop.
+struct BusyGuard<'a>(&'a Mutex<Option<String>>);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = None;
+    }
+}
+
+/// Builds a fresh snapshot id (also the qcow2 tag of internal snapshots).
+fn new_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("vs-{nanos:x}-{}", SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Domain {
+    /// Opens a domain: loads its metadata and recovers interrupted
+    /// operations (see [`recovery`]).
+    pub fn open(def: DomainDef, store: DomainStore, backend: Arc<dyn Backend>) -> Result<Self> {
+        let journal = store.journal()?;
+        let log = OpLog::open(store.log_path());
+        let loaded = store.load()?;
+        for w in &loaded.warnings {
+            log.line(w);
+        }
+        let state = backend.refresh_state();
+        let dom = Domain {
+            def,
+            store,
+            journal,
+            backend,
+            forest: RwLock::new(loaded.forest),
+            state: RwLock::new(state),
+            busy: Mutex::new(None),
+            log,
+            generation: AtomicU64::new(1),
+        };
+        recovery::recover(&dom);
+        Ok(dom)
+    }
+
+    /// The domain's name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// Read access to the snapshot forest.
+    pub fn forest(&self) -> parking_lot::RwLockReadGuard<'_, Forest> {
+        self.forest.read()
+    }
+
+    /// The last known live state (refreshed by operations and the poller).
+    pub fn state(&self) -> DomainState {
+        *self.state.read()
+    }
+
+    /// Re-reads the live state unless an operation holds the monitor.
+    pub fn poll_state(&self) {
+        if let Some(s) = self.backend.try_refresh_state() {
+            self.note_state(s);
+        }
+    }
+
+    fn note_state(&self, s: DomainState) {
+        let old = std::mem::replace(&mut *self.state.write(), s);
+        if old != s {
+            self.bump();
+            self.log.line(&format!("domain is now {}", s.as_str()));
+        }
+    }
+
+    /// A counter that changes whenever the tree of this domain changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The `.log` text.
+    pub fn log_text(&self) -> String {
+        self.log.text()
+    }
+
+    /// Appends a line to `.log`.
+    pub fn log_line(&self, text: &str) {
+        self.log.line(text);
+    }
+
+    /// Logs a refusal or failure of `what` and passes the error on.
+    fn refuse<T>(&self, what: &str, e: Error) -> Result<T> {
+        let errno = match e.kind {
+            ErrorKind::Invalid => "EINVAL",
+            ErrorKind::NameTooLong => "ENAMETOOLONG",
+            ErrorKind::Exists => "EEXIST",
+            ErrorKind::NotFound => "ENOENT",
+            ErrorKind::Busy => "EBUSY",
+            ErrorKind::NotPermitted => "EPERM",
+            ErrorKind::NoSpace => "ENOSPC",
+            ErrorKind::Unsupported => "EOPNOTSUPP",
+            ErrorKind::Io => "EIO",
+        };
+        self.log
+            .line(&format!("{what}: refused ({errno}): {}", e.message));
+        if e.kind == ErrorKind::Io {
+            // QEMU may be gone: re-read the domain's state.
+            let s = self.backend.refresh_state();
+            self.note_state(s);
+        }
+        Err(e)
+    }
+
+    fn begin(&self, what: &str) -> Result<BusyGuard<'_>> {
+        let mut busy = self.busy.lock();
+        if let Some(other) = busy.as_ref() {
+            return Err(Error::busy(format!(
+                "another operation is in progress on {}: {other}",
+                self.def.name
+            )));
+        }
+        *busy = Some(what.to_owned());
+        Ok(BusyGuard(&self.busy))
+    }
+
+    /// The operation in progress, if any.
+    pub fn busy_with(&self) -> Option<String> {
+        self.busy.lock().clone()
+    }
+
+    /// `mkdir`: takes a snapshot named `raw_name` with the domain's policy.
+    /// Returns the new snapshot's id once it is complete and durable.
+    pub fn create(&self, raw_name: &[u8]) -> Result<String> {
+        let shown = String::from_utf8_lossy(raw_name).into_owned();
+        let what = format!("mkdir {shown:?}");
+        let r = (|| {
+            let name = validate_name_bytes(raw_name)?;
+            let _busy = self.begin(&what)?;
+            if self.forest.read().by_name(name).is_some() {
+                return Err(Error::new(
+                    ErrorKind::Exists,
+                    format!("snapshot {name:?} exists"),
+                ));
+            }
+            let t0 = Instant::now();
+            let id = new_id();
+            let record = self.journal.begin(Intent::Create {
+                id: id.clone(),
+                name: name.to_owned(),
+            })?;
+            let live = self.backend.refresh_state();
+            self.note_state(live);
+            let done = crate::failpoint::hit("create.begin")
+                .and_then(|_| self.create_steps(&id, name, live));
+            if let Err(e) = done {
+                // Undo: no stray tag, no stray metadata.
+                if let Err(u) = self.undo_create(&id) {
+                    self.log.line(&format!(
+                        "{what}: cleanup left the intent for the next start: {u}"
+                    ));
+                    return Err(e);
+                }
+                self.journal.complete(record)?;
+                return Err(e);
+            }
+            self.journal.complete(record)?;
+            let kind = self
+                .forest
+                .read()
+                .get(&id)
+                .map(|s| s.state.as_str())
+                .unwrap_or("?");
+            self.log.line(&format!(
+                "{what}: created ({kind}) in {:.3} s",
+                t0.elapsed().as_secs_f64()
+            ));
+            Ok(id)
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    fn create_steps(&self, id: &str, name: &str, live: DomainState) -> Result<()> {
+        let state = self.backend.create_internal(id, live)?;
+        crate::failpoint::hit("create.after-backend")?;
+        let memory = match state {
+            SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,
+            _ => MemoryLocation::No,
+        };
+        let mut forest = self.forest.write();
+        let snap = Snapshot {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            description: None,
+            creation_time: now_secs(),
+            state,
+            parent: forest.current().map(str::to_owned),
+            memory,
+            disks: self
+                .def
+                .disks
+                .iter()
+                .map(|d| DiskPoint {
+                    target: d.target.clone(),
+                    kind: DiskSnapshotKind::Internal,
+                    image: Some(d.source.clone()),
+                })
+                .collect(),
+            domain_xml: Some(self.def.xml.clone()),
+        };
+        self.store.save_snapshot(&snap, &forest)?;
+        crate::failpoint::hit("create.after-meta")?;
+        forest
+            .insert(snap)
+            .map_err(|e| Error::new(ErrorKind::Exists, e.to_string()))?;
+        let old_current = forest.current().map(str::to_owned);
+        forest.set_current(Some(id));
+        if let Err(e) = self.store.save_current(Some(id)) {
+            forest.remove(id);
+            forest.set_current(old_current.as_deref());
+            return Err(e.into());
+        }
+        drop(forest);
+        self.bump();
+        Ok(())
+    }
+
+    /// Removes what a failed create may have made.
+    fn undo_create(&self, id: &str) -> Result<()> {
+        self.backend.delete_internal(id)?;
+        self.store.remove_snapshot(id)?;
+        Ok(())
+    }
+
+    /// Finds a snapshot by name, or ENOENT.
+    fn lookup(&self, name: &str) -> Result<Snapshot> {
+        self.forest
+            .read()
+            .by_name(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("no snapshot named {name:?}")))
+    }
+
+    /// `rmdir`: deletes one snapshot, reparenting its children.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let what = format!("rmdir {name:?}");
+        let r = (|| {
+            let _busy = self.begin(&what)?;
+            let snap = self.lookup(name)?;
+            let t0 = Instant::now();
+            let record = self.journal.begin(Intent::Delete {
+                id: snap.id.clone(),
+            })?;
+            crate::failpoint::hit("delete.begin")?;
+            self.backend.delete_internal(&snap.id)?;
+            crate::failpoint::hit("delete.after-backend")?;
+            self.forget_snapshot(&snap.id)?;
+            self.journal.complete(record)?;
+            self.log.line(&format!(
+                "{what}: deleted in {:.3} s",
+                t0.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Drops a snapshot from the forest and the store once its data is
+    /// gone from the images: children get its parent, `current` moves up.
+    fn forget_snapshot(&self, id: &str) -> Result<()> {
+        let mut forest = self.forest.write();
+        let Some((_, moved)) = forest.remove(id) else {
+            return Ok(());
+        };
+        for child in &moved {
+            if let Some(c) = forest.get(child) {
+                self.store.save_snapshot(c, &forest)?;
+            }
+        }
+        self.store.save_current(forest.current())?;
+        crate::failpoint::hit("delete.before-meta-remove")?;
+        self.store.remove_snapshot(id)?;
+        drop(forest);
+        self.bump();
+        Ok(())
+    }
+
+    /// `mv`: renames a snapshot.
+    pub fn rename(&self, old: &str, raw_new: &[u8]) -> Result<()> {
+        let what = format!("mv {old:?} {:?}", String::from_utf8_lossy(raw_new));
+        let r = (|| {
+            let new = validate_name_bytes(raw_new)?;
+            let _busy = self.begin(&what)?;
+            let snap = self.lookup(old)?;
+            crate::failpoint::hit("rename.begin")?;
+            let mut forest = self.forest.write();
+            if forest.by_name(new).is_some_and(|s| s.id != snap.id) {
+                return Err(Error::new(
+                    ErrorKind::Exists,
+                    format!("snapshot {new:?} exists"),
+                ));
+            }
+            forest
+                .rename(&snap.id, new)
+                .map_err(|_| Error::new(ErrorKind::Exists, format!("snapshot {new:?} exists")))?;
+            let renamed = forest.get(&snap.id).cloned().expect("just renamed");
+            if let Err(e) = self.store.save_snapshot(&renamed, &forest) {
+                let _ = forest.rename(&snap.id, old);
+                return Err(e.into());
+            }
+            // Children name their parent too (libvirt's <parent><name>).
+            for c in forest.children(&snap.id) {
+                if let Err(e) = self.store.save_snapshot(c, &forest) {
+                    log::warn!(
+                        "{}: child {} keeps the old parent name: {e}",
+                        self.def.name,
+                        c.name
+                    );
+                }
+            }
+            drop(forest);
+            self.bump();
+            self.log.line(&format!("{what}: renamed"));
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Writes a new `<description>` (from a `snapshot.xml` write).
+    pub fn set_description(&self, name: &str, description: Option<String>) -> Result<()> {
+        let what = format!("describe {name:?}");
+        let r = (|| {
+            let _busy = self.begin(&what)?;
+            let snap = self.lookup(name)?;
+            let mut forest = self.forest.write();
+            let mut updated = snap.clone();
+            updated.description = description;
+            self.store.save_snapshot(&updated, &forest)?;
+            if let Some(s) = forest.get_mut(&snap.id) {
+                s.description = updated.description;
+            }
+            drop(forest);
+            self.bump();
+            self.log.line(&format!("{what}: description changed"));
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+}

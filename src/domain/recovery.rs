@@ -1,0 +1,188 @@
+//! Start-up recovery of one domain: interrupted operations found in the
+//! journal are completed or undone, and the metadata is made to agree with
+//! the images (snapshots made by other tools appear; snapshots whose data
+//! is gone from every image disappear).
+
+use super::Domain;
+use crate::backend::ImageSnapshot;
+use crate::error::Result;
+use crate::model::{
+    validate_name, DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot,
+    SnapshotState,
+};
+use crate::store::{Intent, IntentRecord};
+
+/// Replays the journal, then reconciles metadata and images.
+pub fn recover(dom: &Domain) {
+    match dom.journal.pending() {
+        Ok(records) => {
+            for r in records {
+                match r {
+                    Ok(record) => replay(dom, record),
+                    Err(path) => dom.log.line(&format!(
+                        "recovery: unreadable intent record {} left in place",
+                        path.display()
+                    )),
+                }
+            }
+        }
+        Err(e) => dom
+            .log
+            .line(&format!("recovery: cannot read the journal: {e}")),
+    }
+    match dom.backend.list_internal() {
+        Ok(tags) => reconcile(dom, &tags),
+        Err(e) => dom.log.line(&format!(
+            "recovery: cannot list the images' snapshots, metadata taken as is: {e}"
+        )),
+    }
+}
+
+fn replay(dom: &Domain, record: IntentRecord) {
+    let intent = record.intent.clone();
+    let result: Result<&str> = (|| match &intent {
+        Intent::Create { id, .. } => {
+            if dom.store.has_snapshot(id) {
+                dom.set_current(id)?;
+                Ok("completed")
+            } else {
+                dom.undo_create(id)?;
+                Ok("rolled back")
+            }
+        }
+        Intent::Delete { id } => {
+            dom.backend.delete_internal(id)?;
+            dom.forget_snapshot(id)?;
+            Ok("completed")
+        }
+        Intent::Revert { id, target } => {
+            let Some(snap) = dom.forest.read().get(id).cloned() else {
+                return Ok("dropped (snapshot gone)");
+            };
+            let live = dom.backend.refresh_state();
+            if live == DomainState::Shutoff {
+                // Disks may be half reverted: apply again, leave it stopped.
+                dom.backend.apply_disks_offline(&snap.id)?;
+                dom.set_current(id)?;
+                return Ok(if target == "shutoff" {
+                    "completed"
+                } else {
+                    "completed for the disks; the domain was left stopped"
+                });
+            }
+            // A running QEMU finishes a snapshot-load job by itself.
+            dom.set_current(id)?;
+            Ok("completed")
+        }
+    })();
+    match result {
+        Ok(how) => {
+            dom.log
+                .line(&format!("recovery: interrupted {intent:?} {how}"));
+            if let Err(e) = dom.journal.complete(record) {
+                dom.log.line(&format!("recovery: cannot clear intent: {e}"));
+            }
+        }
+        Err(e) => dom.log.line(&format!(
+            "recovery: interrupted {intent:?} not resolved, retried at next start: {e}"
+        )),
+    }
+}
+
+fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
+    let known: Vec<Snapshot> = dom.forest.read().iter().cloned().collect();
+    // Internal snapshots the images no longer have.
+    for s in &known {
+        let internal = s.disks.iter().any(|d| d.kind == DiskSnapshotKind::Internal);
+        if internal && !tags.iter().any(|t| t.tag == s.id) {
+            match dom.forget_snapshot(&s.id) {
+                Ok(()) => dom.log.line(&format!(
+                    "recovery: snapshot {:?} is gone from the images; removed from the tree",
+                    s.name
+                )),
+                Err(e) => dom
+                    .log
+                    .line(&format!("recovery: cannot drop {:?}: {e}", s.name)),
+            }
+        }
+    }
+    // Internal snapshots made by other tools (qemu-img, virsh): adopt as roots.
+    for t in tags {
+        if dom.forest.read().get(&t.tag).is_some() {
+            continue;
+        }
+        let name = free_name(dom, &t.tag);
+        let has_ram = t.vm_state_size > 0;
+        let snap = Snapshot {
+            id: t.tag.clone(),
+            name: name.clone(),
+            description: Some("found in the disk images".into()),
+            creation_time: t.date_sec,
+            state: if has_ram {
+                SnapshotState::Running
+            } else {
+                SnapshotState::Shutoff
+            },
+            parent: None,
+            memory: if has_ram {
+                MemoryLocation::Internal
+            } else {
+                MemoryLocation::No
+            },
+            disks: dom
+                .def
+                .disks
+                .iter()
+                .map(|d| DiskPoint {
+                    target: d.target.clone(),
+                    kind: DiskSnapshotKind::Internal,
+                    image: Some(d.source.clone()),
+                })
+                .collect(),
+            domain_xml: None,
+        };
+        let mut forest = dom.forest.write();
+        let saved = dom
+            .store
+            .save_snapshot(&snap, &forest)
+            .map_err(|e| e.to_string())
+            .and_then(|_| forest.insert(snap).map_err(|e| e.to_string()));
+        match saved {
+            Ok(()) => dom.log.line(&format!(
+                "recovery: adopted snapshot tag {:?} found in the images as {name:?}",
+                t.tag
+            )),
+            Err(e) => dom
+                .log
+                .line(&format!("recovery: cannot adopt {:?}: {e}", t.tag)),
+        }
+        drop(forest);
+        dom.bump();
+    }
+}
+
+/// The tag itself when it is a valid, free name; otherwise a variant.
+fn free_name(dom: &Domain, tag: &str) -> String {
+    let forest = dom.forest.read();
+    let base: String = if validate_name(tag).is_ok() {
+        tag.to_owned()
+    } else {
+        let cleaned: String = tag
+            .chars()
+            .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+            .collect();
+        let cleaned = cleaned.trim().trim_start_matches('.').to_owned();
+        if cleaned.is_empty() {
+            "snapshot".into()
+        } else {
+            cleaned.chars().take(200).collect()
+        }
+    };
+    if forest.by_name(&base).is_none() {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| forest.by_name(n).is_none())
+        .unwrap_or(base)
+}

@@ -1,0 +1,222 @@
+//! Reverting a domain to a snapshot: parsing what was written to `revert`,
+//! the safety rules (`force`, `EPERM`) and the steps for each case.
+
+use std::time::Instant;
+
+use super::Domain;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{DomainState, Snapshot, SnapshotState};
+use crate::store::Intent;
+
+/// What a write to a `revert` file asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevertRequest {
+    /// The state to leave the domain in; `None`: the snapshot's own.
+    pub target: Option<DomainState>,
+    /// The user accepts losing the live state.
+    pub force: bool,
+}
+
+impl RevertRequest {
+    /// Parses `"[running|paused|shutoff] [force]"` (white space around is
+    /// fine; an empty write means the defaults).
+    pub fn parse(text: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(text)
+            .map_err(|_| Error::invalid("revert request is not UTF-8 text"))?;
+        let mut req = RevertRequest {
+            target: None,
+            force: false,
+        };
+        for word in text.split_whitespace() {
+            let state = match word {
+                "running" => DomainState::Running,
+                "paused" => DomainState::Paused,
+                "shutoff" => DomainState::Shutoff,
+                "force" if !req.force => {
+                    req.force = true;
+                    continue;
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "unknown word {word:?} in revert request; write \
+                         'running', 'paused' or 'shutoff', optionally followed by 'force'"
+                    )))
+                }
+            };
+            if req.target.replace(state).is_some() {
+                return Err(Error::invalid("revert request names two states"));
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// The state a snapshot returns the domain to by default.
+fn default_target(snap: &Snapshot) -> DomainState {
+    match snap.state {
+        SnapshotState::Running | SnapshotState::DiskSnapshot => DomainState::Running,
+        SnapshotState::Paused => DomainState::Paused,
+        SnapshotState::Shutoff => DomainState::Shutoff,
+    }
+}
+
+impl Domain {
+    /// `echo ... > NAME/revert`: reverts the domain to snapshot `name`.
+    pub fn revert(&self, name: &str, request: &[u8]) -> Result<()> {
+        let what = format!(
+            "revert {name:?} {:?}",
+            String::from_utf8_lossy(request).trim()
+        );
+        let r = (|| {
+            let req = RevertRequest::parse(request)?;
+            let _busy = self.begin(&what)?;
+            let snap = self.lookup(name)?;
+            let t0 = Instant::now();
+            let live = self.backend.refresh_state();
+            self.note_state(live);
+            let target = req.target.unwrap_or_else(|| default_target(&snap));
+            self.check_revert(&snap, live, target, req.force)?;
+            let record = self.journal.begin(Intent::Revert {
+                id: snap.id.clone(),
+                target: target.as_str().into(),
+            })?;
+            let done = crate::failpoint::hit("revert.begin")
+                .and_then(|_| self.revert_steps(&snap, live, target))
+                .and_then(|_| crate::failpoint::hit("revert.after-steps"));
+            let s = self.backend.refresh_state();
+            self.note_state(s);
+            done?;
+            self.set_current(&snap.id)?;
+            self.journal.complete(record)?;
+            self.log.line(&format!(
+                "{what}: reverted, domain {} in {:.3} s",
+                s.as_str(),
+                t0.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// The safety rules of a revert, checked before anything changes.
+    fn check_revert(
+        &self,
+        snap: &Snapshot,
+        live: DomainState,
+        target: DomainState,
+        force: bool,
+    ) -> Result<()> {
+        let up = live != DomainState::Shutoff;
+        if up && target == DomainState::Shutoff && !force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                "the domain is running and the revert would stop it, losing its live state; \
+                 write 'shutoff force' to do it anyway",
+            ));
+        }
+        if up && target != DomainState::Shutoff && !snap.has_memory() && !force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "snapshot {:?} has no saved state: reverting the running domain restarts \
+                     QEMU and loses its live state; write '{} force' to do it anyway",
+                    snap.name,
+                    target.as_str()
+                ),
+            ));
+        }
+        let needs_start = target != DomainState::Shutoff && !(up && snap.has_memory());
+        if needs_start && !self.backend.can_start() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the revert must start QEMU but no command line is known: add <commandline> \
+                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Does the revert; the rules were checked. Also used by recovery.
+    pub(super) fn revert_steps(
+        &self,
+        snap: &Snapshot,
+        live: DomainState,
+        target: DomainState,
+    ) -> Result<()> {
+        let up = live != DomainState::Shutoff;
+        let paused = target == DomainState::Paused;
+        match (up, target) {
+            (true, DomainState::Shutoff) => {
+                self.backend.stop_process()?;
+                self.backend.apply_disks_offline(&snap.id)
+            }
+            (true, _) if snap.has_memory() => {
+                self.backend.load_checkpoint_live(&snap.id)?;
+                self.backend.set_running(!paused)
+            }
+            (true, _) => {
+                self.backend.stop_process()?;
+                self.backend.apply_disks_offline(&snap.id)?;
+                self.backend.start_process(None, paused)
+            }
+            (false, DomainState::Shutoff) => self.backend.apply_disks_offline(&snap.id),
+            (false, _) if snap.has_memory() => self.backend.start_process(Some(&snap.id), paused),
+            (false, _) => {
+                self.backend.apply_disks_offline(&snap.id)?;
+                self.backend.start_process(None, paused)
+            }
+        }
+    }
+
+    /// Makes `id` the current snapshot, durably.
+    pub(super) fn set_current(&self, id: &str) -> Result<()> {
+        let mut forest = self.forest.write();
+        forest.set_current(Some(id));
+        self.store.save_current(forest.current())?;
+        drop(forest);
+        self.bump();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        let p = |s: &str| RevertRequest::parse(s.as_bytes());
+        assert_eq!(
+            p("").unwrap(),
+            RevertRequest {
+                target: None,
+                force: false
+            }
+        );
+        assert_eq!(
+            p("running\n").unwrap(),
+            RevertRequest {
+                target: Some(DomainState::Running),
+                force: false
+            }
+        );
+        assert_eq!(
+            p(" shutoff force ").unwrap(),
+            RevertRequest {
+                target: Some(DomainState::Shutoff),
+                force: true
+            }
+        );
+        assert_eq!(
+            p("force").unwrap(),
+            RevertRequest {
+                target: None,
+                force: true
+            }
+        );
+        assert!(p("runing").is_err());
+        assert!(p("running paused").is_err());
+        assert!(p("force force").is_err());
+        assert!(RevertRequest::parse(b"\xff").is_err());
+    }
+}

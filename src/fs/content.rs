@@ -1,0 +1,50 @@
+//! The bytes of each generated file and the target of each symlink.
+
+use super::inode::{DomainFile, SnapFile};
+use crate::domain::Domain;
+use crate::xml::domain::redact_secrets;
+use crate::xml::snapshot::write_snapshot_xml;
+
+/// Contents of a domain file; `uid` decides whether secrets are shown.
+pub fn domain_file(dom: &Domain, file: DomainFile, uid: u32) -> Vec<u8> {
+    match file {
+        DomainFile::State => format!("{}\n", dom.state().as_str()).into_bytes(),
+        DomainFile::DomainXml if uid == 0 => dom.def.xml.clone().into_bytes(),
+        DomainFile::DomainXml => redact_secrets(&dom.def.xml).into_bytes(),
+        DomainFile::Tree => dom.forest().render_tree().into_bytes(),
+        DomainFile::Log => dom.log_text().into_bytes(),
+        DomainFile::Current => current_target(dom).unwrap_or_default().into_bytes(),
+    }
+}
+
+/// Where `.current` points, if there is a current snapshot.
+pub fn current_target(dom: &Domain) -> Option<String> {
+    let forest = dom.forest();
+    forest
+        .current()
+        .and_then(|id| forest.name_of(id))
+        .map(str::to_owned)
+}
+
+/// Contents of a snapshot file, `None` when the snapshot is gone.
+pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option<Vec<u8>> {
+    let forest = dom.forest();
+    let snap = forest.get(id)?;
+    Some(match file {
+        SnapFile::SnapshotXml => {
+            let parent = snap.parent.as_deref().and_then(|p| forest.name_of(p));
+            let xml = write_snapshot_xml(snap, parent);
+            if uid == 0 { xml } else { redact_secrets(&xml) }.into_bytes()
+        }
+        SnapFile::State => format!("{}\n", snap.state.as_str()).into_bytes(),
+        SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
+        SnapFile::Revert => Vec::new(),
+    })
+}
+
+/// Where a snapshot's `parent` link points (`../<name>`), if it has a parent.
+pub fn parent_target(dom: &Domain, id: &str) -> Option<String> {
+    let forest = dom.forest();
+    let parent = forest.get(id)?.parent.as_deref()?;
+    Some(format!("../{}", forest.name_of(parent)?))
+}

@@ -1,0 +1,212 @@
+//! The `vmsnapfs` command: mount the tree, or run the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use vmsnapfs::demo;
+use vmsnapfs::domain::Registry;
+use vmsnapfs::fs::{MountConfig, SnapFs};
+
+#[derive(Parser)]
+#[command(
+    name = "vmsnapfs",
+    version,
+    about = "QEMU VM snapshots as a filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount the snapshot tree of the domains defined in --domains.
+    Mount {
+        /// Where to mount the tree.
+        mountpoint: PathBuf,
+        /// Directory of domain definitions (<name>.xml, libvirt <domain> subset).
+        #[arg(long)]
+        domains: PathBuf,
+        /// Directory for snapshot metadata (keep it beside the images).
+        #[arg(long)]
+        state: PathBuf,
+        /// Stay in the foreground (logs to stderr; RUST_LOG sets the level).
+        #[arg(short, long)]
+        foreground: bool,
+        /// Let other users in; permissions are then enforced.
+        #[arg(long)]
+        allow_other: bool,
+        /// Group (name or gid) allowed to create, revert and delete snapshots.
+        #[arg(long)]
+        group: Option<String>,
+        /// FUSE request threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Start a small real VM, mount its tree, and show what to try.
+    Demo {
+        /// Where to mount (default: a temporary directory).
+        mountpoint: Option<PathBuf>,
+    },
+}
+
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read at once.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no group named {g:?}"));
+    }
+    // SAFETY: gr is non-null and points to libc's static group record.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Forks; the parent waits until the child reports the mount is up (or
+/// failed) and exits with that status. Returns the pipe to report on.
+fn daemonize() -> Result<libc::c_int, String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe/fork/setsid are used as in any daemon, before any thread starts.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return Err("pipe failed".into());
+        }
+        match libc::fork() {
+            -1 => Err("fork failed".into()),
+            0 => {
+                libc::close(fds[0]);
+                libc::setsid();
+                Ok(fds[1])
+            }
+            _ => {
+                libc::close(fds[1]);
+                let mut b = [1u8];
+                let n = libc::read(fds[0], b.as_mut_ptr().cast(), 1);
+                libc::_exit(if n == 1 { i32::from(b[0]) } else { 1 });
+            }
+        }
+    }
+}
+
+fn report(fd: Option<libc::c_int>, status: u8) {
+    if let Some(fd) = fd {
+        // SAFETY: fd is the write end of the daemonize pipe.
+        unsafe {
+            libc::write(fd, [status].as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Sends the daemon's stdio to `log` once the mount is up.
+fn detach_stdio(log: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    else {
+        return;
+    };
+    // SAFETY: dup2 onto the standard descriptors.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        libc::dup2(null, 0);
+        libc::dup2(f.as_raw_fd(), 1);
+        libc::dup2(f.as_raw_fd(), 2);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mount(
+    mountpoint: PathBuf,
+    domains: PathBuf,
+    state: PathBuf,
+    foreground: bool,
+    allow_other: bool,
+    group: Option<String>,
+    threads: usize,
+) -> Result<(), String> {
+    let group = group.as_deref().map(resolve_group).transpose()?;
+    let ready = if foreground { None } else { Some(daemonize()?) };
+    let result = (|| {
+        let reg = Registry::open(&domains, &state).map_err(|e| e.to_string())?;
+        reg.start_poller();
+        let config = MountConfig {
+            allow_other,
+            group,
+            threads,
+        };
+        let session = SnapFs::new(reg.clone(), config)
+            .spawn(&mountpoint)
+            .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
+        log::info!(
+            "mounted at {} ({} domains)",
+            mountpoint.display(),
+            reg.all().len()
+        );
+        Ok((reg, session))
+    })();
+    let (reg, session) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmsnapfs: {e}");
+            report(ready, 1);
+            return Err(e);
+        }
+    };
+    if ready.is_some() {
+        detach_stdio(&state.join("daemon.log"));
+    }
+    report(ready, 0);
+    demo::install_stop_handlers();
+    while !demo::stop_requested() && !session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reg.shutdown();
+    if session.guard.is_finished() {
+        log::info!("unmounted");
+        let _ = session.join();
+    } else {
+        log::info!("signal: unmounting");
+        session.umount_and_join().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Mount {
+            mountpoint,
+            domains,
+            state,
+            foreground,
+            allow_other,
+            group,
+            threads,
+        } => mount(
+            mountpoint,
+            domains,
+            state,
+            foreground,
+            allow_other,
+            group,
+            threads,
+        ),
+        Cmd::Demo { mountpoint } => demo::run(mountpoint).map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmsnapfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! A domain as its definition file describes it.
+
+use std::path::PathBuf;
+
+/// What the domain is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// QEMU runs the guest.
+    Running,
+    /// QEMU is up, the guest is stopped.
+    Paused,
+    /// No QEMU answers on the monitor socket.
+    Shutoff,
+}
+
+impl DomainState {
+    /// The spelling used in `.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::Shutoff => "shutoff",
+        }
+    }
+}
+
+/// What a plain `mkdir` creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotPolicy {
+    /// RAM and disks inside the qcow2 images (disks only when stopped).
+    #[default]
+    Internal,
+}
+
+/// One disk of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDef {
+    /// Target name, e.g. `vda`.
+    pub target: String,
+    /// Image file of the active layer.
+    pub source: PathBuf,
+    /// Image format, e.g. `qcow2` or `raw`.
+    pub format: String,
+}
+
+/// A domain definition: a subset of libvirt's `<domain>` XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDef {
+    /// The domain's name (a directory under the mount point).
+    pub name: String,
+    /// The QMP socket path, when the domain runs.
+    pub monitor: Option<PathBuf>,
+    /// Its disks.
+    pub disks: Vec<DiskDef>,
+    /// The QEMU command line to start it again (argv), if given.
+    pub commandline: Option<Vec<String>>,
+    /// What `mkdir` creates.
+    pub policy: SnapshotPolicy,
+    /// The definition as written, shown as `.domain.xml`.
+    pub xml: String,
+}

@@ -1,0 +1,12 @@
+//! Pure types, no I/O: snapshots, the snapshot forest, name rules, domain
+//! definitions.
+
+pub mod domain_def;
+pub mod forest;
+pub mod name;
+pub mod snapshot;
+
+pub use domain_def::{DiskDef, DomainDef, DomainState, SnapshotPolicy};
+pub use forest::{Forest, ForestError};
+pub use name::{validate_name, validate_name_bytes, NameError, MAX_NAME_BYTES};
+pub use snapshot::{DiskPoint, DiskSnapshotKind, MemoryLocation, Snapshot, SnapshotState};

@@ -1,0 +1,178 @@
+//! The intent journal: before a multi-step operation touches an image it
+//! records what it is about to do; the record is removed when the
+//! operation is complete. Records found at start-up are replayed or rolled
+//! back by the domain (see `domain::recovery`).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::atomic::{remove_durable, write_atomic};
+
+/// What an interrupted operation was doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// Creating snapshot `id` named `name` (internal tag = id).
+    Create {
+        /// Snapshot id and qcow2 tag.
+        id: String,
+        /// Its name in the tree.
+        name: String,
+    },
+    /// Deleting snapshot `id`.
+    Delete {
+        /// Snapshot id and qcow2 tag.
+        id: String,
+    },
+    /// Reverting to snapshot `id`, leaving the domain in `target` state.
+    Revert {
+        /// Snapshot id and qcow2 tag.
+        id: String,
+        /// `running`, `paused` or `shutoff`.
+        target: String,
+    },
+}
+
+impl Intent {
+    fn encode(&self) -> String {
+        match self {
+            Intent::Create { id, name } => format!("op=create\nid={id}\nname={}\n", escape(name)),
+            Intent::Delete { id } => format!("op=delete\nid={id}\n"),
+            Intent::Revert { id, target } => format!("op=revert\nid={id}\ntarget={target}\n"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Intent> {
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .map(str::to_owned)
+        };
+        let id = get("id")?;
+        Some(match get("op")?.as_str() {
+            "create" => Intent::Create {
+                id,
+                name: unescape(&get("name")?),
+            },
+            "delete" => Intent::Delete { id },
+            "revert" => Intent::Revert {
+                id,
+                target: get("target")?,
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Names may hold any character but '/', NUL and control characters; the
+/// record is line-based, so backslash and newline are escaped anyway.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The journal directory of one domain.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// A written intent; [`Journal::complete`] removes it.
+#[derive(Debug)]
+pub struct IntentRecord {
+    path: PathBuf,
+    /// What was recorded.
+    pub intent: Intent,
+}
+
+impl Journal {
+    /// Opens (creating) the journal directory.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(Journal {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Durably records an intent before the operation starts.
+    pub fn begin(&self, intent: Intent) -> io::Result<IntentRecord> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path = self.dir.join(format!("{stamp:032}.intent"));
+        write_atomic(&path, intent.encode().as_bytes())?;
+        Ok(IntentRecord { path, intent })
+    }
+
+    /// Durably removes a record once its operation completed or was undone.
+    pub fn complete(&self, record: IntentRecord) -> io::Result<()> {
+        remove_durable(&record.path)
+    }
+
+    /// The records left by interrupted operations, oldest first. A record
+    /// that cannot be read is returned as an error entry with its path.
+    pub fn pending(&self) -> io::Result<Vec<Result<IntentRecord, PathBuf>>> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "intent"))
+            .collect();
+        paths.sort();
+        Ok(paths
+            .into_iter()
+            .map(|path| {
+                let text = fs::read_to_string(&path).map_err(|_| path.clone())?;
+                match Intent::decode(&text) {
+                    Some(intent) => Ok(IntentRecord { path, intent }),
+                    None => Err(path),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_complete() {
+        let dir = std::env::temp_dir().join(format!("vmsnapfs-journal-{}", std::process::id()));
+        let j = Journal::open(&dir).unwrap();
+        let a = Intent::Create {
+            id: "s1".into(),
+            name: "we\\ird\nname".into(),
+        };
+        let b = Intent::Revert {
+            id: "s2".into(),
+            target: "paused".into(),
+        };
+        j.begin(a.clone()).unwrap();
+        let rb = j.begin(b).unwrap();
+        j.complete(rb).unwrap();
+        let left: Vec<_> = j
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().intent)
+            .collect();
+        assert_eq!(left, vec![a]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

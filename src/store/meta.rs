@@ -1,0 +1,187 @@
+//! The metadata of one domain on disk:
+//!
+//! ```text
+//! <state>/<domain>/snapshots/<id>.xml   one <domainsnapshot> per snapshot
+//! <state>/<domain>/current              the id of the current snapshot
+//! <state>/<domain>/argv                 QEMU's last seen command line, NUL-separated
+//! <state>/<domain>/journal/             intent records (see `journal`)
+//! <state>/<domain>/log                  the domain's operation log
+//! ```
+//!
+//! Files are named by snapshot id, never by name, so a rename rewrites one
+//! file and any name fits.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::atomic::{clean_temp_files, remove_durable, write_atomic};
+use super::journal::Journal;
+use crate::model::{Forest, Snapshot};
+use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
+
+/// The metadata directory of one domain.
+#[derive(Debug, Clone)]
+pub struct DomainStore {
+    dir: PathBuf,
+}
+
+/// What loading found: the forest and the files it could not use.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The snapshots with parents and current resolved.
+    pub forest: Forest,
+    /// One sentence per file that was skipped, for the log.
+    pub warnings: Vec<String>,
+}
+
+impl DomainStore {
+    /// Opens (creating) `<state_root>/<domain>`.
+    pub fn open(state_root: &Path, domain: &str) -> io::Result<Self> {
+        let dir = state_root.join(domain);
+        fs::create_dir_all(dir.join("snapshots"))?;
+        clean_temp_files(&dir.join("snapshots"))?;
+        clean_temp_files(&dir)?;
+        Ok(DomainStore { dir })
+    }
+
+    /// The domain's metadata directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The domain's intent journal.
+    pub fn journal(&self) -> io::Result<Journal> {
+        Journal::open(&self.dir.join("journal"))
+    }
+
+    /// Path of the operation log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.xml"))
+    }
+
+    /// True when the metadata of snapshot `id` is on disk.
+    pub fn has_snapshot(&self, id: &str) -> bool {
+        self.snapshot_path(id).exists()
+    }
+
+    /// Reads one stored snapshot.
+    pub fn read_snapshot(&self, id: &str) -> Result<Snapshot, String> {
+        let path = self.snapshot_path(id);
+        let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let spec = parse_snapshot_xml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        snapshot_from_spec(spec)
+            .map(|(s, _)| s)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Loads every snapshot and the current pointer.
+    pub fn load(&self) -> io::Result<Loaded> {
+        let mut loaded = Loaded::default();
+        let mut snaps = Vec::new();
+        let mut by_parent_name = Vec::new();
+        for entry in fs::read_dir(self.dir.join("snapshots"))? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|x| x != "xml") {
+                continue;
+            }
+            let parsed = fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_snapshot_xml(&t).map_err(|e| e.to_string()))
+                .and_then(|spec| snapshot_from_spec(spec).map_err(|e| e.to_string()));
+            match parsed {
+                Ok((snap, parent_name)) => {
+                    if snap.parent.is_none() {
+                        if let Some(p) = parent_name {
+                            by_parent_name.push((snap.id.clone(), p));
+                        }
+                    }
+                    snaps.push(snap);
+                }
+                Err(e) => loaded.warnings.push(format!(
+                    "skipped unreadable metadata {}: {e}",
+                    path.display()
+                )),
+            }
+        }
+        // Parents named but not given by id (hand-written metadata).
+        for (id, pname) in by_parent_name {
+            let pid = snaps.iter().find(|s| s.name == pname).map(|s| s.id.clone());
+            if let Some(s) = snaps.iter_mut().find(|s| s.id == id) {
+                s.parent = pid;
+            }
+        }
+        // Insert parents before children so that parent links survive.
+        snaps.sort_by(|a, b| (a.creation_time, &a.id).cmp(&(b.creation_time, &b.id)));
+        let mut pending = snaps;
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut rest = Vec::new();
+            for s in pending {
+                let ready = s
+                    .parent
+                    .as_ref()
+                    .is_none_or(|p| loaded.forest.get(p).is_some());
+                if ready {
+                    let path = self.snapshot_path(&s.id);
+                    if let Err(e) = loaded.forest.insert(s) {
+                        loaded
+                            .warnings
+                            .push(format!("skipped metadata {}: {e}", path.display()));
+                    }
+                } else {
+                    rest.push(s);
+                }
+            }
+            if rest.len() == before {
+                // Parents missing or a cycle: the rest become roots.
+                for mut s in rest {
+                    s.parent = None;
+                    let _ = loaded.forest.insert(s);
+                }
+                break;
+            }
+            pending = rest;
+        }
+        let current = fs::read_to_string(self.dir.join("current")).ok();
+        loaded.forest.set_current(current.as_deref().map(str::trim));
+        Ok(loaded)
+    }
+
+    /// Durably writes one snapshot's metadata.
+    pub fn save_snapshot(&self, snap: &Snapshot, forest: &Forest) -> io::Result<()> {
+        let parent_name = snap.parent.as_deref().and_then(|p| forest.name_of(p));
+        let xml = write_snapshot_xml(snap, parent_name);
+        write_atomic(&self.snapshot_path(&snap.id), xml.as_bytes())
+    }
+
+    /// Durably removes one snapshot's metadata.
+    pub fn remove_snapshot(&self, id: &str) -> io::Result<()> {
+        remove_durable(&self.snapshot_path(id))
+    }
+
+    /// Durably records the current snapshot.
+    pub fn save_current(&self, id: Option<&str>) -> io::Result<()> {
+        let path = self.dir.join("current");
+        match id {
+            Some(id) => write_atomic(&path, id.as_bytes()),
+            None => remove_durable(&path),
+        }
+    }
+
+    /// Records QEMU's command line, to start the domain again later.
+    pub fn save_argv(&self, argv: &[String]) -> io::Result<()> {
+        write_atomic(&self.dir.join("argv"), argv.join("\0").as_bytes())
+    }
+
+    /// The last recorded QEMU command line.
+    pub fn load_argv(&self) -> Option<Vec<String>> {
+        let text = fs::read_to_string(self.dir.join("argv")).ok()?;
+        let argv: Vec<String> = text.split('\0').map(str::to_owned).collect();
+        (!argv.is_empty() && !argv[0].is_empty()).then_some(argv)
+    }
+}

@@ -1,0 +1,580 @@
+//! Domain definitions: a subset of libvirt's `<domain>` XML.
+//!
+//! What is read (everything else is ignored, so a full libvirt definition
+//! works):
+//!
+//! ```xml
+//! <domain>
+//!   <name>vm1</name>
+//!   <monitor path='/run/vm1.qmp'/>            <!-- ours: the QMP socket -->
+//!   <devices>
+//!     <disk type='file' device='disk'>
+//!       <driver name='qemu' type='qcow2'/>    <!-- type defaults to raw -->
+//!       <source file='/var/lib/vm1/vda.qcow2'/>
+//!       <target dev='vda'/>
+//!     </disk>
+//!   </devices>
+//!   <commandline>                             <!-- ours: argv to start it -->
+//!     <arg value='qemu-system-x86_64'/>
+//!     <arg value='-m'/>
+//!     <arg value='2048'/>
+//!   </commandline>
+//!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes -->
+//! </domain>
+//! ```
+//!
+//! Disks with `device='cdrom'`, `'floppy'` or `'lun'`, and disks without a
+//! `<source file>`, are skipped: they cannot be snapshotted as files.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use super::tree::{self, Element};
+use super::{trim_xml, XmlError};
+use crate::model::{validate_name, DiskDef, DomainDef, SnapshotPolicy};
+
+/// Values of `<disk device=...>` that libvirt knows.
+const DISK_DEVICES: &[&str] = &["disk", "cdrom", "floppy", "lun"];
+
+/// Values of `<snapshot policy=...>`.
+const POLICIES: &[&str] = &["internal"];
+
+/// The format of a disk whose `<driver>` names none (libvirt's default).
+const DEFAULT_FORMAT: &str = "raw";
+
+/// What replaces the value of a `passwd` attribute in [`redact_secrets`].
+const REDACTED: &str = "***";
+
+/// Parses a domain definition.
+///
+/// The root must be `<domain>` with a `<name>` that is a valid directory
+/// name (see [`validate_name`]; surrounding white space is trimmed). Each
+/// `device='disk'` disk must have a `<target dev>` that is a valid file
+/// name, and no two disks read may share one. The returned
+/// [`DomainDef::xml`] is `xml` as given.
+pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
+    let root = tree::parse(xml)?;
+    root.expect_root("domain")?;
+
+    let name = trim_xml(&root.required_child("name")?.text);
+    validate_name(name).map_err(|e| XmlError::invalid_name("domain name", name, e))?;
+
+    let monitor = match root.child("monitor")? {
+        Some(monitor) => Some(path_attr(monitor, "path", "<monitor path>")?),
+        None => None,
+    };
+
+    let mut disks: Vec<DiskDef> = Vec::new();
+    if let Some(devices) = root.child("devices")? {
+        let mut targets = HashSet::new();
+        for disk in devices.children_named("disk") {
+            let Some(disk) = parse_disk(disk)? else {
+                continue;
+            };
+            if !targets.insert(disk.target.clone()) {
+                return Err(XmlError::Duplicate {
+                    what: "disk target",
+                    value: disk.target,
+                });
+            }
+            disks.push(disk);
+        }
+    }
+
+    let commandline = match root.child("commandline")? {
+        Some(commandline) => Some(parse_commandline(commandline)?),
+        None => None,
+    };
+
+    let policy = match root.child("snapshot")? {
+        Some(snapshot) => match snapshot.attr("policy") {
+            None | Some("internal") => SnapshotPolicy::Internal,
+            Some(other) => return Err(XmlError::bad_choice("<snapshot policy>", other, POLICIES)),
+        },
+        None => SnapshotPolicy::default(),
+    };
+
+    Ok(DomainDef {
+        name: name.to_string(),
+        monitor,
+        disks,
+        commandline,
+        policy,
+        xml: xml.to_string(),
+    })
+}
+
+/// Reads one `<disk>`; `None` when it is not a snapshottable file disk.
+fn parse_disk(disk: &Element) -> Result<Option<DiskDef>, XmlError> {
+    match disk.attr("device").unwrap_or("disk") {
+        "disk" => {}
+        "cdrom" | "floppy" | "lun" => return Ok(None),
+        other => return Err(XmlError::bad_choice("<disk device>", other, DISK_DEVICES)),
+    }
+    let target = disk.required_child("target")?.required_attr("dev")?;
+    validate_name(target).map_err(|e| XmlError::invalid_name("disk target", target, e))?;
+
+    let Some(source) = disk.child("source")? else {
+        return Ok(None);
+    };
+    let Some(file) = source.attr("file") else {
+        return Ok(None);
+    };
+    if file.is_empty() {
+        return Err(XmlError::bad_value("<source file>", file, "empty path"));
+    }
+
+    let format = match disk.child("driver")?.and_then(|d| d.attr("type")) {
+        Some(format) if is_format_name(format) => format,
+        Some(format) => {
+            return Err(XmlError::bad_value(
+                "<driver type>",
+                format,
+                "expected an image format name such as qcow2 or raw",
+            ))
+        }
+        None => DEFAULT_FORMAT,
+    };
+
+    Ok(Some(DiskDef {
+        target: target.to_string(),
+        source: PathBuf::from(file),
+        format: format.to_string(),
+    }))
+}
+
+/// True for a plausible image format name (`qcow2`, `raw`, `vmdk`, ...):
+/// it is handed to `qemu-img`, so it must not look like an option.
+fn is_format_name(format: &str) -> bool {
+    format.len() <= 32
+        && format.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && format
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Reads `<commandline>`: the `value` of each `<arg>`, in order.
+fn parse_commandline(commandline: &Element) -> Result<Vec<String>, XmlError> {
+    let argv = commandline
+        .children_named("arg")
+        .map(|arg| arg.required_attr("value").map(str::to_string))
+        .collect::<Result<Vec<_>, _>>()?;
+    if argv.is_empty() {
+        return Err(XmlError::MissingElement {
+            parent: commandline.name.clone(),
+            element: "arg",
+        });
+    }
+    Ok(argv)
+}
+
+/// The non-empty path in attribute `key` of `element`.
+fn path_attr(
+    element: &Element,
+    key: &'static str,
+    what: &'static str,
+) -> Result<PathBuf, XmlError> {
+    match element.required_attr(key)? {
+        "" => Err(XmlError::bad_value(what, "", "empty path")),
+        path => Ok(PathBuf::from(path)),
+    }
+}
+
+/// Returns `xml` with the value of every attribute named `passwd` (as in
+/// libvirt's `<graphics passwd='...'>`) replaced by `***`.
+///
+/// Everything else is kept byte for byte, so a well-formed input gives a
+/// well-formed output with the same structure. Where the input stops being
+/// readable XML (a syntax error, a malformed or duplicated attribute, or a
+/// `<!DOCTYPE`, whose attribute defaults could carry a password) the rest
+/// is replaced by a comment saying so: nothing past that point is shown.
+/// Definitions that [`parse_domain_def`] accepts never hit that case.
+pub fn redact_secrets(xml: &str) -> String {
+    // quick-xml skips a byte order mark and counts positions after it.
+    let base = if xml.starts_with('\u{FEFF}') {
+        '\u{FEFF}'.len_utf8()
+    } else {
+        0
+    };
+    let mut reader = Reader::from_str(xml.get(base..).unwrap_or_default());
+    let mut out = String::with_capacity(xml.len());
+    let mut copied = 0;
+    loop {
+        let start =
+            base.saturating_add(usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX));
+        let values = match reader.read_event() {
+            Ok(Event::Eof) => break,
+            Ok(Event::Start(tag) | Event::Empty(tag)) => passwd_values(xml, &tag),
+            Ok(Event::DocType(_)) | Err(_) => None,
+            Ok(_) => Some(Vec::new()),
+        };
+        let Some(values) = values else {
+            out.push_str(xml.get(copied..start).unwrap_or_default());
+            out.push_str(NOT_SHOWN);
+            return out;
+        };
+        for value in values {
+            out.push_str(xml.get(copied..value.start).unwrap_or_default());
+            out.push_str(REDACTED);
+            copied = value.end;
+        }
+    }
+    out.push_str(xml.get(copied..).unwrap_or_default());
+    out
+}
+
+/// What [`redact_secrets`] puts in place of input it cannot read.
+const NOT_SHOWN: &str = "<!-- vmsnapfs: the rest is not well-formed XML and is not shown -->";
+
+/// Byte ranges in `xml` of the values of the `passwd` attributes of `tag`
+/// (a tag read from `xml`), quotes excluded; `None` if any attribute of the
+/// tag is malformed or repeated.
+fn passwd_values(xml: &str, tag: &BytesStart<'_>) -> Option<Vec<Range<usize>>> {
+    let mut found = Vec::new();
+    for attr in tag.attributes() {
+        let attr = attr.ok()?;
+        if attr.key.as_ref() == "passwd" {
+            // Read from `xml` itself, the raw value is a slice of it.
+            let Cow::Borrowed(value) = attr.value else {
+                return None;
+            };
+            found.push(range_within(xml, value)?);
+        }
+    }
+    Some(found)
+}
+
+/// Where `part`, a slice of `whole`, lies in it.
+fn range_within(whole: &str, part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NameError;
+
+    const FULL: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<!-- a libvirt definition with our extensions -->
+<domain type='kvm' id='3' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm1</name>
+  <uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>
+  <memory unit='KiB'>2097152</memory>
+  <monitor path='/run/vm1.qmp'/>
+  <os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='/var/lib/vm1/vda.qcow2'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
+    </disk>
+    <disk type='file'>
+      <source file='/var/lib/vm1/data &amp; more.img'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <source file='/iso/install.iso'/>
+      <target dev='sda' bus='sata'/>
+    </disk>
+    <disk type='file' device='floppy'><target dev='fda'/></disk>
+    <disk type='block' device='lun'><source dev='/dev/sdz'/><target dev='sdb'/></disk>
+    <disk type='network' device='disk'>
+      <source protocol='rbd' name='pool/img'/>
+      <target dev='vdc'/>
+    </disk>
+    <graphics type='vnc' port='-1' passwd='s3cret'/>
+    <interface type='network'><source network='default'/></interface>
+  </devices>
+  <commandline>
+    <arg value='qemu-system-x86_64'/>
+    <arg value='-m'/>
+    <arg value='2048'/>
+    <arg value='-name'/>
+    <arg value='vm1,debug-threads=on'/>
+  </commandline>
+  <snapshot policy='internal'/>
+  <qemu:commandline><qemu:arg value='-no-hpet'/></qemu:commandline>
+</domain>
+"#;
+
+    fn err(xml: &str) -> XmlError {
+        match parse_domain_def(xml) {
+            Ok(def) => panic!("{xml:?} parsed: {def:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn reads_a_full_definition() {
+        let def = parse_domain_def(FULL).expect("parses");
+        assert_eq!(def.name, "vm1");
+        assert_eq!(def.monitor, Some(PathBuf::from("/run/vm1.qmp")));
+        assert_eq!(
+            def.disks,
+            vec![
+                DiskDef {
+                    target: "vda".into(),
+                    source: "/var/lib/vm1/vda.qcow2".into(),
+                    format: "qcow2".into(),
+                },
+                DiskDef {
+                    target: "vdb".into(),
+                    source: "/var/lib/vm1/data & more.img".into(),
+                    format: "raw".into(),
+                },
+            ]
+        );
+        assert_eq!(
+            def.commandline,
+            Some(
+                [
+                    "qemu-system-x86_64",
+                    "-m",
+                    "2048",
+                    "-name",
+                    "vm1,debug-threads=on"
+                ]
+                .map(String::from)
+                .to_vec()
+            )
+        );
+        assert_eq!(def.policy, SnapshotPolicy::Internal);
+        assert_eq!(def.xml, FULL);
+    }
+
+    #[test]
+    fn reads_a_minimal_definition() {
+        let def = parse_domain_def("<domain><name>\n  vm 2 \n</name></domain>").expect("parses");
+        assert_eq!(def.name, "vm 2");
+        assert_eq!(def.monitor, None);
+        assert!(def.disks.is_empty());
+        assert_eq!(def.commandline, None);
+        assert_eq!(def.policy, SnapshotPolicy::Internal);
+        let def = parse_domain_def("<domain><name>x</name><snapshot/></domain>").expect("parses");
+        assert_eq!(def.policy, SnapshotPolicy::Internal);
+    }
+
+    #[test]
+    fn ignores_unknown_elements_and_attributes() {
+        let def = parse_domain_def(
+            "<domain bogus='1'><future><name>not me</name></future><name a='b'>vm</name>\
+             <devices><widget/><disk device='disk' extra='x'><source file='/a' x='y'/>\
+             <target dev='vda'/><unknown/></disk></devices></domain>",
+        )
+        .expect("parses");
+        assert_eq!(def.name, "vm");
+        assert_eq!(def.disks.len(), 1);
+    }
+
+    #[test]
+    fn refuses_bad_definitions() {
+        assert!(matches!(
+            err("<domains><name>x</name></domains>"),
+            XmlError::WrongRoot { .. }
+        ));
+        assert!(matches!(err("<domain/>"), XmlError::MissingElement { .. }));
+        assert!(matches!(
+            err("<domain><name>a</name><name>b</name></domain>"),
+            XmlError::DuplicateElement { .. }
+        ));
+        for name in ["", ".hidden", "a/b", "..", "tab\there"] {
+            let xml = format!("<domain><name>{name}</name></domain>");
+            assert!(
+                matches!(
+                    err(&xml),
+                    XmlError::InvalidName {
+                        what: "domain name",
+                        ..
+                    }
+                ),
+                "{name:?}"
+            );
+        }
+        let long = format!("<domain><name>{}</name></domain>", "x".repeat(256));
+        assert!(matches!(
+            err(&long),
+            XmlError::InvalidName {
+                source: NameError::TooLong(256),
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("<domain><name>a&#0;</name></domain>"),
+            XmlError::Malformed { .. }
+        ));
+        // A disk without a target.
+        let e = err(
+            "<domain><name>a</name><devices><disk><source file='/a'/></disk></devices></domain>",
+        );
+        assert_eq!(e.to_string(), "<disk> lacks the required <target> element");
+        assert!(matches!(
+            err("<domain><name>a</name><devices><disk><target/></disk></devices></domain>"),
+            XmlError::MissingAttribute { .. }
+        ));
+        // Two disks on one target.
+        let e = err("<domain><name>a</name><devices>\
+             <disk><source file='/a'/><target dev='vda'/></disk>\
+             <disk><source file='/b'/><target dev='vda'/></disk></devices></domain>");
+        assert_eq!(
+            e,
+            XmlError::Duplicate {
+                what: "disk target",
+                value: "vda".into()
+            }
+        );
+        // Unknown policy and device values name the allowed ones.
+        let e = err("<domain><name>a</name><snapshot policy='external'/></domain>");
+        assert!(e.to_string().contains("expected one of: internal"), "{e}");
+        let e = err("<domain><name>a</name><devices><disk device='tape'/></devices></domain>");
+        assert!(e.to_string().contains("disk, cdrom, floppy, lun"), "{e}");
+        assert!(matches!(
+            err("<domain><name>a</name><monitor/></domain>"),
+            XmlError::MissingAttribute { .. }
+        ));
+        assert!(matches!(
+            err("<domain><name>a</name><monitor path=''/></domain>"),
+            XmlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("<domain><name>a</name><commandline/></domain>"),
+            XmlError::MissingElement { .. }
+        ));
+        assert!(matches!(
+            err("<domain><name>a</name><commandline><arg/></commandline></domain>"),
+            XmlError::MissingAttribute { .. }
+        ));
+        for format in ["", "-o", "qcow2 x", "a,b"] {
+            let xml = format!(
+                "<domain><name>a</name><devices><disk><driver type='{format}'/>\
+                 <source file='/a'/><target dev='vda'/></disk></devices></domain>"
+            );
+            assert!(matches!(err(&xml), XmlError::BadValue { .. }), "{format:?}");
+        }
+        assert!(matches!(
+            err("<domain><name>a</name><devices><disk><target dev='a/b'/></disk></devices></domain>"),
+            XmlError::InvalidName { .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_hostile_input() {
+        let laughs = "<!DOCTYPE domain [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;'>]>\
+                      <domain><name>&b;</name></domain>";
+        assert!(matches!(err(laughs), XmlError::Doctype { .. }));
+        let deep = format!(
+            "<domain><name>a</name>{}{}</domain>",
+            "<x>".repeat(10_000),
+            "</x>".repeat(10_000)
+        );
+        assert!(matches!(err(&deep), XmlError::TooDeep { .. }));
+        let big = format!(
+            "<domain><name>a</name><!-- {} --></domain>",
+            "x".repeat(2 << 20)
+        );
+        assert!(matches!(err(&big), XmlError::TooLarge { .. }));
+        assert!(matches!(
+            err("<domain><name>&foo;</name></domain>"),
+            XmlError::UnknownEntity { .. }
+        ));
+        for n in 0..FULL.trim_end().len() {
+            if let Some(prefix) = FULL.get(..n) {
+                assert!(parse_domain_def(prefix).is_err(), "prefix of {n} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        let redacted = redact_secrets(FULL);
+        assert!(!redacted.contains("s3cret"));
+        assert!(redacted.contains("passwd='***'"));
+        let def = parse_domain_def(&redacted).expect("still well-formed");
+        assert_eq!(def.name, "vm1");
+        assert_eq!(def.disks.len(), 2);
+
+        let xml = "<domain><graphics passwd=\"a'b&amp;c\" type='spice'/>\
+                   <graphics type='vnc' passwd = 'x\"y' keymap='en'></graphics>\
+                   <note>passwd is the attribute</note><x mypasswd='keep' passwd_x='keep'/></domain>";
+        assert_eq!(
+            redact_secrets(xml),
+            "<domain><graphics passwd=\"***\" type='spice'/>\
+             <graphics type='vnc' passwd = '***' keymap='en'></graphics>\
+             <note>passwd is the attribute</note><x mypasswd='keep' passwd_x='keep'/></domain>"
+        );
+        // Text that merely looks like an attribute stays when the XML is well-formed.
+        let text = "<a>passwd='not an attribute'</a>";
+        assert_eq!(redact_secrets(text), text);
+    }
+
+    /// Every `passwd` attribute a parser sees in the output is `***`.
+    #[test]
+    fn redaction_agrees_with_the_parser() {
+        for xml in [
+            FULL,
+            "<a passwd='1'><b passwd = \"2\" c='passwd=&apos;3&apos;'/>\n<c\tpasswd\n=\n'4'/></a>",
+            "<a x=\"'\" passwd='5' y='\"' z='>' passwd2='keep'><passwd passwd='6'/></a>",
+            "<a><![CDATA[<b passwd='not an attribute'>]]><!-- passwd='x' --><b passwd=''/></a>",
+        ] {
+            let redacted = redact_secrets(xml);
+            let root = tree::parse(&redacted).unwrap_or_else(|e| panic!("{e}: {redacted}"));
+            let mut stack = vec![&root];
+            let mut seen = 0;
+            while let Some(element) = stack.pop() {
+                for (key, value) in &element.attrs {
+                    if key == "passwd" {
+                        assert_eq!(value, REDACTED, "{redacted}");
+                        seen += 1;
+                    }
+                }
+                stack.extend(&element.children);
+            }
+            assert!(seen > 0, "{xml}");
+            // Nothing but the values changed.
+            let original = tree::parse(xml).expect("parses");
+            assert_eq!(original.text, root.text);
+        }
+    }
+
+    #[test]
+    fn redacts_broken_input_too() {
+        for (xml, kept) in [
+            (
+                "<domain><graphics passwd='s3cret'/><a></b></domain>",
+                "<domain><graphics passwd='***'/><a>",
+            ),
+            (
+                "<domain><a></b><graphics passwd='s3cret'/></domain>",
+                "<domain><a>",
+            ),
+            ("<domain><graphics passwd='s3cret", "<domain>"),
+            ("<domain><graphics passwd=s3cret/></domain>", "<domain>"),
+            ("<domain><graphics passwd=\"s3cret\" &bad;/>", "<domain>"),
+            ("<g passwd='s3cret' passwd='s3cret'/>", ""),
+            ("<g passwd='***' passwd='s3cret'/>", ""),
+            (
+                "<!DOCTYPE d [<!ATTLIST g passwd CDATA 's3cret'>]><d><g/></d>",
+                "",
+            ),
+            ("<a></b> passwd=s3cret", "<a>"),
+        ] {
+            assert_eq!(redact_secrets(xml), format!("{kept}{NOT_SHOWN}"), "{xml:?}");
+        }
+        assert_eq!(redact_secrets(""), "");
+        assert_eq!(redact_secrets("passwd"), "passwd");
+        assert_eq!(redact_secrets("passwd='x'"), "passwd='x'");
+        assert_eq!(
+            redact_secrets("\u{FEFF}<a passwd='x'/>"),
+            "\u{FEFF}<a passwd='***'/>"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! Fixtures for tests on a real QEMU and a real FUSE mount. Everything a
+//! fixture starts is stopped on drop, even when the test fails: the mount
+//! is unmounted, the daemon and QEMU are killed by pid, the temp dir removed.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use vmsnapfs::demo::vm::{Vm, VmSpec};
+
+/// A temp directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmsnapfs-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A vmsnapfs daemon process serving a mount point.
+pub struct Daemon {
+    child: Option<Child>,
+    pub mnt: PathBuf,
+    pub domains: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let m = fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_owned());
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(m.to_str().unwrap_or("")))
+}
+
+pub fn unmount(mnt: &Path) {
+    if is_mounted(mnt) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+    if is_mounted(mnt) {
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Daemon {
+    /// Starts `vmsnapfs mount --foreground` with extra env (failpoints).
+    pub fn start(base: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mnt = base.join("mnt");
+        let domains = base.join("domains");
+        let state = base.join("state");
+        fs::create_dir_all(&mnt).unwrap();
+        fs::create_dir_all(&domains).unwrap();
+        let log = base.join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(base.join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnapfs"));
+        cmd.arg("mount")
+            .arg(&mnt)
+            .arg("--domains")
+            .arg(&domains)
+            .arg("--state")
+            .arg(&state)
+            .arg("--foreground")
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start vmsnapfs");
+        let mut d = Daemon {
+            child: Some(child),
+            mnt,
+            domains,
+            state,
+            log: base.join("daemon.log"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&d.mnt) {
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vmsnapfs exited at start ({st}); log:\n{}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = log;
+        d
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the daemon process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits for the daemon to exit by itself (a `crash` failpoint).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Unmounts and waits for the daemon to end.
+    pub fn stop(&mut self) {
+        unmount(&self.mnt);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (by pid) and cleans up its mount.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        unmount(&self.mnt);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A stopped daemon no longer owns the mount point (a new one may).
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// A VM with two qcow2 disks, its definition, and a mounted daemon.
+/// Field order is drop order: daemon first, then the VM, then the files.
+pub struct Fixture {
+    pub daemon: Daemon,
+    pub vm: Vm,
+    pub dir: TempDir,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.daemon.log_text();
+            let tail: Vec<&str> = log.lines().filter(|l| !l.contains(" TRACE ")).collect();
+            let from = tail.len().saturating_sub(60);
+            eprintln!(
+                "--- daemon log (last lines) ---\n{}",
+                tail[from..].join("\n")
+            );
+        }
+    }
+}
+
+impl Fixture {
+    pub fn new(tag: &str) -> Fixture {
+        Self::with_env(tag, &[])
+    }
+
+    pub fn with_env(tag: &str, env: &[(&str, &str)]) -> Fixture {
+        let dir = TempDir::new(tag);
+        let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+        vm.write_definition(&dir.0.join("domains")).unwrap();
+        let daemon = Daemon::start(&dir.0, env);
+        Fixture { daemon, vm, dir }
+    }
+
+    /// `<mnt>/vm1/<rel>`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.daemon.mnt.join("vm1").join(rel)
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    /// Snapshot names as `ls` shows them.
+    pub fn ls(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Writes a revert request; returns the errno on failure.
+    pub fn revert(&self, snap: &str, request: &str) -> Result<(), i32> {
+        write_file(&self.path(&format!("{snap}/revert")), request.as_bytes())
+    }
+
+    /// Restarts the daemon (with other failpoints).
+    pub fn restart_daemon(&mut self, env: &[(&str, &str)]) {
+        self.daemon.stop();
+        self.daemon = Daemon::start(&self.dir.0, env);
+    }
+
+    /// Waits until `.state` says `want`.
+    pub fn wait_state(&self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.read(".state");
+            if s.trim() == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, ".state is {s:?}, want {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes `data` in one write(2) call; returns the errno on failure.
+pub fn write_file(path: &Path, data: &[u8]) -> Result<(), i32> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    f.write_all(data)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// errno of an io::Result.
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("expected a failure")
+        .raw_os_error()
+        .unwrap_or(-1)
+}
+
+/// The internal snapshot tags of an image (`qemu-img snapshot -l -U`).
+pub fn image_tags(image: &Path) -> Vec<String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// True when `data[off..off+len]` is all `byte`.
+pub fn all_bytes(data: &[u8], off: usize, len: usize, byte: u8) -> bool {
+    data.len() >= off + len && data[off..off + len].iter().all(|b| *b == byte)
+}

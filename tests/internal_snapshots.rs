@@ -1,0 +1,174 @@
+//! Internal checkpoints end to end: a real QEMU, a real FUSE mount, every
+//! action through the tree, every byte checked on the guest's disks.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, UNIX_EPOCH};
+
+use common::*;
+
+const K64: usize = 64 * 1024;
+
+#[test]
+fn browse_create_revert_delete_rename_on_a_running_vm() {
+    let fx = Fixture::new("lifecycle");
+    // The tree: domains at the top, snapshots (none yet) in a domain.
+    let top: Vec<_> = fs::read_dir(&fx.daemon.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(top, vec!["vm1"]);
+    assert!(fx.ls().is_empty());
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(fx.read(".domain.xml").contains("<name>vm1</name>"));
+    assert_eq!(fx.read(".tree"), "");
+    assert!(fs::symlink_metadata(fx.path(".current")).is_err());
+
+    // First checkpoint over known data.
+    fx.vm.qemu_io("vda", "write -P 0xab 0 64k").unwrap();
+    fx.vm.qemu_io("vdb", "write -P 0x11 1M 64k").unwrap();
+    let before = std::time::SystemTime::now();
+    fs::create_dir(fx.path("base")).unwrap();
+    assert_eq!(fx.ls(), vec!["base"]);
+    assert_eq!(fx.read("base/state"), "running\n");
+    let xml = fx.read("base/snapshot.xml");
+    assert!(xml.contains("<name>base</name>"), "{xml}");
+    assert!(xml.contains("<state>running</state>"), "{xml}");
+    assert!(
+        xml.contains("snapshot='internal'") || xml.contains("snapshot=\"internal\""),
+        "{xml}"
+    );
+    assert!(xml.contains("<domain"), "{xml}");
+    let mtime = fs::metadata(fx.path("base")).unwrap().mtime();
+    let t0 = before.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((t0 - 1..=t0 + 5).contains(&mtime), "mtime {mtime} vs {t0}");
+    assert_eq!(
+        fs::read_link(fx.path(".current")).unwrap().to_str(),
+        Some("base")
+    );
+    assert!(fs::symlink_metadata(fx.path("base/parent")).is_err());
+    // The images hold the tag of the snapshot, on both disks.
+    for d in &fx.vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 1, "{}", d.image.display());
+    }
+
+    // A second one, after more writes: a child of the first.
+    fx.vm.qemu_io("vda", "write -P 0xcd 0 64k").unwrap();
+    fs::create_dir(fx.path("after")).unwrap();
+    assert_eq!(
+        fs::read_link(fx.path("after/parent")).unwrap().to_str(),
+        Some("../base")
+    );
+    assert_eq!(fx.read(".tree"), "base (running)\n  after (running) *\n");
+    fx.vm.qemu_io("vda", "write -P 0xef 0 64k").unwrap();
+
+    // Revert to the first: same QEMU process, data back, still running.
+    let pid = fx.vm.current_pid();
+    fx.revert("base", "running\n").unwrap();
+    assert_eq!(fx.vm.current_pid(), pid, "revert must not restart QEMU");
+    assert_eq!(fx.read(".state"), "running\n");
+    let vda = fx.vm.read_disk("vda").unwrap();
+    assert!(all_bytes(&vda, 0, K64, 0xab), "vda not reverted");
+    let vdb = fx.vm.read_disk("vdb").unwrap();
+    assert!(all_bytes(&vdb, 1 << 20, K64, 0x11), "vdb not reverted");
+    assert_eq!(
+        fs::read_link(fx.path(".current")).unwrap().to_str(),
+        Some("base")
+    );
+
+    // Revert to the second, paused.
+    fx.revert("after", "paused").unwrap();
+    assert_eq!(fx.read(".state"), "paused\n");
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0xcd));
+    fx.revert("after", "running").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+
+    // A branch: a new snapshot under "base" after reverting to it.
+    fx.revert("base", "\n").unwrap();
+    fs::create_dir(fx.path("branch")).unwrap();
+    assert_eq!(
+        fx.read(".tree"),
+        "base (running)\n  after (running)\n  branch (running) *\n"
+    );
+
+    // Rename keeps identity, links and the tree.
+    fs::rename(fx.path("branch"), fx.path("side")).unwrap();
+    assert_eq!(fx.ls(), vec!["after", "base", "side"]);
+    assert_eq!(
+        fs::read_link(fx.path(".current")).unwrap().to_str(),
+        Some("side")
+    );
+    assert!(fx.read("side/snapshot.xml").contains("<name>side</name>"));
+    assert_eq!(
+        errno(fs::rename(fx.path("side"), fx.path("after"))),
+        libc::EEXIST
+    );
+
+    // Delete the root: its children become roots; current stays.
+    fs::remove_dir(fx.path("base")).unwrap();
+    assert_eq!(fx.ls(), vec!["after", "side"]);
+    assert_eq!(fx.read(".tree"), "after (running)\nside (running) *\n");
+    assert!(fs::symlink_metadata(fx.path("after/parent")).is_err());
+    for d in &fx.vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 2, "tag of base must be gone");
+    }
+    // Data of the others untouched: revert to "after" still gives 0xcd.
+    fx.revert("after", "running").unwrap();
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0xcd));
+
+    // Delete the current one: current moves to its parent (none: a root).
+    fs::remove_dir(fx.path("after")).unwrap();
+    assert!(fs::symlink_metadata(fx.path(".current")).is_err());
+    let log = fx.read(".log");
+    assert!(log.contains("mkdir \"base\": created"), "{log}");
+    assert!(log.contains("rmdir \"after\": deleted"), "{log}");
+}
+
+#[test]
+fn revert_rules_stopped_vm_and_restart_from_command_line() {
+    let fx = Fixture::new("rules");
+    fx.vm.qemu_io("vda", "write -P 0x5a 0 64k").unwrap();
+    fs::create_dir(fx.path("live")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x00 0 64k").unwrap();
+
+    // Leaving a running VM for a stopped state needs force.
+    assert_eq!(fx.revert("live", "shutoff"), Err(libc::EPERM));
+    assert!(fx.read(".log").contains("refused (EPERM)"));
+    assert_eq!(fx.revert("live", "sideways"), Err(libc::EINVAL));
+    assert_eq!(fx.read(".state"), "running\n");
+    fx.revert("live", "shutoff force").unwrap();
+    assert_eq!(fx.read(".state"), "shutoff\n");
+    // Disks reverted offline: the image content is the snapshot's.
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0x5a));
+
+    // A snapshot of the stopped domain: disks only, with qemu-img.
+    fs::create_dir(fx.path("cold")).unwrap();
+    assert_eq!(fx.read("cold/state"), "shutoff\n");
+    assert!(
+        fx.read("cold/snapshot.xml").contains("snapshot='no'")
+            || fx.read("cold/snapshot.xml").contains("snapshot=\"no\"")
+    );
+
+    // Revert to the checkpoint from stopped: QEMU started again from the
+    // definition's command line, RAM and disks loaded, running.
+    fx.revert("live", "\n").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0x5a));
+
+    // Reverting the running VM to a disk-only snapshot restarts QEMU: force.
+    fx.vm.qemu_io("vda", "write -P 0x77 0 64k").unwrap();
+    assert_eq!(fx.revert("cold", "running"), Err(libc::EPERM));
+    fx.revert("cold", "running force").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0x5a));
+    // The default for a shutoff snapshot is to stay stopped: needs force.
+    assert_eq!(fx.revert("cold", "\n"), Err(libc::EPERM));
+    fx.revert("cold", "force").unwrap();
+    assert_eq!(fx.read(".state"), "shutoff\n");
+    // Paused start from stopped.
+    fx.revert("live", "paused").unwrap();
+    assert_eq!(fx.read(".state"), "paused\n");
+    std::thread::sleep(Duration::from_millis(10));
+}

@@ -1,0 +1,192 @@
+//! Bad input, busy domains, a dying QEMU, daemon restarts, permissions:
+//! every refusal is an errno plus a `.log` line, nothing half-made remains.
+
+mod common;
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn bad_names_duplicates_and_busy_domain() {
+    let fx = Fixture::with_env(
+        "badinput",
+        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:1500")],
+    );
+    let cases: Vec<(Vec<u8>, i32)> = vec![
+        (b".hidden".to_vec(), libc::EINVAL),
+        (b"ctl\x01char".to_vec(), libc::EINVAL),
+        (b"new\nline".to_vec(), libc::EINVAL),
+        (b"\xff\xfe".to_vec(), libc::EINVAL),
+        (b" padded".to_vec(), libc::EINVAL),
+        (vec![b'x'; 255 + 1], libc::ENAMETOOLONG),
+    ];
+    for (name, want) in &cases {
+        let p = fx.path("").join(std::ffi::OsStr::from_bytes(name));
+        assert_eq!(
+            errno(fs::create_dir(&p)),
+            *want,
+            "{:?}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    let log = fx.read(".log");
+    assert!(
+        log.contains("refused (EINVAL): invalid snapshot name"),
+        "{log}"
+    );
+    assert!(fx.ls().is_empty());
+
+    // A second operation while one runs on the domain: EBUSY. (Two
+    // mkdirs in one directory are serialised by the kernel's directory
+    // lock, so the long operation here is a revert.)
+    fs::create_dir(fx.path("one")).unwrap();
+    let p = fx.path("one/revert");
+    let t = std::thread::spawn(move || write_file(&p, b"running"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(errno(fs::create_dir(fx.path("two"))), libc::EBUSY);
+    assert_eq!(errno(fs::remove_dir(fx.path("one"))), libc::EBUSY);
+    // ls and cat do not wait behind the running revert.
+    let t0 = std::time::Instant::now();
+    assert_eq!(fx.ls(), vec!["one"]);
+    let _ = fx.read(".tree");
+    let _ = fx.read("one/snapshot.xml");
+    assert!(
+        t0.elapsed() < Duration::from_millis(800),
+        "ls blocked behind revert"
+    );
+    t.join().unwrap().unwrap();
+    assert!(fx.read(".log").contains("refused (EBUSY)"));
+    // A taken name: mkdir is answered by the kernel (the entry exists);
+    // mv over it reaches the daemon, which refuses and says why.
+    assert_eq!(errno(fs::create_dir(fx.path("one"))), libc::EEXIST);
+    fs::create_dir(fx.path("two")).unwrap();
+    assert_eq!(
+        errno(fs::rename(fx.path("two"), fx.path("one"))),
+        libc::EEXIST
+    );
+    assert!(fx.read(".log").contains("refused (EEXIST)"));
+    assert_eq!(fx.ls(), vec!["one", "two"]);
+    // Not a control file, not a snapshot: no writes, no unlink, no rmdir of files.
+    assert!(fs::write(fx.path(".tree"), "x").is_err());
+    assert!(fs::remove_file(fx.path(".tree")).is_err());
+    assert_eq!(errno(fs::remove_dir(fx.path("nope"))), libc::ENOENT);
+    assert!(fs::create_dir(fx.path("one/sub")).is_err());
+    for d in &fx.vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 2);
+    }
+}
+
+#[test]
+fn qemu_dying_mid_operation_gives_eio_and_leaves_nothing() {
+    let mut fx = Fixture::with_env(
+        "qemugone",
+        &[("VMSNAPFS_FAILPOINTS", "create.begin=sleep:1500")],
+    );
+    let p = fx.path("doomed");
+    let t = std::thread::spawn(move || fs::create_dir(p));
+    std::thread::sleep(Duration::from_millis(400));
+    fx.vm.kill();
+    let r = t.join().unwrap();
+    assert_eq!(errno(r), libc::EIO);
+    assert_eq!(fx.read(".state"), "shutoff\n");
+    assert!(fx.ls().is_empty());
+    assert!(fx.read(".log").contains("refused (EIO)"));
+    for d in &fx.vm.disks {
+        assert!(
+            image_tags(&d.image).is_empty(),
+            "stray tag in {}",
+            d.image.display()
+        );
+    }
+    let snaps = fs::read_dir(fx.daemon.state.join("vm1/snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(snaps, 0, "stray metadata");
+}
+
+#[test]
+fn metadata_survives_restart_and_foreign_snapshots_appear() {
+    let mut fx = Fixture::new("restart");
+    fs::create_dir(fx.path("a")).unwrap();
+    fs::create_dir(fx.path("b")).unwrap();
+    fs::rename(fx.path("b"), fx.path("b2")).unwrap();
+    // A snapshot made behind vmsnapfs' back (as virsh or an admin would).
+    fx.vm.control().unwrap().hmp("savevm foreign-tag").unwrap();
+    fx.restart_daemon(&[]);
+    assert_eq!(fx.ls(), vec!["a", "b2", "foreign-tag"]);
+    assert_eq!(
+        fs::read_link(fx.path("b2/parent")).unwrap().to_str(),
+        Some("../a")
+    );
+    assert_eq!(
+        fs::read_link(fx.path(".current")).unwrap().to_str(),
+        Some("b2")
+    );
+    assert!(fs::symlink_metadata(fx.path("foreign-tag/parent")).is_err());
+    assert!(fx
+        .read(".log")
+        .contains("adopted snapshot tag \"foreign-tag\""));
+    // The adopted one is a real snapshot: revert to it and delete it.
+    fx.revert("foreign-tag", "running").unwrap();
+    fs::remove_dir(fx.path("foreign-tag")).unwrap();
+    // A snapshot deleted behind our back disappears at the next start.
+    let tag = fs::read_dir(fx.daemon.state.join("vm1/snapshots"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .map(|xml| vmsnapfs::xml::snapshot::parse_snapshot_xml(&xml).unwrap())
+        .find(|spec| spec.name.as_deref() == Some("a"))
+        .and_then(|spec| spec.id)
+        .unwrap();
+    fx.vm
+        .control()
+        .unwrap()
+        .hmp(&format!("delvm {tag}"))
+        .unwrap();
+    fx.restart_daemon(&[]);
+    assert_eq!(fx.ls(), vec!["b2"]);
+    assert!(fx.read(".log").contains("gone from the images"));
+}
+
+#[test]
+fn daemon_killed_mid_create_rolls_back_at_start() {
+    let mut fx = Fixture::with_env(
+        "crash",
+        &[("VMSNAPFS_FAILPOINTS", "create.after-backend=crash")],
+    );
+    let _ = fs::create_dir(fx.path("half"));
+    assert!(fx.daemon.wait_exit(Duration::from_secs(10)));
+    fx.daemon.kill9();
+    // The tag exists in the images, the metadata does not.
+    assert_eq!(image_tags(&fx.vm.disks[0].image).len(), 1);
+    fx.restart_daemon(&[]);
+    assert!(fx.ls().is_empty(), "{:?}", fx.ls());
+    for d in &fx.vm.disks {
+        assert!(image_tags(&d.image).is_empty());
+    }
+    assert!(fx.read(".log").contains("rolled back"));
+    // And the domain works normally afterwards.
+    fs::create_dir(fx.path("whole")).unwrap();
+    assert_eq!(fx.ls(), vec!["whole"]);
+}
+
+#[test]
+fn tree_is_roots_only_by_default() {
+    let fx = Fixture::new("perms");
+    let meta = fs::metadata(fx.path("")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    fs::create_dir(fx.path("s")).unwrap();
+    let revert = fs::metadata(fx.path("s/revert")).unwrap();
+    assert_eq!(revert.permissions().mode() & 0o777, 0o200);
+    // Another user is refused at the FUSE level (no allow_other).
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", "ls"])
+        .arg(&fx.daemon.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nobody could list the tree");
+}
