@@ -180,7 +180,9 @@ fn mount(
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Mount {

@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 
 /// Longest line accepted from QEMU (a `query-block` of many disks is a few KiB).
 const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Events kept for a later `wait_event`; older ones are dropped.
+const MAX_QUEUED_EVENTS: usize = 256;
 
 /// Why a QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +128,7 @@ impl Qmp {
                 });
             }
             if msg.get("event").is_some() {
-                self.events.push_back(msg);
+                self.queue_event(msg);
                 continue;
             }
             self.broken = true;
@@ -140,6 +142,13 @@ impl Qmp {
             command_line: command_line.to_owned(),
             cpu_index: None,
         })
+    }
+
+    fn queue_event(&mut self, msg: Value) {
+        if self.events.len() == MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(msg);
     }
 
     /// Takes the events received so far.
@@ -167,7 +176,7 @@ impl Qmp {
             if pred(&msg) {
                 return Ok(msg);
             }
-            self.events.push_back(msg);
+            self.queue_event(msg);
         }
     }
 
@@ -181,6 +190,9 @@ impl Qmp {
         mut on_progress: impl FnMut(u64, u64),
     ) -> Result<Option<String>, QmpError> {
         let deadline = Instant::now() + timeout;
+        // Events of earlier jobs with the same id must not wake this wait.
+        self.events
+            .retain(|e| !(e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job_id));
         loop {
             let jobs = self.execute(&qapi::qmp::query_jobs {})?;
             let Some(job) = jobs.iter().find(|j| j.id == job_id) else {

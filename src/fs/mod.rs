@@ -25,9 +25,11 @@ use crate::domain::{Domain, Registry};
 use crate::error::Error;
 use inode::{DomainFile, InodeTable, Node, SnapFile};
 
-/// Attributes of things that change only through this mount.
-const STABLE_TTL: Duration = Duration::from_secs(1);
-/// Attributes of things that change by themselves (`.state`, `.log`).
+/// Names and attributes that change only through this mount (the kernel
+/// updates its cache itself on mkdir, rmdir and rename).
+const STABLE_TTL: Duration = Duration::from_secs(60);
+/// Attributes of things that change by themselves (`.state`, `.log`), and
+/// entries that come and go with other changes (`.current`, `parent`).
 const LIVE_TTL: Duration = Duration::ZERO;
 
 /// How the tree is presented.
@@ -135,7 +137,7 @@ impl Inner {
             Node::Domain(d) => {
                 self.reg.get(d)?;
                 let perm = if group_w { 0o775 } else { 0o755 };
-                (FileType::Directory, perm, 0, self.mounted_at, LIVE_TTL)
+                (FileType::Directory, perm, 0, self.mounted_at, STABLE_TTL)
             }
             Node::DomainFile(d, f) => {
                 let dom = self.reg.get(d)?;
@@ -301,6 +303,17 @@ impl Inner {
         }
     }
 
+    /// A directory's entries with `.` and `..` first, in a stable order.
+    fn listing(&self, ino: INodeNo) -> Option<Vec<(Node, FileType, String)>> {
+        let node = self.node(ino).ok()?;
+        let entries = self.entries(&node)?;
+        let mut all = Vec::with_capacity(entries.len() + 2);
+        all.push((node.clone(), FileType::Directory, ".".to_owned()));
+        all.push((self.parent_of(&node), FileType::Directory, "..".to_owned()));
+        all.extend(entries);
+        Some(all)
+    }
+
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
         self.inodes.node(ino.0).ok_or(Errno::ENOENT)
     }
@@ -314,10 +327,17 @@ impl Inner {
     }
 
     fn reply_entry(&self, node: &Node, uid: u32, reply: ReplyEntry) {
-        match self.attr(node, uid) {
-            Some((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
-            None => reply.error(Errno::ENOENT),
-        }
+        let Some((attr, attr_ttl)) = self.attr(node, uid) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // Symlinks that exist only while there is a current snapshot or a
+        // parent are looked up again each time; every other name is stable.
+        let entry_ttl = match node {
+            Node::DomainFile(_, DomainFile::Current)
+            | Node::SnapshotFile(_, _, SnapFile::Parent) => LIVE_TTL,
+            _ => STABLE_TTL,
+        };
+        reply.entry_with_ttls(&attr_ttl, &entry_ttl, &attr, Generation(0));
     }
 }
 
@@ -331,6 +351,10 @@ fn off_thread(f: impl FnOnce() + Send + 'static) {
 impl Filesystem for SnapFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1024 * 1024);
+        // `ls -l` and backup walkers get names and attributes in one go.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -599,24 +623,34 @@ impl Filesystem for SnapFs {
         mut reply: ReplyDirectory,
     ) {
         let fs = &self.inner;
-        let Ok(node) = fs.node(ino) else {
+        let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(entries) = fs.entries(&node) else {
+        for (i, (node, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(fs.inodes.ino(node)), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let fs = &self.inner;
+        let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let parent_ino = fs.inodes.ino(&fs.parent_of(&node));
-        let dots = [
-            (ino.0, FileType::Directory, ".".to_owned()),
-            (parent_ino, FileType::Directory, "..".to_owned()),
-        ];
-        let all = dots.into_iter().chain(
-            entries
-                .into_iter()
-                .map(|(n, k, name)| (fs.inodes.ino(&n), k, name)),
-        );
-        for (i, (child_ino, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child_ino), (i + 1) as u64, kind, &name) {
+        for (i, (node, _, name)) in listing.iter().enumerate().skip(offset as usize) {
+            let Some((attr, ttl)) = fs.attr(node, req.uid()) else {
+                continue;
+            };
+            if reply.add(attr.ino, (i + 1) as u64, name, &ttl, &attr, Generation(0)) {
                 break;
             }
         }
