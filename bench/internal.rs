@@ -195,6 +195,12 @@ fn daemon_rss_kib(daemon: &Daemon) -> u64 {
 }
 
 fn main() {
-    overhead();
-    many_snapshots();
+    // `VMSNAPFS_BENCH_ONLY=ops` or `=many` runs one part.
+    let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "ops" {
+        overhead();
+    }
+    if only.is_empty() || only == "many" {
+        many_snapshots();
+    }
 }

@@ -45,6 +45,10 @@ pub trait Backend: Send + Sync {
     /// Deletes internal snapshot `tag` from every disk that has it.
     fn delete_internal(&self, tag: &str) -> Result<()>;
 
+    /// On how many of the qcow2 disks internal snapshot `tag` exists,
+    /// and how many qcow2 disks there are.
+    fn tag_presence(&self, tag: &str) -> Result<(usize, usize)>;
+
     /// Loads checkpoint `tag` (RAM and disks) into the running QEMU.
     fn load_checkpoint_live(&self, tag: &str) -> Result<()>;
 

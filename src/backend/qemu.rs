@@ -24,6 +24,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 struct Conn {
     qmp: Qmp,
     pid: Option<i32>,
+    /// Node names of the qcow2 disks, in definition order, once looked up.
+    nodes: Option<Vec<String>>,
 }
 
 /// One disk as the running QEMU sees it.
@@ -89,7 +91,11 @@ impl QemuBackend {
                         }
                     }
                     log::info!("{}: connected to QEMU pid {pid:?}", self.def.name);
-                    *guard = Some(Conn { qmp, pid });
+                    *guard = Some(Conn {
+                        qmp,
+                        pid,
+                        nodes: None,
+                    });
                 }
                 Err(e) => {
                     log::debug!("{}: monitor {}: {e}", self.def.name, path.display());
@@ -168,13 +174,21 @@ impl QemuBackend {
         }
     }
 
-    fn job_args(&self, qmp: &mut Qmp, tag: &str, job: &str) -> Result<(Value, String)> {
+    fn job_args(&self, conn: &mut Conn, tag: &str, job: &str) -> Result<(Value, String)> {
         let qcow2 = self.qcow2_disks()?;
-        let live = self.live_disks(qmp)?;
-        let nodes: Vec<String> = qcow2
-            .iter()
-            .filter_map(|d| live.get(&d.target).map(|l| l.node.clone()))
-            .collect();
+        let nodes = match &conn.nodes {
+            Some(n) => n.clone(),
+            None => {
+                // Node names stay for the life of a QEMU process: ask once.
+                let live = self.live_disks(&mut conn.qmp)?;
+                let n: Vec<String> = qcow2
+                    .iter()
+                    .filter_map(|d| live.get(&d.target).map(|l| l.node.clone()))
+                    .collect();
+                conn.nodes = Some(n.clone());
+                n
+            }
+        };
         let job_id = format!("vmsnapfs-{job}-{}", std::process::id());
         Ok((
             json!({"job-id": job_id, "tag": tag, "vmstate": nodes[0], "devices": nodes}),
@@ -242,7 +256,7 @@ impl Backend for QemuBackend {
             return Ok(SnapshotState::Shutoff);
         }
         self.with_qmp(|conn| {
-            let (args, job_id) = self.job_args(&mut conn.qmp, tag, "save")?;
+            let (args, job_id) = self.job_args(conn, tag, "save")?;
             Self::run_job(&mut conn.qmp, "snapshot-save", args, &job_id)
         })?;
         Ok(if live == DomainState::Running {
@@ -278,9 +292,37 @@ impl Backend for QemuBackend {
         Self::run_job(&mut conn.qmp, "snapshot-delete", args, &job_id)
     }
 
+    fn tag_presence(&self, tag: &str) -> Result<(usize, usize)> {
+        let has = |t: &[ImageSnapshot]| t.iter().any(|s| s.tag == tag);
+        let running = {
+            let mut guard = self.conn.lock();
+            self.connect(&mut guard).is_some()
+        };
+        if running {
+            return self.with_qmp(|c| {
+                let live = self.live_disks(&mut c.qmp)?;
+                let present = live.values().filter(|d| has(&d.snapshots)).count();
+                Ok((present, live.len()))
+            });
+        }
+        let disks: Vec<_> = self
+            .def
+            .disks
+            .iter()
+            .filter(|d| d.format == "qcow2")
+            .collect();
+        let mut present = 0;
+        for d in &disks {
+            if has(&qemu_img::list(&d.source)?) {
+                present += 1;
+            }
+        }
+        Ok((present, disks.len()))
+    }
+
     fn load_checkpoint_live(&self, tag: &str) -> Result<()> {
         self.with_qmp(|c| {
-            let (args, job_id) = self.job_args(&mut c.qmp, tag, "load")?;
+            let (args, job_id) = self.job_args(c, tag, "load")?;
             Self::run_job(&mut c.qmp, "snapshot-load", args, &job_id)
         })
     }

@@ -18,7 +18,7 @@ use crate::model::{
     validate_name_bytes, DiskPoint, DiskSnapshotKind, DomainDef, DomainState, Forest,
     MemoryLocation, Snapshot, SnapshotState,
 };
-use crate::store::{DomainStore, Intent, Journal};
+use crate::store::{DomainStore, Intent, IntentRecord, Journal};
 use oplog::{now_secs, OpLog};
 pub use registry::Registry;
 pub use revert::RevertRequest;
@@ -193,6 +193,7 @@ impl Domain {
             })?;
             let live = self.backend.refresh_state();
             self.note_state(live);
+            let t1 = Instant::now();
             let done = crate::failpoint::hit("create.begin")
                 .and_then(|_| self.create_steps(&id, name, live));
             if let Err(e) = done {
@@ -214,8 +215,9 @@ impl Domain {
                 .map(|s| s.state.as_str())
                 .unwrap_or("?");
             self.log.line(&format!(
-                "{what}: created ({kind}) in {:.3} s",
-                t0.elapsed().as_secs_f64()
+                "{what}: created ({kind}) in {:.3} s (QEMU/qemu-img and metadata {:.3} s)",
+                t0.elapsed().as_secs_f64(),
+                t1.elapsed().as_secs_f64()
             ));
             Ok(id)
         })();
@@ -293,18 +295,45 @@ impl Domain {
             let record = self.journal.begin(Intent::Delete {
                 id: snap.id.clone(),
             })?;
-            crate::failpoint::hit("delete.begin")?;
-            self.backend.delete_internal(&snap.id)?;
+            let t1 = Instant::now();
+            let deleted = crate::failpoint::hit("delete.begin")
+                .and_then(|_| self.backend.delete_internal(&snap.id));
+            let backend_time = t1.elapsed();
+            if let Err(e) = deleted {
+                return Err(self.after_failed_delete(&snap, record, e));
+            }
             crate::failpoint::hit("delete.after-backend")?;
             self.forget_snapshot(&snap.id)?;
             self.journal.complete(record)?;
             self.log.line(&format!(
-                "{what}: deleted in {:.3} s",
-                t0.elapsed().as_secs_f64()
+                "{what}: deleted in {:.3} s (QEMU/qemu-img {:.3} s)",
+                t0.elapsed().as_secs_f64(),
+                backend_time.as_secs_f64()
             ));
             Ok(())
         })();
         r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// A delete failed in the images: if every disk still holds the
+    /// snapshot, nothing changed and the intent is dropped; if some disks
+    /// lost it, the intent stays so that the next start finishes the delete
+    /// (a snapshot missing from some disks cannot be reverted to).
+    fn after_failed_delete(&self, snap: &Snapshot, record: IntentRecord, e: Error) -> Error {
+        match self.backend.tag_presence(&snap.id) {
+            Ok((present, total)) if present == total => {
+                if let Err(j) = self.journal.complete(record) {
+                    return Error::io(format!("{e}; and the journal: {j}"));
+                }
+                e
+            }
+            Ok((present, total)) => e.context(format!(
+                "snapshot {:?} is left on {present} of {total} disks; the delete \
+                 is finished at the next start",
+                snap.name
+            )),
+            Err(_) => e,
+        }
     }
 
     /// Drops a snapshot from the forest and the store once its data is

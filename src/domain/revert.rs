@@ -80,18 +80,25 @@ impl Domain {
                 id: snap.id.clone(),
                 target: target.as_str().into(),
             })?;
+            let t1 = Instant::now();
             let done = crate::failpoint::hit("revert.begin")
                 .and_then(|_| self.revert_steps(&snap, live, target))
                 .and_then(|_| crate::failpoint::hit("revert.after-steps"));
-            let s = self.backend.refresh_state();
+            let backend_time = t1.elapsed();
+            // On success the domain is in the target state; otherwise ask.
+            let s = match done {
+                Ok(()) => target,
+                Err(_) => self.backend.refresh_state(),
+            };
             self.note_state(s);
             done?;
             self.set_current(&snap.id)?;
             self.journal.complete(record)?;
             self.log.line(&format!(
-                "{what}: reverted, domain {} in {:.3} s",
+                "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s)",
                 s.as_str(),
-                t0.elapsed().as_secs_f64()
+                t0.elapsed().as_secs_f64(),
+                backend_time.as_secs_f64()
             ));
             Ok(())
         })();
@@ -151,8 +158,13 @@ impl Domain {
                 self.backend.apply_disks_offline(&snap.id)
             }
             (true, _) if snap.has_memory() => {
+                // snapshot-load keeps the run state the guest had before.
                 self.backend.load_checkpoint_live(&snap.id)?;
-                self.backend.set_running(!paused)
+                if live == target {
+                    Ok(())
+                } else {
+                    self.backend.set_running(!paused)
+                }
             }
             (true, _) => {
                 self.backend.stop_process()?;
