@@ -190,3 +190,212 @@ fn tree_is_roots_only_by_default() {
         .unwrap();
     assert!(!out.status.success(), "nobody could list the tree");
 }
+
+#[test]
+fn qemu_dying_before_a_revert_changes_nothing() {
+    let mut fx = Fixture::with_env(
+        "qemugone-revert",
+        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:1500")],
+    );
+    fx.vm.qemu_io("vda", "write -P 0x21 0 64k").unwrap();
+    fs::create_dir(fx.path("s")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x22 0 64k").unwrap();
+    // What the guest flushed survives QEMU's death (qcow2 metadata too).
+    fx.vm.qemu_io("vda", "flush").unwrap();
+    let p = fx.path("s/revert");
+    let t = std::thread::spawn(move || write_file(&p, b"running"));
+    std::thread::sleep(Duration::from_millis(400));
+    fx.vm.kill();
+    assert_eq!(t.join().unwrap(), Err(libc::EIO));
+    assert_eq!(fx.read(".state"), "shutoff\n");
+    let journal = fs::read_dir(fx.daemon.state.join("vm1/journal"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        journal, 0,
+        "a revert that never started must leave no intent"
+    );
+    // A restart does not revert behind the user's back either.
+    fx.restart_daemon(&[]);
+    let vda = fx.vm.read_disk("vda").unwrap();
+    assert!(all_bytes(&vda, 0, 64 * 1024, 0x22), "live data changed");
+    assert_eq!(fx.ls(), vec!["s"]);
+}
+
+/// A size-limited tmpfs, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn new(path: std::path::PathBuf, size: &str) -> Self {
+        fs::create_dir_all(&path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        SmallFs(path)
+    }
+
+    /// Fills the filesystem; returns the filler to remove later.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn out_of_space_gives_enospc_and_leaves_nothing() {
+    let dir = TempDir::new("enospc");
+    let small = SmallFs::new(dir.0.join("small"), "96m");
+    let vm = Vm::start(&VmSpec::small("vm1"), &small.0).unwrap();
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    vm.qemu_io("vda", "write -P 0x31 0 8M").unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let vm1 = daemon.mnt.join("vm1");
+    let filler = small.fill();
+    // Running VM: the RAM state does not fit into the image.
+    let r = fs::create_dir(vm1.join("full"));
+    let log = fs::read_to_string(vm1.join(".log")).unwrap();
+    assert_eq!(errno(r), libc::ENOSPC, "{log}");
+    assert!(log.contains("refused (ENOSPC)"), "{log}");
+    assert_eq!(fs::read_to_string(vm1.join(".state")).unwrap(), "running\n");
+    let status = vm
+        .control()
+        .unwrap()
+        .execute_raw("query-status", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(status["status"], "running", "the VM must keep running");
+    for d in &vm.disks {
+        assert!(image_tags(&d.image).is_empty(), "stray tag");
+    }
+    assert_eq!(
+        fs::read_dir(daemon.state.join("vm1/snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // With space again, the same name works and the guest data is intact.
+    fs::remove_file(&filler).unwrap();
+    fs::create_dir(vm1.join("full")).unwrap();
+    assert!(all_bytes(&vm.read_disk("vda").unwrap(), 0, 8 << 20, 0x31));
+    drop(daemon);
+    drop(vm);
+    drop(small);
+}
+
+#[test]
+fn out_of_space_offline_and_in_the_state_dir() {
+    let dir = TempDir::new("enospc-offline");
+    let small = SmallFs::new(dir.0.join("small"), "64m");
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &small.0).unwrap();
+    vm.qemu_io("vda", "write -P 0x41 0 4M").unwrap();
+    vm.kill();
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    // The metadata store on a full filesystem of its own.
+    let state_fs = SmallFs::new(dir.0.join("state"), "1m");
+    let daemon = Daemon::start(&dir.0, &[]);
+    let vm1 = daemon.mnt.join("vm1");
+    let state_filler = state_fs.fill();
+    assert_eq!(errno(fs::create_dir(vm1.join("nometa"))), libc::ENOSPC);
+    fs::remove_file(&state_filler).unwrap();
+    // Stopped VM: qemu-img cannot grow the image.
+    let filler = small.fill();
+    assert_eq!(errno(fs::create_dir(vm1.join("noimg"))), libc::ENOSPC);
+    let log = fs::read_to_string(vm1.join(".log")).unwrap();
+    assert_eq!(log.matches("refused (ENOSPC)").count(), 2, "{log}");
+    for d in &vm.disks {
+        assert!(image_tags(&d.image).is_empty(), "stray tag");
+    }
+    fs::remove_file(&filler).unwrap();
+    fs::create_dir(vm1.join("ok")).unwrap();
+    let names: Vec<_> = fs::read_dir(&vm1)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names, vec!["ok"]);
+    drop(daemon);
+    drop(state_fs);
+    drop(vm);
+    drop(small);
+}
+
+#[test]
+fn a_monitor_that_speaks_garbage_or_hangs_does_not_break_the_tree() {
+    use std::io::Write as _;
+    use std::os::unix::net::UnixListener;
+    let dir = TempDir::new("badmonitor");
+    let domains = dir.0.join("domains");
+    fs::create_dir_all(&domains).unwrap();
+    let mut keep = Vec::new();
+    for (name, garbage) in [("garbage", true), ("silent", false)] {
+        let img = dir.0.join(format!("{name}.qcow2"));
+        vmsnapfs::backend::qemu_img::run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            img.to_str().unwrap(),
+            "16M",
+        ])
+        .unwrap();
+        let sock = dir.0.join(format!("{name}.qmp"));
+        let listener = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                if garbage {
+                    let _ = s.write_all(b"\x00\xffnot json at all\n");
+                } else {
+                    // Accept and say nothing, keeping the connection open.
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_secs(600));
+                        drop(s);
+                    });
+                }
+            }
+        });
+        fs::write(
+            domains.join(format!("{name}.xml")),
+            format!(
+                "<domain><name>{name}</name><monitor path='{}'/><devices><disk type='file' device='disk'>\
+                 <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
+                 </devices></domain>",
+                sock.display(),
+                img.display()
+            ),
+        )
+        .unwrap();
+        keep.push(img);
+    }
+    let mut daemon = Daemon::start(&dir.0, &[]);
+    for name in ["garbage", "silent"] {
+        let d = daemon.mnt.join(name);
+        assert_eq!(
+            fs::read_to_string(d.join(".state")).unwrap(),
+            "shutoff\n",
+            "{name}"
+        );
+        let log = fs::read_to_string(d.join(".log")).unwrap();
+        assert!(log.contains("does not speak QMP"), "{name}: {log}");
+        // The images are not in use: snapshots work offline.
+        fs::create_dir(d.join("offline")).unwrap();
+        assert_eq!(
+            image_tags(&keep[if name == "garbage" { 0 } else { 1 }]).len(),
+            1
+        );
+    }
+    assert!(daemon.alive(), "the daemon must survive a hostile monitor");
+}

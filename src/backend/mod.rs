@@ -65,6 +65,15 @@ pub trait Backend: Send + Sync {
     /// Resumes (`cont`) or pauses (`stop`) the guest.
     fn set_running(&self, running: bool) -> Result<()>;
 
+    /// Why the monitor socket answered but could not be used, if it did
+    /// (garbage, no greeting): the domain is then treated as stopped.
+    fn monitor_error(&self) -> Option<String>;
+
+    /// After a failed create: a sentence when the filesystem of an image
+    /// lacks the room a snapshot needs (QEMU reports a full disk during a
+    /// RAM save as a plain I/O error).
+    fn space_shortage(&self) -> Option<String>;
+
     /// True when a command line to start the domain is known.
     fn can_start(&self) -> bool;
 }

@@ -16,6 +16,8 @@ use crate::store::DomainStore;
 
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU may take to greet a new connection (it does so at once).
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a snapshot job may take (RAM saves run ~3 s per GiB here).
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a started QEMU may take to open its monitor.
@@ -39,6 +41,7 @@ pub struct QemuBackend {
     def: DomainDef,
     store: DomainStore,
     conn: Mutex<Option<Conn>>,
+    monitor_error: Mutex<Option<String>>,
 }
 
 fn qmp_err(e: QmpError) -> Error {
@@ -52,6 +55,7 @@ impl QemuBackend {
             def,
             store,
             conn: Mutex::new(None),
+            monitor_error: Mutex::new(None),
         }
     }
 
@@ -82,8 +86,10 @@ impl QemuBackend {
         }
         if guard.is_none() {
             let path = self.def.monitor.as_ref()?;
-            match Qmp::connect(path, QMP_TIMEOUT) {
-                Ok(qmp) => {
+            match Qmp::connect(path, GREETING_TIMEOUT) {
+                Ok(mut qmp) => {
+                    qmp.set_timeout(QMP_TIMEOUT);
+                    *self.monitor_error.lock() = None;
                     let pid = qmp.peer_pid();
                     if let Some(argv) = pid.and_then(process::read_argv) {
                         if let Err(e) = self.store.save_argv(&argv) {
@@ -99,6 +105,13 @@ impl QemuBackend {
                 }
                 Err(e) => {
                     log::debug!("{}: monitor {}: {e}", self.def.name, path.display());
+                    // Nobody listening means stopped; anything else is worth telling.
+                    let quiet = matches!(&e, QmpError::Io(io) if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ));
+                    *self.monitor_error.lock() = (!quiet)
+                        .then(|| format!("monitor {} does not speak QMP: {e}", path.display()));
                     return None;
                 }
             }
@@ -195,6 +208,18 @@ impl QemuBackend {
             job_id,
         ))
     }
+}
+
+/// Bytes available to unprivileged writers on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn canonical(p: &Path) -> PathBuf {
@@ -402,6 +427,35 @@ impl Backend for QemuBackend {
             let cmd = if running { "cont" } else { "stop" };
             c.qmp.execute_raw(cmd, json!({})).map(drop).map_err(qmp_err)
         })
+    }
+
+    fn space_shortage(&self) -> Option<String> {
+        // A checkpoint needs about the guest's RAM; disk-only needs little.
+        let ram = {
+            let mut guard = self.conn.lock();
+            self.connect(&mut guard).and_then(|c| {
+                c.qmp
+                    .execute_raw("query-memory-size-summary", json!({}))
+                    .ok()
+                    .and_then(|v| v["base-memory"].as_u64())
+            })
+        };
+        let need = ram.unwrap_or(0) + 16 * 1024 * 1024;
+        self.def.disks.iter().find_map(|d| {
+            let free = free_bytes(d.source.parent()?)?;
+            (free < need).then(|| {
+                format!(
+                    "no space left on the filesystem of {}: {} MiB free, a snapshot needs about {} MiB",
+                    d.source.display(),
+                    free >> 20,
+                    need >> 20
+                )
+            })
+        })
+    }
+
+    fn monitor_error(&self) -> Option<String> {
+        self.monitor_error.lock().clone()
     }
 
     fn can_start(&self) -> bool {

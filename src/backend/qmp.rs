@@ -80,6 +80,12 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Changes how long each later exchange may take.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        let _ = self.writer.set_write_timeout(Some(timeout));
+    }
+
     /// The pid of the QEMU process on the other end (`SO_PEERCRED`).
     pub fn peer_pid(&self) -> Option<i32> {
         self.peer_pid

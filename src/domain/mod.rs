@@ -33,6 +33,7 @@ pub struct Domain {
     forest: RwLock<Forest>,
     state: RwLock<DomainState>,
     busy: Mutex<Option<String>>,
+    monitor_error: Mutex<Option<String>>,
     log: OpLog,
     generation: AtomicU64,
 }
@@ -67,6 +68,10 @@ impl Domain {
             log.line(w);
         }
         let state = backend.refresh_state();
+        let monitor_problem = backend.monitor_error();
+        if let Some(p) = &monitor_problem {
+            log.line(&format!("{p}; the domain is treated as stopped"));
+        }
         let dom = Domain {
             def,
             store,
@@ -75,6 +80,7 @@ impl Domain {
             forest: RwLock::new(loaded.forest),
             state: RwLock::new(state),
             busy: Mutex::new(None),
+            monitor_error: Mutex::new(monitor_problem),
             log,
             generation: AtomicU64::new(1),
         };
@@ -105,6 +111,16 @@ impl Domain {
     }
 
     fn note_state(&self, s: DomainState) {
+        let problem = self.backend.monitor_error();
+        let mut last = self.monitor_error.lock();
+        if problem != *last {
+            if let Some(p) = &problem {
+                self.log
+                    .line(&format!("{p}; the domain is treated as stopped"));
+            }
+            *last = problem;
+        }
+        drop(last);
         let old = std::mem::replace(&mut *self.state.write(), s);
         if old != s {
             self.bump();
@@ -196,7 +212,12 @@ impl Domain {
             let t1 = Instant::now();
             let done = crate::failpoint::hit("create.begin")
                 .and_then(|_| self.create_steps(&id, name, live));
-            if let Err(e) = done {
+            if let Err(mut e) = done {
+                if e.kind == ErrorKind::Io {
+                    if let Some(why) = self.backend.space_shortage() {
+                        e = Error::new(ErrorKind::NoSpace, format!("{}; {why}", e.message));
+                    }
+                }
                 // Undo: no stray tag, no stray metadata.
                 if let Err(u) = self.undo_create(&id) {
                     self.log.line(&format!(

@@ -81,8 +81,9 @@ impl Domain {
                 target: target.as_str().into(),
             })?;
             let t1 = Instant::now();
+            let mut touched = false;
             let done = crate::failpoint::hit("revert.begin")
-                .and_then(|_| self.revert_steps(&snap, live, target))
+                .and_then(|_| self.revert_steps(&snap, live, target, &mut touched))
                 .and_then(|_| crate::failpoint::hit("revert.after-steps"));
             let backend_time = t1.elapsed();
             // On success the domain is in the target state; otherwise ask.
@@ -91,7 +92,17 @@ impl Domain {
                 Err(_) => self.backend.refresh_state(),
             };
             self.note_state(s);
-            done?;
+            if let Err(e) = done {
+                if !touched {
+                    // Nothing changed: the revert simply did not happen.
+                    self.journal.complete(record)?;
+                    return Err(e);
+                }
+                return Err(e.context(
+                    "the revert stopped part-way; it is finished at the next start \
+                     (disks reverted, domain left stopped)",
+                ));
+            }
             self.set_current(&snap.id)?;
             self.journal.complete(record)?;
             self.log.line(&format!(
@@ -144,14 +155,21 @@ impl Domain {
     }
 
     /// Does the revert; the rules were checked. Also used by recovery.
+    /// `touched` becomes true once a step that changes the VM or its disks
+    /// has been started.
     pub(super) fn revert_steps(
         &self,
         snap: &Snapshot,
         live: DomainState,
         target: DomainState,
+        touched: &mut bool,
     ) -> Result<()> {
         let up = live != DomainState::Shutoff;
         let paused = target == DomainState::Paused;
+        if up && self.backend.refresh_state() == DomainState::Shutoff {
+            return Err(Error::io("QEMU went away before the revert started"));
+        }
+        *touched = true;
         match (up, target) {
             (true, DomainState::Shutoff) => {
                 self.backend.stop_process()?;
