@@ -60,10 +60,15 @@ fn timed(f: impl FnOnce()) -> Duration {
     t.elapsed()
 }
 
-fn overhead() {
-    let fx = Fixture::with_env("bench-ops", &[("RUST_LOG", "info")]);
+fn overhead(ram_mb: u64, dirty_mb: u64) {
+    let mut spec = VmSpec::small("vm1");
+    spec.memory_mb = ram_mb;
+    let fx = Fixture::with_spec("bench-ops", &spec, &[("RUST_LOG", "info")]);
     fx.vm.qemu_io("vda", "write -P 0xab 0 32M").unwrap();
     fx.vm.qemu_io("vdb", "write -P 0xcd 0 16M").unwrap();
+    if dirty_mb > 0 {
+        fx.vm.fill_ram(dirty_mb).unwrap();
+    }
     let (mut tree_c, mut bare_c, mut tree_r, mut bare_r, mut tree_d, mut bare_d) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for i in 0..REPS {
@@ -84,7 +89,10 @@ fn overhead() {
         let name = format!("tree{i}");
         tree_d.push(timed(|| fs::remove_dir(fx.path(&name)).unwrap()));
     }
-    println!("\n== operations through the tree vs the bare QMP job (median of {REPS}, 2 disks, 48 MiB data, 128 MiB RAM)");
+    println!(
+        "\n== operations through the tree vs the bare QMP job (median of {REPS}, 2 disks, 48 MiB data, \
+         {ram_mb} MiB RAM of which {dirty_mb} MiB filled)"
+    );
     for (what, tree, bare) in [
         ("mkdir  vs snapshot-save  ", tree_c, bare_c),
         ("revert vs snapshot-load  ", tree_r, bare_r),
@@ -198,7 +206,8 @@ fn main() {
     // `VMSNAPFS_BENCH_ONLY=ops` or `=many` runs one part.
     let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "ops" {
-        overhead();
+        overhead(128, 0);
+        overhead(1024, 768);
     }
     if only.is_empty() || only == "many" {
         many_snapshots();

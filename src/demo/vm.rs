@@ -270,6 +270,43 @@ impl Vm {
         Ok(data)
     }
 
+    /// Fills `mib` MiB of guest RAM, from guest-physical 16 MiB up, with
+    /// pseudo-random bytes (so that a RAM save has real work to do),
+    /// writing QEMU's memory through `/proc/PID/mem` at the host address
+    /// that HMP `gpa2hva` reports.
+    pub fn fill_ram(&self, mib: u64) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let start_gpa: u64 = 16 << 20;
+        let pid = self
+            .current_pid()
+            .ok_or_else(|| Error::io("QEMU is not running"))?;
+        let out = self
+            .control()?
+            .hmp(&format!("gpa2hva 0x{start_gpa:x}"))
+            .map_err(|e| Error::io(e.to_string()))?;
+        let hva = out
+            .rsplit("0x")
+            .next()
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .ok_or_else(|| Error::io(format!("gpa2hva said {out:?}")))?;
+        let mut mem = fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))?;
+        mem.seek(SeekFrom::Start(hva))?;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for chunk in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            mem.write_all(&buf)?;
+        }
+        Ok(())
+    }
+
     /// The domain definition vmsnapfs reads.
     pub fn definition_xml(&self) -> String {
         let mut x = format!(

@@ -205,8 +205,12 @@ impl Fixture {
     }
 
     pub fn with_env(tag: &str, env: &[(&str, &str)]) -> Fixture {
+        Self::with_spec(tag, &VmSpec::small("vm1"), env)
+    }
+
+    pub fn with_spec(tag: &str, spec: &VmSpec, env: &[(&str, &str)]) -> Fixture {
         let dir = TempDir::new(tag);
-        let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+        let vm = Vm::start(spec, &dir.0.join("images")).expect("start VM");
         vm.write_definition(&dir.0.join("domains")).unwrap();
         let daemon = Daemon::start(&dir.0, env);
         Fixture { daemon, vm, dir }
