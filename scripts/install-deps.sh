@@ -11,7 +11,7 @@ have_qemu() {
         qemu-system-x86_64 --version | grep -q 'version 7\.2'
 }
 
-if have_qemu && command -v fusermount3 >/dev/null 2>&1; then
+if have_qemu && command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1; then
     exit 0
 fi
 
@@ -28,5 +28,5 @@ if apt-cache policy qemu-utils | grep -q 'bookworm/main'; then
     sysver=$(apt-cache madison qemu-system-x86 | awk -v v="$ver" '$3 == v {print $3; exit}')
 fi
 $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
-    "qemu-system-x86${sysver:+=$sysver}" "$utils" fuse3 >/dev/null
+    "qemu-system-x86${sysver:+=$sysver}" "$utils" fuse3 restic >/dev/null
 have_qemu || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }

@@ -19,4 +19,5 @@ pub mod failpoint;
 pub mod fs;
 pub mod model;
 pub mod store;
+pub mod views;
 pub mod xml;

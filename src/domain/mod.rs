@@ -1,10 +1,12 @@
 //! Snapshot operations on one domain: one at a time, journaled, logged.
 //! Runs on worker threads, never on a FUSE thread that serves `ls`.
 
+pub mod describe;
 pub mod oplog;
 pub mod recovery;
 pub mod registry;
 pub mod revert;
+pub mod views;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub struct Domain {
     state: RwLock<DomainState>,
     busy: Mutex<Option<String>>,
     monitor_error: Mutex<Option<String>>,
+    views: views::DiskViews,
     log: OpLog,
     generation: AtomicU64,
 }
@@ -44,6 +47,19 @@ struct BusyGuard<'a>(&'a Mutex<Option<String>>);
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         *self.0.lock() = None;
+    }
+}
+
+/// Keeps a snapshot's views closed during its delete.
+struct DeleteHold<'a> {
+    views: &'a views::DiskViews,
+    id: &'a str,
+    gone: bool,
+}
+
+impl Drop for DeleteHold<'_> {
+    fn drop(&mut self) {
+        self.views.end_delete(self.id, self.gone);
     }
 }
 
@@ -72,6 +88,7 @@ impl Domain {
         if let Some(p) = &monitor_problem {
             log.line(&format!("{p}; the domain is treated as stopped"));
         }
+        let views = views::DiskViews::new(&store.dir().join("run"));
         let dom = Domain {
             def,
             store,
@@ -81,6 +98,7 @@ impl Domain {
             state: RwLock::new(state),
             busy: Mutex::new(None),
             monitor_error: Mutex::new(monitor_problem),
+            views,
             log,
             generation: AtomicU64::new(1),
         };
@@ -180,6 +198,11 @@ impl Domain {
         }
         *busy = Some(what.to_owned());
         Ok(BusyGuard(&self.busy))
+    }
+
+    /// Frozen views of this domain's snapshots.
+    pub fn views(&self) -> &views::DiskViews {
+        &self.views
     }
 
     /// The operation in progress, if any.
@@ -312,6 +335,16 @@ impl Domain {
         let r = (|| {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
+            if !self.views.hold_for_delete(&snap.id) {
+                return Err(Error::busy(format!(
+                    "a frozen view of {name:?} (disks/...) is open; close it first"
+                )));
+            }
+            let mut held = DeleteHold {
+                views: &self.views,
+                id: &snap.id,
+                gone: false,
+            };
             let t0 = Instant::now();
             let record = self.journal.begin(Intent::Delete {
                 id: snap.id.clone(),
@@ -325,6 +358,7 @@ impl Domain {
             }
             crate::failpoint::hit("delete.after-backend")?;
             self.forget_snapshot(&snap.id)?;
+            held.gone = true;
             self.journal.complete(record)?;
             self.log.line(&format!(
                 "{what}: deleted in {:.3} s (QEMU/qemu-img {:.3} s)",

@@ -17,6 +17,8 @@ use crate::xml::domain::parse_domain_def;
 
 /// How often the live state of every domain is re-read.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an unused frozen view keeps its `qemu-nbd`.
+const VIEW_IDLE: Duration = Duration::from_secs(30);
 
 /// The domains of one mount.
 pub struct Registry {
@@ -112,13 +114,17 @@ impl Registry {
                 }
                 for d in reg.all() {
                     d.poll_state();
+                    d.views().release_idle(VIEW_IDLE);
                 }
             })
             .expect("spawn poller thread");
     }
 
-    /// Stops the poller.
+    /// Stops the poller and every view server.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+        for d in self.all() {
+            d.views().close_all();
+        }
     }
 }

@@ -38,8 +38,30 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         }
         SnapFile::State => format!("{}\n", snap.state.as_str()).into_bytes(),
         SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
-        SnapFile::Revert => Vec::new(),
+        SnapFile::Revert | SnapFile::Disks | SnapFile::Images => Vec::new(),
     })
+}
+
+/// Targets of a snapshot's disks that have a frozen view.
+pub fn view_targets(dom: &Domain, id: &str) -> Vec<String> {
+    let forest = dom.forest();
+    forest
+        .get(id)
+        .map(|s| {
+            s.disks
+                .iter()
+                .filter(|d| d.kind != crate::model::DiskSnapshotKind::No && d.image.is_some())
+                .map(|d| d.target.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The image holding a snapshot's point for one disk (`images/<target>`).
+pub fn image_of(dom: &Domain, id: &str, target: &str) -> Option<std::path::PathBuf> {
+    let forest = dom.forest();
+    let d = forest.get(id)?.disks.iter().find(|d| d.target == target)?;
+    d.image.clone()
 }
 
 /// Where a snapshot's `parent` link points (`../<name>`), if it has a parent.

@@ -50,16 +50,27 @@ pub enum SnapFile {
     Parent,
     /// `revert`: control file.
     Revert,
+    /// `disks/`: one frozen view per disk.
+    Disks,
+    /// `images/`: one link per disk to the image holding the snapshot.
+    Images,
 }
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 4] = [
+    pub const ALL: [(SnapFile, &'static str); 6] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
         (SnapFile::Revert, "revert"),
+        (SnapFile::Disks, "disks"),
+        (SnapFile::Images, "images"),
     ];
+
+    /// The kind of file this is.
+    pub fn is_dir(self) -> bool {
+        matches!(self, SnapFile::Disks | SnapFile::Images)
+    }
 
     /// The file for a name.
     pub fn from_name(name: &[u8]) -> Option<Self> {
@@ -83,6 +94,10 @@ pub enum Node {
     Snapshot(String, String),
     /// `<domain>/<snapshot>/<file>`, by snapshot id.
     SnapshotFile(String, String, SnapFile),
+    /// `<domain>/<snapshot>/disks/<target>`: a frozen view.
+    SnapshotDisk(String, String, String),
+    /// `<domain>/<snapshot>/images/<target>`: link to the image.
+    SnapshotImage(String, String, String),
 }
 
 /// The inode number of the mount point.

@@ -57,9 +57,27 @@ struct Inner {
     reg: Arc<Registry>,
     inodes: InodeTable,
     config: MountConfig,
-    handles: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     mounted_at: SystemTime,
+}
+
+/// What an open file handle reads from or writes to.
+enum Handle {
+    /// Generated text, fixed at open so a reader sees one version.
+    Text(Arc<Vec<u8>>),
+    /// A frozen view of a snapshot's disk; holds the snapshot while open.
+    View {
+        view: Arc<crate::views::LazyView>,
+        domain: Arc<Domain>,
+        id: String,
+    },
+    /// A `snapshot.xml` being rewritten; applied when the file is closed.
+    XmlEdit {
+        domain: String,
+        id: String,
+        buf: Vec<u8>,
+    },
 }
 
 /// The vmsnapfs filesystem.
@@ -99,7 +117,24 @@ impl SnapFs {
     /// Mounts at `mountpoint` and serves from background threads.
     pub fn spawn(self, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
         let config = fuse_config(&self.inner.config);
-        fuser::spawn_mount(self, mountpoint, &config)
+        let session = fuser::spawn_mount(self, mountpoint, &config)?;
+        raise_readahead(mountpoint);
+        Ok(session)
+    }
+}
+
+/// Lets buffered reads of the mount use 1 MiB requests (the kernel's
+/// default read-ahead of 128 KiB halves the throughput of frozen views).
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, "1024") {
+        log::debug!("cannot raise read-ahead ({knob}): {e}");
     }
 }
 
@@ -166,6 +201,25 @@ impl Inner {
                 let t = dom.forest().get(id)?.creation_time;
                 (FileType::Directory, 0o755, 0, secs(t), STABLE_TTL)
             }
+            Node::SnapshotDisk(d, id, target) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                let image = content::image_of(&dom, id, target)?;
+                let size = dom.views().disk_size(&image).unwrap_or(0);
+                (FileType::RegularFile, 0o444, size, t, STABLE_TTL)
+            }
+            Node::SnapshotImage(d, id, target) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                let image = content::image_of(&dom, id, target)?;
+                let len = image.as_os_str().len() as u64;
+                (FileType::Symlink, 0o777, len, t, STABLE_TTL)
+            }
+            Node::SnapshotFile(d, id, f) if f.is_dir() => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                (FileType::Directory, 0o755, 0, t, STABLE_TTL)
+            }
             Node::SnapshotFile(d, id, f) => {
                 let dom = self.reg.get(d)?;
                 let t = secs(dom.forest().get(id)?.creation_time);
@@ -180,7 +234,13 @@ impl Inner {
                     }
                     _ => {
                         let len = content::snapshot_file(&dom, id, *f, uid)?.len() as u64;
-                        (FileType::RegularFile, 0o444, len, t, LIVE_TTL)
+                        // snapshot.xml takes a new <description>.
+                        let perm = match (f, group_w) {
+                            (SnapFile::SnapshotXml, false) => 0o644,
+                            (SnapFile::SnapshotXml, true) => 0o664,
+                            _ => 0o444,
+                        };
+                        (FileType::RegularFile, perm, len, t, LIVE_TTL)
                     }
                 }
             }
@@ -224,6 +284,18 @@ impl Inner {
             }
             Node::Snapshot(d, id) => {
                 SnapFile::from_name(name).map(|f| Node::SnapshotFile(d.clone(), id.clone(), f))
+            }
+            Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
+                let dom = self.reg.get(d)?;
+                let t = std::str::from_utf8(name).ok()?;
+                if !content::view_targets(&dom, id).iter().any(|x| x == t) {
+                    return None;
+                }
+                Some(if *f == SnapFile::Disks {
+                    Node::SnapshotDisk(d.clone(), id.clone(), t.to_owned())
+                } else {
+                    Node::SnapshotImage(d.clone(), id.clone(), t.to_owned())
+                })
             }
             _ => None,
         }
@@ -278,16 +350,31 @@ impl Inner {
                     .iter()
                     .filter(|(f, _)| *f != SnapFile::Parent || has_parent)
                     .map(|(f, n)| {
-                        let kind = if *f == SnapFile::Parent {
-                            FileType::Symlink
-                        } else {
-                            FileType::RegularFile
+                        let kind = match f {
+                            SnapFile::Parent => FileType::Symlink,
+                            f if f.is_dir() => FileType::Directory,
+                            _ => FileType::RegularFile,
                         };
                         (
                             Node::SnapshotFile(d.clone(), id.clone(), *f),
                             kind,
                             (*n).to_owned(),
                         )
+                    })
+                    .collect()
+            }
+            Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
+                let dom = self.reg.get(d)?;
+                content::view_targets(&dom, id)
+                    .into_iter()
+                    .map(|t| {
+                        if *f == SnapFile::Disks {
+                            let n = Node::SnapshotDisk(d.clone(), id.clone(), t.clone());
+                            (n, FileType::RegularFile, t)
+                        } else {
+                            let n = Node::SnapshotImage(d.clone(), id.clone(), t.clone());
+                            (n, FileType::Symlink, t)
+                        }
                     })
                     .collect()
             }
@@ -300,6 +387,12 @@ impl Inner {
             Node::Root | Node::Domain(_) => Node::Root,
             Node::DomainFile(d, _) | Node::Snapshot(d, _) => Node::Domain(d.clone()),
             Node::SnapshotFile(d, id, _) => Node::Snapshot(d.clone(), id.clone()),
+            Node::SnapshotDisk(d, id, _) => {
+                Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Disks)
+            }
+            Node::SnapshotImage(d, id, _) => {
+                Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Images)
+            }
         }
     }
 
@@ -339,6 +432,23 @@ impl Inner {
         };
         reply.entry_with_ttls(&attr_ttl, &entry_ttl, &attr, Generation(0));
     }
+}
+
+/// Answers a read of a frozen view.
+fn read_view(view: &crate::views::LazyView, offset: u64, size: u32, reply: ReplyData) {
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        match view.read_at(offset + done as u64, &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => {
+                log::warn!("frozen view read at {offset}: {e}");
+                return reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+        }
+    }
+    reply.data(&buf[..done]);
 }
 
 /// Runs `f` on a worker thread: snapshot operations may take seconds.
@@ -399,8 +509,11 @@ impl Filesystem for SnapFs {
         let Ok(node) = fs.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        // Only the truncation that `echo > revert` does is accepted.
-        let control = matches!(node, Node::SnapshotFile(_, _, SnapFile::Revert));
+        // Only the truncation that `echo > revert` or `> snapshot.xml` does.
+        let control = matches!(
+            node,
+            Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::SnapshotXml)
+        );
         if !(control && size == Some(0)) {
             return reply.error(Errno::EPERM);
         }
@@ -416,6 +529,11 @@ impl Filesystem for SnapFs {
             Ok(Node::DomainFile(d, DomainFile::Current)) => {
                 fs.reg.get(&d).and_then(|dom| content::current_target(&dom))
             }
+            Ok(Node::SnapshotImage(d, id, t)) => fs
+                .reg
+                .get(&d)
+                .and_then(|dom| content::image_of(&dom, &id, &t))
+                .map(|p| p.to_string_lossy().into_owned()),
             Ok(Node::SnapshotFile(d, id, SnapFile::Parent)) => fs
                 .reg
                 .get(&d)
@@ -519,15 +637,47 @@ impl Filesystem for SnapFs {
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
+        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Node::SnapshotDisk(d, id, target) = &node {
+            if write {
+                return reply.error(Errno::EROFS);
+            }
+            let Ok(domain) = fs.domain(d) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let Some(snap) = domain.forest().get(id).cloned() else {
+                return reply.error(Errno::ENOENT);
+            };
+            let view = match domain.views().open(&snap, target) {
+                Ok(v) => v,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            fs.handles.lock().insert(
+                fh,
+                Handle::View {
+                    view,
+                    domain,
+                    id: id.clone(),
+                },
+            );
+            // The bytes never change: the page cache may keep them.
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        }
         if write {
-            return reply.error(Errno::EACCES);
+            let Node::SnapshotFile(domain, id, SnapFile::SnapshotXml) = node else {
+                return reply.error(Errno::EACCES);
+            };
+            let buf = Vec::new();
+            fs.handles
+                .lock()
+                .insert(fh, Handle::XmlEdit { domain, id, buf });
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
         }
         // The content is fixed at open, so a reader sees one consistent version.
         let Some(data) = fs.generated(&node, req.uid()) else {
             return reply.error(Errno::ENOENT);
         };
-        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
-        fs.handles.lock().insert(fh, Arc::new(data));
+        fs.handles.lock().insert(fh, Handle::Text(Arc::new(data)));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
     }
 
@@ -542,8 +692,18 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(data) = self.inner.handles.lock().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        enum Source {
+            Text(Arc<Vec<u8>>),
+            View(Arc<crate::views::LazyView>),
+        }
+        let source = match self.inner.handles.lock().get(&fh.0) {
+            Some(Handle::Text(d)) => Source::Text(d.clone()),
+            Some(Handle::View { view, .. }) => Source::View(view.clone()),
+            _ => return reply.error(Errno::EBADF),
+        };
+        let data = match source {
+            Source::Text(d) => d,
+            Source::View(view) => return read_view(&view, offset, size, reply),
         };
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(size as usize).min(data.len());
@@ -554,8 +714,8 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
+        fh: FileHandle,
+        offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
@@ -563,6 +723,17 @@ impl Filesystem for SnapFs {
         reply: ReplyWrite,
     ) {
         let fs = &self.inner;
+        if let Some(Handle::XmlEdit { buf, .. }) = fs.handles.lock().get_mut(&fh.0) {
+            let end = offset as usize + data.len();
+            if end > crate::xml::MAX_INPUT_BYTES {
+                return reply.error(Errno::EFBIG);
+            }
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            buf[offset as usize..end].copy_from_slice(data);
+            return reply.written(data.len() as u32);
+        }
         let Ok(Node::SnapshotFile(d, id, SnapFile::Revert)) = fs.node(ino) else {
             return reply.error(Errno::EBADF);
         };
@@ -589,26 +760,81 @@ impl Filesystem for SnapFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.inner.handles.lock().remove(&fh.0);
+        let handle = self.inner.handles.lock().remove(&fh.0);
+        if let Some(Handle::View { domain, id, .. }) = handle {
+            domain.views().close(&id);
+        }
         reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        let view = match self.inner.handles.lock().get(&fh.0) {
+            Some(Handle::View { view, .. }) => view.clone(),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        // Holes come from the server's block status, never from reading zeros.
+        let found = match whence {
+            libc::SEEK_DATA => view.seek_data(offset),
+            libc::SEEK_HOLE => view.seek_hole(offset),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found {
+            Ok(Some(pos)) => reply.offset(pos as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
     }
 
     fn flush(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let fs = &self.inner;
+        // A rewritten snapshot.xml takes effect at close; errors come back from close(2).
+        let edit = match fs.handles.lock().get_mut(&fh.0) {
+            Some(Handle::XmlEdit { domain, id, buf }) if !buf.is_empty() => {
+                Some((domain.clone(), id.clone(), std::mem::take(buf)))
+            }
+            _ => None,
+        };
+        let Some((domain, id, xml)) = edit else {
+            return reply.ok();
+        };
+        let Ok(dom) = fs.domain(&domain) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(name) = dom.forest().get(&id).map(|s| s.name.clone()) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match dom.write_snapshot_xml(&name, &xml) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.inner.node(ino) {
-            Ok(Node::Root | Node::Domain(_) | Node::Snapshot(..)) => {
-                reply.opened(FileHandle(0), FopenFlags::empty())
-            }
+            Ok(
+                Node::Root
+                | Node::Domain(_)
+                | Node::Snapshot(..)
+                | Node::SnapshotFile(_, _, SnapFile::Disks | SnapFile::Images),
+            ) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }

@@ -1,0 +1,171 @@
+//! The frozen views of one domain's snapshots (`disks/<target>`): one
+//! lazily started read-only `qemu-nbd` per snapshot and disk, released
+//! when idle. Open views hold their snapshot: it cannot be deleted while
+//! one is open.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::model::{DiskSnapshotKind, Snapshot};
+use crate::views::{LazyView, ViewOptions, ViewSource};
+
+/// Views, their open counts, and the virtual sizes of images.
+pub struct DiskViews {
+    options: ViewOptions,
+    views: Mutex<HashMap<(String, String), Arc<LazyView>>>,
+    holds: Mutex<Holds>,
+    sizes: Mutex<HashMap<PathBuf, u64>>,
+}
+
+#[derive(Default)]
+struct Holds {
+    open: HashMap<String, usize>,
+    deleting: HashSet<String>,
+}
+
+impl DiskViews {
+    /// Views whose `qemu-nbd` sockets live in `runtime_dir`. Servers left
+    /// there by a daemon that died are stopped.
+    pub fn new(runtime_dir: &Path) -> Self {
+        let _ = std::fs::create_dir_all(runtime_dir);
+        stop_orphans(runtime_dir);
+        let options = ViewOptions {
+            runtime_dir: runtime_dir.to_owned(),
+            ..Default::default()
+        };
+        DiskViews {
+            options,
+            views: Mutex::new(HashMap::new()),
+            holds: Mutex::new(Holds::default()),
+            sizes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The image a snapshot's disk can be viewed from, if it has one.
+    fn source(snap: &Snapshot, target: &str) -> Option<ViewSource> {
+        let d = snap.disks.iter().find(|d| d.target == target)?;
+        let image = d.image.clone()?;
+        match d.kind {
+            DiskSnapshotKind::Internal => Some(ViewSource::internal_snapshot(image, &snap.id)),
+            DiskSnapshotKind::External => Some(ViewSource::image(image)),
+            DiskSnapshotKind::No => None,
+        }
+    }
+
+    /// Opens a view of `target` at `snap`, holding the snapshot until
+    /// [`DiskViews::close`]. EBUSY while the snapshot is being deleted.
+    pub fn open(&self, snap: &Snapshot, target: &str) -> Result<Arc<LazyView>> {
+        let source = Self::source(snap, target)
+            .ok_or_else(|| Error::not_found(format!("disk {target} is not in this snapshot")))?;
+        let mut holds = self.holds.lock();
+        if holds.deleting.contains(&snap.id) {
+            return Err(Error::busy(format!(
+                "snapshot {:?} is being deleted",
+                snap.name
+            )));
+        }
+        *holds.open.entry(snap.id.clone()).or_default() += 1;
+        drop(holds);
+        let key = (snap.id.clone(), target.to_owned());
+        let view = self
+            .views
+            .lock()
+            .entry(key)
+            .or_insert_with(|| Arc::new(LazyView::new(source, self.options.clone())))
+            .clone();
+        Ok(view)
+    }
+
+    /// Ends one [`DiskViews::open`] of a view of snapshot `id`.
+    pub fn close(&self, id: &str) {
+        let mut holds = self.holds.lock();
+        if let Some(n) = holds.open.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                holds.open.remove(id);
+            }
+        }
+    }
+
+    /// Marks snapshot `id` as being deleted unless a view of it is open.
+    pub fn hold_for_delete(&self, id: &str) -> bool {
+        let mut holds = self.holds.lock();
+        if holds.open.contains_key(id) {
+            return false;
+        }
+        holds.deleting.insert(id.to_owned());
+        true
+    }
+
+    /// Ends a delete: the snapshot's views are dropped if it is gone.
+    pub fn end_delete(&self, id: &str, gone: bool) {
+        self.holds.lock().deleting.remove(id);
+        if gone {
+            self.views.lock().retain(|(sid, _), v| {
+                if sid == id {
+                    v.close();
+                }
+                sid != id
+            });
+        }
+    }
+
+    /// Stops the servers of views unused for `after`.
+    pub fn release_idle(&self, after: Duration) {
+        let views: Vec<Arc<LazyView>> = self.views.lock().values().cloned().collect();
+        for v in views {
+            v.close_if_idle(after);
+        }
+    }
+
+    /// Stops every server (at unmount).
+    pub fn close_all(&self) {
+        for v in self.views.lock().values() {
+            v.close();
+        }
+    }
+
+    /// The virtual size of an image, read once with `qemu-img info`.
+    pub fn disk_size(&self, image: &Path) -> Option<u64> {
+        if let Some(s) = self.sizes.lock().get(image) {
+            return Some(*s);
+        }
+        let path = image.to_string_lossy();
+        let json = crate::backend::qemu_img::run(&["info", "-U", "--output=json", &path]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+        let size = v["virtual-size"].as_u64()?;
+        self.sizes.lock().insert(image.to_owned(), size);
+        Some(size)
+    }
+}
+
+/// Stops `qemu-nbd` processes serving sockets in `dir` (left by a daemon
+/// that was killed): found by their command line, stopped by pid.
+fn stop_orphans(dir: &Path) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let dir = format!("{}/", dir.to_string_lossy());
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Some(argv) = crate::backend::process::read_argv(pid) else {
+            continue;
+        };
+        let is_nbd = argv.first().is_some_and(|a| a.ends_with("qemu-nbd"));
+        let ours = argv.iter().any(|a| a.starts_with(&dir));
+        if is_nbd && ours {
+            log::info!("stopping qemu-nbd pid {pid} left by an earlier daemon");
+            // SAFETY: kill(2) of a pid whose command line names our runtime dir.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Frozen views: read-only raw views of a disk at a snapshot, the bytes
+//! behind `<domain>/<snapshot>/disks/<target>`.
+//!
+//! A view is served over NBD, never by parsing qcow2 here: QEMU's own block
+//! layer reads the image, so every byte is what QEMU itself would read.
+//!
+//! - [`source`]: *what* is exported and *who* serves it. A [`ViewSource`]
+//!   is an image (an external snapshot's point, a backing file) or an
+//!   internal snapshot inside a qcow2 image. [`NbdServer`] runs
+//!   `qemu-nbd --image-opts -r -t -e 0 -k SOCK -x view [-l snapshot.name=TAG]
+//!   driver=qcow2,file.driver=file,file.filename=IMG,force-share=on,read-only=on`
+//!   as a child (read-only and `force-share`, so images a running QEMU
+//!   holds can be read), stopped by pid when dropped. [`View`] is an open
+//!   view: `read_at` (pread semantics, zero-filled holes), `seek_data`,
+//!   `seek_hole`. [`LazyView`] opens on first use and is released by
+//!   `close_if_idle`, reopening on the next read.
+//! - [`nbd`]: the protocol. [`NbdClient`] is one synchronous connection
+//!   over a Unix socket (fixed newstyle, structured replies,
+//!   `base:allocation`, `NBD_OPT_GO` with block size constraints,
+//!   READ, BLOCK_STATUS, DISC on drop, socket timeouts). Malformed server
+//!   data is an [`NbdError`], never a panic. [`NbdPool`] spreads parallel
+//!   reads over several connections, reconnecting after a failure.
+//! - [`extents`]: the allocation map of a view, loaded lazily from
+//!   BLOCK_STATUS one chunk (1 GiB) at a time and cached, answering
+//!   `lseek(2)` questions. `NBD_STATE_HOLE` makes a hole for
+//!   SEEK_DATA/SEEK_HOLE; only `NBD_STATE_ZERO` lets a read be answered
+//!   with zeroes without asking the server.
+//!
+//! Views of an export that someone else serves (QEMU's built-in NBD server
+//! for a backing node of a running VM, `block-export-add`) use
+//! [`View::connect`] on that socket instead of starting `qemu-nbd`.
+//!
+//! Errors convert to `std::io::Error` with the errno FUSE should return
+//! (`EIO` for protocol and connection failures, `ETIMEDOUT` for timeouts,
+//! the server's errno for its errors).
+
+pub mod extents;
+pub mod nbd;
+pub mod source;
+
+pub use extents::{ExtentMap, ExtentSource, Run};
+pub use nbd::{
+    BlockSize, ExportInfo, Extent, NbdClient, NbdError, NbdOptions, NbdPool, NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+};
+pub use source::{LazyView, NbdServer, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME};
