@@ -93,6 +93,24 @@ fn browse_create_revert_delete_rename_on_a_running_vm() {
         "base (running)\n  after (running)\n  branch (running) *\n"
     );
 
+    // snapshot.xml takes a new description, and nothing else.
+    let mut xml = fx.read("branch/snapshot.xml");
+    xml = xml.replace(
+        "<name>branch</name>",
+        "<name>branch</name>\n  <description>before the upgrade</description>",
+    );
+    write_file(&fx.path("branch/snapshot.xml"), xml.as_bytes()).unwrap();
+    assert!(fx
+        .read("branch/snapshot.xml")
+        .contains("<description>before the upgrade</description>"));
+    let renamed = fx
+        .read("branch/snapshot.xml")
+        .replace("<name>branch</name>", "<name>sneaky</name>");
+    let r = fs::write(fx.path("branch/snapshot.xml"), renamed);
+    assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)));
+    assert!(fx.read(".log").contains("only <description> may change"));
+    assert_eq!(fx.ls(), vec!["after", "base", "branch"]);
+
     // Rename keeps identity, links and the tree.
     fs::rename(fx.path("branch"), fx.path("side")).unwrap();
     assert_eq!(fx.ls(), vec!["after", "base", "side"]);

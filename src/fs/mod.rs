@@ -77,6 +77,7 @@ enum Handle {
         domain: String,
         id: String,
         buf: Vec<u8>,
+        applied: bool,
     },
 }
 
@@ -419,6 +420,17 @@ impl Inner {
         }
     }
 
+    /// Applies a rewritten `snapshot.xml` (only its description counts).
+    fn apply_xml_edit(&self, domain: &str, id: &str, xml: &[u8]) -> Result<(), Errno> {
+        let dom = self.domain(domain)?;
+        let name = dom
+            .forest()
+            .get(id)
+            .map(|s| s.name.clone())
+            .ok_or(Errno::ENOENT)?;
+        dom.write_snapshot_xml(&name, xml).map_err(|e| errno(&e))
+    }
+
     fn reply_entry(&self, node: &Node, uid: u32, reply: ReplyEntry) {
         let Some((attr, attr_ttl)) = self.attr(node, uid) else {
             return reply.error(Errno::ENOENT);
@@ -667,10 +679,13 @@ impl Filesystem for SnapFs {
             let Node::SnapshotFile(domain, id, SnapFile::SnapshotXml) = node else {
                 return reply.error(Errno::EACCES);
             };
-            let buf = Vec::new();
-            fs.handles
-                .lock()
-                .insert(fh, Handle::XmlEdit { domain, id, buf });
+            let edit = Handle::XmlEdit {
+                domain,
+                id,
+                buf: Vec::new(),
+                applied: false,
+            };
+            fs.handles.lock().insert(fh, edit);
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
         }
         // The content is fixed at open, so a reader sees one consistent version.
@@ -723,7 +738,14 @@ impl Filesystem for SnapFs {
         reply: ReplyWrite,
     ) {
         let fs = &self.inner;
-        if let Some(Handle::XmlEdit { buf, .. }) = fs.handles.lock().get_mut(&fh.0) {
+        let mut handles = fs.handles.lock();
+        if let Some(Handle::XmlEdit {
+            domain,
+            id,
+            buf,
+            applied,
+        }) = handles.get_mut(&fh.0)
+        {
             let end = offset as usize + data.len();
             if end > crate::xml::MAX_INPUT_BYTES {
                 return reply.error(Errno::EFBIG);
@@ -732,8 +754,22 @@ impl Filesystem for SnapFs {
                 buf.resize(end, 0);
             }
             buf[offset as usize..end].copy_from_slice(data);
-            return reply.written(data.len() as u32);
+            // Once the document is whole, apply it, so that errors come
+            // back from write(2) (shells ignore errors of close(2)).
+            let whole = std::str::from_utf8(buf)
+                .is_ok_and(|t| crate::xml::snapshot::parse_snapshot_xml(t).is_ok());
+            if !whole {
+                return reply.written(data.len() as u32);
+            }
+            *applied = true;
+            let (domain, id, xml) = (domain.clone(), id.clone(), buf.clone());
+            drop(handles);
+            return match fs.apply_xml_edit(&domain, &id, &xml) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(e),
+            };
         }
+        drop(handles);
         let Ok(Node::SnapshotFile(d, id, SnapFile::Revert)) = fs.node(ino) else {
             return reply.error(Errno::EBADF);
         };
@@ -805,9 +841,15 @@ impl Filesystem for SnapFs {
         reply: ReplyEmpty,
     ) {
         let fs = &self.inner;
-        // A rewritten snapshot.xml takes effect at close; errors come back from close(2).
+        // A document that never parsed whole is applied (and refused) at close.
         let edit = match fs.handles.lock().get_mut(&fh.0) {
-            Some(Handle::XmlEdit { domain, id, buf }) if !buf.is_empty() => {
+            Some(Handle::XmlEdit {
+                domain,
+                id,
+                buf,
+                applied,
+            }) if !*applied && !buf.is_empty() => {
+                *applied = true;
                 Some((domain.clone(), id.clone(), std::mem::take(buf)))
             }
             _ => None,
@@ -815,15 +857,9 @@ impl Filesystem for SnapFs {
         let Some((domain, id, xml)) = edit else {
             return reply.ok();
         };
-        let Ok(dom) = fs.domain(&domain) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let Some(name) = dom.forest().get(&id).map(|s| s.name.clone()) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match dom.write_snapshot_xml(&name, &xml) {
+        match fs.apply_xml_edit(&domain, &id, &xml) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(e),
         }
     }
 
