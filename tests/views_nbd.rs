@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::TempDir;
 use vmsnapfs::views::{
     LazyView, NbdClient, NbdOptions, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME,
 };
@@ -22,24 +25,6 @@ use vmsnapfs::views::{
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const CLUSTER: u64 = 64 * 1024;
-
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vmsnapfs-views-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn run(prog: &str, args: &[&str]) {
     let out = Command::new(prog).args(args).output().unwrap();
@@ -183,7 +168,7 @@ fn check_seeks(view: &View, layout: Layout) {
 
 #[test]
 fn snapshot_view_shows_the_disk_at_the_snapshot() {
-    let dir = TempDir::new("snap");
+    let dir = TempDir::new("views-snap");
     let img = make_image(&dir.0);
     let opts = options(&dir.0);
     let view = ViewSource::internal_snapshot(&img, "s1")
@@ -236,7 +221,7 @@ fn snapshot_view_shows_the_disk_at_the_snapshot() {
 
 #[test]
 fn image_view_shows_the_current_state() {
-    let dir = TempDir::new("image");
+    let dir = TempDir::new("views-image");
     let img = make_image(&dir.0);
     let view = ViewSource::image(&img).open(&options(&dir.0)).unwrap();
     check_bytes(&view, AFTER, 128 * 1024);
@@ -245,7 +230,7 @@ fn image_view_shows_the_current_state() {
 
 #[test]
 fn parallel_reads_use_several_connections() {
-    let dir = TempDir::new("parallel");
+    let dir = TempDir::new("views-parallel");
     let img = make_image(&dir.0);
     let opts = ViewOptions {
         zero_fill: false, // every read goes to the server
@@ -289,7 +274,7 @@ fn parallel_reads_use_several_connections() {
 
 #[test]
 fn missing_snapshot_is_a_clear_error() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("views-missing");
     let img = make_image(&dir.0);
     let e = ViewSource::internal_snapshot(&img, "nope")
         .open(&options(&dir.0))
@@ -305,7 +290,7 @@ fn missing_snapshot_is_a_clear_error() {
 
 #[test]
 fn lazy_view_opens_on_use_and_closes_when_idle() {
-    let dir = TempDir::new("lazy");
+    let dir = TempDir::new("views-lazy");
     let img = make_image(&dir.0);
     let lazy = LazyView::new(ViewSource::internal_snapshot(&img, "s1"), options(&dir.0));
     assert!(!lazy.is_open());
@@ -416,7 +401,7 @@ impl Proxy {
 
 #[test]
 fn server_closing_the_connection_is_an_error() {
-    let dir = TempDir::new("closing");
+    let dir = TempDir::new("views-closing");
     let img = make_image(&dir.0);
     let opts = ViewOptions {
         connections: 1,
@@ -449,7 +434,7 @@ fn server_closing_the_connection_is_an_error() {
 
 #[test]
 fn silent_server_times_out() {
-    let dir = TempDir::new("silent");
+    let dir = TempDir::new("views-silent");
     let path = dir.0.join("silent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let held = thread::spawn(move || {

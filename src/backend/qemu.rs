@@ -175,6 +175,27 @@ impl QemuBackend {
         Ok(out)
     }
 
+    /// The snapshot table of each qcow2 disk: from QEMU when it runs (it
+    /// has the images open), from the images otherwise.
+    fn snapshot_tables(&self) -> Result<Vec<Vec<ImageSnapshot>>> {
+        let running = {
+            let mut guard = self.conn.lock();
+            self.connect(&mut guard).is_some()
+        };
+        if running {
+            return self.with_qmp(|c| {
+                let live = self.live_disks(&mut c.qmp)?;
+                Ok(live.into_values().map(|d| d.snapshots).collect())
+            });
+        }
+        self.def
+            .disks
+            .iter()
+            .filter(|d| d.format == "qcow2")
+            .map(|d| qemu_img::list(&d.source))
+            .collect()
+    }
+
     /// Starts a snapshot job and waits for it; a job error becomes EIO.
     fn run_job(qmp: &mut Qmp, command: &str, args: Value, job_id: &str) -> Result<()> {
         qmp.execute_raw(command, args).map_err(qmp_err)?;
@@ -255,21 +276,7 @@ impl Backend for QemuBackend {
     }
 
     fn list_internal(&self) -> Result<Vec<ImageSnapshot>> {
-        let running = {
-            let mut guard = self.conn.lock();
-            self.connect(&mut guard).is_some()
-        };
-        if running {
-            return self.with_qmp(|c| {
-                let live = self.live_disks(&mut c.qmp)?;
-                Ok(merge(live.into_values().map(|d| d.snapshots)))
-            });
-        }
-        let mut tables = Vec::new();
-        for d in self.def.disks.iter().filter(|d| d.format == "qcow2") {
-            tables.push(qemu_img::list(&d.source)?);
-        }
-        Ok(merge(tables))
+        Ok(merge(self.snapshot_tables()?))
     }
 
     fn create_internal(&self, tag: &str, live: DomainState) -> Result<SnapshotState> {
@@ -318,31 +325,12 @@ impl Backend for QemuBackend {
     }
 
     fn tag_presence(&self, tag: &str) -> Result<(usize, usize)> {
-        let has = |t: &[ImageSnapshot]| t.iter().any(|s| s.tag == tag);
-        let running = {
-            let mut guard = self.conn.lock();
-            self.connect(&mut guard).is_some()
-        };
-        if running {
-            return self.with_qmp(|c| {
-                let live = self.live_disks(&mut c.qmp)?;
-                let present = live.values().filter(|d| has(&d.snapshots)).count();
-                Ok((present, live.len()))
-            });
-        }
-        let disks: Vec<_> = self
-            .def
-            .disks
+        let tables = self.snapshot_tables()?;
+        let present = tables
             .iter()
-            .filter(|d| d.format == "qcow2")
-            .collect();
-        let mut present = 0;
-        for d in &disks {
-            if has(&qemu_img::list(&d.source)?) {
-                present += 1;
-            }
-        }
-        Ok((present, disks.len()))
+            .filter(|t| t.iter().any(|s| s.tag == tag))
+            .count();
+        Ok((present, tables.len()))
     }
 
     fn load_checkpoint_live(&self, tag: &str) -> Result<()> {

@@ -284,16 +284,7 @@ impl Domain {
             state,
             parent: forest.current().map(str::to_owned),
             memory,
-            disks: self
-                .def
-                .disks
-                .iter()
-                .map(|d| DiskPoint {
-                    target: d.target.clone(),
-                    kind: DiskSnapshotKind::Internal,
-                    image: Some(d.source.clone()),
-                })
-                .collect(),
+            disks: self.internal_points(),
             domain_xml: Some(self.def.xml.clone()),
         };
         self.store.save_snapshot(&snap, &forest)?;
@@ -311,6 +302,20 @@ impl Domain {
         drop(forest);
         self.bump();
         Ok(())
+    }
+
+    /// Every disk's part in an internal snapshot: the point is inside
+    /// the disk's own image.
+    fn internal_points(&self) -> Vec<DiskPoint> {
+        self.def
+            .disks
+            .iter()
+            .map(|d| DiskPoint {
+                target: d.target.clone(),
+                kind: DiskSnapshotKind::Internal,
+                image: Some(d.source.clone()),
+            })
+            .collect()
     }
 
     /// Removes what a failed create may have made.

@@ -7,8 +7,7 @@ use super::Domain;
 use crate::backend::ImageSnapshot;
 use crate::error::Result;
 use crate::model::{
-    validate_name, DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot,
-    SnapshotState,
+    validate_name, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
 };
 use crate::store::{Intent, IntentRecord};
 
@@ -129,16 +128,7 @@ fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
             } else {
                 MemoryLocation::No
             },
-            disks: dom
-                .def
-                .disks
-                .iter()
-                .map(|d| DiskPoint {
-                    target: d.target.clone(),
-                    kind: DiskSnapshotKind::Internal,
-                    image: Some(d.source.clone()),
-                })
-                .collect(),
+            disks: dom.internal_points(),
             domain_xml: None,
         };
         let mut forest = dom.forest.write();
