@@ -15,7 +15,7 @@ use common::*;
 fn bad_names_duplicates_and_busy_domain() {
     let fx = Fixture::with_env(
         "badinput",
-        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:1500")],
+        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:3000")],
     );
     let cases: Vec<(Vec<u8>, i32)> = vec![
         (b".hidden".to_vec(), libc::EINVAL),
@@ -47,7 +47,7 @@ fn bad_names_duplicates_and_busy_domain() {
     fs::create_dir(fx.path("one")).unwrap();
     let p = fx.path("one/revert");
     let t = std::thread::spawn(move || write_file(&p, b"running"));
-    std::thread::sleep(Duration::from_millis(500));
+    fx.daemon.wait_log("failpoint revert.begin");
     assert_eq!(errno(fs::create_dir(fx.path("two"))), libc::EBUSY);
     assert_eq!(errno(fs::remove_dir(fx.path("one"))), libc::EBUSY);
     // ls and cat do not wait behind the running revert.
@@ -56,7 +56,7 @@ fn bad_names_duplicates_and_busy_domain() {
     let _ = fx.read(".tree");
     let _ = fx.read("one/snapshot.xml");
     assert!(
-        t0.elapsed() < Duration::from_millis(800),
+        t0.elapsed() < Duration::from_millis(2000),
         "ls blocked behind revert"
     );
     t.join().unwrap().unwrap();
@@ -85,11 +85,11 @@ fn bad_names_duplicates_and_busy_domain() {
 fn qemu_dying_mid_operation_gives_eio_and_leaves_nothing() {
     let mut fx = Fixture::with_env(
         "qemugone",
-        &[("VMSNAPFS_FAILPOINTS", "create.begin=sleep:1500")],
+        &[("VMSNAPFS_FAILPOINTS", "create.begin=sleep:3000")],
     );
     let p = fx.path("doomed");
     let t = std::thread::spawn(move || fs::create_dir(p));
-    std::thread::sleep(Duration::from_millis(400));
+    fx.daemon.wait_log("failpoint create.begin");
     fx.vm.kill();
     let r = t.join().unwrap();
     assert_eq!(errno(r), libc::EIO);
@@ -195,7 +195,7 @@ fn tree_is_roots_only_by_default() {
 fn qemu_dying_before_a_revert_changes_nothing() {
     let mut fx = Fixture::with_env(
         "qemugone-revert",
-        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:1500")],
+        &[("VMSNAPFS_FAILPOINTS", "revert.begin=sleep:3000")],
     );
     fx.vm.qemu_io("vda", "write -P 0x21 0 64k").unwrap();
     fs::create_dir(fx.path("s")).unwrap();
@@ -204,7 +204,7 @@ fn qemu_dying_before_a_revert_changes_nothing() {
     fx.vm.qemu_io("vda", "flush").unwrap();
     let p = fx.path("s/revert");
     let t = std::thread::spawn(move || write_file(&p, b"running"));
-    std::thread::sleep(Duration::from_millis(400));
+    fx.daemon.wait_log("failpoint revert.begin");
     fx.vm.kill();
     assert_eq!(t.join().unwrap(), Err(libc::EIO));
     assert_eq!(fx.read(".state"), "shutoff\n");

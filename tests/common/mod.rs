@@ -116,6 +116,19 @@ impl Daemon {
         d
     }
 
+    /// Waits until the daemon's log contains `needle` (e.g. that it reached
+    /// a failpoint), so a test acts at a known step and not after a guess.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The daemon's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
