@@ -71,23 +71,40 @@ fn overhead(ram_mb: u64, dirty_mb: u64) {
     }
     let (mut tree_c, mut bare_c, mut tree_r, mut bare_r, mut tree_d, mut bare_d) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Each kind of operation in its own phase, the two sides alternating
+    // and taking turns at going first.
+    let order = |i: usize, bare: &mut dyn FnMut(), tree: &mut dyn FnMut()| {
+        if i.is_multiple_of(2) {
+            bare();
+            tree();
+        } else {
+            tree();
+            bare();
+        }
+    };
     for i in 0..REPS {
-        let tag = format!("bare{i}");
-        bare_c.push(bare_job(&fx.vm, "snapshot-save", &tag, true));
-        let name = format!("tree{i}");
-        tree_c.push(timed(|| fs::create_dir(fx.path(&name)).unwrap()));
-        bare_r.push(bare_job(&fx.vm, "snapshot-load", &tag, true));
-        tree_r.push(timed(|| fx.revert(&name, "running").unwrap()));
+        let (tag, name) = (format!("bare{i}"), format!("tree{i}"));
+        order(
+            i,
+            &mut || bare_c.push(bare_job(&fx.vm, "snapshot-save", &tag, true)),
+            &mut || tree_c.push(timed(|| fs::create_dir(fx.path(&name)).unwrap())),
+        );
     }
     for i in 0..REPS {
-        bare_d.push(bare_job(
-            &fx.vm,
-            "snapshot-delete",
-            &format!("bare{i}"),
-            false,
-        ));
-        let name = format!("tree{i}");
-        tree_d.push(timed(|| fs::remove_dir(fx.path(&name)).unwrap()));
+        let (tag, name) = (format!("bare{i}"), format!("tree{i}"));
+        order(
+            i,
+            &mut || bare_r.push(bare_job(&fx.vm, "snapshot-load", &tag, true)),
+            &mut || tree_r.push(timed(|| fx.revert(&name, "running").unwrap())),
+        );
+    }
+    for i in 0..REPS {
+        let (tag, name) = (format!("bare{i}"), format!("tree{i}"));
+        order(
+            i,
+            &mut || bare_d.push(bare_job(&fx.vm, "snapshot-delete", &tag, false)),
+            &mut || tree_d.push(timed(|| fs::remove_dir(fx.path(&name)).unwrap())),
+        );
     }
     println!(
         "\n== operations through the tree vs the bare QMP job (median of {REPS}, 2 disks, 48 MiB data, \
