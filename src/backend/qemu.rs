@@ -310,17 +310,11 @@ impl Backend for QemuBackend {
             return Ok(());
         }
         let conn = guard.as_mut().ok_or_else(|| Error::io("QEMU went away"))?;
-        let live = self.live_disks(&mut conn.qmp)?;
-        let nodes: Vec<String> = live
-            .values()
-            .filter(|d| d.snapshots.iter().any(|s| s.tag == tag))
-            .map(|d| d.node.clone())
-            .collect();
-        if nodes.is_empty() {
-            return Ok(());
+        // snapshot-delete skips the devices that lack the tag.
+        let (mut args, job_id) = self.job_args(conn, tag, "delete")?;
+        if let Some(a) = args.as_object_mut() {
+            a.remove("vmstate");
         }
-        let job_id = format!("vmsnapfs-delete-{}", std::process::id());
-        let args = json!({"job-id": job_id, "tag": tag, "devices": nodes});
         Self::run_job(&mut conn.qmp, "snapshot-delete", args, &job_id)
     }
 
