@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, UNIX_EPOCH};
 
 use common::*;
@@ -189,4 +189,106 @@ fn revert_rules_stopped_vm_and_restart_from_command_line() {
     fx.revert("live", "paused").unwrap();
     assert_eq!(fx.read(".state"), "paused\n");
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// Writes `data` to `path` and closes it, returning the errno of write(2)
+/// or of close(2) (where a document that never became whole is refused).
+fn write_and_close(path: &std::path::Path, data: &[u8]) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    std::io::Write::write_all(&mut f, data).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor this function owns.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+    }
+    Ok(())
+}
+
+#[test]
+fn create_from_a_libvirt_spec() {
+    let fx = Fixture::new("create-spec");
+    let create = fx.path(".create");
+    assert_eq!(
+        fs::metadata(&create).unwrap().permissions().mode() & 0o777,
+        0o200
+    );
+    fx.vm.qemu_io("vda", "write -P 0x61 0 64k").unwrap();
+    fx.vm.qemu_io("vdb", "write -P 0x62 0 64k").unwrap();
+    let want_vda = fx.vm.read_disk("vda").unwrap();
+
+    // Disks only, atomically across both disks, with a description.
+    let spec = "<domainsnapshot>\n  <name>disks-only</name>\n  <description>nightly</description>\n  \
+                <memory snapshot='no'/>\n  <disks>\n    <disk name='vda' snapshot='internal'/>\n    \
+                <disk name='vdb'/>\n  </disks>\n</domainsnapshot>\n";
+    write_and_close(&create, spec.as_bytes()).unwrap();
+    assert_eq!(fx.read("disks-only/state"), "disk-snapshot\n");
+    let xml = fx.read("disks-only/snapshot.xml");
+    assert!(xml.contains("<description>nightly</description>"), "{xml}");
+    assert!(
+        xml.contains("<memory snapshot='no'/>") || xml.contains("<memory snapshot=\"no\"/>"),
+        "{xml}"
+    );
+    for d in &fx.vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 1);
+    }
+    assert!(fs::read(fx.path("disks-only/disks/vda")).unwrap() == want_vda);
+
+    // The default memory is a checkpoint; parent is the current one.
+    write_and_close(
+        &create,
+        b"<domainsnapshot><name>full</name></domainsnapshot>",
+    )
+    .unwrap();
+    assert_eq!(fx.read("full/state"), "running\n");
+    assert_eq!(
+        fs::read_link(fx.path("full/parent")).unwrap().to_str(),
+        Some("../disks-only")
+    );
+
+    // Refusals: from write(2), with a line in .log; nothing made.
+    let external = "<domainsnapshot><name>ext</name><disks><disk name='vda' snapshot='external'>\
+                    <source file='/tmp/x.qcow2'/></disk></disks></domainsnapshot>";
+    assert_eq!(
+        write_and_close(&create, external.as_bytes()),
+        Err(libc::EOPNOTSUPP)
+    );
+    assert_eq!(
+        write_and_close(
+            &create,
+            b"<domainsnapshot><name>full</name></domainsnapshot>"
+        ),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        write_and_close(
+            &create,
+            b"<domainsnapshot><disks><disk name='vdz'/></disks></domainsnapshot>"
+        ),
+        Err(libc::EINVAL)
+    );
+    // A document that never becomes whole is refused when the file closes.
+    assert_eq!(
+        write_and_close(&create, b"<domainsnapshot><name>half"),
+        Err(libc::EINVAL)
+    );
+    let log = fx.read(".log");
+    assert!(log.contains("refused (EOPNOTSUPP)"), "{log}");
+    assert!(log.contains("refused (EEXIST)"), "{log}");
+    assert_eq!(fx.ls(), vec!["disks-only", "full"]);
+    for d in &fx.vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 2);
+    }
+
+    // Reverting the running VM to the disk-only snapshot restarts QEMU: force.
+    fx.vm.qemu_io("vda", "write -P 0x00 0 64k").unwrap();
+    assert_eq!(fx.revert("disks-only", "running"), Err(libc::EPERM));
+    fx.revert("disks-only", "running force").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0x61));
+    assert!(all_bytes(&fx.vm.read_disk("vdb").unwrap(), 0, K64, 0x62));
 }

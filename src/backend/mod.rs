@@ -36,11 +36,13 @@ pub trait Backend: Send + Sync {
     /// Fails when any disk cannot be read.
     fn list_internal(&self) -> Result<Vec<ImageSnapshot>>;
 
-    /// Takes internal snapshot `tag` of every qcow2 disk: with RAM when
-    /// the domain was found `live` running or paused (returns `Running` or
-    /// `Paused`), disks only when stopped (returns `Shutoff`). Fails with
-    /// EIO when QEMU went away or appeared since `live` was read.
-    fn create_internal(&self, tag: &str, live: DomainState) -> Result<SnapshotState>;
+    /// Takes internal snapshot `tag` of every qcow2 disk. When the domain
+    /// was found `live` running or paused: with RAM if `memory` (returns
+    /// `Running` or `Paused`), else the disks alone, atomically across
+    /// disks (returns `DiskSnapshot`). When stopped: disks (returns
+    /// `Shutoff`). Fails with EIO when QEMU went away or appeared since
+    /// `live` was read.
+    fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState>;
 
     /// Deletes internal snapshot `tag` from every disk that has it.
     fn delete_internal(&self, tag: &str) -> Result<()>;

@@ -279,13 +279,33 @@ impl Backend for QemuBackend {
         Ok(merge(self.snapshot_tables()?))
     }
 
-    fn create_internal(&self, tag: &str, live: DomainState) -> Result<SnapshotState> {
+    fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState> {
         let disks = self.qcow2_disks()?;
         if live == DomainState::Shutoff {
             for d in &disks {
                 qemu_img::create(&d.source, tag)?;
             }
             return Ok(SnapshotState::Shutoff);
+        }
+        if !memory {
+            // Disks only: one transaction, so all disks share one instant.
+            self.with_qmp(|conn| {
+                let (args, _) = self.job_args(conn, tag, "disks")?;
+                let actions: Vec<Value> = args["devices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|node| {
+                        json!({"type": "blockdev-snapshot-internal-sync",
+                               "data": {"device": node, "name": tag}})
+                    })
+                    .collect();
+                conn.qmp
+                    .execute_raw("transaction", json!({ "actions": actions }))
+                    .map(drop)
+                    .map_err(qmp_err)
+            })?;
+            return Ok(SnapshotState::DiskSnapshot);
         }
         self.with_qmp(|conn| {
             let (args, job_id) = self.job_args(conn, tag, "save")?;

@@ -1,6 +1,7 @@
 //! Snapshot operations on one domain: one at a time, journaled, logged.
 //! Runs on worker threads, never on a FUSE thread that serves `ls`.
 
+pub mod create_spec;
 pub mod describe;
 pub mod oplog;
 pub mod recovery;
@@ -48,6 +49,16 @@ impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         *self.0.lock() = None;
     }
+}
+
+/// What a create is asked to make.
+pub struct CreateRequest<'a> {
+    /// The new snapshot's name (already validated).
+    pub name: &'a str,
+    /// Its `<description>`.
+    pub description: Option<String>,
+    /// Save RAM too when QEMU runs (a checkpoint); false: disks only.
+    pub memory: bool,
 }
 
 /// Keeps a snapshot's views closed during its delete.
@@ -215,9 +226,24 @@ impl Domain {
     pub fn create(&self, raw_name: &[u8]) -> Result<String> {
         let shown = String::from_utf8_lossy(raw_name).into_owned();
         let what = format!("mkdir {shown:?}");
-        let r = (|| {
-            let name = validate_name_bytes(raw_name)?;
-            let _busy = self.begin(&what)?;
+        let r = validate_name_bytes(raw_name)
+            .map_err(Error::from)
+            .and_then(|name| {
+                let request = CreateRequest {
+                    name,
+                    description: None,
+                    memory: true,
+                };
+                self.create_as(&what, request)
+            });
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Takes a snapshot as `request` says; `what` names the action in `.log`.
+    fn create_as(&self, what: &str, request: CreateRequest<'_>) -> Result<String> {
+        let name = request.name;
+        {
+            let _busy = self.begin(what)?;
             if self.forest.read().by_name(name).is_some() {
                 return Err(Error::new(
                     ErrorKind::Exists,
@@ -234,7 +260,7 @@ impl Domain {
             self.note_state(live);
             let t1 = Instant::now();
             let done = crate::failpoint::hit("create.begin")
-                .and_then(|_| self.create_steps(&id, name, live));
+                .and_then(|_| self.create_steps(&id, &request, live));
             if let Err(mut e) = done {
                 if e.kind == ErrorKind::Io {
                     if let Some(why) = self.backend.space_shortage() {
@@ -264,12 +290,11 @@ impl Domain {
                 t1.elapsed().as_secs_f64()
             ));
             Ok(id)
-        })();
-        r.or_else(|e| self.refuse(&what, e))
+        }
     }
 
-    fn create_steps(&self, id: &str, name: &str, live: DomainState) -> Result<()> {
-        let state = self.backend.create_internal(id, live)?;
+    fn create_steps(&self, id: &str, request: &CreateRequest<'_>, live: DomainState) -> Result<()> {
+        let state = self.backend.create_internal(id, live, request.memory)?;
         crate::failpoint::hit("create.after-backend")?;
         let memory = match state {
             SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,
@@ -278,8 +303,8 @@ impl Domain {
         let mut forest = self.forest.write();
         let snap = Snapshot {
             id: id.to_owned(),
-            name: name.to_owned(),
-            description: None,
+            name: request.name.to_owned(),
+            description: request.description.clone(),
             creation_time: now_secs(),
             state,
             parent: forest.current().map(str::to_owned),

@@ -18,16 +18,19 @@ pub enum DomainFile {
     Current,
     /// `.log`: the operation log.
     Log,
+    /// `.create`: control file taking a `<domainsnapshot>` spec.
+    Create,
 }
 
 impl DomainFile {
     /// Every domain file with its name, in listing order.
-    pub const ALL: [(DomainFile, &'static str); 5] = [
+    pub const ALL: [(DomainFile, &'static str); 6] = [
         (DomainFile::State, ".state"),
         (DomainFile::DomainXml, ".domain.xml"),
         (DomainFile::Tree, ".tree"),
         (DomainFile::Current, ".current"),
         (DomainFile::Log, ".log"),
+        (DomainFile::Create, ".create"),
     ];
 
     /// The file for a name.

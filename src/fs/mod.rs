@@ -72,13 +72,23 @@ enum Handle {
         domain: Arc<Domain>,
         id: String,
     },
-    /// A `snapshot.xml` being rewritten; applied when the file is closed.
+    /// An XML document being written to `snapshot.xml` or `.create`;
+    /// applied as soon as it is whole (else when the file is closed).
     XmlEdit {
         domain: String,
-        id: String,
+        target: XmlTarget,
         buf: Vec<u8>,
         applied: bool,
     },
+}
+
+/// Where a written XML document goes.
+#[derive(Clone)]
+enum XmlTarget {
+    /// `<snapshot id>/snapshot.xml`: a new description.
+    Description(String),
+    /// `.create`: a new snapshot.
+    Create,
 }
 
 /// The vmsnapfs filesystem.
@@ -186,6 +196,9 @@ impl Inner {
                         SystemTime::now(),
                         LIVE_TTL,
                     )
+                } else if *f == DomainFile::Create {
+                    let perm = if group_w { 0o220 } else { 0o200 };
+                    (FileType::RegularFile, perm, 0, self.mounted_at, STABLE_TTL)
                 } else {
                     let len = content::domain_file(&dom, *f, uid).len() as u64;
                     (
@@ -420,15 +433,20 @@ impl Inner {
         }
     }
 
-    /// Applies a rewritten `snapshot.xml` (only its description counts).
-    fn apply_xml_edit(&self, domain: &str, id: &str, xml: &[u8]) -> Result<(), Errno> {
+    /// Applies a written XML document: a new description, or a create.
+    fn apply_xml(&self, domain: &str, target: &XmlTarget, xml: &[u8]) -> Result<(), Errno> {
         let dom = self.domain(domain)?;
-        let name = dom
-            .forest()
-            .get(id)
-            .map(|s| s.name.clone())
-            .ok_or(Errno::ENOENT)?;
-        dom.write_snapshot_xml(&name, xml).map_err(|e| errno(&e))
+        match target {
+            XmlTarget::Description(id) => {
+                let name = dom
+                    .forest()
+                    .get(id)
+                    .map(|s| s.name.clone())
+                    .ok_or(Errno::ENOENT)?;
+                dom.write_snapshot_xml(&name, xml).map_err(|e| errno(&e))
+            }
+            XmlTarget::Create => dom.create_from_spec(xml).map(drop).map_err(|e| errno(&e)),
+        }
     }
 
     fn reply_entry(&self, node: &Node, uid: u32, reply: ReplyEntry) {
@@ -525,6 +543,7 @@ impl Filesystem for SnapFs {
         let control = matches!(
             node,
             Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::SnapshotXml)
+                | Node::DomainFile(_, DomainFile::Create)
         );
         if !(control && size == Some(0)) {
             return reply.error(Errno::EPERM);
@@ -675,13 +694,18 @@ impl Filesystem for SnapFs {
             // The bytes never change: the page cache may keep them.
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
         }
+        if matches!(node, Node::DomainFile(_, DomainFile::Create)) && !write {
+            return reply.error(Errno::EACCES);
+        }
         if write {
-            let Node::SnapshotFile(domain, id, SnapFile::SnapshotXml) = node else {
-                return reply.error(Errno::EACCES);
+            let (domain, target) = match node {
+                Node::SnapshotFile(d, id, SnapFile::SnapshotXml) => (d, XmlTarget::Description(id)),
+                Node::DomainFile(d, DomainFile::Create) => (d, XmlTarget::Create),
+                _ => return reply.error(Errno::EACCES),
             };
             let edit = Handle::XmlEdit {
                 domain,
-                id,
+                target,
                 buf: Vec::new(),
                 applied: false,
             };
@@ -741,7 +765,7 @@ impl Filesystem for SnapFs {
         let mut handles = fs.handles.lock();
         if let Some(Handle::XmlEdit {
             domain,
-            id,
+            target,
             buf,
             applied,
         }) = handles.get_mut(&fh.0)
@@ -762,12 +786,15 @@ impl Filesystem for SnapFs {
                 return reply.written(data.len() as u32);
             }
             *applied = true;
-            let (domain, id, xml) = (domain.clone(), id.clone(), buf.clone());
+            let (domain, target, xml) = (domain.clone(), target.clone(), buf.clone());
             drop(handles);
-            return match fs.apply_xml_edit(&domain, &id, &xml) {
-                Ok(()) => reply.written(data.len() as u32),
+            let n = data.len() as u32;
+            let fs = self.inner.clone();
+            // A create takes seconds: off the FUSE thread.
+            return off_thread(move || match fs.apply_xml(&domain, &target, &xml) {
+                Ok(()) => reply.written(n),
                 Err(e) => reply.error(e),
-            };
+            });
         }
         drop(handles);
         let Ok(Node::SnapshotFile(d, id, SnapFile::Revert)) = fs.node(ino) else {
@@ -840,27 +867,27 @@ impl Filesystem for SnapFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let fs = &self.inner;
+        let fs = self.inner.clone();
         // A document that never parsed whole is applied (and refused) at close.
         let edit = match fs.handles.lock().get_mut(&fh.0) {
             Some(Handle::XmlEdit {
                 domain,
-                id,
+                target,
                 buf,
                 applied,
             }) if !*applied && !buf.is_empty() => {
                 *applied = true;
-                Some((domain.clone(), id.clone(), std::mem::take(buf)))
+                Some((domain.clone(), target.clone(), std::mem::take(buf)))
             }
             _ => None,
         };
-        let Some((domain, id, xml)) = edit else {
+        let Some((domain, target, xml)) = edit else {
             return reply.ok();
         };
-        match fs.apply_xml_edit(&domain, &id, &xml) {
+        off_thread(move || match fs.apply_xml(&domain, &target, &xml) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
-        }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
