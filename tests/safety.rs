@@ -399,3 +399,50 @@ fn a_monitor_that_speaks_garbage_or_hangs_does_not_break_the_tree() {
     }
     assert!(daemon.alive(), "the daemon must survive a hostile monitor");
 }
+
+/// qemu-nbd processes serving sockets under `dir`.
+fn nbd_servers_under(dir: &std::path::Path) -> Vec<i32> {
+    let prefix = format!("{}/", dir.display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let argv = vmsnapfs::backend::process::read_argv(*pid).unwrap_or_default();
+            argv.first().is_some_and(|a| a.ends_with("qemu-nbd"))
+                && argv.iter().any(|a| a.starts_with(&prefix))
+        })
+        .collect()
+}
+
+#[test]
+fn view_servers_left_by_a_killed_daemon_are_stopped_at_start() {
+    let mut fx = Fixture::new("orphans");
+    fs::create_dir(fx.path("s")).unwrap();
+    let mut f = fs::File::open(fx.path("s/disks/vda")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+    drop(f);
+    let run = fx.daemon.state.join("vm1/run");
+    assert_eq!(
+        nbd_servers_under(&run).len(),
+        1,
+        "one qemu-nbd serves the open view"
+    );
+    fx.daemon.kill9();
+    assert_eq!(
+        nbd_servers_under(&run).len(),
+        1,
+        "qemu-nbd outlives a killed daemon"
+    );
+    fx.restart_daemon(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !nbd_servers_under(&run).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphaned qemu-nbd not stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The view works again, from a new server.
+    assert_eq!(fs::read(fx.path("s/disks/vda")).unwrap().len(), 64 << 20);
+}
