@@ -219,9 +219,49 @@ fn daemon_rss_kib(daemon: &Daemon) -> u64 {
         .unwrap_or(0)
 }
 
+/// A disk-only snapshot of both disks of a running VM through `.create`
+/// (one QMP transaction) against the bare transaction; goal <= 20 ms.
+fn disk_only() {
+    let fx = Fixture::with_env("bench-disk-only", &[("RUST_LOG", "info")]);
+    fx.vm.qemu_io("vda", "write -P 0xab 0 32M").unwrap();
+    let (mut tree, mut bare) = (vec![], vec![]);
+    for i in 0..REPS {
+        let spec =
+            format!("<domainsnapshot><name>d{i}</name><memory snapshot='no'/></domainsnapshot>");
+        tree.push(timed(|| {
+            write_file(&fx.path(".create"), spec.as_bytes()).unwrap()
+        }));
+        let mut q = fx.vm.control().unwrap();
+        let actions: Vec<serde_json::Value> = fx
+            .vm
+            .disks
+            .iter()
+            .map(|d| {
+                json!({"type": "blockdev-snapshot-internal-sync",
+                       "data": {"device": format!("{}-fmt", d.target), "name": format!("b{i}")}})
+            })
+            .collect();
+        bare.push(timed(|| {
+            q.execute_raw("transaction", json!({ "actions": actions }))
+                .unwrap();
+        }));
+    }
+    let (t, b) = (median(tree), median(bare));
+    println!("\n== disk-only snapshot of 2 disks of a running VM (internal, one transaction; median of {REPS})");
+    println!(
+        ".create end to end: {:6.2} ms (goal <= 20 ms); bare transaction {:6.2} ms; ratio {:.2}x",
+        ms(t),
+        ms(b),
+        t.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
 fn main() {
-    // `VMSNAPFS_BENCH_ONLY=ops` or `=many` runs one part.
+    // `VMSNAPFS_BENCH_ONLY=ops`, `=disk-only` or `=many` runs one part.
     let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "disk-only" {
+        disk_only();
+    }
     if only.is_empty() || only == "ops" {
         overhead(128, 0);
         overhead(1024, 768);
