@@ -76,7 +76,13 @@ fn mount_t_fstab_and_allow_other() {
     let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
     let domains = dir.0.join("domains");
     let state = dir.0.join("state");
-    vm.write_definition(&domains).unwrap();
+    let def = vm.write_definition(&domains).unwrap();
+    // A secret in the definition, as libvirt's <graphics passwd=...>.
+    let xml = fs::read_to_string(&def).unwrap().replace(
+        "  </devices>",
+        "    <graphics type='vnc' passwd='s3cret-pw'/>\n  </devices>",
+    );
+    fs::write(&def, xml).unwrap();
     let mnt = dir.0.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
@@ -137,6 +143,23 @@ fn mount_t_fstab_and_allow_other() {
     let vm1 = mnt.join("vm1");
     let vm1 = vm1.to_str().unwrap();
     assert!(as_nobody(&["ls", vm1]));
+    // Secrets in the domain XML are shown to root only.
+    let seen_by = |user: &str| {
+        let out = Command::new("runuser")
+            .args(["-u", user, "--", "cat"])
+            .arg(format!("{vm1}/.domain.xml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(seen_by("root").contains("s3cret-pw"));
+    let redacted = seen_by("nobody");
+    assert!(!redacted.contains("s3cret-pw"), "{redacted}");
+    assert!(
+        redacted.contains("passwd='***'") || redacted.contains("passwd=\"***\""),
+        "{redacted}"
+    );
     assert!(as_nobody(&["cat", &format!("{vm1}/.tree")]));
     assert!(!as_nobody(&["mkdir", &format!("{vm1}/by-nobody")]));
     assert!(!as_nobody(&["rmdir", &format!("{vm1}/through-mount-t")]));
