@@ -417,10 +417,13 @@ fn nbd_servers_under(dir: &std::path::Path) -> Vec<i32> {
 #[test]
 fn view_servers_left_by_a_killed_daemon_are_stopped_at_start() {
     let mut fx = Fixture::new("orphans");
+    // A compressed cluster: the direct qcow2 reader hands it to qemu-nbd.
+    fx.vm.qemu_io("vda", "write -c -P 0x77 0 64k").unwrap();
     fs::create_dir(fx.path("s")).unwrap();
     let mut f = fs::File::open(fx.path("s/disks/vda")).unwrap();
     let mut buf = vec![0u8; 4096];
     std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x77), "compressed data read back");
     drop(f);
     let run = fx.daemon.state.join("vm1/run");
     assert_eq!(
@@ -444,5 +447,7 @@ fn view_servers_left_by_a_killed_daemon_are_stopped_at_start() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The view works again, from a new server.
-    assert_eq!(fs::read(fx.path("s/disks/vda")).unwrap().len(), 64 << 20);
+    let all = fs::read(fx.path("s/disks/vda")).unwrap();
+    assert_eq!(all.len(), 64 << 20);
+    assert!(all[..65536].iter().all(|b| *b == 0x77));
 }

@@ -12,14 +12,21 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::model::{DiskSnapshotKind, Snapshot};
-use crate::views::{LazyView, ViewOptions, ViewSource};
+use crate::views::{DirectView, FrozenView, LazyView, ViewOptions, ViewSource};
 
 /// Views, their open counts, and the virtual sizes of images.
 pub struct DiskViews {
     options: ViewOptions,
-    views: Mutex<HashMap<(String, String), Arc<LazyView>>>,
+    views: Mutex<HashMap<(String, String), Served>>,
     holds: Mutex<Holds>,
     sizes: Mutex<HashMap<PathBuf, u64>>,
+}
+
+/// One view and, when it has one, its server-backed part.
+#[derive(Clone)]
+struct Served {
+    view: Arc<dyn FrozenView>,
+    server: Arc<LazyView>,
 }
 
 #[derive(Default)]
@@ -59,7 +66,9 @@ impl DiskViews {
 
     /// Opens a view of `target` at `snap`, holding the snapshot until
     /// [`DiskViews::close`]. EBUSY while the snapshot is being deleted.
-    pub fn open(&self, snap: &Snapshot, target: &str) -> Result<Arc<LazyView>> {
+    /// An internal snapshot is read directly from its qcow2 file when the
+    /// image's layout allows it, else through `qemu-nbd`.
+    pub fn open(&self, snap: &Snapshot, target: &str) -> Result<Arc<dyn FrozenView>> {
         let source = Self::source(snap, target)
             .ok_or_else(|| Error::not_found(format!("disk {target} is not in this snapshot")))?;
         let mut holds = self.holds.lock();
@@ -72,12 +81,29 @@ impl DiskViews {
         *holds.open.entry(snap.id.clone()).or_default() += 1;
         drop(holds);
         let key = (snap.id.clone(), target.to_owned());
-        let view = self
-            .views
-            .lock()
-            .entry(key)
-            .or_insert_with(|| Arc::new(LazyView::new(source, self.options.clone())))
-            .clone();
+        if let Some(s) = self.views.lock().get(&key) {
+            return Ok(s.view.clone());
+        }
+        let direct = match &source.snapshot {
+            Some(tag) => match crate::views::qcow2::Qcow2Snapshot::open(&source.image, tag) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.close(&snap.id);
+                    return Err(Error::io(format!("disk {target}: {e}")));
+                }
+            },
+            None => None,
+        };
+        let server = Arc::new(LazyView::new(source, self.options.clone()));
+        let view: Arc<dyn FrozenView> = match direct {
+            Some(direct) => Arc::new(DirectView {
+                direct,
+                fallback: server.clone(),
+            }),
+            None => server.clone(),
+        };
+        let served = Served { view, server };
+        let view = self.views.lock().entry(key).or_insert(served).view.clone();
         Ok(view)
     }
 
@@ -106,9 +132,9 @@ impl DiskViews {
     pub fn end_delete(&self, id: &str, gone: bool) {
         self.holds.lock().deleting.remove(id);
         if gone {
-            self.views.lock().retain(|(sid, _), v| {
+            self.views.lock().retain(|(sid, _), s| {
                 if sid == id {
-                    v.close();
+                    s.server.close();
                 }
                 sid != id
             });
@@ -117,16 +143,21 @@ impl DiskViews {
 
     /// Stops the servers of views unused for `after`.
     pub fn release_idle(&self, after: Duration) {
-        let views: Vec<Arc<LazyView>> = self.views.lock().values().cloned().collect();
-        for v in views {
+        let servers: Vec<Arc<LazyView>> = self
+            .views
+            .lock()
+            .values()
+            .map(|s| s.server.clone())
+            .collect();
+        for v in servers {
             v.close_if_idle(after);
         }
     }
 
     /// Stops every server (at unmount).
     pub fn close_all(&self) {
-        for v in self.views.lock().values() {
-            v.close();
+        for s in self.views.lock().values() {
+            s.server.close();
         }
     }
 

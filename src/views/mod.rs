@@ -36,6 +36,7 @@
 
 pub mod extents;
 pub mod nbd;
+pub mod qcow2;
 pub mod source;
 
 pub use extents::{ExtentMap, ExtentSource, Run};
@@ -44,3 +45,62 @@ pub use nbd::{
     NBD_STATE_ZERO,
 };
 pub use source::{LazyView, NbdServer, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME};
+
+/// What the tree needs of a frozen view, however it is served.
+pub trait FrozenView: Send + Sync {
+    /// Reads at `offset`; fewer bytes only at the end of the disk.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// `lseek(SEEK_DATA)`: `None` means `ENXIO`.
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>>;
+    /// `lseek(SEEK_HOLE)`: `None` means `ENXIO`.
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>>;
+}
+
+impl FrozenView for LazyView {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        LazyView::read_at(self, offset, buf)
+    }
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        LazyView::seek_data(self, offset)
+    }
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        LazyView::seek_hole(self, offset)
+    }
+}
+
+/// An internal snapshot read directly from its qcow2 file, falling back
+/// to a `qemu-nbd` view for what the direct reader does not handle
+/// (compressed clusters).
+pub struct DirectView {
+    /// The direct reader.
+    pub direct: qcow2::Qcow2Snapshot,
+    /// The server-backed view, started only if ever needed.
+    pub fallback: std::sync::Arc<LazyView>,
+}
+
+impl FrozenView for DirectView {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.direct.read_at(offset, buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                self.fallback.read_at(offset, buf)
+            }
+            other => other,
+        }
+    }
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        match self.direct.seek_data(offset) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                self.fallback.seek_data(offset)
+            }
+            other => other,
+        }
+    }
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        match self.direct.seek_hole(offset) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                self.fallback.seek_hole(offset)
+            }
+            other => other,
+        }
+    }
+}
