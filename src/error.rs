@@ -27,6 +27,21 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The errno's symbolic name, for `.log`.
+    pub fn errno_name(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "EINVAL",
+            ErrorKind::NameTooLong => "ENAMETOOLONG",
+            ErrorKind::Exists => "EEXIST",
+            ErrorKind::NotFound => "ENOENT",
+            ErrorKind::Busy => "EBUSY",
+            ErrorKind::NotPermitted => "EPERM",
+            ErrorKind::NoSpace => "ENOSPC",
+            ErrorKind::Unsupported => "EOPNOTSUPP",
+            ErrorKind::Io => "EIO",
+        }
+    }
+
     /// The errno that FUSE hands back for this kind.
     pub fn errno(self) -> i32 {
         match self {

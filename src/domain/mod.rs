@@ -178,17 +178,7 @@ impl Domain {
 
     /// Logs a refusal or failure of `what` and passes the error on.
     fn refuse<T>(&self, what: &str, e: Error) -> Result<T> {
-        let errno = match e.kind {
-            ErrorKind::Invalid => "EINVAL",
-            ErrorKind::NameTooLong => "ENAMETOOLONG",
-            ErrorKind::Exists => "EEXIST",
-            ErrorKind::NotFound => "ENOENT",
-            ErrorKind::Busy => "EBUSY",
-            ErrorKind::NotPermitted => "EPERM",
-            ErrorKind::NoSpace => "ENOSPC",
-            ErrorKind::Unsupported => "EOPNOTSUPP",
-            ErrorKind::Io => "EIO",
-        };
+        let errno = e.kind.errno_name();
         self.log
             .line(&format!("{what}: refused ({errno}): {}", e.message));
         if e.kind == ErrorKind::Io {
