@@ -451,3 +451,35 @@ fn view_servers_left_by_a_killed_daemon_are_stopped_at_start() {
     assert_eq!(all.len(), 64 << 20);
     assert!(all[..65536].iter().all(|b| *b == 0x77));
 }
+
+#[test]
+fn a_snapshot_on_some_disks_only_is_never_half_reverted() {
+    let mut fx = Fixture::new("partial");
+    fx.vm.qemu_io("vda", "write -P 0x51 0 64k").unwrap();
+    // Made behind vmsnapfs' back, on vda only.
+    fx.vm
+        .control()
+        .unwrap()
+        .execute_raw(
+            "blockdev-snapshot-internal-sync",
+            serde_json::json!({"device": "vda-fmt", "name": "half"}),
+        )
+        .unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x52 0 64k").unwrap();
+    fx.restart_daemon(&[]);
+    assert_eq!(fx.ls(), vec!["half"]);
+    assert_eq!(fx.revert("half", "running force"), Err(libc::ENOENT));
+    assert_eq!(fx.revert("half", "shutoff force"), Err(libc::ENOENT));
+    assert!(fx.read(".log").contains("is on 1 of 2 disks"));
+    assert_eq!(fx.read(".state"), "running\n", "nothing was stopped");
+    assert!(all_bytes(
+        &fx.vm.read_disk("vda").unwrap(),
+        0,
+        64 * 1024,
+        0x52
+    ));
+    let journal = fs::read_dir(fx.daemon.state.join("vm1/journal"))
+        .unwrap()
+        .count();
+    assert_eq!(journal, 0);
+}

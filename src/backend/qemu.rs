@@ -355,7 +355,22 @@ impl Backend for QemuBackend {
     }
 
     fn apply_disks_offline(&self, tag: &str) -> Result<()> {
-        for d in self.qcow2_disks()? {
+        let disks = self.qcow2_disks()?;
+        // All disks or none: a disk without the snapshot is found before
+        // any disk is touched.
+        for d in &disks {
+            if !qemu_img::list(&d.source)?.iter().any(|s| s.tag == tag) {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "disk {} ({}) does not hold this snapshot; nothing was reverted",
+                        d.target,
+                        d.source.display()
+                    ),
+                ));
+            }
+        }
+        for d in &disks {
             qemu_img::apply(&d.source, tag)?;
         }
         Ok(())

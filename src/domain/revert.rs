@@ -143,6 +143,15 @@ impl Domain {
                 ),
             ));
         }
+        // A snapshot on only some disks (made by another tool) cannot be
+        // reverted to: refuse before anything changes.
+        let (present, total) = self.backend.tag_presence(&snap.id)?;
+        if present < total {
+            return Err(Error::not_found(format!(
+                "snapshot {:?} is on {present} of {total} disks; it cannot be reverted to",
+                snap.name
+            )));
+        }
         let needs_start = target != DomainState::Shutoff && !(up && snap.has_memory());
         if needs_start && !self.backend.can_start() {
             return Err(Error::new(
