@@ -1,0 +1,313 @@
+//! Navigating the tree: what each inode is called, what it holds, its
+//! attributes, and the directory listings.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{Errno, FileAttr, FileType, Generation, INodeNo, ReplyEntry};
+
+use super::content;
+use super::inode::{DomainFile, Node, SnapFile};
+use super::{errno, secs, Inner, XmlTarget, LIVE_TTL, STABLE_TTL};
+use crate::domain::Domain;
+
+impl Inner {
+    pub(super) fn domain(&self, name: &str) -> Result<Arc<Domain>, Errno> {
+        self.reg.get(name).ok_or(Errno::ENOENT)
+    }
+
+    pub(super) fn attr(&self, node: &Node, uid: u32) -> Option<(FileAttr, Duration)> {
+        let gid = self.config.group.unwrap_or(0);
+        let group_w = self.config.group.is_some();
+        let (kind, perm, size, mtime, ttl) = match node {
+            Node::Root => (FileType::Directory, 0o755, 0, self.mounted_at, STABLE_TTL),
+            Node::Domain(d) => {
+                self.reg.get(d)?;
+                let perm = if group_w { 0o775 } else { 0o755 };
+                (FileType::Directory, perm, 0, self.mounted_at, STABLE_TTL)
+            }
+            Node::DomainFile(d, f) => {
+                let dom = self.reg.get(d)?;
+                if *f == DomainFile::Current {
+                    let t = content::current_target(&dom)?;
+                    (
+                        FileType::Symlink,
+                        0o777,
+                        t.len() as u64,
+                        SystemTime::now(),
+                        LIVE_TTL,
+                    )
+                } else if *f == DomainFile::Create {
+                    let perm = if group_w { 0o220 } else { 0o200 };
+                    (FileType::RegularFile, perm, 0, self.mounted_at, STABLE_TTL)
+                } else {
+                    let len = content::domain_file(&dom, *f, uid).len() as u64;
+                    (
+                        FileType::RegularFile,
+                        0o444,
+                        len,
+                        SystemTime::now(),
+                        LIVE_TTL,
+                    )
+                }
+            }
+            Node::Snapshot(d, id) => {
+                let dom = self.reg.get(d)?;
+                let t = dom.forest().get(id)?.creation_time;
+                (FileType::Directory, 0o755, 0, secs(t), STABLE_TTL)
+            }
+            Node::SnapshotDisk(d, id, target) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                let image = content::image_of(&dom, id, target)?;
+                let size = dom.views().disk_size(&image).unwrap_or(0);
+                (FileType::RegularFile, 0o444, size, t, STABLE_TTL)
+            }
+            Node::SnapshotImage(d, id, target) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                let image = content::image_of(&dom, id, target)?;
+                let len = image.as_os_str().len() as u64;
+                (FileType::Symlink, 0o777, len, t, STABLE_TTL)
+            }
+            Node::SnapshotFile(d, id, f) if f.is_dir() => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                (FileType::Directory, 0o755, 0, t, STABLE_TTL)
+            }
+            Node::SnapshotFile(d, id, f) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                match f {
+                    SnapFile::Parent => {
+                        let target = content::parent_target(&dom, id)?;
+                        (FileType::Symlink, 0o777, target.len() as u64, t, LIVE_TTL)
+                    }
+                    SnapFile::Revert => {
+                        let perm = if group_w { 0o220 } else { 0o200 };
+                        (FileType::RegularFile, perm, 0, t, STABLE_TTL)
+                    }
+                    _ => {
+                        let len = content::snapshot_file(&dom, id, *f, uid)?.len() as u64;
+                        // snapshot.xml takes a new <description>.
+                        let perm = match (f, group_w) {
+                            (SnapFile::SnapshotXml, false) => 0o644,
+                            (SnapFile::SnapshotXml, true) => 0o664,
+                            _ => 0o444,
+                        };
+                        (FileType::RegularFile, perm, len, t, LIVE_TTL)
+                    }
+                }
+            }
+        };
+        let nlink = if kind == FileType::Directory { 2 } else { 1 };
+        let attr = FileAttr {
+            ino: INodeNo(self.inodes.ino(node)),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        };
+        Some((attr, ttl))
+    }
+
+    pub(super) fn child(&self, parent: &Node, name: &OsStr) -> Option<Node> {
+        let name = name.as_bytes();
+        match parent {
+            Node::Root => {
+                let d = std::str::from_utf8(name).ok()?;
+                self.reg.get(d).map(|_| Node::Domain(d.to_owned()))
+            }
+            Node::Domain(d) => {
+                if let Some(f) = DomainFile::from_name(name) {
+                    return Some(Node::DomainFile(d.clone(), f));
+                }
+                let dom = self.reg.get(d)?;
+                let n = std::str::from_utf8(name).ok()?;
+                let id = dom.forest().by_name(n)?.id.clone();
+                Some(Node::Snapshot(d.clone(), id))
+            }
+            Node::Snapshot(d, id) => {
+                SnapFile::from_name(name).map(|f| Node::SnapshotFile(d.clone(), id.clone(), f))
+            }
+            Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
+                let dom = self.reg.get(d)?;
+                let t = std::str::from_utf8(name).ok()?;
+                if !content::view_targets(&dom, id).iter().any(|x| x == t) {
+                    return None;
+                }
+                Some(if *f == SnapFile::Disks {
+                    Node::SnapshotDisk(d.clone(), id.clone(), t.to_owned())
+                } else {
+                    Node::SnapshotImage(d.clone(), id.clone(), t.to_owned())
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The entries of a directory (without `.` and `..`).
+    pub(super) fn entries(&self, node: &Node) -> Option<Vec<(Node, FileType, String)>> {
+        Some(match node {
+            Node::Root => {
+                self.reg.rescan();
+                self.reg
+                    .all()
+                    .iter()
+                    .map(|d| {
+                        (
+                            Node::Domain(d.name().to_owned()),
+                            FileType::Directory,
+                            d.name().to_owned(),
+                        )
+                    })
+                    .collect()
+            }
+            Node::Domain(d) => {
+                let dom = self.reg.get(d)?;
+                let mut v: Vec<_> = DomainFile::ALL
+                    .iter()
+                    .filter(|(f, _)| {
+                        *f != DomainFile::Current || content::current_target(&dom).is_some()
+                    })
+                    .map(|(f, n)| {
+                        let kind = if *f == DomainFile::Current {
+                            FileType::Symlink
+                        } else {
+                            FileType::RegularFile
+                        };
+                        (Node::DomainFile(d.clone(), *f), kind, (*n).to_owned())
+                    })
+                    .collect();
+                for s in dom.forest().iter_by_time() {
+                    v.push((
+                        Node::Snapshot(d.clone(), s.id.clone()),
+                        FileType::Directory,
+                        s.name.clone(),
+                    ));
+                }
+                v
+            }
+            Node::Snapshot(d, id) => {
+                let dom = self.reg.get(d)?;
+                let has_parent = dom.forest().get(id)?.parent.is_some();
+                SnapFile::ALL
+                    .iter()
+                    .filter(|(f, _)| *f != SnapFile::Parent || has_parent)
+                    .map(|(f, n)| {
+                        let kind = match f {
+                            SnapFile::Parent => FileType::Symlink,
+                            f if f.is_dir() => FileType::Directory,
+                            _ => FileType::RegularFile,
+                        };
+                        (
+                            Node::SnapshotFile(d.clone(), id.clone(), *f),
+                            kind,
+                            (*n).to_owned(),
+                        )
+                    })
+                    .collect()
+            }
+            Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
+                let dom = self.reg.get(d)?;
+                content::view_targets(&dom, id)
+                    .into_iter()
+                    .map(|t| {
+                        if *f == SnapFile::Disks {
+                            let n = Node::SnapshotDisk(d.clone(), id.clone(), t.clone());
+                            (n, FileType::RegularFile, t)
+                        } else {
+                            let n = Node::SnapshotImage(d.clone(), id.clone(), t.clone());
+                            (n, FileType::Symlink, t)
+                        }
+                    })
+                    .collect()
+            }
+            _ => return None,
+        })
+    }
+
+    pub(super) fn parent_of(&self, node: &Node) -> Node {
+        match node {
+            Node::Root | Node::Domain(_) => Node::Root,
+            Node::DomainFile(d, _) | Node::Snapshot(d, _) => Node::Domain(d.clone()),
+            Node::SnapshotFile(d, id, _) => Node::Snapshot(d.clone(), id.clone()),
+            Node::SnapshotDisk(d, id, _) => {
+                Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Disks)
+            }
+            Node::SnapshotImage(d, id, _) => {
+                Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Images)
+            }
+        }
+    }
+
+    /// A directory's entries with `.` and `..` first, in a stable order.
+    pub(super) fn listing(&self, ino: INodeNo) -> Option<Vec<(Node, FileType, String)>> {
+        let node = self.node(ino).ok()?;
+        let entries = self.entries(&node)?;
+        let mut all = Vec::with_capacity(entries.len() + 2);
+        all.push((node.clone(), FileType::Directory, ".".to_owned()));
+        all.push((self.parent_of(&node), FileType::Directory, "..".to_owned()));
+        all.extend(entries);
+        Some(all)
+    }
+
+    pub(super) fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.inodes.node(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    pub(super) fn generated(&self, node: &Node, uid: u32) -> Option<Vec<u8>> {
+        match node {
+            Node::DomainFile(d, f) => Some(content::domain_file(&*self.reg.get(d)?, *f, uid)),
+            Node::SnapshotFile(d, id, f) => content::snapshot_file(&*self.reg.get(d)?, id, *f, uid),
+            _ => None,
+        }
+    }
+
+    /// Applies a written XML document: a new description, or a create.
+    pub(super) fn apply_xml(
+        &self,
+        domain: &str,
+        target: &XmlTarget,
+        xml: &[u8],
+    ) -> Result<(), Errno> {
+        let dom = self.domain(domain)?;
+        match target {
+            XmlTarget::Description(id) => {
+                let name = dom
+                    .forest()
+                    .get(id)
+                    .map(|s| s.name.clone())
+                    .ok_or(Errno::ENOENT)?;
+                dom.write_snapshot_xml(&name, xml).map_err(|e| errno(&e))
+            }
+            XmlTarget::Create => dom.create_from_spec(xml).map(drop).map_err(|e| errno(&e)),
+        }
+    }
+
+    pub(super) fn reply_entry(&self, node: &Node, uid: u32, reply: ReplyEntry) {
+        let Some((attr, attr_ttl)) = self.attr(node, uid) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // Symlinks that exist only while there is a current snapshot or a
+        // parent are looked up again each time; every other name is stable.
+        let entry_ttl = match node {
+            Node::DomainFile(_, DomainFile::Current)
+            | Node::SnapshotFile(_, _, SnapFile::Parent) => LIVE_TTL,
+            _ => STABLE_TTL,
+        };
+        reply.entry_with_ttls(&attr_ttl, &entry_ttl, &attr, Generation(0));
+    }
+}
