@@ -256,11 +256,91 @@ fn disk_only() {
     );
 }
 
+/// Seconds of a QMP event timestamp.
+fn event_time(e: &serde_json::Value) -> f64 {
+    e["timestamp"]["seconds"].as_f64().unwrap_or(0.0)
+        + e["timestamp"]["microseconds"].as_f64().unwrap_or(0.0) / 1e6
+}
+
+/// Revert of a running VM to an internal checkpoint through the tree (same
+/// QEMU process) versus quitting QEMU and starting it again with
+/// `-loadvm` (a restart); goal: >= 5x faster. Guest pause = STOP to RESUME.
+fn revert_vs_restart() {
+    let mut spec = VmSpec::small("vm1");
+    spec.memory_mb = 512;
+    let fx = Fixture::with_spec("bench-revert", &spec, &[("RUST_LOG", "info")]);
+    fx.vm.fill_ram(256).unwrap();
+    fs::create_dir(fx.path("s")).unwrap();
+    let tag = fs::read_dir(fx.daemon.state.join("vm1/snapshots"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .find_map(|x| vmsnapfs::xml::snapshot::parse_snapshot_xml(&x).ok()?.id)
+        .unwrap();
+    let (mut wall, mut pause) = (vec![], vec![]);
+    for _ in 0..5 {
+        let mut q = fx.vm.control().unwrap();
+        let t = timed(|| fx.revert("s", "running").unwrap());
+        let stop = q
+            .wait_event(Duration::from_secs(10), |e| e["event"] == "STOP")
+            .unwrap();
+        let resume = q
+            .wait_event(Duration::from_secs(10), |e| e["event"] == "RESUME")
+            .unwrap();
+        wall.push(t);
+        pause.push(Duration::from_secs_f64(
+            event_time(&resume) - event_time(&stop),
+        ));
+    }
+    // The restart: quit, start the same command line with -loadvm, wait
+    // until the guest runs again.
+    let mut restart = vec![];
+    for _ in 0..3 {
+        let t = Instant::now();
+        let pid = fx.vm.current_pid().unwrap();
+        let _ = fx.vm.control().unwrap().execute_raw("quit", json!({}));
+        assert!(vmsnapfs::backend::process::wait_exit(
+            pid,
+            Duration::from_secs(30)
+        ));
+        let mut argv = fx.vm.argv.clone();
+        argv.push("-loadvm".into());
+        argv.push(tag.clone());
+        let log = fx.dir.0.join("restart.log");
+        vmsnapfs::backend::process::spawn_detached(&argv, &log).unwrap();
+        loop {
+            let running = fx
+                .vm
+                .control()
+                .ok()
+                .and_then(|mut q| q.execute_raw("query-status", json!({})).ok())
+                .is_some_and(|v| v["status"] == "running");
+            if running {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        restart.push(t.elapsed());
+    }
+    let (w, p, r) = (median(wall), median(pause), median(restart));
+    println!("\n== revert of a running VM (512 MiB RAM, 256 MiB filled) to an internal checkpoint");
+    println!(
+        "through the tree: {:7.1} ms wall, guest paused {:7.1} ms; restart with -loadvm: {:7.1} ms; \
+         {:.1}x faster (goal >= 5x)",
+        ms(w),
+        ms(p),
+        ms(r),
+        r.as_secs_f64() / w.as_secs_f64()
+    );
+}
+
 fn main() {
-    // `VMSNAPFS_BENCH_ONLY=ops`, `=disk-only` or `=many` runs one part.
+    // `VMSNAPFS_BENCH_ONLY=ops`, `=disk-only`, `=revert` or `=many` runs one part.
     let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "disk-only" {
         disk_only();
+    }
+    if only.is_empty() || only == "revert" {
+        revert_vs_restart();
     }
     if only.is_empty() || only == "ops" {
         overhead(128, 0);
