@@ -292,3 +292,40 @@ fn create_from_a_libvirt_spec() {
     assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0x61));
     assert!(all_bytes(&fx.vm.read_disk("vdb").unwrap(), 0, K64, 0x62));
 }
+
+#[test]
+fn disk_only_policy_makes_mkdir_take_disks_only() {
+    let dir = TempDir::new("policy");
+    let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+    let def = vm.write_definition(&dir.0.join("domains")).unwrap();
+    let xml = fs::read_to_string(&def)
+        .unwrap()
+        .replace("</domain>", "  <snapshot policy='disk-only'/>\n</domain>");
+    fs::write(&def, xml).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let vm1 = daemon.mnt.join("vm1");
+    vm.qemu_io("vda", "write -P 0x71 0 64k").unwrap();
+    fs::create_dir(vm1.join("quick")).unwrap();
+    assert_eq!(
+        fs::read_to_string(vm1.join("quick/state")).unwrap(),
+        "disk-snapshot\n"
+    );
+    for d in &vm.disks {
+        assert_eq!(image_tags(&d.image).len(), 1);
+    }
+    // A spec can still ask for a checkpoint.
+    let spec = b"<domainsnapshot><name>full</name><memory snapshot='internal'/></domainsnapshot>";
+    write_file(&vm1.join(".create"), spec).unwrap();
+    assert_eq!(
+        fs::read_to_string(vm1.join("full/state")).unwrap(),
+        "running\n"
+    );
+    vm.qemu_io("vda", "write -P 0x00 0 64k").unwrap();
+    assert_eq!(
+        write_file(&vm1.join("quick/revert"), b"running"),
+        Err(libc::EPERM),
+        "reverting a running VM to disks only restarts QEMU"
+    );
+    drop(daemon);
+    drop(vm);
+}

@@ -219,10 +219,11 @@ impl Domain {
         let r = validate_name_bytes(raw_name)
             .map_err(Error::from)
             .and_then(|name| {
+                let memory = self.def.policy == crate::model::SnapshotPolicy::Internal;
                 let request = CreateRequest {
                     name,
                     description: None,
-                    memory: true,
+                    memory,
                 };
                 self.create_as(&what, request)
             });

@@ -19,7 +19,7 @@
 //!     <arg value='-m'/>
 //!     <arg value='2048'/>
 //!   </commandline>
-//!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes -->
+//!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes: internal | disk-only -->
 //! </domain>
 //! ```
 //!
@@ -42,7 +42,7 @@ use crate::model::{validate_name, DiskDef, DomainDef, SnapshotPolicy};
 const DISK_DEVICES: &[&str] = &["disk", "cdrom", "floppy", "lun"];
 
 /// Values of `<snapshot policy=...>`.
-const POLICIES: &[&str] = &["internal"];
+const POLICIES: &[&str] = &["internal", "disk-only"];
 
 /// The format of a disk whose `<driver>` names none (libvirt's default).
 const DEFAULT_FORMAT: &str = "raw";
@@ -94,6 +94,7 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
     let policy = match root.child("snapshot")? {
         Some(snapshot) => match snapshot.attr("policy") {
             None | Some("internal") => SnapshotPolicy::Internal,
+            Some("disk-only") => SnapshotPolicy::DiskOnly,
             Some(other) => return Err(XmlError::bad_choice("<snapshot policy>", other, POLICIES)),
         },
         None => SnapshotPolicy::default(),
@@ -434,7 +435,14 @@ mod tests {
         );
         // Unknown policy and device values name the allowed ones.
         let e = err("<domain><name>a</name><snapshot policy='external'/></domain>");
-        assert!(e.to_string().contains("expected one of: internal"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("expected one of: internal, disk-only"),
+            "{e}"
+        );
+        let def = parse_domain_def("<domain><name>a</name><snapshot policy='disk-only'/></domain>")
+            .unwrap();
+        assert_eq!(def.policy, SnapshotPolicy::DiskOnly);
         let e = err("<domain><name>a</name><devices><disk device='tape'/></devices></domain>");
         assert!(e.to_string().contains("disk, cdrom, floppy, lun"), "{e}");
         assert!(matches!(
