@@ -39,7 +39,6 @@ pub struct Domain {
     monitor_error: Mutex<Option<String>>,
     views: views::DiskViews,
     log: OpLog,
-    generation: AtomicU64,
 }
 
 /// Marks the domain busy for one operation; frees it on drop.
@@ -111,7 +110,6 @@ impl Domain {
             monitor_error: Mutex::new(monitor_problem),
             views,
             log,
-            generation: AtomicU64::new(1),
         };
         recovery::recover(&dom);
         Ok(dom)
@@ -152,28 +150,13 @@ impl Domain {
         drop(last);
         let old = std::mem::replace(&mut *self.state.write(), s);
         if old != s {
-            self.bump();
             self.log.line(&format!("domain is now {}", s.as_str()));
         }
-    }
-
-    /// A counter that changes whenever the tree of this domain changes.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The `.log` text.
     pub fn log_text(&self) -> String {
         self.log.text()
-    }
-
-    /// Appends a line to `.log`.
-    pub fn log_line(&self, text: &str) {
-        self.log.line(text);
     }
 
     /// Logs a refusal or failure of `what` and passes the error on.
@@ -204,11 +187,6 @@ impl Domain {
     /// Frozen views of this domain's snapshots.
     pub fn views(&self) -> &views::DiskViews {
         &self.views
-    }
-
-    /// The operation in progress, if any.
-    pub fn busy_with(&self) -> Option<String> {
-        self.busy.lock().clone()
     }
 
     /// `mkdir`: takes a snapshot named `raw_name` with the domain's policy.
@@ -316,7 +294,6 @@ impl Domain {
             return Err(e.into());
         }
         drop(forest);
-        self.bump();
         Ok(())
     }
 
@@ -428,7 +405,6 @@ impl Domain {
         crate::failpoint::hit("delete.before-meta-remove")?;
         self.store.remove_snapshot(id)?;
         drop(forest);
-        self.bump();
         Ok(())
     }
 
@@ -466,7 +442,6 @@ impl Domain {
                 }
             }
             drop(forest);
-            self.bump();
             self.log.line(&format!("{what}: renamed"));
             Ok(())
         })();
@@ -487,7 +462,6 @@ impl Domain {
                 s.description = updated.description;
             }
             drop(forest);
-            self.bump();
             self.log.line(&format!("{what}: description changed"));
             Ok(())
         })();

@@ -147,7 +147,6 @@ fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
                 .line(&format!("recovery: cannot adopt {:?}: {e}", t.tag)),
         }
         drop(forest);
-        dom.bump();
     }
 }
 

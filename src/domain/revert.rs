@@ -213,7 +213,6 @@ impl Domain {
         forest.set_current(Some(id));
         self.store.save_current(forest.current())?;
         drop(forest);
-        self.bump();
         Ok(())
     }
 }

@@ -120,12 +120,6 @@ impl SnapFs {
         }
     }
 
-    /// Mounts at `mountpoint` and serves until unmounted.
-    pub fn mount(self, mountpoint: &Path) -> std::io::Result<()> {
-        let config = fuse_config(&self.inner.config);
-        fuser::mount(self, mountpoint, &config)
-    }
-
     /// Mounts at `mountpoint` and serves from background threads.
     pub fn spawn(self, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
         let config = fuse_config(&self.inner.config);
