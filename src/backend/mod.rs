@@ -1,6 +1,7 @@
 //! What really happens to the VM and its images: QMP on a running QEMU,
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
+pub mod external;
 pub mod process;
 pub mod qemu;
 pub mod qemu_img;
@@ -8,8 +9,10 @@ pub mod qmp;
 
 pub use qemu::QemuBackend;
 
+use std::path::PathBuf;
+
 use crate::error::Result;
-use crate::model::{DomainState, SnapshotState};
+use crate::model::{DiskDef, DomainState, SnapshotState};
 
 /// One internal snapshot found in an image's snapshot table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,32 @@ pub struct ImageSnapshot {
     pub vm_state_size: u64,
     /// Creation time, seconds since the epoch.
     pub date_sec: i64,
+}
+
+/// What an external snapshot makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalPlan {
+    /// Each disk that gets a new overlay (target, overlay path); the
+    /// disk's current active layer becomes the snapshot's point.
+    pub overlays: Vec<(String, PathBuf)>,
+    /// Where to save the guest's RAM and device state, for a checkpoint
+    /// of a running or paused VM (ignored when it is stopped).
+    pub memory: Option<PathBuf>,
+}
+
+/// How an external snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalOutcome {
+    /// What the snapshot records.
+    pub state: SnapshotState,
+    /// Each switched disk's previous active layer (the snapshot's point).
+    pub points: Vec<(String, PathBuf)>,
+    /// Whether the memory file was written.
+    pub memory_saved: bool,
+    /// Something the user should know (a fallback taken), for `.log`.
+    pub note: Option<String>,
+    /// How long the guest was paused, when QEMU runs.
+    pub paused_for: Option<std::time::Duration>,
 }
 
 /// The primitive actions on one domain. The domain layer decides which to
@@ -78,4 +107,25 @@ pub trait Backend: Send + Sync {
 
     /// True when a command line to start the domain is known.
     fn can_start(&self) -> bool;
+
+    /// Each disk with its active layer (where guest writes go now).
+    fn active_disks(&self) -> Vec<DiskDef>;
+
+    /// Takes an external snapshot: the disks in `plan` switch to new
+    /// overlays atomically (one transaction when QEMU runs); with
+    /// `plan.memory` and QEMU up, RAM is saved to that file at the same
+    /// instant (live with background-snapshot when the guest runs). On
+    /// failure nothing is left: overlays are merged back and removed.
+    fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome>;
+
+    /// Undoes a completed [`Backend::create_external`]: merges each
+    /// overlay that is an active layer back into its backing image,
+    /// removes the overlays and the memory file.
+    fn undo_external(&self, plan: &ExternalPlan) -> Result<()>;
+
+    /// After a crash during [`Backend::create_external`]: true when the
+    /// overlays are in use (QEMU switched to them, or a guest wrote to
+    /// them), which are then recorded as the active layers; otherwise the
+    /// unused overlays and any partial memory file are removed.
+    fn settle_external(&self, plan: &ExternalPlan) -> Result<bool>;
 }

@@ -71,6 +71,68 @@ pub fn strip_start_options(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// Points a command line at each disk's active layer: every occurrence of
+/// an older image path of the disk (bounded by `=`, `,`, `"`, `:` or the
+/// ends of the argument) becomes the active path. When a raw disk got a
+/// qcow2 overlay, `format=raw` / `driver=raw` in the same argument become
+/// qcow2. What this cannot rewrite is caught by checking the chains QEMU
+/// opened (see `QemuBackend::start_process`).
+pub fn point_at_layers(argv: &[String], swaps: &[(Vec<String>, String, bool)]) -> Vec<String> {
+    argv.iter()
+        .map(|arg| {
+            let mut arg = arg.clone();
+            for (olds, new, to_qcow2) in swaps {
+                let mut hit = false;
+                for old in olds {
+                    if old != new {
+                        let (replaced, n) = replace_bounded(&arg, old, new);
+                        arg = replaced;
+                        hit |= n > 0;
+                    }
+                }
+                if hit && *to_qcow2 {
+                    for (from, to) in [
+                        ("format=raw", "format=qcow2"),
+                        ("driver=raw", "driver=qcow2"),
+                        ("\"driver\":\"raw\"", "\"driver\":\"qcow2\""),
+                    ] {
+                        arg = replace_bounded(&arg, from, to).0;
+                    }
+                }
+            }
+            arg
+        })
+        .collect()
+}
+
+/// Replaces `old` in `s` where it stands alone between separators.
+fn replace_bounded(s: &str, old: &str, new: &str) -> (String, usize) {
+    const SEP: &[char] = &['=', ',', '"', ':', '{'];
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    let mut count = 0;
+    while let Some(i) = rest.find(old) {
+        let before_ok = out.is_empty() && i == 0
+            || rest[..i]
+                .chars()
+                .last()
+                .or_else(|| out.chars().last())
+                .is_some_and(|c| SEP.contains(&c));
+        let after = &rest[i + old.len()..];
+        let after_ok = after.is_empty() || after.starts_with([',', '"']);
+        out.push_str(&rest[..i]);
+        if before_ok && after_ok {
+            out.push_str(new);
+            count += 1;
+        } else {
+            out.push_str(old);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    (out, count)
+}
+
 /// Starts QEMU from `argv` in a session of its own (it outlives the
 /// daemon), output appended to `log`. Reaps it when it exits.
 pub fn spawn_detached(argv: &[String], log: &Path) -> Result<u32> {
@@ -103,6 +165,38 @@ pub fn spawn_detached(argv: &[String], log: &Path) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn points_disks_at_their_active_layer() {
+        let argv: Vec<String> = [
+            "qemu",
+            "-blockdev",
+            "driver=qcow2,node-name=vda-fmt,file.driver=file,file.filename=/i/a.qcow2",
+            "-drive",
+            "file=/i/b.raw,format=raw,if=virtio",
+            "-drive",
+            "file=/i/a.qcow2.bak,format=qcow2",
+            "-blockdev",
+            r#"{"driver":"raw","file":{"driver":"file","filename":"/i/b.raw"}}"#,
+        ]
+        .map(String::from)
+        .to_vec();
+        let swaps = vec![
+            (vec!["/i/a.qcow2".to_owned()], "/i/a.s1.qcow2".to_owned(), false),
+            (vec!["/i/b.raw".to_owned()], "/i/b.s1.qcow2".to_owned(), true),
+        ];
+        let out = point_at_layers(&argv, &swaps);
+        assert_eq!(
+            out[2],
+            "driver=qcow2,node-name=vda-fmt,file.driver=file,file.filename=/i/a.s1.qcow2"
+        );
+        assert_eq!(out[4], "file=/i/b.s1.qcow2,format=qcow2,if=virtio");
+        assert_eq!(out[6], "file=/i/a.qcow2.bak,format=qcow2", "a longer path is another file");
+        assert_eq!(
+            out[8],
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/b.s1.qcow2"}}"#
+        );
+    }
 
     #[test]
     fn strips_start_options() {

@@ -9,59 +9,122 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::qmp::{Qmp, QmpError};
-use super::{process, qemu_img, Backend, ImageSnapshot};
+use super::{process, qemu_img, Backend, ExternalOutcome, ExternalPlan, ImageSnapshot};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{DomainDef, DomainState, SnapshotState};
-use crate::store::DomainStore;
+use crate::model::{DiskDef, DomainDef, DomainState, SnapshotState};
+use crate::store::{DomainStore, Layer};
 
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long QEMU may take to greet a new connection (it does so at once).
 const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a snapshot job may take (RAM saves run ~3 s per GiB here).
-const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(super) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a started QEMU may take to open its monitor.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Conn {
-    qmp: Qmp,
+pub(super) struct Conn {
+    pub(super) qmp: Qmp,
     pid: Option<i32>,
-    /// Node names of the qcow2 disks, in definition order, once looked up.
-    nodes: Option<Vec<String>>,
+    /// Node names of the qcow2 disks' active layers, in definition order,
+    /// once looked up (external snapshots and reverts reset it).
+    pub(super) nodes: Option<Vec<String>>,
 }
 
 /// One disk as the running QEMU sees it.
-struct LiveDisk {
-    node: String,
-    snapshots: Vec<ImageSnapshot>,
+pub(super) struct LiveDisk {
+    /// Node name of the active layer.
+    pub(super) node: String,
+    /// The backing chain, top (active layer) first.
+    pub(super) chain: Vec<qemu_img::ChainImage>,
 }
 
 /// QMP + qemu-img backend of one domain.
 pub struct QemuBackend {
-    def: DomainDef,
-    store: DomainStore,
+    pub(super) def: DomainDef,
+    pub(super) store: DomainStore,
     conn: Mutex<Option<Conn>>,
     monitor_error: Mutex<Option<String>>,
+    /// Each disk's active layer, by target (persisted in the store).
+    pub(super) layers: Mutex<BTreeMap<String, Layer>>,
 }
 
-fn qmp_err(e: QmpError) -> Error {
+pub(super) fn qmp_err(e: QmpError) -> Error {
     Error::io(e.to_string())
+}
+
+/// The chain of one `query-block` entry's image, top first.
+fn chain_of(inserted: &Value) -> Vec<qemu_img::ChainImage> {
+    let mut out = Vec::new();
+    let mut image = &inserted["image"];
+    while let Some(file) = image["filename"].as_str() {
+        out.push(qemu_img::ChainImage {
+            path: PathBuf::from(file),
+            format: image["format"].as_str().unwrap_or("raw").to_owned(),
+            snapshots: qemu_img::parse_snapshot_table(&image["snapshots"]),
+        });
+        image = &image["backing-image"];
+    }
+    out
 }
 
 impl QemuBackend {
     /// A backend for the domain `def`, recording argv in `store`.
     pub fn new(def: DomainDef, store: DomainStore) -> Self {
+        let recorded = store.load_layers();
+        let layers = def
+            .disks
+            .iter()
+            .map(|d| {
+                let layer = recorded.get(&d.target).cloned().unwrap_or(Layer {
+                    path: d.source.clone(),
+                    format: d.format.clone(),
+                });
+                (d.target.clone(), layer)
+            })
+            .collect();
         QemuBackend {
             def,
             store,
             conn: Mutex::new(None),
             monitor_error: Mutex::new(None),
+            layers: Mutex::new(layers),
         }
     }
 
+    /// The disks as they are now: the definition's, each with its active layer.
+    pub(super) fn active(&self) -> Vec<DiskDef> {
+        let layers = self.layers.lock();
+        self.def
+            .disks
+            .iter()
+            .map(|d| match layers.get(&d.target) {
+                Some(l) => DiskDef {
+                    target: d.target.clone(),
+                    source: l.path.clone(),
+                    format: l.format.clone(),
+                },
+                None => d.clone(),
+            })
+            .collect()
+    }
+
+    /// Records new active layers, durably.
+    pub(super) fn set_layers(&self, changes: &[(String, Layer)]) -> Result<()> {
+        let mut layers = self.layers.lock();
+        let mut next = layers.clone();
+        for (t, l) in changes {
+            next.insert(t.clone(), l.clone());
+        }
+        self.store.save_layers(&next)?;
+        *layers = next;
+        Ok(())
+    }
+
     /// The qcow2 disks (the ones that can hold internal snapshots).
-    fn qcow2_disks(&self) -> Result<Vec<&crate::model::DiskDef>> {
-        if let Some(d) = self.def.disks.iter().find(|d| d.format != "qcow2") {
+    fn qcow2_disks(&self) -> Result<Vec<DiskDef>> {
+        let disks = self.active();
+        if let Some(d) = disks.iter().find(|d| d.format != "qcow2") {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
@@ -70,13 +133,54 @@ impl QemuBackend {
                 ),
             ));
         }
-        if self.def.disks.is_empty() {
+        if disks.is_empty() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "the domain has no disks",
             ));
         }
-        Ok(self.def.disks.iter().collect())
+        Ok(disks)
+    }
+
+    /// Makes the recorded active layers follow what QEMU has open (QEMU
+    /// is the truth while it runs: an interrupted external snapshot may
+    /// have switched a disk before the record was written).
+    fn sync_layers(&self, qmp: &mut Qmp) {
+        let Ok(live) = self.live_disks(qmp) else {
+            return;
+        };
+        let known = self.layers.lock().clone();
+        let changes: Vec<(String, Layer)> = live
+            .iter()
+            .filter_map(|(target, d)| {
+                let top = d.chain.first()?;
+                let same = known
+                    .get(target)
+                    .is_some_and(|l| canonical(&l.path) == canonical(&top.path));
+                (!same).then(|| {
+                    (
+                        target.clone(),
+                        Layer {
+                            path: top.path.clone(),
+                            format: top.format.clone(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        for (t, l) in &changes {
+            log::info!(
+                "{}: disk {t}: QEMU writes to {}; recorded as the active layer",
+                self.def.name,
+                l.path.display()
+            );
+        }
+        if let Err(e) = self.set_layers(&changes) {
+            log::warn!("{}: cannot record the active layers: {e}", self.def.name);
+        }
     }
 
     /// Ensures a connection when QEMU answers; `None` when it is stopped.
@@ -97,6 +201,7 @@ impl QemuBackend {
                         }
                     }
                     log::info!("{}: connected to QEMU pid {pid:?}", self.def.name);
+                    self.sync_layers(&mut qmp);
                     *guard = Some(Conn {
                         qmp,
                         pid,
@@ -135,7 +240,7 @@ impl QemuBackend {
     }
 
     /// Runs `f` on the live connection, or fails with EIO when QEMU is not up.
-    fn with_qmp<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+    pub(super) fn with_qmp<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
         let mut guard = self.conn.lock();
         let conn = self
             .connect(&mut guard)
@@ -147,53 +252,84 @@ impl QemuBackend {
         r
     }
 
-    /// The domain's disks as the running QEMU has them, by target.
-    fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
+    /// The domain's disks as the running QEMU has them, by target: the
+    /// block device whose chain holds the disk's active layer (or, failing
+    /// that, the image the definition names).
+    pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
         let blocks = qmp.execute_raw("query-block", json!({})).map_err(qmp_err)?;
+        let chains: Vec<(String, Vec<qemu_img::ChainImage>)> = blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let node = b["inserted"]["node-name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                (node, chain_of(&b["inserted"]))
+            })
+            .collect();
+        let layers = self.layers.lock().clone();
         let mut out = BTreeMap::new();
         for disk in &self.def.disks {
-            let want = canonical(&disk.source);
-            let found = blocks.as_array().into_iter().flatten().find(|b| {
-                b["inserted"]["file"]
-                    .as_str()
-                    .is_some_and(|f| canonical(Path::new(f)) == want)
+            let wanted: Vec<PathBuf> = layers
+                .get(&disk.target)
+                .map(|l| canonical(&l.path))
+                .into_iter()
+                .chain([canonical(&disk.source)])
+                .collect();
+            let found = wanted.iter().find_map(|w| {
+                chains
+                    .iter()
+                    .find(|(_, c)| c.iter().any(|i| canonical(&i.path) == *w))
             });
-            let Some(b) = found else {
+            let Some((node, chain)) = found else {
                 return Err(Error::io(format!(
                     "disk {} ({}) is not attached to the running QEMU",
                     disk.target,
                     disk.source.display()
                 )));
             };
-            let node = b["inserted"]["node-name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let snapshots = qemu_img::parse_snapshot_table(&b["inserted"]["image"]["snapshots"]);
-            out.insert(disk.target.clone(), LiveDisk { node, snapshots });
+            out.insert(
+                disk.target.clone(),
+                LiveDisk {
+                    node: node.clone(),
+                    chain: chain.clone(),
+                },
+            );
         }
         Ok(out)
     }
 
-    /// The snapshot table of each qcow2 disk: from QEMU when it runs (it
-    /// has the images open), from the images otherwise.
-    fn snapshot_tables(&self) -> Result<Vec<Vec<ImageSnapshot>>> {
-        let running = {
-            let mut guard = self.conn.lock();
-            self.connect(&mut guard).is_some()
-        };
-        if running {
+    pub(super) fn is_up(&self) -> bool {
+        let mut guard = self.conn.lock();
+        self.connect(&mut guard).is_some()
+    }
+
+    /// The backing chain of each disk, top first: from QEMU when it runs
+    /// (it has the images open), from the images otherwise.
+    fn chains(&self) -> Result<Vec<Vec<qemu_img::ChainImage>>> {
+        if self.is_up() {
             return self.with_qmp(|c| {
                 let live = self.live_disks(&mut c.qmp)?;
-                Ok(live.into_values().map(|d| d.snapshots).collect())
+                Ok(live.into_values().map(|d| d.chain).collect())
             });
         }
-        self.def
-            .disks
+        self.active()
             .iter()
-            .filter(|d| d.format == "qcow2")
-            .map(|d| qemu_img::list(&d.source))
+            .map(|d| qemu_img::chain(&d.source))
             .collect()
+    }
+
+    /// The snapshot table of each qcow2 disk's active layer.
+    fn snapshot_tables(&self) -> Result<Vec<Vec<ImageSnapshot>>> {
+        Ok(self
+            .chains()?
+            .into_iter()
+            .filter_map(|c| c.into_iter().next())
+            .filter(|top| top.format == "qcow2")
+            .map(|top| top.snapshots)
+            .collect())
     }
 
     /// Starts a snapshot job and waits for it; a job error becomes EIO.
@@ -208,26 +344,86 @@ impl QemuBackend {
         }
     }
 
+    /// The node names of the qcow2 disks' active layers (cached per process).
+    pub(super) fn active_nodes(&self, conn: &mut Conn) -> Result<Vec<String>> {
+        if let Some(n) = &conn.nodes {
+            return Ok(n.clone());
+        }
+        let live = self.live_disks(&mut conn.qmp)?;
+        let n: Vec<String> = self
+            .def
+            .disks
+            .iter()
+            .filter_map(|d| live.get(&d.target).map(|l| l.node.clone()))
+            .collect();
+        conn.nodes = Some(n.clone());
+        Ok(n)
+    }
+
     fn job_args(&self, conn: &mut Conn, tag: &str, job: &str) -> Result<(Value, String)> {
-        let qcow2 = self.qcow2_disks()?;
-        let nodes = match &conn.nodes {
-            Some(n) => n.clone(),
-            None => {
-                // Node names stay for the life of a QEMU process: ask once.
-                let live = self.live_disks(&mut conn.qmp)?;
-                let n: Vec<String> = qcow2
-                    .iter()
-                    .filter_map(|d| live.get(&d.target).map(|l| l.node.clone()))
-                    .collect();
-                conn.nodes = Some(n.clone());
-                n
-            }
-        };
+        self.qcow2_disks()?;
+        let nodes = self.active_nodes(conn)?;
         let job_id = format!("vmsnapfs-{job}-{}", std::process::id());
         Ok((
             json!({"job-id": job_id, "tag": tag, "vmstate": nodes[0], "devices": nodes}),
             job_id,
         ))
+    }
+}
+
+impl QemuBackend {
+    /// For each disk: the image paths a command line may name (the
+    /// definition's and every image below the active layer), the active
+    /// layer, and whether a raw disk now has a qcow2 overlay.
+    fn swaps(&self) -> Vec<(Vec<String>, String, bool)> {
+        self.def
+            .disks
+            .iter()
+            .zip(self.active())
+            .map(|(def, now)| {
+                let mut olds = vec![def.source.to_string_lossy().into_owned()];
+                if let Ok(chain) = qemu_img::chain(&now.source) {
+                    olds.extend(chain.iter().map(|i| i.path.to_string_lossy().into_owned()));
+                }
+                let to_qcow2 = def.format != "qcow2" && now.format == "qcow2";
+                (olds, now.source.to_string_lossy().into_owned(), to_qcow2)
+            })
+            .collect()
+    }
+
+    /// After a start: every disk must run on its active layer with the
+    /// whole backing chain the image names. A command line that opened
+    /// another image, or cut the chain (`backing: null`), would show the
+    /// guest the wrong bytes: refused before the guest runs.
+    fn check_started_chains(&self) -> Result<()> {
+        let expected: Vec<(String, Vec<PathBuf>)> = self
+            .active()
+            .iter()
+            .map(|d| {
+                let chain = qemu_img::chain(&d.source)?;
+                Ok((
+                    d.target.clone(),
+                    chain.iter().map(|i| canonical(&i.path)).collect(),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        self.with_qmp(|c| {
+            let live = self.live_disks(&mut c.qmp)?;
+            for (target, want) in &expected {
+                let got: Vec<PathBuf> = live
+                    .get(target)
+                    .map(|d| d.chain.iter().map(|i| canonical(&i.path)).collect())
+                    .unwrap_or_default();
+                if &got != want {
+                    return Err(Error::io(format!(
+                        "the command line opens disk {target} as {got:?}, but its active \
+                         layer and backing chain are {want:?}; QEMU was stopped before the \
+                         guest ran (fix <commandline> in the definition)"
+                    )));
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -243,7 +439,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn canonical(p: &Path) -> PathBuf {
+pub(super) fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
 }
 
@@ -276,7 +472,14 @@ impl Backend for QemuBackend {
     }
 
     fn list_internal(&self) -> Result<Vec<ImageSnapshot>> {
-        Ok(merge(self.snapshot_tables()?))
+        // Every image of every chain: an internal snapshot stays in its
+        // image when an external snapshot puts an overlay on top.
+        Ok(merge(
+            self.chains()?
+                .into_iter()
+                .flatten()
+                .map(|image| image.snapshots),
+        ))
     }
 
     fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState> {
@@ -322,7 +525,7 @@ impl Backend for QemuBackend {
         let mut guard = self.conn.lock();
         if self.state_of(&mut guard) == DomainState::Shutoff {
             drop(guard);
-            for d in self.def.disks.iter().filter(|d| d.format == "qcow2") {
+            for d in self.active().iter().filter(|d| d.format == "qcow2") {
                 if qemu_img::list(&d.source)?.iter().any(|s| s.tag == tag) {
                     qemu_img::delete(&d.source, tag)?;
                 }
@@ -406,7 +609,7 @@ impl Backend for QemuBackend {
                      or start the VM once while vmsnapfs runs",
                 )
             })?;
-        let mut argv = process::strip_start_options(&argv);
+        let mut argv = process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
         argv.push("-S".into());
         if let Some(tag) = loadvm {
             argv.push("-loadvm".into());
@@ -432,6 +635,10 @@ impl Backend for QemuBackend {
                 return Err(Error::io("QEMU did not open its monitor in time"));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = self.check_started_chains() {
+            let _ = self.stop_process();
+            return Err(e);
         }
         if !paused {
             self.set_running(true)?;
@@ -477,6 +684,29 @@ impl Backend for QemuBackend {
 
     fn can_start(&self) -> bool {
         self.def.commandline.is_some() || self.store.load_argv().is_some()
+    }
+
+    fn active_disks(&self) -> Vec<DiskDef> {
+        self.active()
+    }
+
+    fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {
+        super::external::check_plan_paths(plan)?;
+        if live == DomainState::Shutoff {
+            if self.is_up() {
+                return Err(Error::io("QEMU started while the snapshot was being prepared"));
+            }
+            return self.external_offline(plan);
+        }
+        self.external_live(plan, live)
+    }
+
+    fn undo_external(&self, plan: &ExternalPlan) -> Result<()> {
+        self.undo_external_impl(plan)
+    }
+
+    fn settle_external(&self, plan: &ExternalPlan) -> Result<bool> {
+        self.settle_external_impl(plan)
     }
 }
 

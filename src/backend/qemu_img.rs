@@ -1,7 +1,7 @@
-//! `qemu-img` on the images of a stopped domain: list, create, apply and
-//! delete internal snapshots.
+//! `qemu-img` on the images of a stopped domain: internal snapshots,
+//! backing chains and overlays.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -35,6 +35,74 @@ pub fn list(image: &Path) -> Result<Vec<ImageSnapshot>> {
     let info: Value =
         serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))?;
     Ok(parse_snapshot_table(&info["snapshots"]))
+}
+
+/// One image of a backing chain, top first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainImage {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: String,
+    /// Its internal snapshots.
+    pub snapshots: Vec<ImageSnapshot>,
+}
+
+/// The backing chain of `image`, top first (read with `-U`).
+pub fn chain(image: &Path) -> Result<Vec<ChainImage>> {
+    let path = image.to_string_lossy();
+    let json = run(&["info", "-U", "--backing-chain", "--output=json", &path])?;
+    let infos: Value =
+        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))?;
+    Ok(infos
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            Some(ChainImage {
+                path: PathBuf::from(i["filename"].as_str()?),
+                format: i["format"].as_str().unwrap_or("raw").to_owned(),
+                snapshots: parse_snapshot_table(&i["snapshots"]),
+            })
+        })
+        .collect())
+}
+
+/// Creates a qcow2 overlay at `overlay` whose backing file is `backing`
+/// (absolute path, format `backing_format`). Refuses an existing file.
+pub fn create_overlay(overlay: &Path, backing: &Path, backing_format: &str) -> Result<()> {
+    if overlay.exists() {
+        return Err(Error::new(
+            crate::error::ErrorKind::Exists,
+            format!("{} exists", overlay.display()),
+        ));
+    }
+    let backing = std::fs::canonicalize(backing)
+        .map_err(|e| Error::io(format!("{}: {e}", backing.display())))?;
+    run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+        &backing.to_string_lossy(),
+        &overlay.to_string_lossy(),
+    ])
+    .map(drop)
+}
+
+/// True when `image` itself (not its backing chain) holds any data or
+/// zero clusters: a guest wrote to it.
+pub fn has_own_data(image: &Path) -> Result<bool> {
+    let json = run(&["map", "-U", "--output=json", &image.to_string_lossy()])?;
+    let map: Value =
+        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
+    Ok(map.as_array().into_iter().flatten().any(|e| {
+        e["depth"].as_u64() == Some(0) && (e["data"] == true || e["zero"] == true)
+            && e["present"] != false
+    }))
 }
 
 /// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's

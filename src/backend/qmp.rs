@@ -193,8 +193,31 @@ impl Qmp {
         &mut self,
         job_id: &str,
         timeout: Duration,
+        on_progress: impl FnMut(u64, u64),
+    ) -> Result<Option<String>, QmpError> {
+        self.follow_job(job_id, timeout, false, on_progress)
+    }
+
+    /// Like [`Qmp::wait_job`] for a job that waits in `ready` for a
+    /// `job-complete` (an active-layer block-commit): completes it.
+    /// The job must have been started with `auto-dismiss: false`.
+    pub fn wait_job_completing(
+        &mut self,
+        job_id: &str,
+        timeout: Duration,
+        on_progress: impl FnMut(u64, u64),
+    ) -> Result<Option<String>, QmpError> {
+        self.follow_job(job_id, timeout, true, on_progress)
+    }
+
+    fn follow_job(
+        &mut self,
+        job_id: &str,
+        timeout: Duration,
+        complete_when_ready: bool,
         mut on_progress: impl FnMut(u64, u64),
     ) -> Result<Option<String>, QmpError> {
+        let mut completing = false;
         let deadline = Instant::now() + timeout;
         // Events of earlier jobs with the same id must not wake this wait.
         self.events
@@ -211,6 +234,14 @@ impl Qmp {
                     id: job_id.to_owned(),
                 })?;
                 return Ok(error);
+            }
+            if complete_when_ready
+                && !completing
+                && matches!(job.status, qapi::qmp::JobStatus::ready)
+            {
+                self.execute_raw("job-complete", serde_json::json!({ "id": job_id }))?;
+                completing = true;
+                continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -1,8 +1,10 @@
 //! `.create`: a snapshot from a libvirt `<domainsnapshot>` spec, the XML
-//! that `virsh snapshot-create` takes. Internal snapshots, with or without
-//! RAM, are made here; external ones are refused with EOPNOTSUPP.
+//! that `virsh snapshot-create` takes: internal (RAM and disks in the
+//! qcow2 images) or external (new overlays, RAM to a file).
 
-use super::{oplog::now_secs, CreateRequest, Domain};
+use std::path::PathBuf;
+
+use super::{oplog::now_secs, CreateKind, CreateRequest, Domain};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{validate_name, DiskSnapshotKind};
 use crate::xml::snapshot::{parse_snapshot_xml, MemorySpec, SnapshotSpec};
@@ -14,11 +16,25 @@ pub struct CheckedSpec {
     pub name: String,
     /// The description.
     pub description: Option<String>,
-    /// RAM too (when QEMU runs).
-    pub memory: bool,
+    /// Internal or external, with or without RAM.
+    pub kind: CreateKind,
+}
+
+fn absolute(what: &str, p: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    match p {
+        Some(p) if !p.is_absolute() => Err(Error::invalid(format!(
+            "{what} {} is not an absolute path",
+            p.display()
+        ))),
+        p => Ok(p),
+    }
 }
 
 /// Checks a spec: names, disks of this domain, what is supported.
+///
+/// Unspecified parts follow the rest: a disk without `snapshot=` is
+/// external when the memory or another disk is external, internal
+/// otherwise; memory without `snapshot=` is external when a disk is.
 pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
     let unsupported = |what: &str| Err(Error::new(ErrorKind::Unsupported, what.to_owned()));
     let name = spec.name.unwrap_or_else(|| now_secs().to_string());
@@ -26,15 +42,6 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
     if spec.quiesce {
         return unsupported("quiesce needs the guest agent, which vmsnapfs does not drive yet");
     }
-    let memory = match spec.memory {
-        None | Some(MemorySpec::Internal) => true,
-        Some(MemorySpec::No) => false,
-        Some(MemorySpec::External(_)) => {
-            return unsupported(
-                "external memory snapshots are not supported yet (use 'internal' or 'no')",
-            )
-        }
-    };
     for d in &spec.disks {
         if !targets.contains(&d.name.as_str()) {
             return Err(Error::invalid(format!(
@@ -42,32 +49,75 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
                 d.name
             )));
         }
-        match d.kind {
-            Some(DiskSnapshotKind::Internal) | None if d.source.is_none() => {}
-            Some(DiskSnapshotKind::External) | None => {
+    }
+    let any_external_disk = spec
+        .disks
+        .iter()
+        .any(|d| d.kind == Some(DiskSnapshotKind::External) || d.source.is_some());
+    let external = any_external_disk || matches!(spec.memory, Some(MemorySpec::External(_)));
+    // Each disk of the domain: its kind and overlay path.
+    let mut disks = Vec::new();
+    for target in targets {
+        let given = spec.disks.iter().find(|d| d.name == *target);
+        let kind = given.and_then(|d| d.kind).unwrap_or(if external {
+            DiskSnapshotKind::External
+        } else {
+            DiskSnapshotKind::Internal
+        });
+        let source = absolute(
+            &format!("disk {target}: <source file>"),
+            given.and_then(|d| d.source.clone()),
+        )?;
+        disks.push((target.to_string(), kind, source));
+    }
+    if !external {
+        for (target, kind, source) in &disks {
+            if *kind == DiskSnapshotKind::No {
                 return unsupported(&format!(
-                    "disk {}: external disk snapshots are not supported yet",
-                    d.name
-                ))
+                    "disk {target}: internal snapshots cover every disk; leaving one out is \
+                     supported for external snapshots only"
+                ));
             }
-            Some(DiskSnapshotKind::No) => {
-                return unsupported(&format!(
-                "disk {}: internal snapshots cover every disk; leaving one out is not supported",
-                d.name
-            ))
-            }
-            Some(DiskSnapshotKind::Internal) => {
+            if source.is_some() {
                 return Err(Error::invalid(format!(
-                    "disk {}: an internal snapshot takes no <source>",
-                    d.name
-                )))
+                    "disk {target}: an internal snapshot takes no <source>"
+                )));
             }
         }
+        let memory = !matches!(spec.memory, Some(MemorySpec::No));
+        return Ok(CheckedSpec {
+            name,
+            description: spec.description,
+            kind: CreateKind::Internal { memory },
+        });
+    }
+    if let Some((target, _, _)) = disks.iter().find(|(_, k, _)| *k == DiskSnapshotKind::Internal) {
+        return unsupported(&format!(
+            "disk {target}: mixing internal and external disks in one snapshot is not supported"
+        ));
+    }
+    let memory = match spec.memory {
+        Some(MemorySpec::Internal) => {
+            return unsupported("RAM saved inside a qcow2 image needs internal disk snapshots")
+        }
+        Some(MemorySpec::No) => None,
+        Some(MemorySpec::External(file)) => Some(absolute("memory file", file)?),
+        None => Some(None),
+    };
+    let disks: Vec<(String, Option<PathBuf>)> = disks
+        .into_iter()
+        .filter(|(_, k, _)| *k == DiskSnapshotKind::External)
+        .map(|(t, _, s)| (t, s))
+        .collect();
+    if disks.is_empty() {
+        return Err(Error::invalid(
+            "an external snapshot needs at least one disk",
+        ));
     }
     Ok(CheckedSpec {
         name,
         description: spec.description,
-        memory,
+        kind: CreateKind::External { disks, memory },
     })
 }
 
@@ -90,7 +140,7 @@ impl Domain {
         let request = CreateRequest {
             name: &checked.name,
             description: checked.description.clone(),
-            memory: checked.memory,
+            kind: checked.kind.clone(),
         };
         self.create_as(&what, request)
             .or_else(|e| self.refuse(&what, e))
@@ -115,7 +165,7 @@ mod tests {
             CheckedSpec {
                 name: "a".into(),
                 description: Some("d".into()),
-                memory: true
+                kind: CreateKind::Internal { memory: true }
             }
         );
         let c = check(
@@ -123,7 +173,7 @@ mod tests {
              <disk name='vda' snapshot='internal'/><disk name='vdb'/></disks></domainsnapshot>",
         )
         .unwrap();
-        assert!(!c.memory);
+        assert_eq!(c.kind, CreateKind::Internal { memory: false });
         assert!(check("<domainsnapshot/>")
             .unwrap()
             .name
@@ -132,19 +182,57 @@ mod tests {
     }
 
     #[test]
+    fn external_specs() {
+        let c = check(
+            "<domainsnapshot><name>e</name><memory snapshot='external' file='/m/e.mem'/>\
+             <disks><disk name='vda' snapshot='external'><source file='/o/a.qcow2'/></disk>\
+             <disk name='vdb' snapshot='no'/></disks></domainsnapshot>",
+        )
+        .unwrap();
+        assert_eq!(
+            c.kind,
+            CreateKind::External {
+                disks: vec![("vda".into(), Some("/o/a.qcow2".into()))],
+                memory: Some(Some("/m/e.mem".into())),
+            }
+        );
+        // virsh snapshot-create-as --disk-only: every disk external, no RAM.
+        let c = check(
+            "<domainsnapshot><memory snapshot='no'/><disks>\
+             <disk name='vda' snapshot='external'/></disks></domainsnapshot>",
+        )
+        .unwrap();
+        assert_eq!(
+            c.kind,
+            CreateKind::External {
+                disks: vec![("vda".into(), None), ("vdb".into(), None)],
+                memory: None,
+            }
+        );
+    }
+
+    #[test]
     fn refusals() {
         let kind = |xml: &str| check(xml).unwrap_err().kind;
         assert_eq!(
-            kind("<domainsnapshot><memory snapshot='external' file='/m'/></domainsnapshot>"),
+            kind("<domainsnapshot><memory snapshot='internal'/><disks><disk name='vda' snapshot='external'/></disks></domainsnapshot>"),
             ErrorKind::Unsupported
         );
         assert_eq!(
-            kind("<domainsnapshot><disks><disk name='vda' snapshot='external'/></disks></domainsnapshot>"),
+            kind("<domainsnapshot><disks><disk name='vda' snapshot='external'/><disk name='vdb' snapshot='internal'/></disks></domainsnapshot>"),
             ErrorKind::Unsupported
         );
         assert_eq!(
-            kind("<domainsnapshot><disks><disk name='vda'><source file='/x'/></disk></disks></domainsnapshot>"),
+            kind("<domainsnapshot><disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>"),
             ErrorKind::Unsupported
+        );
+        assert_eq!(
+            kind("<domainsnapshot><disks><disk name='vda'><source file='rel.qcow2'/></disk></disks></domainsnapshot>"),
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            kind("<domainsnapshot><memory snapshot='external' file='/m'/><disks><disk name='vda' snapshot='no'/><disk name='vdb' snapshot='no'/></disks></domainsnapshot>"),
+            ErrorKind::Invalid
         );
         assert_eq!(
             kind("<domainsnapshot><disks><disk name='vdz'/></disks></domainsnapshot>"),

@@ -3,6 +3,7 @@
 
 pub mod create_spec;
 pub mod describe;
+pub mod external;
 pub mod oplog;
 pub mod recovery;
 pub mod registry;
@@ -19,7 +20,7 @@ use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
     validate_name_bytes, DiskPoint, DiskSnapshotKind, DomainDef, DomainState, Forest,
-    MemoryLocation, Snapshot, SnapshotState,
+    MemoryLocation, Snapshot, SnapshotPolicy, SnapshotState,
 };
 use crate::store::{DomainStore, Intent, IntentRecord, Journal};
 use oplog::{now_secs, OpLog};
@@ -56,8 +57,26 @@ pub struct CreateRequest<'a> {
     pub name: &'a str,
     /// Its `<description>`.
     pub description: Option<String>,
-    /// Save RAM too when QEMU runs (a checkpoint); false: disks only.
-    pub memory: bool,
+    /// Internal or external, with or without RAM.
+    pub kind: CreateKind,
+}
+
+/// Internal or external, and what to include.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateKind {
+    /// Inside the qcow2 images; RAM too when `memory` and QEMU runs.
+    Internal {
+        /// Save RAM (a checkpoint); false: disks only.
+        memory: bool,
+    },
+    /// New overlays for `disks` (target, overlay path or the default);
+    /// with `memory`, RAM to a file (the path or the default) when QEMU runs.
+    External {
+        /// The disks that get an overlay; the others are left out.
+        disks: Vec<(String, Option<std::path::PathBuf>)>,
+        /// `Some`: a checkpoint, RAM to this file (or the default one).
+        memory: Option<Option<std::path::PathBuf>>,
+    },
 }
 
 /// Keeps a snapshot's views closed during its delete.
@@ -197,11 +216,28 @@ impl Domain {
         let r = validate_name_bytes(raw_name)
             .map_err(Error::from)
             .and_then(|name| {
-                let memory = self.def.policy == crate::model::SnapshotPolicy::Internal;
+                let all: Vec<_> = self
+                    .def
+                    .disks
+                    .iter()
+                    .map(|d| (d.target.clone(), None))
+                    .collect();
+                let kind = match self.def.policy {
+                    SnapshotPolicy::Internal => CreateKind::Internal { memory: true },
+                    SnapshotPolicy::DiskOnly => CreateKind::Internal { memory: false },
+                    SnapshotPolicy::External => CreateKind::External {
+                        disks: all,
+                        memory: Some(None),
+                    },
+                    SnapshotPolicy::ExternalDiskOnly => CreateKind::External {
+                        disks: all,
+                        memory: None,
+                    },
+                };
                 let request = CreateRequest {
                     name,
                     description: None,
-                    memory,
+                    kind,
                 };
                 self.create_as(&what, request)
             });
@@ -221,23 +257,44 @@ impl Domain {
             }
             let t0 = Instant::now();
             let id = new_id();
-            let record = self.journal.begin(Intent::Create {
-                id: id.clone(),
-                name: name.to_owned(),
-            })?;
             let live = self.backend.refresh_state();
             self.note_state(live);
+            let external = match &request.kind {
+                CreateKind::Internal { .. } => None,
+                CreateKind::External { disks, memory } => {
+                    Some(self.plan_external(&id, &request, disks, memory.as_ref(), live)?)
+                }
+            };
+            let intent = match &external {
+                None => Intent::Create {
+                    id: id.clone(),
+                    name: name.to_owned(),
+                },
+                Some((plan, snap)) => Intent::CreateExternal {
+                    id: id.clone(),
+                    name: name.to_owned(),
+                    overlays: plan.overlays.clone(),
+                    plan: self.plan_xml(snap),
+                },
+            };
+            let record = self.journal.begin(intent)?;
             let t1 = Instant::now();
-            let done = crate::failpoint::hit("create.begin")
-                .and_then(|_| self.create_steps(&id, &request, live));
+            let done = crate::failpoint::hit("create.begin").and_then(|_| match &external {
+                None => self.create_steps(&id, &request, live),
+                Some((plan, snap)) => self.create_external_steps(what, plan, snap.clone(), live),
+            });
             if let Err(mut e) = done {
                 if e.kind == ErrorKind::Io {
                     if let Some(why) = self.backend.space_shortage() {
                         e = Error::new(ErrorKind::NoSpace, format!("{}; {why}", e.message));
                     }
                 }
-                // Undo: no stray tag, no stray metadata.
-                if let Err(u) = self.undo_create(&id) {
+                // Undo: no stray tag or overlay, no stray metadata.
+                let undone = match &external {
+                    None => self.undo_create(&id),
+                    Some((plan, _)) => self.undo_create_external(&id, plan),
+                };
+                if let Err(u) = undone {
                     self.log.line(&format!(
                         "{what}: cleanup left the intent for the next start: {u}"
                     ));
@@ -263,24 +320,33 @@ impl Domain {
     }
 
     fn create_steps(&self, id: &str, request: &CreateRequest<'_>, live: DomainState) -> Result<()> {
-        let state = self.backend.create_internal(id, live, request.memory)?;
+        let memory = matches!(request.kind, CreateKind::Internal { memory: true });
+        let state = self.backend.create_internal(id, live, memory)?;
         crate::failpoint::hit("create.after-backend")?;
         let memory = match state {
             SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,
             _ => MemoryLocation::No,
         };
-        let mut forest = self.forest.write();
         let snap = Snapshot {
             id: id.to_owned(),
             name: request.name.to_owned(),
             description: request.description.clone(),
             creation_time: now_secs(),
             state,
-            parent: forest.current().map(str::to_owned),
+            parent: None,
             memory,
             disks: self.internal_points(),
             domain_xml: Some(self.def.xml.clone()),
         };
+        self.record_new(snap)
+    }
+
+    /// Records a snapshot whose data exists: metadata, forest, current.
+    fn record_new(&self, mut snap: Snapshot) -> Result<()> {
+        let id = snap.id.clone();
+        let id = id.as_str();
+        let mut forest = self.forest.write();
+        snap.parent = forest.current().map(str::to_owned);
         self.store.save_snapshot(&snap, &forest)?;
         crate::failpoint::hit("create.after-meta")?;
         forest
@@ -300,8 +366,8 @@ impl Domain {
     /// Every disk's part in an internal snapshot: the point is inside
     /// the disk's own image.
     fn internal_points(&self) -> Vec<DiskPoint> {
-        self.def
-            .disks
+        self.backend
+            .active_disks()
             .iter()
             .map(|d| DiskPoint {
                 target: d.target.clone(),
@@ -315,6 +381,37 @@ impl Domain {
     fn undo_create(&self, id: &str) -> Result<()> {
         self.backend.delete_internal(id)?;
         self.store.remove_snapshot(id)?;
+        Ok(())
+    }
+
+    /// Refuses what only internal snapshots in active layers support yet:
+    /// external snapshots, and internal ones whose image an external
+    /// snapshot made read-only.
+    fn check_internal_only(&self, snap: &Snapshot, action: &str) -> Result<()> {
+        let unsupported = |why: String| Err(Error::new(ErrorKind::Unsupported, why));
+        if matches!(snap.memory, MemoryLocation::External(_))
+            || snap.disks.iter().any(|d| d.kind == DiskSnapshotKind::External)
+        {
+            return unsupported(format!(
+                "cannot {action} external snapshot {:?} yet: only internal snapshots are supported",
+                snap.name
+            ));
+        }
+        let active = self.backend.active_disks();
+        for d in snap.disks.iter().filter(|d| d.kind == DiskSnapshotKind::Internal) {
+            let in_active = active
+                .iter()
+                .any(|a| a.target == d.target && Some(&a.source) == d.image.as_ref());
+            if !in_active {
+                return unsupported(format!(
+                    "cannot {action} {:?} yet: its disk {} is inside {}, which an external \
+                     snapshot made a read-only backing image",
+                    snap.name,
+                    d.target,
+                    d.image.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -333,6 +430,7 @@ impl Domain {
         let r = (|| {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
+            self.check_internal_only(&snap, "delete")?;
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
                     "a frozen view of {name:?} (disks/...) is open; close it first"

@@ -49,6 +49,9 @@ fn replay(dom: &Domain, record: IntentRecord) {
                 Ok("rolled back")
             }
         }
+        Intent::CreateExternal {
+            id, overlays, plan, ..
+        } => dom.replay_create_external(id, overlays, plan),
         Intent::Delete { id } => {
             dom.backend.delete_internal(id)?;
             dom.forget_snapshot(id)?;

@@ -75,6 +75,7 @@ impl Domain {
             let live = self.backend.refresh_state();
             self.note_state(live);
             let target = req.target.unwrap_or_else(|| default_target(&snap));
+            self.check_internal_only(&snap, "revert to")?;
             self.check_revert(&snap, live, target, req.force)?;
             let record = self.journal.begin(Intent::Revert {
                 id: snap.id.clone(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::model::{DiskSnapshotKind, Snapshot};
+use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
 use crate::views::{DirectView, FrozenView, LazyView, ViewOptions, ViewSource};
 
 /// Views, their open counts, and the virtual sizes of images.
@@ -105,6 +105,25 @@ impl DiskViews {
         let served = Served { view, server };
         let view = self.views.lock().entry(key).or_insert(served).view.clone();
         Ok(view)
+    }
+
+    /// Opens the memory file of an external checkpoint, holding the
+    /// snapshot like a disk view until [`DiskViews::close`].
+    pub fn open_memory(&self, snap: &Snapshot) -> Result<Arc<dyn FrozenView>> {
+        let MemoryLocation::External(path) = &snap.memory else {
+            return Err(Error::not_found("the snapshot has no memory file"));
+        };
+        let mut holds = self.holds.lock();
+        if holds.deleting.contains(&snap.id) {
+            return Err(Error::busy(format!(
+                "snapshot {:?} is being deleted",
+                snap.name
+            )));
+        }
+        let file = crate::views::FileView::open(path)
+            .map_err(|e| Error::io(format!("{}: {e}", path.display())))?;
+        *holds.open.entry(snap.id.clone()).or_default() += 1;
+        Ok(Arc::new(file))
     }
 
     /// Ends one [`DiskViews::open`] of a view of snapshot `id`.

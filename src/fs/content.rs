@@ -39,7 +39,7 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         }
         SnapFile::State => format!("{}\n", snap.state.as_str()).into_bytes(),
         SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
-        SnapFile::Revert | SnapFile::Disks | SnapFile::Images => Vec::new(),
+        SnapFile::Revert | SnapFile::Disks | SnapFile::Images | SnapFile::Memory => Vec::new(),
     })
 }
 
@@ -70,4 +70,12 @@ pub fn parent_target(dom: &Domain, id: &str) -> Option<String> {
     let forest = dom.forest();
     let parent = forest.get(id)?.parent.as_deref()?;
     Some(format!("../{}", forest.name_of(parent)?))
+}
+
+/// The memory file of an external checkpoint, if the snapshot has one.
+pub fn memory_file(dom: &Domain, id: &str) -> Option<std::path::PathBuf> {
+    match &dom.forest().get(id)?.memory {
+        crate::model::MemoryLocation::External(p) => Some(p.clone()),
+        _ => None,
+    }
 }

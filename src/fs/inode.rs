@@ -53,6 +53,8 @@ pub enum SnapFile {
     Parent,
     /// `revert`: control file.
     Revert,
+    /// `memory`: the saved state of an external checkpoint (root only).
+    Memory,
     /// `disks/`: one frozen view per disk.
     Disks,
     /// `images/`: one link per disk to the image holding the snapshot.
@@ -61,11 +63,12 @@ pub enum SnapFile {
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 6] = [
+    pub const ALL: [(SnapFile, &'static str); 7] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
         (SnapFile::Revert, "revert"),
+        (SnapFile::Memory, "memory"),
         (SnapFile::Disks, "disks"),
         (SnapFile::Images, "images"),
     ];

@@ -378,7 +378,12 @@ impl Filesystem for SnapFs {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
-        if let Node::SnapshotDisk(d, id, target) = &node {
+        let frozen = match &node {
+            Node::SnapshotDisk(d, id, target) => Some((d, id, Some(target))),
+            Node::SnapshotFile(d, id, SnapFile::Memory) => Some((d, id, None)),
+            _ => None,
+        };
+        if let Some((d, id, target)) = frozen {
             if write {
                 return reply.error(Errno::EROFS);
             }
@@ -388,7 +393,11 @@ impl Filesystem for SnapFs {
             let Some(snap) = domain.forest().get(id).cloned() else {
                 return reply.error(Errno::ENOENT);
             };
-            let view = match domain.views().open(&snap, target) {
+            let opened = match target {
+                Some(target) => domain.views().open(&snap, target),
+                None => domain.views().open_memory(&snap),
+            };
+            let view = match opened {
                 Ok(v) => v,
                 Err(e) => return reply.error(errno(&e)),
             };

@@ -89,6 +89,11 @@ impl Inner {
                         let perm = if group_w { 0o220 } else { 0o200 };
                         (FileType::RegularFile, perm, 0, t, STABLE_TTL)
                     }
+                    SnapFile::Memory => {
+                        let file = content::memory_file(&dom, id)?;
+                        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+                        (FileType::RegularFile, 0o400, len, t, STABLE_TTL)
+                    }
                     _ => {
                         let len = content::snapshot_file(&dom, id, *f, uid)?.len() as u64;
                         // snapshot.xml takes a new <description>.
@@ -140,7 +145,11 @@ impl Inner {
                 Some(Node::Snapshot(d.clone(), id))
             }
             Node::Snapshot(d, id) => {
-                SnapFile::from_name(name).map(|f| Node::SnapshotFile(d.clone(), id.clone(), f))
+                let f = SnapFile::from_name(name)?;
+                if f == SnapFile::Memory {
+                    content::memory_file(&*self.reg.get(d)?, id)?;
+                }
+                Some(Node::SnapshotFile(d.clone(), id.clone(), f))
             }
             Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
                 let dom = self.reg.get(d)?;
@@ -203,9 +212,11 @@ impl Inner {
             Node::Snapshot(d, id) => {
                 let dom = self.reg.get(d)?;
                 let has_parent = dom.forest().get(id)?.parent.is_some();
+                let has_memory = content::memory_file(&dom, id).is_some();
                 SnapFile::ALL
                     .iter()
                     .filter(|(f, _)| *f != SnapFile::Parent || has_parent)
+                    .filter(|(f, _)| *f != SnapFile::Memory || has_memory)
                     .map(|(f, n)| {
                         let kind = match f {
                             SnapFile::Parent => FileType::Symlink,

@@ -19,6 +19,19 @@ pub enum Intent {
         /// Its name in the tree.
         name: String,
     },
+    /// Creating external snapshot `id`: new overlays become the disks'
+    /// active layers. `plan` is the snapshot's metadata as it will be
+    /// written, so that an interrupted create can be finished.
+    CreateExternal {
+        /// Snapshot id.
+        id: String,
+        /// Its name in the tree.
+        name: String,
+        /// The overlay each external disk gets, by target.
+        overlays: Vec<(String, PathBuf)>,
+        /// The `<domainsnapshot>` XML to record.
+        plan: String,
+    },
     /// Deleting snapshot `id`.
     Delete {
         /// Snapshot id and qcow2 tag.
@@ -37,6 +50,22 @@ impl Intent {
     fn encode(&self) -> String {
         match self {
             Intent::Create { id, name } => format!("op=create\nid={id}\nname={}\n", escape(name)),
+            Intent::CreateExternal {
+                id,
+                name,
+                overlays,
+                plan,
+            } => {
+                let mut text = format!("op=create-external\nid={id}\nname={}\n", escape(name));
+                for (target, path) in overlays {
+                    text += &format!(
+                        "overlay={}\t{}\n",
+                        escape(target),
+                        escape(&path.to_string_lossy())
+                    );
+                }
+                text + &format!("plan={}\n", escape(plan))
+            }
             Intent::Delete { id } => format!("op=delete\nid={id}\n"),
             Intent::Revert { id, target } => format!("op=revert\nid={id}\ntarget={target}\n"),
         }
@@ -54,6 +83,19 @@ impl Intent {
                 id,
                 name: unescape(&get("name")?),
             },
+            "create-external" => Intent::CreateExternal {
+                id,
+                name: unescape(&get("name")?),
+                overlays: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("overlay="))
+                    .map(|l| {
+                        let (t, p) = l.split_once('\t')?;
+                        Some((unescape(t), PathBuf::from(unescape(p))))
+                    })
+                    .collect::<Option<Vec<_>>>()?,
+                plan: unescape(&get("plan")?),
+            },
             "delete" => Intent::Delete { id },
             "revert" => Intent::Revert {
                 id,
@@ -66,17 +108,20 @@ impl Intent {
 
 /// Names may hold any character but '/', NUL and control characters; the
 /// record is line-based, so backslash and newline are escaped anyway.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n")
+pub(crate) fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\t', "\\t")
 }
 
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
             match chars.next() {
                 Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
                 Some(other) => out.push(other),
                 None => out.push('\\'),
             }
@@ -163,7 +208,14 @@ mod tests {
             id: "s2".into(),
             target: "paused".into(),
         };
+        let c = Intent::CreateExternal {
+            id: "s3".into(),
+            name: "ext".into(),
+            overlays: vec![("vda".into(), "/img/a\tb.qcow2".into())],
+            plan: "<domainsnapshot>\n  <name>ext</name>\n</domainsnapshot>".into(),
+        };
         j.begin(a.clone()).unwrap();
+        j.begin(c.clone()).unwrap();
         let rb = j.begin(b).unwrap();
         j.complete(rb).unwrap();
         let left: Vec<_> = j
@@ -172,7 +224,7 @@ mod tests {
             .into_iter()
             .map(|r| r.unwrap().intent)
             .collect();
-        assert_eq!(left, vec![a]);
+        assert_eq!(left, vec![a, c]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,6 +4,7 @@
 //! <state>/<domain>/snapshots/<id>.xml   one <domainsnapshot> per snapshot
 //! <state>/<domain>/current              the id of the current snapshot
 //! <state>/<domain>/argv                 QEMU's last seen command line, NUL-separated
+//! <state>/<domain>/layers               each disk's active image (after external snapshots)
 //! <state>/<domain>/journal/             intent records (see `journal`)
 //! <state>/<domain>/log                  the domain's operation log
 //! ```
@@ -11,12 +12,14 @@
 //! Files are named by snapshot id, never by name, so a rename rewrites one
 //! file and any name fits.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use super::atomic::{clean_temp_files, remove_durable, write_atomic};
 use super::journal::Journal;
+use super::journal::{escape, unescape};
 use crate::model::{Forest, Snapshot};
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
 
@@ -184,4 +187,41 @@ impl DomainStore {
         let argv: Vec<String> = text.split('\0').map(str::to_owned).collect();
         (!argv.is_empty() && !argv[0].is_empty()).then_some(argv)
     }
+
+    /// Durably records each disk's active layer: target, format, image.
+    pub fn save_layers(&self, layers: &BTreeMap<String, Layer>) -> io::Result<()> {
+        let mut text = String::new();
+        for (target, l) in layers {
+            text += &format!(
+                "{}\t{}\t{}\n",
+                escape(target),
+                escape(&l.format),
+                escape(&l.path.to_string_lossy())
+            );
+        }
+        write_atomic(&self.dir.join("layers"), text.as_bytes())
+    }
+
+    /// The recorded active layers (empty when none were recorded).
+    pub fn load_layers(&self) -> BTreeMap<String, Layer> {
+        let text = fs::read_to_string(self.dir.join("layers")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t');
+                let target = unescape(f.next()?);
+                let format = unescape(f.next()?);
+                let path = PathBuf::from(unescape(f.next()?));
+                Some((target, Layer { path, format }))
+            })
+            .collect()
+    }
+}
+
+/// The image a disk's guest writes go to now (its active layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format (`qcow2` for every overlay vmsnapfs makes).
+    pub format: String,
 }

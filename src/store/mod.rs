@@ -5,4 +5,4 @@ pub mod journal;
 pub mod meta;
 
 pub use journal::{Intent, IntentRecord, Journal};
-pub use meta::{DomainStore, Loaded};
+pub use meta::{DomainStore, Layer, Loaded};

@@ -104,3 +104,30 @@ impl FrozenView for DirectView {
         }
     }
 }
+
+/// A plain file served as is (the memory file of a checkpoint): no holes.
+pub struct FileView {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl FileView {
+    /// Opens `path` read-only.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(FileView { file, len })
+    }
+}
+
+impl FrozenView for FileView {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, offset)
+    }
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        Ok((offset < self.len).then_some(offset))
+    }
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        Ok((offset < self.len).then_some(self.len))
+    }
+}

@@ -19,7 +19,7 @@
 //!     <arg value='-m'/>
 //!     <arg value='2048'/>
 //!   </commandline>
-//!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes: internal | disk-only -->
+//!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes: internal | disk-only | external | external-disk-only -->
 //! </domain>
 //! ```
 //!
@@ -42,7 +42,7 @@ use crate::model::{validate_name, DiskDef, DomainDef, SnapshotPolicy};
 const DISK_DEVICES: &[&str] = &["disk", "cdrom", "floppy", "lun"];
 
 /// Values of `<snapshot policy=...>`.
-const POLICIES: &[&str] = &["internal", "disk-only"];
+const POLICIES: &[&str] = &["internal", "disk-only", "external", "external-disk-only"];
 
 /// The format of a disk whose `<driver>` names none (libvirt's default).
 const DEFAULT_FORMAT: &str = "raw";
@@ -95,6 +95,8 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         Some(snapshot) => match snapshot.attr("policy") {
             None | Some("internal") => SnapshotPolicy::Internal,
             Some("disk-only") => SnapshotPolicy::DiskOnly,
+            Some("external") => SnapshotPolicy::External,
+            Some("external-disk-only") => SnapshotPolicy::ExternalDiskOnly,
             Some(other) => return Err(XmlError::bad_choice("<snapshot policy>", other, POLICIES)),
         },
         None => SnapshotPolicy::default(),
@@ -434,10 +436,10 @@ mod tests {
             }
         );
         // Unknown policy and device values name the allowed ones.
-        let e = err("<domain><name>a</name><snapshot policy='external'/></domain>");
+        let e = err("<domain><name>a</name><snapshot policy='externa'/></domain>");
         assert!(
             e.to_string()
-                .contains("expected one of: internal, disk-only"),
+                .contains("expected one of: internal, disk-only, external, external-disk-only"),
             "{e}"
         );
         let def = parse_domain_def("<domain><name>a</name><snapshot policy='disk-only'/></domain>")

@@ -1,0 +1,477 @@
+//! External snapshots on the QEMU backend: new overlays (offline with
+//! `qemu-img`, live in one `transaction`), the memory file of a checkpoint
+//! (a migration to a file, live with background-snapshot when the guest
+//! runs), undo, and settling a create that a crash interrupted.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+
+use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
+use super::{qemu_img, ExternalOutcome, ExternalPlan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{DomainState, SnapshotState};
+use crate::store::Layer;
+
+/// Where a memory file is written until it is complete.
+pub fn memory_part_path(memory: &Path) -> PathBuf {
+    let mut name = memory.file_name().unwrap_or_default().to_owned();
+    name.push(".part");
+    memory.with_file_name(name)
+}
+
+/// A node name for an overlay: QEMU allows 31 characters.
+fn overlay_node(overlay: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    overlay.hash(&mut h);
+    SystemTime::now().hash(&mut h);
+    format!("vso-{:016x}", h.finish())
+}
+
+/// Quotes `s` for `/bin/sh` (QEMU's `exec:` migration runs a shell).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Makes a complete memory file durable and read-only for root.
+fn seal_memory(part: &Path, memory: &Path) -> Result<()> {
+    let f = fs::File::open(part)?;
+    f.sync_all()?;
+    fs::set_permissions(part, fs::Permissions::from_mode(0o400))?;
+    fs::rename(part, memory)?;
+    if let Some(dir) = memory.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A guest pause measured from our `stop` to QEMU's RESUME event.
+fn pause_from_events(events: &[Value], stopped_at: SystemTime) -> Option<Duration> {
+    let resume = events.iter().rev().find(|e| e["event"] == "RESUME")?;
+    let ts = &resume["timestamp"];
+    let at = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(ts["seconds"].as_u64()?)
+        + Duration::from_micros(ts["microseconds"].as_u64()?);
+    at.duration_since(stopped_at).ok()
+}
+
+impl QemuBackend {
+    /// Overlays for a stopped domain: `qemu-img create`, then one durable
+    /// record of the new active layers (the commit point).
+    pub(super) fn external_offline(&self, plan: &ExternalPlan) -> Result<ExternalOutcome> {
+        let active = self.active();
+        let mut made: Vec<&Path> = Vec::new();
+        let mut points = Vec::new();
+        let result = (|| {
+            for (target, overlay) in &plan.overlays {
+                let disk = active
+                    .iter()
+                    .find(|d| &d.target == target)
+                    .ok_or_else(|| Error::invalid(format!("the domain has no disk {target}")))?;
+                qemu_img::create_overlay(overlay, &disk.source, &disk.format)?;
+                made.push(overlay);
+                points.push((target.clone(), disk.source.clone()));
+            }
+            crate::failpoint::hit("create.after-overlays")?;
+            self.set_layers(&Self::new_layers(plan))
+        })();
+        if let Err(e) = result {
+            for m in made {
+                let _ = fs::remove_file(m);
+            }
+            return Err(e);
+        }
+        Ok(ExternalOutcome {
+            state: SnapshotState::Shutoff,
+            points,
+            memory_saved: false,
+            note: None,
+            paused_for: None,
+        })
+    }
+
+    fn new_layers(plan: &ExternalPlan) -> Vec<(String, Layer)> {
+        plan.overlays
+            .iter()
+            .map(|(t, o)| {
+                (
+                    t.clone(),
+                    Layer {
+                        path: o.clone(),
+                        format: "qcow2".into(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Overlays (and RAM) for a running or paused domain.
+    pub(super) fn external_live(
+        &self,
+        plan: &ExternalPlan,
+        live: DomainState,
+    ) -> Result<ExternalOutcome> {
+        let outcome = self.with_qmp(|conn| {
+            let disks = self.live_disks(&mut conn.qmp)?;
+            let mut actions = Vec::new();
+            let mut points = Vec::new();
+            for (target, overlay) in &plan.overlays {
+                let d = disks
+                    .get(target)
+                    .ok_or_else(|| Error::invalid(format!("the domain has no disk {target}")))?;
+                let top = d.chain.first().map(|i| i.path.clone()).unwrap_or_default();
+                points.push((target.clone(), top));
+                actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+                    "node-name": d.node,
+                    "snapshot-file": overlay,
+                    "snapshot-node-name": overlay_node(overlay),
+                    "format": "qcow2",
+                    "mode": "absolute-paths"}}));
+            }
+            let mut outcome = ExternalOutcome {
+                state: SnapshotState::DiskSnapshot,
+                points,
+                memory_saved: false,
+                note: None,
+                paused_for: None,
+            };
+            match &plan.memory {
+                None => {
+                    let t = Instant::now();
+                    self.switch_disks(conn, &actions, plan)?;
+                    outcome.paused_for = Some(t.elapsed());
+                }
+                Some(memory) => {
+                    self.checkpoint(conn, &actions, plan, memory, live, &mut outcome)?;
+                    outcome.state = if live == DomainState::Running {
+                        SnapshotState::Running
+                    } else {
+                        SnapshotState::Paused
+                    };
+                    outcome.memory_saved = true;
+                }
+            }
+            conn.nodes = None;
+            Ok(outcome)
+        })?;
+        crate::failpoint::hit("create.after-overlays")?;
+        self.set_layers(&Self::new_layers(plan))?;
+        Ok(outcome)
+    }
+
+    /// Runs the disk transaction; a refused one leaves no overlay file.
+    fn switch_disks(&self, conn: &mut Conn, actions: &[Value], plan: &ExternalPlan) -> Result<()> {
+        conn.nodes = None;
+        let r = conn
+            .qmp
+            .execute_raw("transaction", json!({ "actions": actions }));
+        if let Err(e) = r {
+            // A failed transaction rolls back, but created files stay.
+            for (_, overlay) in &plan.overlays {
+                let _ = fs::remove_file(overlay);
+            }
+            return Err(qmp_err(e));
+        }
+        Ok(())
+    }
+
+    fn set_background_snapshot(conn: &mut Conn, on: bool) -> Result<()> {
+        conn.qmp
+            .execute_raw(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "background-snapshot", "state": on}]}),
+            )
+            .map(drop)
+            .map_err(qmp_err)
+    }
+
+    /// A checkpoint: guest stopped, disks switched, RAM saved from that
+    /// instant. With background-snapshot QEMU resumes the guest at once
+    /// and writes RAM while it runs; without, the guest stays paused
+    /// until the file is written.
+    fn checkpoint(
+        &self,
+        conn: &mut Conn,
+        actions: &[Value],
+        plan: &ExternalPlan,
+        memory: &Path,
+        live: DomainState,
+        outcome: &mut ExternalOutcome,
+    ) -> Result<()> {
+        let part = memory_part_path(memory);
+        remove_if_present(&part)?;
+        // Guest RAM holds secrets: the file is never readable by others.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&part)?
+            .flush()?;
+        let running = live == DomainState::Running;
+        let mut background = running;
+        if background {
+            if let Err(e) = Self::set_background_snapshot(conn, true) {
+                background = false;
+                outcome.note = Some(format!(
+                    "background-snapshot refused ({}); RAM saved with the guest paused",
+                    e.message
+                ));
+            }
+        }
+        conn.qmp.take_events();
+        let stopped_at = SystemTime::now();
+        let t0 = Instant::now();
+        let fail = |conn: &mut Conn, background: bool, e: Error| {
+            if background {
+                let _ = Self::set_background_snapshot(conn, false);
+            }
+            if running {
+                let _ = conn.qmp.execute_raw("cont", json!({}));
+            }
+            let _ = fs::remove_file(&part);
+            e
+        };
+        if running {
+            if let Err(e) = conn.qmp.execute_raw("stop", json!({})) {
+                return Err(fail(conn, background, qmp_err(e)));
+            }
+        }
+        if let Err(e) = self.switch_disks(conn, actions, plan) {
+            return Err(fail(conn, background, e));
+        }
+        let uri = format!("exec:cat > {}", shell_quote(&part.to_string_lossy()));
+        let mut started = conn
+            .qmp
+            .execute_raw("migrate", json!({ "uri": uri }))
+            .map_err(qmp_err);
+        if let (Err(e), true) = (&started, background) {
+            let _ = Self::set_background_snapshot(conn, false);
+            background = false;
+            outcome.note = Some(format!(
+                "background-snapshot refused ({}); RAM saved with the guest paused",
+                e.message
+            ));
+            started = conn
+                .qmp
+                .execute_raw("migrate", json!({ "uri": uri }))
+                .map_err(qmp_err);
+        }
+        let saved = started.and_then(|_| Self::wait_migration(conn));
+        if let Err(e) = saved {
+            // The disks switched: merge the overlays back, nothing stays.
+            let undone = self.undo_live_overlays(conn, plan);
+            let e = match undone {
+                Ok(()) => e,
+                Err(u) => e.context(format!("and merging the overlays back failed: {u}")),
+            };
+            return Err(fail(conn, background, e));
+        }
+        if background {
+            let _ = Self::set_background_snapshot(conn, false);
+            outcome.paused_for = pause_from_events(&conn.qmp.take_events(), stopped_at);
+        } else if running {
+            conn.qmp
+                .execute_raw("cont", json!({}))
+                .map_err(qmp_err)?;
+            outcome.paused_for = Some(t0.elapsed());
+        }
+        seal_memory(&part, memory)
+    }
+
+    /// Polls `query-migrate` until the save completed or failed.
+    fn wait_migration(conn: &mut Conn) -> Result<()> {
+        let deadline = Instant::now() + JOB_TIMEOUT;
+        loop {
+            let m = conn
+                .qmp
+                .execute_raw("query-migrate", json!({}))
+                .map_err(qmp_err)?;
+            match m["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = m["error-desc"].as_str().unwrap_or("no reason given");
+                    return Err(Error::io(format!("saving RAM failed: {why}")));
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                let _ = conn.qmp.execute_raw("migrate_cancel", json!({}));
+                return Err(Error::io("saving RAM took too long; cancelled"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Merges each of `plan`'s overlays that QEMU runs on back into its
+    /// backing image (active block-commit) and removes the overlay files.
+    fn undo_live_overlays(&self, conn: &mut Conn, plan: &ExternalPlan) -> Result<()> {
+        let disks = self.live_disks(&mut conn.qmp)?;
+        let mut restored = Vec::new();
+        for (target, overlay) in &plan.overlays {
+            let Some(d) = disks.get(target) else { continue };
+            let on_top = d
+                .chain
+                .first()
+                .is_some_and(|i| canonical(&i.path) == canonical(overlay));
+            if on_top {
+                let job = format!("vmsnapfs-undo-{}", std::process::id());
+                conn.qmp
+                    .execute_raw(
+                        "block-commit",
+                        json!({"job-id": job, "device": d.node, "auto-dismiss": false}),
+                    )
+                    .map_err(qmp_err)?;
+                if let Some(e) = conn
+                    .qmp
+                    .wait_job_completing(&job, JOB_TIMEOUT, |_, _| {})
+                    .map_err(qmp_err)?
+                {
+                    return Err(Error::io(format!("block-commit of {target}: {e}")));
+                }
+                if let Some(base) = d.chain.get(1) {
+                    restored.push((
+                        target.clone(),
+                        Layer {
+                            path: base.path.clone(),
+                            format: base.format.clone(),
+                        },
+                    ));
+                }
+            }
+            remove_if_present(overlay)?;
+        }
+        conn.nodes = None;
+        self.set_layers(&restored)
+    }
+
+    /// See [`super::Backend::undo_external`].
+    pub(super) fn undo_external_impl(&self, plan: &ExternalPlan) -> Result<()> {
+        if self.is_up() {
+            self.with_qmp(|conn| self.undo_live_overlays(conn, plan))?;
+        } else {
+            let layers = self.layers.lock().clone();
+            for (target, overlay) in &plan.overlays {
+                let active = layers
+                    .get(target)
+                    .is_some_and(|l| canonical(&l.path) == canonical(overlay));
+                if active {
+                    let chain = qemu_img::chain(overlay)?;
+                    let base = chain.get(1).ok_or_else(|| {
+                        Error::io(format!("{} has no backing image", overlay.display()))
+                    })?;
+                    qemu_img::run(&["commit", "-q", &overlay.to_string_lossy()])?;
+                    self.set_layers(&[(
+                        target.clone(),
+                        Layer {
+                            path: base.path.clone(),
+                            format: base.format.clone(),
+                        },
+                    )])?;
+                }
+                remove_if_present(overlay)?;
+            }
+        }
+        if let Some(m) = &plan.memory {
+            remove_if_present(&memory_part_path(m))?;
+            remove_if_present(m)?;
+        }
+        Ok(())
+    }
+
+    /// See [`super::Backend::settle_external`].
+    pub(super) fn settle_external_impl(&self, plan: &ExternalPlan) -> Result<bool> {
+        // Connecting makes the record follow what a running QEMU has open.
+        let up = self.is_up();
+        let layers = self.layers.lock().clone();
+        let is_active = |t: &str, o: &Path| {
+            layers
+                .get(t)
+                .is_some_and(|l| canonical(&l.path) == canonical(o))
+        };
+        let mut in_use = plan.overlays.iter().any(|(t, o)| is_active(t, o));
+        if !up && !in_use {
+            // A QEMU that died after switching leaves written overlays.
+            let mut used = Vec::new();
+            for (t, o) in &plan.overlays {
+                if o.exists() && qemu_img::has_own_data(o)? {
+                    used.push((
+                        t.clone(),
+                        Layer {
+                            path: o.clone(),
+                            format: "qcow2".into(),
+                        },
+                    ));
+                }
+            }
+            if !used.is_empty() {
+                self.set_layers(&used)?;
+                in_use = true;
+            }
+        }
+        if let Some(m) = &plan.memory {
+            remove_if_present(&memory_part_path(m))?;
+        }
+        if !in_use {
+            for (_, o) in &plan.overlays {
+                remove_if_present(o)?;
+            }
+            if let Some(m) = &plan.memory {
+                remove_if_present(m)?;
+            }
+        }
+        Ok(in_use)
+    }
+}
+
+/// Refuses a plan whose files exist already (they are never overwritten).
+pub fn check_plan_paths(plan: &ExternalPlan) -> Result<()> {
+    let taken = plan
+        .overlays
+        .iter()
+        .map(|(_, o)| o)
+        .chain(plan.memory.iter())
+        .find(|p| p.exists());
+    match taken {
+        Some(p) => Err(Error::new(
+            ErrorKind::Exists,
+            format!("{} exists; vmsnapfs never overwrites a file", p.display()),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+    }
+
+    #[test]
+    fn part_path_sits_beside() {
+        assert_eq!(
+            memory_part_path(Path::new("/i/vm.s1.memory")),
+            PathBuf::from("/i/vm.s1.memory.part")
+        );
+    }
+
+    #[test]
+    fn node_names_fit_qemu() {
+        let n = overlay_node(Path::new("/some/very/long/path/to/an/overlay.qcow2"));
+        assert!(n.len() <= 31 && n.starts_with("vso-"));
+    }
+}

@@ -1,0 +1,201 @@
+//! External snapshots on the domain side: where overlays and memory files
+//! go, the planned metadata that the journal carries, recording the
+//! result, and finishing or undoing an interrupted create.
+
+use std::path::{Path, PathBuf};
+
+use super::{oplog::now_secs, CreateRequest, Domain};
+use crate::backend::{ExternalOutcome, ExternalPlan};
+use crate::error::{Error, Result};
+use crate::model::{DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState};
+use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
+
+/// The default overlay of `source` for snapshot `name`: beside the image,
+/// `<stem>.<name>.qcow2` (libvirt's convention).
+pub fn default_overlay(source: &Path, name: &str) -> PathBuf {
+    let stem = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".into());
+    source.with_file_name(format!("{stem}.{name}.qcow2"))
+}
+
+/// The default memory file of snapshot `name`: beside the first disk's
+/// image, `<domain>.<name>.memory`.
+pub fn default_memory(first_disk: &Path, domain: &str, name: &str) -> PathBuf {
+    first_disk.with_file_name(format!("{domain}.{name}.memory"))
+}
+
+impl Domain {
+    /// Decides the files of an external snapshot and the metadata it will
+    /// have, before anything changes.
+    pub(super) fn plan_external(
+        &self,
+        id: &str,
+        request: &CreateRequest<'_>,
+        disks: &[(String, Option<PathBuf>)],
+        memory: Option<&Option<PathBuf>>,
+        live: DomainState,
+    ) -> Result<(ExternalPlan, Snapshot)> {
+        if disks.is_empty() {
+            return Err(Error::invalid(
+                "an external snapshot needs at least one disk",
+            ));
+        }
+        let active = self.backend.active_disks();
+        let mut overlays = Vec::new();
+        let mut points = Vec::new();
+        for def in &self.def.disks {
+            let now = active.iter().find(|d| d.target == def.target).unwrap_or(def);
+            match disks.iter().find(|(t, _)| *t == def.target) {
+                Some((_, path)) => {
+                    let overlay = path
+                        .clone()
+                        .unwrap_or_else(|| default_overlay(&def.source, request.name));
+                    overlays.push((def.target.clone(), overlay));
+                    points.push(DiskPoint {
+                        target: def.target.clone(),
+                        kind: DiskSnapshotKind::External,
+                        image: Some(now.source.clone()),
+                    });
+                }
+                None => points.push(DiskPoint {
+                    target: def.target.clone(),
+                    kind: DiskSnapshotKind::No,
+                    image: None,
+                }),
+            }
+        }
+        let up = live != DomainState::Shutoff;
+        let memory_file = match (memory, up) {
+            (Some(path), true) => Some(path.clone().unwrap_or_else(|| {
+                default_memory(&self.def.disks[0].source, &self.def.name, request.name)
+            })),
+            _ => None,
+        };
+        let state = match (live, &memory_file) {
+            (DomainState::Shutoff, _) => SnapshotState::Shutoff,
+            (DomainState::Running, Some(_)) => SnapshotState::Running,
+            (DomainState::Paused, Some(_)) => SnapshotState::Paused,
+            (_, None) => SnapshotState::DiskSnapshot,
+        };
+        let snap = Snapshot {
+            id: id.to_owned(),
+            name: request.name.to_owned(),
+            description: request.description.clone(),
+            creation_time: now_secs(),
+            state,
+            parent: self.forest.read().current().map(str::to_owned),
+            memory: memory_file
+                .clone()
+                .map_or(MemoryLocation::No, MemoryLocation::External),
+            disks: points,
+            domain_xml: Some(self.def.xml.clone()),
+        };
+        let plan = ExternalPlan {
+            overlays,
+            memory: memory_file,
+        };
+        crate::backend::external::check_plan_paths(&plan)?;
+        Ok((plan, snap))
+    }
+
+    /// The planned snapshot as the journal keeps it.
+    pub(super) fn plan_xml(&self, snap: &Snapshot) -> String {
+        let forest = self.forest.read();
+        let parent = snap.parent.as_deref().and_then(|p| forest.name_of(p));
+        write_snapshot_xml(snap, parent)
+    }
+
+    /// Takes the planned external snapshot and records it.
+    pub(super) fn create_external_steps(
+        &self,
+        what: &str,
+        plan: &ExternalPlan,
+        mut snap: Snapshot,
+        live: DomainState,
+    ) -> Result<()> {
+        let outcome: ExternalOutcome = self.backend.create_external(plan, live)?;
+        if let Some(note) = &outcome.note {
+            self.log.line(&format!("{what}: {note}"));
+        }
+        if let Some(p) = outcome.paused_for {
+            self.log.line(&format!(
+                "{what}: guest paused {:.1} ms",
+                p.as_secs_f64() * 1000.0
+            ));
+        }
+        crate::failpoint::hit("create.after-backend")?;
+        snap.state = outcome.state;
+        if !outcome.memory_saved {
+            snap.memory = MemoryLocation::No;
+        }
+        for (target, image) in outcome.points {
+            if let Some(p) = snap.disks.iter_mut().find(|p| p.target == target) {
+                p.image = Some(image);
+            }
+        }
+        self.record_new(snap)
+    }
+
+    /// Removes what a failed external create may have made.
+    pub(super) fn undo_create_external(&self, id: &str, plan: &ExternalPlan) -> Result<()> {
+        self.backend.undo_external(plan)?;
+        self.store.remove_snapshot(id)?;
+        Ok(())
+    }
+
+    /// Finishes or undoes an interrupted external create (start-up).
+    pub(super) fn replay_create_external(
+        &self,
+        id: &str,
+        overlays: &[(String, PathBuf)],
+        plan_xml: &str,
+    ) -> Result<&'static str> {
+        let spec = parse_snapshot_xml(plan_xml).map_err(|e| Error::io(e.to_string()))?;
+        let (mut snap, _) = snapshot_from_spec(spec).map_err(|e| Error::io(e.to_string()))?;
+        let memory = match &snap.memory {
+            MemoryLocation::External(p) => Some(p.clone()),
+            _ => None,
+        };
+        let plan = ExternalPlan {
+            overlays: overlays.to_vec(),
+            memory: memory.clone(),
+        };
+        if self.store.has_snapshot(id) {
+            self.set_current(id)?;
+            return Ok("completed");
+        }
+        if !self.backend.settle_external(&plan)? {
+            return Ok("rolled back");
+        }
+        if memory.is_some_and(|m| !m.exists()) {
+            // The disks switched but RAM was not saved: a disk snapshot.
+            snap.memory = MemoryLocation::No;
+            snap.state = SnapshotState::DiskSnapshot;
+            self.log.line(&format!(
+                "recovery: snapshot {:?} lost its unfinished memory file; kept as a disk snapshot",
+                snap.name
+            ));
+        }
+        self.record_new(snap)?;
+        Ok("completed (the disks had switched to the new overlays)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_paths_sit_beside_the_images() {
+        assert_eq!(
+            default_overlay(Path::new("/img/vm1-vda.qcow2"), "pre upgrade"),
+            PathBuf::from("/img/vm1-vda.pre upgrade.qcow2")
+        );
+        assert_eq!(
+            default_memory(Path::new("/img/vm1-vda.qcow2"), "vm1", "s1"),
+            PathBuf::from("/img/vm1.s1.memory")
+        );
+    }
+}
