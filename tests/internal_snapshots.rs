@@ -252,7 +252,8 @@ fn create_from_a_libvirt_spec() {
 
     // Refusals: from write(2), with a line in .log; nothing made.
     let external = "<domainsnapshot><name>ext</name><disks><disk name='vda' snapshot='external'>\
-                    <source file='/tmp/x.qcow2'/></disk></disks></domainsnapshot>";
+                    <source file='/tmp/x.qcow2'/></disk><disk name='vdb' snapshot='internal'/>\
+                    </disks></domainsnapshot>";
     assert_eq!(
         write_and_close(&create, external.as_bytes()),
         Err(libc::EOPNOTSUPP)

@@ -251,6 +251,11 @@ impl QemuBackend {
         if let Err(e) = self.switch_disks(conn, actions, plan) {
             return Err(fail(conn, background, e));
         }
+        log::debug!(
+            "{}: checkpoint: guest stopped and disks switched in {:?}",
+            self.def.name,
+            t0.elapsed()
+        );
         let uri = format!("exec:cat > {}", shell_quote(&part.to_string_lossy()));
         let mut started = conn
             .qmp
@@ -268,6 +273,11 @@ impl QemuBackend {
                 .execute_raw("migrate", json!({ "uri": uri }))
                 .map_err(qmp_err);
         }
+        log::debug!(
+            "{}: checkpoint: migrate started after {:?}",
+            self.def.name,
+            t0.elapsed()
+        );
         let saved = started.and_then(|_| Self::wait_migration(conn));
         if let Err(e) = saved {
             // The disks switched: merge the overlays back, nothing stays.

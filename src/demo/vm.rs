@@ -231,9 +231,22 @@ impl Vm {
                 let id = format!("read-{target}");
                 let _ = q.execute_raw("block-export-del", serde_json::json!({"id": id}));
                 let _ = q.execute_raw("query-block-exports", serde_json::json!({}));
+                // The device's active layer (an overlay after external snapshots).
+                let qdev = format!("/machine/peripheral/{}/virtio-backend", disk.device);
+                let blocks = q
+                    .execute_raw("query-block", serde_json::json!({}))
+                    .map_err(|e| Error::io(e.to_string()))?;
+                let node = blocks
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|b| b["qdev"] == qdev.as_str())
+                    .and_then(|b| b["inserted"]["node-name"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
                 q.execute_raw(
                     "block-export-add",
-                    serde_json::json!({"type": "nbd", "id": id, "node-name": format!("{target}-fmt"),
+                    serde_json::json!({"type": "nbd", "id": id, "node-name": node,
                         "name": target, "writable": false}),
                 )
                 .map_err(|e| Error::io(e.to_string()))?;
@@ -254,16 +267,7 @@ impl Vm {
             Err(_) => Some(disk.image.to_string_lossy().into_owned()),
         };
         if let Some(image) = src {
-            qemu_img::run(&[
-                "convert",
-                "-U",
-                "-f",
-                "qcow2",
-                "-O",
-                "raw",
-                &image,
-                &out.to_string_lossy(),
-            ])?;
+            return read_image(Path::new(&image));
         }
         let data = fs::read(&out)?;
         let _ = fs::remove_file(&out);
@@ -357,6 +361,23 @@ impl Vm {
         }
         self.pid = None;
     }
+}
+
+/// The guest-visible content of an image file (with its backing chain),
+/// read with `-U`: for a stopped VM, or a frozen image.
+pub fn read_image(image: &Path) -> Result<Vec<u8>> {
+    let out = image.with_extension(format!("read-{}.raw", std::process::id()));
+    qemu_img::run(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        &image.to_string_lossy(),
+        &out.to_string_lossy(),
+    ])?;
+    let data = fs::read(&out);
+    let _ = fs::remove_file(&out);
+    Ok(data?)
 }
 
 fn xml_escape(s: &str) -> String {

@@ -80,13 +80,14 @@ fn replay(dom: &Domain, record: IntentRecord) {
     match result {
         Ok(how) => {
             dom.log
-                .line(&format!("recovery: interrupted {intent:?} {how}"));
+                .line(&format!("recovery: interrupted {} {how}", intent.describe()));
             if let Err(e) = dom.journal.complete(record) {
                 dom.log.line(&format!("recovery: cannot clear intent: {e}"));
             }
         }
         Err(e) => dom.log.line(&format!(
-            "recovery: interrupted {intent:?} not resolved, retried at next start: {e}"
+            "recovery: interrupted {} not resolved, retried at next start: {e}",
+            intent.describe()
         )),
     }
 }

@@ -47,6 +47,18 @@ pub enum Intent {
 }
 
 impl Intent {
+    /// A short description for logs: the operation and the snapshot.
+    pub fn describe(&self) -> String {
+        match self {
+            Intent::Create { id, name } => format!("create of {name:?} ({id})"),
+            Intent::CreateExternal { id, name, .. } => {
+                format!("external create of {name:?} ({id})")
+            }
+            Intent::Delete { id } => format!("delete of {id}"),
+            Intent::Revert { id, target } => format!("revert to {id} ({target})"),
+        }
+    }
+
     fn encode(&self) -> String {
         match self {
             Intent::Create { id, name } => format!("op=create\nid={id}\nname={}\n", escape(name)),

@@ -229,6 +229,20 @@ impl Fixture {
         Fixture { daemon, vm, dir }
     }
 
+    /// A fixture whose definition sets `<snapshot policy=...>`.
+    pub fn with_policy(tag: &str, policy: &str, env: &[(&str, &str)]) -> Fixture {
+        let dir = TempDir::new(tag);
+        let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+        let def = vm.write_definition(&dir.0.join("domains")).unwrap();
+        let xml = fs::read_to_string(&def).unwrap().replace(
+            "</domain>",
+            &format!("  <snapshot policy='{policy}'/>\n</domain>"),
+        );
+        fs::write(&def, xml).unwrap();
+        let daemon = Daemon::start(&dir.0, env);
+        Fixture { daemon, vm, dir }
+    }
+
     /// `<mnt>/vm1/<rel>`.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.daemon.mnt.join("vm1").join(rel)
