@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::{json, Value};
 
 use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
-use super::{qemu_img, ExternalOutcome, ExternalPlan};
+use super::{qemu_img, ExternalOutcome, ExternalPlan, ExternalRevert};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DomainState, SnapshotState};
 use crate::store::Layer;
@@ -301,7 +301,7 @@ impl QemuBackend {
     }
 
     /// Polls `query-migrate` until the save completed or failed.
-    fn wait_migration(conn: &mut Conn) -> Result<()> {
+    pub(super) fn wait_migration(conn: &mut Conn) -> Result<()> {
         let deadline = Instant::now() + JOB_TIMEOUT;
         loop {
             let m = conn
@@ -442,6 +442,161 @@ impl QemuBackend {
             }
         }
         Ok(in_use)
+    }
+}
+
+/// Loads RAM from `memory` into a QEMU started with `-incoming defer`.
+pub(super) fn load_memory(conn: &mut Conn, memory: &Path) -> Result<()> {
+    let uri = format!("exec:cat {}", shell_quote(&memory.to_string_lossy()));
+    conn.qmp
+        .execute_raw("migrate-incoming", json!({ "uri": uri }))
+        .map_err(qmp_err)?;
+    QemuBackend::wait_migration(conn)
+}
+
+impl QemuBackend {
+    /// See [`super::Backend::revert_external`].
+    pub(super) fn revert_external_impl(&self, r: &ExternalRevert) -> Result<()> {
+        let mut made: Vec<&Path> = Vec::new();
+        let cleanup = |made: &[&Path]| {
+            for m in made {
+                let _ = fs::remove_file(m);
+            }
+        };
+        for (_, point, overlay) in &r.branches {
+            let format = qemu_img::chain(point)
+                .ok()
+                .and_then(|c| c.first().map(|i| i.format.clone()))
+                .unwrap_or_else(|| "qcow2".into());
+            if let Err(e) = qemu_img::create_overlay(overlay, point, &format) {
+                cleanup(&made);
+                return Err(e);
+            }
+            made.push(overlay);
+        }
+        let layers: Vec<(String, Layer)> = r
+            .branches
+            .iter()
+            .map(|(t, _, o)| {
+                (
+                    t.clone(),
+                    Layer {
+                        path: o.clone(),
+                        format: "qcow2".into(),
+                    },
+                )
+            })
+            .collect();
+        let up = r.live != DomainState::Shutoff;
+        let in_place = up && r.target != DomainState::Shutoff && r.memory.is_none();
+        if in_place {
+            if let Err(e) = self.switch_devices(r) {
+                cleanup(&made);
+                return Err(e);
+            }
+            return self.set_layers(&layers);
+        }
+        if up {
+            if let Err(e) = super::Backend::stop_process(self) {
+                cleanup(&made);
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.set_layers(&layers) {
+            cleanup(&made);
+            return Err(e);
+        }
+        if r.target == DomainState::Shutoff {
+            return Ok(());
+        }
+        self.start_with(
+            None,
+            r.memory.as_deref(),
+            r.target == DomainState::Paused,
+        )
+        .map_err(|e| {
+            e.context("the disks were switched to the snapshot; the domain is left stopped")
+        })
+    }
+
+    /// The running QEMU's devices switch to new overlays over the
+    /// snapshot's images: stop, blockdev-add, qom-set drive, reset, cont.
+    fn switch_devices(&self, r: &ExternalRevert) -> Result<()> {
+        self.with_qmp(|conn| {
+            let disks = self.live_disks(&mut conn.qmp)?;
+            let was_running = r.live == DomainState::Running;
+            if was_running {
+                conn.qmp
+                    .execute_raw("stop", json!({}))
+                    .map_err(qmp_err)?;
+            }
+            let mut added = Vec::new();
+            let mut result = Ok(());
+            for (target, _, overlay) in &r.branches {
+                let node = overlay_node(overlay);
+                let add = conn.qmp.execute_raw(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": node,
+                           "file": {"driver": "file", "filename": overlay}}),
+                );
+                if let Err(e) = add {
+                    result = Err(qmp_err(e));
+                    break;
+                }
+                added.push((target.clone(), node));
+            }
+            if result.is_ok() {
+                for (target, node) in &added {
+                    let device = disks.get(target).and_then(|d| d.device.clone());
+                    let Some(device) = device else {
+                        result = Err(Error::io(format!(
+                            "disk {target} is not attached to a device QEMU can switch"
+                        )));
+                        break;
+                    };
+                    let set = conn.qmp.execute_raw(
+                        "qom-set",
+                        json!({"path": device, "property": "drive", "value": node}),
+                    );
+                    if let Err(e) = set {
+                        result = Err(qmp_err(e));
+                        break;
+                    }
+                }
+            }
+            conn.nodes = None;
+            if let Err(e) = result {
+                for (_, node) in &added {
+                    let _ = conn
+                        .qmp
+                        .execute_raw("blockdev-del", json!({ "node-name": node }));
+                }
+                if was_running {
+                    let _ = conn.qmp.execute_raw("cont", json!({}));
+                }
+                return Err(e);
+            }
+            // Old active layers this daemon added (blockdev-add) stay open
+            // until deleted; nodes QEMU made itself close on their own.
+            for (target, _, _) in &r.branches {
+                if let Some(old) = disks.get(target) {
+                    let _ = conn
+                        .qmp
+                        .execute_raw("blockdev-del", json!({ "node-name": old.node }));
+                }
+            }
+            // The guest's RAM does not match the reverted disks: it boots
+            // from them, as after a power cycle.
+            conn.qmp
+                .execute_raw("system_reset", json!({}))
+                .map_err(qmp_err)?;
+            if r.target == DomainState::Running {
+                conn.qmp
+                    .execute_raw("cont", json!({}))
+                    .map_err(qmp_err)?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -51,6 +51,21 @@ pub struct ExternalOutcome {
     pub paused_for: Option<std::time::Duration>,
 }
 
+/// A revert to an external snapshot: each disk gets a new overlay over
+/// the snapshot's point image (a branch); the images in use before stay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalRevert {
+    /// (target, point image, new overlay) for each disk the snapshot holds.
+    pub branches: Vec<(String, PathBuf, PathBuf)>,
+    /// The snapshot's memory file, for a checkpoint (loaded into a new
+    /// QEMU process unless the domain is left stopped).
+    pub memory: Option<PathBuf>,
+    /// The domain's state before the revert.
+    pub live: DomainState,
+    /// The state to leave it in.
+    pub target: DomainState,
+}
+
 /// The primitive actions on one domain. The domain layer decides which to
 /// run (and refuses what is unsafe); a backend just does them.
 pub trait Backend: Send + Sync {
@@ -128,4 +143,11 @@ pub trait Backend: Send + Sync {
     /// them), which are then recorded as the active layers; otherwise the
     /// unused overlays and any partial memory file are removed.
     fn settle_external(&self, plan: &ExternalPlan) -> Result<bool>;
+
+    /// Reverts to an external snapshot as `revert` says: without RAM on
+    /// a running QEMU, the devices switch to the new overlays in place
+    /// (and the guest is reset); with RAM, a new QEMU process loads it.
+    /// Returns once the domain is in `revert.target`. Before the switch a
+    /// failure removes the new overlays; after it, the error says so.
+    fn revert_external(&self, revert: &ExternalRevert) -> Result<()>;
 }

@@ -35,6 +35,8 @@ pub(super) struct Conn {
 pub(super) struct LiveDisk {
     /// Node name of the active layer.
     pub(super) node: String,
+    /// The QOM path of the device using it, if one does.
+    pub(super) device: Option<String>,
     /// The backing chain, top (active layer) first.
     pub(super) chain: Vec<qemu_img::ChainImage>,
 }
@@ -113,9 +115,13 @@ impl QemuBackend {
     pub(super) fn set_layers(&self, changes: &[(String, Layer)]) -> Result<()> {
         let mut layers = self.layers.lock();
         let mut next = layers.clone();
+        let mut former = Vec::new();
         for (t, l) in changes {
-            next.insert(t.clone(), l.clone());
+            if let Some(old) = next.insert(t.clone(), l.clone()) {
+                former.push((t.clone(), old.path));
+            }
         }
+        self.store.add_layer_history(&former)?;
         self.store.save_layers(&next)?;
         *layers = next;
         Ok(())
@@ -257,7 +263,7 @@ impl QemuBackend {
     /// that, the image the definition names).
     pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
         let blocks = qmp.execute_raw("query-block", json!({})).map_err(qmp_err)?;
-        let chains: Vec<(String, Vec<qemu_img::ChainImage>)> = blocks
+        let chains: Vec<(String, Option<String>, Vec<qemu_img::ChainImage>)> = blocks
             .as_array()
             .into_iter()
             .flatten()
@@ -266,7 +272,10 @@ impl QemuBackend {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
-                (node, chain_of(&b["inserted"]))
+                let device = b["qdev"].as_str().map(|q| {
+                    q.strip_suffix("/virtio-backend").unwrap_or(q).to_owned()
+                });
+                (node, device, chain_of(&b["inserted"]))
             })
             .collect();
         let layers = self.layers.lock().clone();
@@ -278,12 +287,20 @@ impl QemuBackend {
                 .into_iter()
                 .chain([canonical(&disk.source)])
                 .collect();
-            let found = wanted.iter().find_map(|w| {
-                chains
-                    .iter()
-                    .find(|(_, c)| c.iter().any(|i| canonical(&i.path) == *w))
-            });
-            let Some((node, chain)) = found else {
+            // The device's own backend first: after a revert the old
+            // -drive backend may still hold an older chain.
+            let holds = |c: &Vec<qemu_img::ChainImage>, w: &PathBuf| {
+                c.iter().any(|i| canonical(&i.path) == *w)
+            };
+            let found = chains
+                .iter()
+                .find(|(_, d, c)| d.is_some() && wanted.iter().any(|w| holds(c, w)))
+                .or_else(|| {
+                    wanted
+                        .iter()
+                        .find_map(|w| chains.iter().find(|(_, _, c)| holds(c, w)))
+                });
+            let Some((node, device, chain)) = found else {
                 return Err(Error::io(format!(
                     "disk {} ({}) is not attached to the running QEMU",
                     disk.target,
@@ -294,6 +311,7 @@ impl QemuBackend {
                 disk.target.clone(),
                 LiveDisk {
                     node: node.clone(),
+                    device: device.clone(),
                     chain: chain.clone(),
                 },
             );
@@ -372,10 +390,80 @@ impl QemuBackend {
 }
 
 impl QemuBackend {
+    /// Starts QEMU from the domain's command line pointed at the active
+    /// layers, paused (-S): loading internal checkpoint `loadvm`, or RAM
+    /// from memory file `incoming`; then checks the disks' chains and
+    /// resumes the guest unless `paused`.
+    pub(super) fn start_with(
+        &self,
+        loadvm: Option<&str>,
+        incoming: Option<&Path>,
+        paused: bool,
+    ) -> Result<()> {
+        let argv = self
+            .def
+            .commandline
+            .clone()
+            .or_else(|| self.store.load_argv())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "no QEMU command line known: add <commandline> to the definition \
+                     or start the VM once while vmsnapfs runs",
+                )
+            })?;
+        let mut argv = process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
+        argv.push("-S".into());
+        if let Some(tag) = loadvm {
+            argv.push("-loadvm".into());
+            argv.push(tag.into());
+        }
+        if incoming.is_some() {
+            argv.push("-incoming".into());
+            argv.push("defer".into());
+        }
+        let pid = process::spawn_detached(&argv, &self.store.dir().join("qemu.log"))?;
+        log::info!("{}: started QEMU pid {pid}", self.def.name);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.conn.lock();
+                if self.connect(&mut guard).is_some() {
+                    break;
+                }
+            }
+            if !process::is_alive(pid as i32, None) {
+                return Err(Error::io(format!(
+                    "QEMU exited at start; see {}",
+                    self.store.dir().join("qemu.log").display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::io("QEMU did not open its monitor in time"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = self.check_started_chains() {
+            let _ = self.stop_process();
+            return Err(e);
+        }
+        if let Some(memory) = incoming {
+            if let Err(e) = self.with_qmp(|c| super::external::load_memory(c, memory)) {
+                let _ = self.stop_process();
+                return Err(e);
+            }
+        }
+        if !paused {
+            self.set_running(true)?;
+        }
+        Ok(())
+    }
+
     /// For each disk: the image paths a command line may name (the
     /// definition's and every image below the active layer), the active
     /// layer, and whether a raw disk now has a qcow2 overlay.
     fn swaps(&self) -> Vec<(Vec<String>, String, bool)> {
+        let history = self.store.layer_history();
         self.def
             .disks
             .iter()
@@ -385,6 +473,12 @@ impl QemuBackend {
                 if let Ok(chain) = qemu_img::chain(&now.source) {
                     olds.extend(chain.iter().map(|i| i.path.to_string_lossy().into_owned()));
                 }
+                olds.extend(
+                    history
+                        .iter()
+                        .filter(|(t, _)| *t == def.target)
+                        .map(|(_, p)| p.to_string_lossy().into_owned()),
+                );
                 let to_qcow2 = def.format != "qcow2" && now.format == "qcow2";
                 (olds, now.source.to_string_lossy().into_owned(), to_qcow2)
             })
@@ -597,53 +691,7 @@ impl Backend for QemuBackend {
     }
 
     fn start_process(&self, loadvm: Option<&str>, paused: bool) -> Result<()> {
-        let argv = self
-            .def
-            .commandline
-            .clone()
-            .or_else(|| self.store.load_argv())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    "no QEMU command line known: add <commandline> to the definition \
-                     or start the VM once while vmsnapfs runs",
-                )
-            })?;
-        let mut argv = process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
-        argv.push("-S".into());
-        if let Some(tag) = loadvm {
-            argv.push("-loadvm".into());
-            argv.push(tag.into());
-        }
-        let pid = process::spawn_detached(&argv, &self.store.dir().join("qemu.log"))?;
-        log::info!("{}: started QEMU pid {pid}", self.def.name);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            {
-                let mut guard = self.conn.lock();
-                if self.connect(&mut guard).is_some() {
-                    break;
-                }
-            }
-            if !process::is_alive(pid as i32, None) {
-                return Err(Error::io(format!(
-                    "QEMU exited at start; see {}",
-                    self.store.dir().join("qemu.log").display()
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(Error::io("QEMU did not open its monitor in time"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Err(e) = self.check_started_chains() {
-            let _ = self.stop_process();
-            return Err(e);
-        }
-        if !paused {
-            self.set_running(true)?;
-        }
-        Ok(())
+        self.start_with(loadvm, None, paused)
     }
 
     fn set_running(&self, running: bool) -> Result<()> {
@@ -652,6 +700,7 @@ impl Backend for QemuBackend {
             c.qmp.execute_raw(cmd, json!({})).map(drop).map_err(qmp_err)
         })
     }
+
 
     fn space_shortage(&self) -> Option<String> {
         // A checkpoint needs about the guest's RAM; disk-only needs little.
@@ -707,6 +756,10 @@ impl Backend for QemuBackend {
 
     fn settle_external(&self, plan: &ExternalPlan) -> Result<bool> {
         self.settle_external_impl(plan)
+    }
+
+    fn revert_external(&self, revert: &super::ExternalRevert) -> Result<()> {
+        self.revert_external_impl(revert)
     }
 }
 

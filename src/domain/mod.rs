@@ -1,6 +1,7 @@
 //! Snapshot operations on one domain: one at a time, journaled, logged.
 //! Runs on worker threads, never on a FUSE thread that serves `ls`.
 
+pub mod branch;
 pub mod create_spec;
 pub mod describe;
 pub mod external;

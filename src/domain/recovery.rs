@@ -52,6 +52,13 @@ fn replay(dom: &Domain, record: IntentRecord) {
         Intent::CreateExternal {
             id, overlays, plan, ..
         } => dom.replay_create_external(id, overlays, plan),
+        Intent::RevertExternal {
+            id,
+            overlays,
+            left,
+            discard,
+            ..
+        } => dom.replay_revert_external(id, overlays, left.as_deref(), discard),
         Intent::Delete { id } => {
             dom.backend.delete_internal(id)?;
             dom.forget_snapshot(id)?;

@@ -15,6 +15,9 @@ pub struct RevertRequest {
     pub target: Option<DomainState>,
     /// The user accepts losing the live state.
     pub force: bool,
+    /// Remove the state left behind by an external revert instead of
+    /// keeping it as a snapshot.
+    pub discard: bool,
 }
 
 impl RevertRequest {
@@ -26,6 +29,7 @@ impl RevertRequest {
         let mut req = RevertRequest {
             target: None,
             force: false,
+            discard: false,
         };
         for word in text.split_whitespace() {
             let state = match word {
@@ -36,10 +40,15 @@ impl RevertRequest {
                     req.force = true;
                     continue;
                 }
+                "discard" if !req.discard => {
+                    req.discard = true;
+                    continue;
+                }
                 _ => {
                     return Err(Error::invalid(format!(
                         "unknown word {word:?} in revert request; write \
-                         'running', 'paused' or 'shutoff', optionally followed by 'force'"
+                         'running', 'paused' or 'shutoff', optionally followed by 'force' \
+                         and 'discard'"
                     )))
                 }
             };
@@ -75,6 +84,9 @@ impl Domain {
             let live = self.backend.refresh_state();
             self.note_state(live);
             let target = req.target.unwrap_or_else(|| default_target(&snap));
+            if super::branch::is_external(&snap) {
+                return self.revert_to_external(&what, &snap, live, target, &req);
+            }
             self.check_internal_only(&snap, "revert to")?;
             self.check_revert(&snap, live, target, req.force)?;
             let record = self.journal.begin(Intent::Revert {
@@ -229,28 +241,32 @@ mod tests {
             p("").unwrap(),
             RevertRequest {
                 target: None,
-                force: false
+                force: false,
+                discard: false
             }
         );
         assert_eq!(
             p("running\n").unwrap(),
             RevertRequest {
                 target: Some(DomainState::Running),
-                force: false
+                force: false,
+                discard: false
             }
         );
         assert_eq!(
             p(" shutoff force ").unwrap(),
             RevertRequest {
                 target: Some(DomainState::Shutoff),
-                force: true
+                force: true,
+                discard: false
             }
         );
         assert_eq!(
             p("force").unwrap(),
             RevertRequest {
                 target: None,
-                force: true
+                force: true,
+                discard: false
             }
         );
         assert!(p("runing").is_err());

@@ -32,6 +32,21 @@ pub enum Intent {
         /// The `<domainsnapshot>` XML to record.
         plan: String,
     },
+    /// Reverting to external snapshot `id`: new overlays become the
+    /// active layers; the layers left behind are kept as snapshot `left`
+    /// (its metadata) or their files in `discard` are removed.
+    RevertExternal {
+        /// Snapshot id.
+        id: String,
+        /// `running`, `paused` or `shutoff`.
+        target: String,
+        /// The new overlay of each switched disk, by target.
+        overlays: Vec<(String, PathBuf)>,
+        /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
+        left: Option<String>,
+        /// Files of the state left behind, removed as asked (`discard`).
+        discard: Vec<PathBuf>,
+    },
     /// Deleting snapshot `id`.
     Delete {
         /// Snapshot id and qcow2 tag.
@@ -56,6 +71,9 @@ impl Intent {
             }
             Intent::Delete { id } => format!("delete of {id}"),
             Intent::Revert { id, target } => format!("revert to {id} ({target})"),
+            Intent::RevertExternal { id, target, .. } => {
+                format!("revert to external {id} ({target})")
+            }
         }
     }
 
@@ -69,14 +87,25 @@ impl Intent {
                 plan,
             } => {
                 let mut text = format!("op=create-external\nid={id}\nname={}\n", escape(name));
-                for (target, path) in overlays {
-                    text += &format!(
-                        "overlay={}\t{}\n",
-                        escape(target),
-                        escape(&path.to_string_lossy())
-                    );
-                }
+                text += &encode_overlays(overlays);
                 text + &format!("plan={}\n", escape(plan))
+            }
+            Intent::RevertExternal {
+                id,
+                target,
+                overlays,
+                left,
+                discard,
+            } => {
+                let mut text = format!("op=revert-external\nid={id}\ntarget={target}\n");
+                text += &encode_overlays(overlays);
+                for d in discard {
+                    text += &format!("discard={}\n", escape(&d.to_string_lossy()));
+                }
+                if let Some(l) = left {
+                    text += &format!("left={}\n", escape(l));
+                }
+                text
             }
             Intent::Delete { id } => format!("op=delete\nid={id}\n"),
             Intent::Revert { id, target } => format!("op=revert\nid={id}\ntarget={target}\n"),
@@ -98,15 +127,19 @@ impl Intent {
             "create-external" => Intent::CreateExternal {
                 id,
                 name: unescape(&get("name")?),
-                overlays: text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("overlay="))
-                    .map(|l| {
-                        let (t, p) = l.split_once('\t')?;
-                        Some((unescape(t), PathBuf::from(unescape(p))))
-                    })
-                    .collect::<Option<Vec<_>>>()?,
+                overlays: decode_overlays(text)?,
                 plan: unescape(&get("plan")?),
+            },
+            "revert-external" => Intent::RevertExternal {
+                id,
+                target: get("target")?,
+                overlays: decode_overlays(text)?,
+                left: get("left").map(|l| unescape(&l)),
+                discard: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("discard="))
+                    .map(|p| PathBuf::from(unescape(p)))
+                    .collect(),
             },
             "delete" => Intent::Delete { id },
             "revert" => Intent::Revert {
@@ -116,6 +149,29 @@ impl Intent {
             _ => return None,
         })
     }
+}
+
+fn encode_overlays(overlays: &[(String, PathBuf)]) -> String {
+    overlays
+        .iter()
+        .map(|(target, path)| {
+            format!(
+                "overlay={}\t{}\n",
+                escape(target),
+                escape(&path.to_string_lossy())
+            )
+        })
+        .collect()
+}
+
+fn decode_overlays(text: &str) -> Option<Vec<(String, PathBuf)>> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("overlay="))
+        .map(|l| {
+            let (t, p) = l.split_once('\t')?;
+            Some((unescape(t), PathBuf::from(unescape(p))))
+        })
+        .collect()
 }
 
 /// Names may hold any character but '/', NUL and control characters; the
@@ -228,6 +284,14 @@ mod tests {
         };
         j.begin(a.clone()).unwrap();
         j.begin(c.clone()).unwrap();
+        let d = Intent::RevertExternal {
+            id: "s4".into(),
+            target: "running".into(),
+            overlays: vec![("vda".into(), "/img/a.r.qcow2".into())],
+            left: Some("<domainsnapshot/>".into()),
+            discard: vec!["/img/old.qcow2".into()],
+        };
+        j.begin(d.clone()).unwrap();
         let rb = j.begin(b).unwrap();
         j.complete(rb).unwrap();
         let left: Vec<_> = j
@@ -236,7 +300,7 @@ mod tests {
             .into_iter()
             .map(|r| r.unwrap().intent)
             .collect();
-        assert_eq!(left, vec![a, c]);
+        assert_eq!(left, vec![a, c, d]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

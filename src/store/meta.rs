@@ -202,6 +202,33 @@ impl DomainStore {
         write_atomic(&self.dir.join("layers"), text.as_bytes())
     }
 
+    /// Durably adds images that were a disk's active layer: a command line
+    /// recorded earlier may name them (see `QemuBackend::start_process`).
+    pub fn add_layer_history(&self, entries: &[(String, PathBuf)]) -> io::Result<()> {
+        let mut all = self.layer_history();
+        for e in entries {
+            if !all.contains(e) {
+                all.push(e.clone());
+            }
+        }
+        let text: String = all
+            .iter()
+            .map(|(t, p)| format!("{}\t{}\n", escape(t), escape(&p.to_string_lossy())))
+            .collect();
+        write_atomic(&self.dir.join("layers.history"), text.as_bytes())
+    }
+
+    /// Every image recorded by [`DomainStore::add_layer_history`].
+    pub fn layer_history(&self) -> Vec<(String, PathBuf)> {
+        let text = fs::read_to_string(self.dir.join("layers.history")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (t, p) = l.split_once('\t')?;
+                Some((unescape(t), PathBuf::from(unescape(p))))
+            })
+            .collect()
+    }
+
     /// The recorded active layers (empty when none were recorded).
     pub fn load_layers(&self) -> BTreeMap<String, Layer> {
         let text = fs::read_to_string(self.dir.join("layers")).unwrap_or_default();

@@ -1,0 +1,413 @@
+//! Reverting to an external snapshot: new overlays over the snapshot's
+//! images (a branch), so every other snapshot stays valid. The state the
+//! domain leaves is kept as a snapshot of its own (`left-<time>`) unless
+//! the user writes `discard`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::external::default_overlay;
+use super::oplog::now_secs;
+use super::revert::RevertRequest;
+use super::Domain;
+use crate::backend::{qemu_img, ExternalPlan, ExternalRevert};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{
+    DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
+};
+use crate::store::Intent;
+use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec};
+
+/// True when the snapshot's data is in point images and a memory file
+/// rather than inside the qcow2 images.
+pub fn is_external(snap: &Snapshot) -> bool {
+    matches!(snap.memory, MemoryLocation::External(_))
+        || snap
+            .disks
+            .iter()
+            .any(|d| d.kind == DiskSnapshotKind::External)
+}
+
+/// A name for the snapshot that keeps the state a revert leaves.
+fn left_name(taken: impl Fn(&str) -> bool) -> String {
+    let secs = now_secs();
+    let base = format!("left-{}", format_utc(secs));
+    if !taken(&base) {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .unwrap_or(base)
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn format_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A free path for a branch overlay of `source` for snapshot `name`.
+fn branch_overlay(source: &Path, name: &str) -> PathBuf {
+    let secs = now_secs();
+    (1..)
+        .map(|n| default_overlay(source, &format!("{name}.revert-{secs}-{n}")))
+        .find(|p| !p.exists())
+        .expect("some free name")
+}
+
+impl Domain {
+    /// Reverts to external snapshot `snap` (the request was parsed, the
+    /// domain is busy, `live` was read).
+    pub(super) fn revert_to_external(
+        &self,
+        what: &str,
+        snap: &Snapshot,
+        live: DomainState,
+        target: DomainState,
+        req: &RevertRequest,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let memory = match &snap.memory {
+            MemoryLocation::External(p) => Some(p.clone()),
+            _ => None,
+        };
+        self.check_external_revert(snap, memory.as_deref(), live, target, req.force)?;
+        // Stop the guest first: it flushes every image, so what the state
+        // left behind holds can be read from outside QEMU.
+        let was_running = live == DomainState::Running;
+        let live = if was_running {
+            self.backend.set_running(false)?;
+            DomainState::Paused
+        } else {
+            live
+        };
+        let r = self.revert_stopped_guest(what, snap, memory, live, target, req, t0);
+        if r.is_err() && was_running && self.backend.refresh_state() == DomainState::Paused {
+            // The revert did not happen: the guest goes on as it was.
+            let _ = self.backend.set_running(true);
+            self.note_state(DomainState::Running);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn revert_stopped_guest(
+        &self,
+        what: &str,
+        snap: &Snapshot,
+        memory: Option<PathBuf>,
+        live: DomainState,
+        target: DomainState,
+        req: &RevertRequest,
+        t0: Instant,
+    ) -> Result<()> {
+        let defs = self.def.disks.clone();
+        let active = self.backend.active_disks();
+        let mut branches = Vec::new();
+        let mut left_points = Vec::new();
+        for def in &defs {
+            let point = snap.disks.iter().find(|d| d.target == def.target);
+            match point {
+                Some(DiskPoint {
+                    kind: DiskSnapshotKind::External,
+                    image: Some(image),
+                    ..
+                }) => {
+                    let overlay = branch_overlay(&def.source, &snap.name);
+                    branches.push((def.target.clone(), image.clone(), overlay));
+                    let now = active.iter().find(|a| a.target == def.target);
+                    left_points.push(DiskPoint {
+                        target: def.target.clone(),
+                        kind: DiskSnapshotKind::External,
+                        image: now.map(|a| a.source.clone()),
+                    });
+                }
+                _ => left_points.push(DiskPoint {
+                    target: def.target.clone(),
+                    kind: DiskSnapshotKind::No,
+                    image: None,
+                }),
+            }
+        }
+        let left_images: Vec<PathBuf> = left_points.iter().filter_map(|p| p.image.clone()).collect();
+        let (left, discard) = if req.discard {
+            (None, self.discardable(&left_images))
+        } else if self.already_kept(&left_images) {
+            // Nothing was written since a snapshot: its empty overlays go.
+            (None, self.discardable(&left_images))
+        } else {
+            let forest = self.forest.read();
+            let left = Snapshot {
+                id: super::new_id(),
+                name: left_name(|n| forest.by_name(n).is_some()),
+                description: Some(format!(
+                    "the state left behind by the revert to {:?}",
+                    snap.name
+                )),
+                creation_time: now_secs(),
+                state: if live == DomainState::Shutoff {
+                    SnapshotState::Shutoff
+                } else {
+                    SnapshotState::DiskSnapshot
+                },
+                parent: forest.current().map(str::to_owned),
+                memory: MemoryLocation::No,
+                disks: left_points,
+                domain_xml: Some(self.def.xml.clone()),
+            };
+            drop(forest);
+            (Some(left), Vec::new())
+        };
+        let overlays: Vec<(String, PathBuf)> = branches
+            .iter()
+            .map(|(t, _, o)| (t.clone(), o.clone()))
+            .collect();
+        let record = self.journal.begin(Intent::RevertExternal {
+            id: snap.id.clone(),
+            target: target.as_str().into(),
+            overlays: overlays.clone(),
+            left: left.as_ref().map(|l| self.plan_xml(l)),
+            discard: discard.clone(),
+        })?;
+        let t1 = Instant::now();
+        let revert = ExternalRevert {
+            branches,
+            memory,
+            live,
+            target,
+        };
+        let done = crate::failpoint::hit("revert.begin")
+            .and_then(|_| self.backend.revert_external(&revert))
+            .and_then(|_| crate::failpoint::hit("revert.after-steps"));
+        let backend_time = t1.elapsed();
+        let state = match &done {
+            Ok(()) => target,
+            Err(_) => self.backend.refresh_state(),
+        };
+        self.note_state(state);
+        if let Err(e) = done {
+            let plan = ExternalPlan {
+                overlays,
+                memory: None,
+            };
+            if !self.backend.settle_external(&plan)? {
+                self.journal.complete(record)?;
+                return Err(e);
+            }
+            self.finish_external_revert(&snap.id, left, &discard)?;
+            self.journal.complete(record)?;
+            return Err(e);
+        }
+        let kept = left.as_ref().map(|l| l.name.clone());
+        self.finish_external_revert(&snap.id, left, &discard)?;
+        self.journal.complete(record)?;
+        let behind = match kept {
+            Some(n) => format!("the state left behind is snapshot {n:?}"),
+            None if discard.is_empty() => "nothing was left behind".into(),
+            None => format!("{} image(s) of the state left behind removed", discard.len()),
+        };
+        self.log.line(&format!(
+            "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s); {behind}",
+            state.as_str(),
+            t0.elapsed().as_secs_f64(),
+            backend_time.as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// The rules of an external revert, checked before anything changes.
+    fn check_external_revert(
+        &self,
+        snap: &Snapshot,
+        memory: Option<&Path>,
+        live: DomainState,
+        target: DomainState,
+        force: bool,
+    ) -> Result<()> {
+        if let Some(d) = snap
+            .disks
+            .iter()
+            .find(|d| d.kind == DiskSnapshotKind::Internal)
+        {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "snapshot {:?} mixes internal and external disks (disk {}); reverting \
+                     to it is not supported",
+                    snap.name, d.target
+                ),
+            ));
+        }
+        for d in &snap.disks {
+            if let (DiskSnapshotKind::External, Some(image)) = (d.kind, &d.image) {
+                if !image.exists() {
+                    return Err(Error::not_found(format!(
+                        "the image of disk {} at {:?}, {}, is gone",
+                        d.target,
+                        snap.name,
+                        image.display()
+                    )));
+                }
+            }
+        }
+        if let Some(m) = memory {
+            if target != DomainState::Shutoff && !m.exists() {
+                return Err(Error::not_found(format!(
+                    "the memory file {} is gone; revert to 'shutoff' to get the disks back",
+                    m.display()
+                )));
+            }
+        }
+        let up = live != DomainState::Shutoff;
+        if up && target == DomainState::Shutoff && !force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                "the domain is running and the revert would stop it, losing its live state; \
+                 write 'shutoff force' to do it anyway",
+            ));
+        }
+        if up && target != DomainState::Shutoff && memory.is_none() && !force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "snapshot {:?} has no saved state: the guest is reset onto the \
+                     snapshot's disks and its live state (RAM) is lost; write '{} force' \
+                     to do it anyway (its disks are kept as a snapshot unless you add \
+                     'discard')",
+                    snap.name,
+                    target.as_str()
+                ),
+            ));
+        }
+        let needs_start = target != DomainState::Shutoff && (!up || memory.is_some());
+        if needs_start && !self.backend.can_start() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the revert must start QEMU but no command line is known: add <commandline> \
+                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when every image of the state left behind is an overlay with
+    /// no data of its own over the point of an existing snapshot: that
+    /// snapshot already holds the state.
+    fn already_kept(&self, images: &[PathBuf]) -> bool {
+        let forest = self.forest.read();
+        let is_point = |p: &Path| {
+            forest.iter().any(|s| {
+                s.disks
+                    .iter()
+                    .any(|d| d.kind == DiskSnapshotKind::External && d.image.as_deref() == Some(p))
+            })
+        };
+        !images.is_empty()
+            && images.iter().all(|img| {
+                let chain = qemu_img::chain(img).unwrap_or_default();
+                let backing = chain.get(1).map(|b| b.path.clone());
+                backing.is_some_and(|b| is_point(&b))
+                    && chain.first().is_some_and(|top| top.snapshots.is_empty())
+                    && qemu_img::has_own_data(img).is_ok_and(|d| !d)
+            })
+    }
+
+    /// The images among `images` that nothing refers to once the domain
+    /// leaves them: no snapshot's point, no internal snapshot inside, not
+    /// the definition's own image.
+    fn discardable(&self, images: &[PathBuf]) -> Vec<PathBuf> {
+        let forest = self.forest.read();
+        images
+            .iter()
+            .filter(|img| {
+                let named = self.def.disks.iter().any(|d| &d.source == *img);
+                let point = forest
+                    .iter()
+                    .any(|s| s.disks.iter().any(|d| d.image.as_ref() == Some(*img)));
+                let tags = qemu_img::list(img).map(|t| !t.is_empty()).unwrap_or(true);
+                !named && !point && !tags
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// After the disks switched: records the snapshot that keeps the state
+    /// left behind (or removes its files, as asked) and makes `id` current.
+    fn finish_external_revert(
+        &self,
+        id: &str,
+        left: Option<Snapshot>,
+        discard: &[PathBuf],
+    ) -> Result<()> {
+        if let Some(left) = left {
+            if !self.store.has_snapshot(&left.id) {
+                self.record_new(left)?;
+            }
+        }
+        for f in discard {
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.set_current(id)
+    }
+
+    /// Finishes or undoes an interrupted external revert (start-up).
+    pub(super) fn replay_revert_external(
+        &self,
+        id: &str,
+        overlays: &[(String, PathBuf)],
+        left: Option<&str>,
+        discard: &[PathBuf],
+    ) -> Result<&'static str> {
+        let plan = ExternalPlan {
+            overlays: overlays.to_vec(),
+            memory: None,
+        };
+        if !self.backend.settle_external(&plan)? {
+            return Ok("rolled back");
+        }
+        let left = match left {
+            Some(xml) => {
+                let spec = parse_snapshot_xml(xml).map_err(|e| Error::io(e.to_string()))?;
+                Some(
+                    snapshot_from_spec(spec)
+                        .map_err(|e| Error::io(e.to_string()))?
+                        .0,
+                )
+            }
+            None => None,
+        };
+        self.finish_external_revert(id, left, discard)?;
+        Ok("completed (the disks had switched; the domain is as QEMU left it)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_names() {
+        assert_eq!(format_utc(0), "19700101-000000");
+        assert_eq!(format_utc(1_795_315_805), "20261122-025005");
+    }
+}
