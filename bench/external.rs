@@ -96,7 +96,12 @@ fn pause_bench() {
         }
     }
     if std::env::var("VMSNAPFS_BENCH_VERBOSE").is_ok() {
-        for l in fx.daemon.log_text().lines().filter(|l| l.contains("checkpoint:")) {
+        for l in fx
+            .daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("checkpoint:"))
+        {
             eprintln!("{l}");
         }
     }

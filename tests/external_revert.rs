@@ -115,8 +115,17 @@ fn reverting_a_running_vm_branches_and_keeps_every_snapshot() {
     assert_eq!(left_snapshots(&fx).len(), 1, "discard keeps no snapshot");
     let after = images_of(&fx);
     let removed: Vec<_> = before.iter().filter(|p| !after.contains(p)).collect();
-    assert_eq!(removed.len(), 2, "the two overlays of the 0x0e state: {removed:?}");
-    for (snap, byte) in [("e1", 0x0a), ("e2", 0x0b), ("e3", 0x0d), (&left[0][..], 0x0c)] {
+    assert_eq!(
+        removed.len(),
+        2,
+        "the two overlays of the 0x0e state: {removed:?}"
+    );
+    for (snap, byte) in [
+        ("e1", 0x0a),
+        ("e2", 0x0b),
+        ("e3", 0x0d),
+        (&left[0][..], 0x0c),
+    ] {
         assert_eq!(view_byte(&fx, snap), byte, "{snap}");
     }
     // Reverting back and forth without writing leaves nothing behind.

@@ -113,7 +113,10 @@ fn external_disk_only_snapshots_live_offline_and_after_a_restart() {
     let f = fs::File::open(fx.path("e1/disks/vda")).unwrap();
     assert_eq!(lseek(&f, 0, libc::SEEK_DATA), Some(0));
     assert_eq!(lseek(&f, 0, libc::SEEK_HOLE), Some(M as u64));
-    assert_eq!(lseek(&f, 2 * M as u64, libc::SEEK_DATA), Some(40 * M as u64));
+    assert_eq!(
+        lseek(&f, 2 * M as u64, libc::SEEK_DATA),
+        Some(40 * M as u64)
+    );
     drop(f);
     let copy = fx.dir.0.join("vda.sparse");
     let st = std::process::Command::new("cp")
@@ -125,7 +128,10 @@ fn external_disk_only_snapshots_live_offline_and_after_a_restart() {
     assert!(st.success());
     assert!(fs::read(&copy).unwrap() == e1_vda);
     let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&copy).unwrap());
-    assert!(blocks * 512 < 4 * M as u64, "the copy is sparse: {blocks} blocks");
+    assert!(
+        blocks * 512 < 4 * M as u64,
+        "the copy is sparse: {blocks} blocks"
+    );
 
     // A second snapshot stacks on the first overlay.
     fx.vm.qemu_io("vda", "write -P 0xc1 2M 1M").unwrap();
@@ -190,7 +196,11 @@ fn external_checkpoints_are_live_and_keep_the_memory() {
     assert_eq!(fx.read(".state"), "running\n");
     let memory = images.join("vm1.c1.memory");
     let meta = fs::metadata(&memory).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o400, "RAM holds secrets");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o400,
+        "RAM holds secrets"
+    );
     assert!(meta.len() > 64 * M as u64, "the RAM is in the file");
     assert!(!images.join("vm1.c1.memory.part").exists());
     let in_tree = fs::metadata(fx.path("c1/memory")).unwrap();
@@ -309,7 +319,11 @@ fn external_crash(point: &str, running: bool) {
         point.replace('.', "-"),
         if running { "up" } else { "down" }
     );
-    let policy = if running { "external" } else { "external-disk-only" };
+    let policy = if running {
+        "external"
+    } else {
+        "external-disk-only"
+    };
     let mut fx = Fixture::with_policy(&tag, policy, &[]);
     let images = fx.vm.disks[0].image.parent().unwrap().to_owned();
     let ov = |snap: &str, d: &str| images.join(format!("vm1-{d}.{snap}.qcow2"));
@@ -356,7 +370,10 @@ fn external_crash(point: &str, running: bool) {
     let log = fx.read(".log");
     let recovered = log.lines().find(|l| l.contains("recovery: interrupted"));
     eprintln!("{tag}: snapshot c kept: {has_c}; {recovered:?}");
-    assert!(recovered.is_some() || point == "create.after-meta", "{point}: {log}");
+    assert!(
+        recovered.is_some() || point == "create.after-meta",
+        "{point}: {log}"
+    );
     // Exactly the files the surviving snapshots explain.
     let mut want: Vec<PathBuf> = vec![
         fx.vm.disks[0].image.clone(),
@@ -390,7 +407,10 @@ fn external_crash(point: &str, running: bool) {
     // Live disks unchanged; views of both snapshots right.
     let live = if running {
         fx.wait_state("running");
-        (fx.vm.read_disk("vda").unwrap(), fx.vm.read_disk("vdb").unwrap())
+        (
+            fx.vm.read_disk("vda").unwrap(),
+            fx.vm.read_disk("vdb").unwrap(),
+        )
     } else {
         let (a, b) = if has_c {
             (ov("c", "vda"), ov("c", "vdb"))
@@ -401,9 +421,15 @@ fn external_crash(point: &str, running: bool) {
     };
     assert_eq!(first_byte_of(&live.0), 0x0c, "{point}: vda");
     assert_eq!(first_byte_of(&live.1), 0x0c, "{point}: vdb");
-    assert_eq!(first_byte_of(&fs::read(fx.path("a/disks/vda")).unwrap()), 0x0a);
+    assert_eq!(
+        first_byte_of(&fs::read(fx.path("a/disks/vda")).unwrap()),
+        0x0a
+    );
     if has_c {
-        assert_eq!(first_byte_of(&fs::read(fx.path("c/disks/vdb")).unwrap()), 0x0c);
+        assert_eq!(
+            first_byte_of(&fs::read(fx.path("c/disks/vdb")).unwrap()),
+            0x0c
+        );
     }
     // The domain goes on: another external snapshot works.
     fs::create_dir(fx.path("d")).unwrap();

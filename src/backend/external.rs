@@ -292,9 +292,7 @@ impl QemuBackend {
             let _ = Self::set_background_snapshot(conn, false);
             outcome.paused_for = pause_from_events(&conn.qmp.take_events(), stopped_at);
         } else if running {
-            conn.qmp
-                .execute_raw("cont", json!({}))
-                .map_err(qmp_err)?;
+            conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
             outcome.paused_for = Some(t0.elapsed());
         }
         seal_memory(&part, memory)
@@ -509,14 +507,10 @@ impl QemuBackend {
         if r.target == DomainState::Shutoff {
             return Ok(());
         }
-        self.start_with(
-            None,
-            r.memory.as_deref(),
-            r.target == DomainState::Paused,
-        )
-        .map_err(|e| {
-            e.context("the disks were switched to the snapshot; the domain is left stopped")
-        })
+        self.start_with(None, r.memory.as_deref(), r.target == DomainState::Paused)
+            .map_err(|e| {
+                e.context("the disks were switched to the snapshot; the domain is left stopped")
+            })
     }
 
     /// The running QEMU's devices switch to new overlays over the
@@ -526,9 +520,7 @@ impl QemuBackend {
             let disks = self.live_disks(&mut conn.qmp)?;
             let was_running = r.live == DomainState::Running;
             if was_running {
-                conn.qmp
-                    .execute_raw("stop", json!({}))
-                    .map_err(qmp_err)?;
+                conn.qmp.execute_raw("stop", json!({})).map_err(qmp_err)?;
             }
             let mut added = Vec::new();
             let mut result = Ok(());
@@ -591,9 +583,7 @@ impl QemuBackend {
                 .execute_raw("system_reset", json!({}))
                 .map_err(qmp_err)?;
             if r.target == DomainState::Running {
-                conn.qmp
-                    .execute_raw("cont", json!({}))
-                    .map_err(qmp_err)?;
+                conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
             }
             Ok(())
         })

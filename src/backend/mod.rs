@@ -2,6 +2,7 @@
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
 pub mod external;
+pub mod merge;
 pub mod process;
 pub mod qemu;
 pub mod qemu_img;
@@ -64,6 +65,34 @@ pub struct ExternalRevert {
     pub live: DomainState,
     /// The state to leave it in.
     pub target: DomainState,
+}
+
+/// Which way two images of a chain become one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeKind {
+    /// The upper image's data goes down into the lower one; the upper
+    /// image is then unused (block-commit / `qemu-img commit`).
+    Commit,
+    /// The lower image's data goes up into the upper one, which then
+    /// backs onto the lower one's backing; the lower image is then unused
+    /// (block-stream / `qemu-img rebase`).
+    Stream,
+}
+
+/// Two adjacent images of a disk's chain to merge, keeping what every
+/// image above reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merge {
+    /// The disk.
+    pub target: String,
+    /// Commit or stream.
+    pub kind: MergeKind,
+    /// The backing image.
+    pub lower: PathBuf,
+    /// The image right above it (its only child).
+    pub upper: PathBuf,
+    /// Images whose backing is `upper` (a commit points them at `lower`).
+    pub above: Vec<PathBuf>,
 }
 
 /// The primitive actions on one domain. The domain layer decides which to
@@ -150,4 +179,9 @@ pub trait Backend: Send + Sync {
     /// Returns once the domain is in `revert.target`. Before the switch a
     /// failure removes the new overlays; after it, the error says so.
     fn revert_external(&self, revert: &ExternalRevert) -> Result<()>;
+
+    /// Merges two images (see [`Merge`]): live with a block job when the
+    /// running QEMU has them open, with `qemu-img` otherwise. Safe to run
+    /// again after an interruption. `progress` sees (done, total) bytes.
+    fn merge(&self, merge: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()>;
 }

@@ -182,8 +182,16 @@ mod tests {
         .map(String::from)
         .to_vec();
         let swaps = vec![
-            (vec!["/i/a.qcow2".to_owned()], "/i/a.s1.qcow2".to_owned(), false),
-            (vec!["/i/b.raw".to_owned()], "/i/b.s1.qcow2".to_owned(), true),
+            (
+                vec!["/i/a.qcow2".to_owned()],
+                "/i/a.s1.qcow2".to_owned(),
+                false,
+            ),
+            (
+                vec!["/i/b.raw".to_owned()],
+                "/i/b.s1.qcow2".to_owned(),
+                true,
+            ),
         ];
         let out = point_at_layers(&argv, &swaps);
         assert_eq!(
@@ -191,7 +199,10 @@ mod tests {
             "driver=qcow2,node-name=vda-fmt,file.driver=file,file.filename=/i/a.s1.qcow2"
         );
         assert_eq!(out[4], "file=/i/b.s1.qcow2,format=qcow2,if=virtio");
-        assert_eq!(out[6], "file=/i/a.qcow2.bak,format=qcow2", "a longer path is another file");
+        assert_eq!(
+            out[6], "file=/i/a.qcow2.bak,format=qcow2",
+            "a longer path is another file"
+        );
         assert_eq!(
             out[8],
             r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/b.s1.qcow2"}}"#

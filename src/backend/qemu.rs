@@ -272,9 +272,9 @@ impl QemuBackend {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
-                let device = b["qdev"].as_str().map(|q| {
-                    q.strip_suffix("/virtio-backend").unwrap_or(q).to_owned()
-                });
+                let device = b["qdev"]
+                    .as_str()
+                    .map(|q| q.strip_suffix("/virtio-backend").unwrap_or(q).to_owned());
                 (node, device, chain_of(&b["inserted"]))
             })
             .collect();
@@ -412,7 +412,8 @@ impl QemuBackend {
                      or start the VM once while vmsnapfs runs",
                 )
             })?;
-        let mut argv = process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
+        let mut argv =
+            process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
         argv.push("-S".into());
         if let Some(tag) = loadvm {
             argv.push("-loadvm".into());
@@ -701,7 +702,6 @@ impl Backend for QemuBackend {
         })
     }
 
-
     fn space_shortage(&self) -> Option<String> {
         // A checkpoint needs about the guest's RAM; disk-only needs little.
         let ram = {
@@ -743,7 +743,9 @@ impl Backend for QemuBackend {
         super::external::check_plan_paths(plan)?;
         if live == DomainState::Shutoff {
             if self.is_up() {
-                return Err(Error::io("QEMU started while the snapshot was being prepared"));
+                return Err(Error::io(
+                    "QEMU started while the snapshot was being prepared",
+                ));
             }
             return self.external_offline(plan);
         }
@@ -760,6 +762,10 @@ impl Backend for QemuBackend {
 
     fn revert_external(&self, revert: &super::ExternalRevert) -> Result<()> {
         self.revert_external_impl(revert)
+    }
+
+    fn merge(&self, merge: &super::Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        self.merge_impl(merge, progress)
     }
 }
 

@@ -93,16 +93,28 @@ pub fn create_overlay(overlay: &Path, backing: &Path, backing_format: &str) -> R
     .map(drop)
 }
 
-/// True when `image` itself (not its backing chain) holds any data or
-/// zero clusters: a guest wrote to it.
-pub fn has_own_data(image: &Path) -> Result<bool> {
+/// Bytes that `image` itself (not its backing chain) holds: data or zero
+/// clusters a guest wrote.
+pub fn own_bytes(image: &Path) -> Result<u64> {
     let json = run(&["map", "-U", "--output=json", &image.to_string_lossy()])?;
     let map: Value =
         serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
-    Ok(map.as_array().into_iter().flatten().any(|e| {
-        e["depth"].as_u64() == Some(0) && (e["data"] == true || e["zero"] == true)
-            && e["present"] != false
-    }))
+    Ok(map
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["depth"].as_u64() == Some(0)
+                && (e["data"] == true || e["zero"] == true)
+                && e["present"] != false
+        })
+        .filter_map(|e| e["length"].as_u64())
+        .sum())
+}
+
+/// True when `image` itself holds any data (see [`own_bytes`]).
+pub fn has_own_data(image: &Path) -> Result<bool> {
+    Ok(own_bytes(image)? > 0)
 }
 
 /// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's

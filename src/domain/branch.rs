@@ -146,7 +146,8 @@ impl Domain {
                 }),
             }
         }
-        let left_images: Vec<PathBuf> = left_points.iter().filter_map(|p| p.image.clone()).collect();
+        let left_images: Vec<PathBuf> =
+            left_points.iter().filter_map(|p| p.image.clone()).collect();
         let (left, discard) = if req.discard {
             (None, self.discardable(&left_images))
         } else if self.already_kept(&left_images) {
@@ -221,7 +222,10 @@ impl Domain {
         let behind = match kept {
             Some(n) => format!("the state left behind is snapshot {n:?}"),
             None if discard.is_empty() => "nothing was left behind".into(),
-            None => format!("{} image(s) of the state left behind removed", discard.len()),
+            None => format!(
+                "{} image(s) of the state left behind removed",
+                discard.len()
+            ),
         };
         self.log.line(&format!(
             "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s); {behind}",

@@ -91,7 +91,10 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
             kind: CreateKind::Internal { memory },
         });
     }
-    if let Some((target, _, _)) = disks.iter().find(|(_, k, _)| *k == DiskSnapshotKind::Internal) {
+    if let Some((target, _, _)) = disks
+        .iter()
+        .find(|(_, k, _)| *k == DiskSnapshotKind::Internal)
+    {
         return unsupported(&format!(
             "disk {target}: mixing internal and external disks in one snapshot is not supported"
         ));
@@ -223,7 +226,9 @@ mod tests {
             ErrorKind::Unsupported
         );
         assert_eq!(
-            kind("<domainsnapshot><disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>"),
+            kind(
+                "<domainsnapshot><disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>"
+            ),
             ErrorKind::Unsupported
         );
         assert_eq!(

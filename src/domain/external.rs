@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use super::{oplog::now_secs, CreateRequest, Domain};
 use crate::backend::{ExternalOutcome, ExternalPlan};
 use crate::error::{Error, Result};
-use crate::model::{DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState};
+use crate::model::{
+    DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
+};
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
 
 /// The default overlay of `source` for snapshot `name`: beside the image,
@@ -46,7 +48,10 @@ impl Domain {
         let mut overlays = Vec::new();
         let mut points = Vec::new();
         for def in &self.def.disks {
-            let now = active.iter().find(|d| d.target == def.target).unwrap_or(def);
+            let now = active
+                .iter()
+                .find(|d| d.target == def.target)
+                .unwrap_or(def);
             match disks.iter().find(|(t, _)| *t == def.target) {
                 Some((_, path)) => {
                     let overlay = path

@@ -5,7 +5,9 @@ pub mod branch;
 pub mod create_spec;
 pub mod describe;
 pub mod external;
+pub mod jobs;
 pub mod oplog;
+pub mod prune;
 pub mod recovery;
 pub mod registry;
 pub mod revert;
@@ -40,6 +42,7 @@ pub struct Domain {
     busy: Mutex<Option<String>>,
     monitor_error: Mutex<Option<String>>,
     views: views::DiskViews,
+    jobs: jobs::Jobs,
     log: OpLog,
 }
 
@@ -129,6 +132,7 @@ impl Domain {
             busy: Mutex::new(None),
             monitor_error: Mutex::new(monitor_problem),
             views,
+            jobs: jobs::Jobs::default(),
             log,
         };
         recovery::recover(&dom);
@@ -172,6 +176,11 @@ impl Domain {
         if old != s {
             self.log.line(&format!("domain is now {}", s.as_str()));
         }
+    }
+
+    /// The `.jobs` text: long operations in progress.
+    pub fn jobs_text(&self) -> String {
+        self.jobs.text()
     }
 
     /// The `.log` text.
@@ -391,7 +400,10 @@ impl Domain {
     fn check_internal_only(&self, snap: &Snapshot, action: &str) -> Result<()> {
         let unsupported = |why: String| Err(Error::new(ErrorKind::Unsupported, why));
         if matches!(snap.memory, MemoryLocation::External(_))
-            || snap.disks.iter().any(|d| d.kind == DiskSnapshotKind::External)
+            || snap
+                .disks
+                .iter()
+                .any(|d| d.kind == DiskSnapshotKind::External)
         {
             return unsupported(format!(
                 "cannot {action} external snapshot {:?} yet: only internal snapshots are supported",
@@ -399,7 +411,11 @@ impl Domain {
             ));
         }
         let active = self.backend.active_disks();
-        for d in snap.disks.iter().filter(|d| d.kind == DiskSnapshotKind::Internal) {
+        for d in snap
+            .disks
+            .iter()
+            .filter(|d| d.kind == DiskSnapshotKind::Internal)
+        {
             let in_active = active
                 .iter()
                 .any(|a| a.target == d.target && Some(&a.source) == d.image.as_ref());
@@ -409,7 +425,10 @@ impl Domain {
                      snapshot made a read-only backing image",
                     snap.name,
                     d.target,
-                    d.image.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                    d.image
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
                 ));
             }
         }
@@ -431,10 +450,12 @@ impl Domain {
         let r = (|| {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
-            self.check_internal_only(&snap, "delete")?;
+            if !branch::is_external(&snap) {
+                self.check_internal_only(&snap, "delete")?;
+            }
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
-                    "a frozen view of {name:?} (disks/...) is open; close it first"
+                    "a frozen view or the memory file of {name:?} is open; close it first"
                 )));
             }
             let mut held = DeleteHold {
@@ -442,6 +463,11 @@ impl Domain {
                 id: &snap.id,
                 gone: false,
             };
+            if branch::is_external(&snap) {
+                self.delete_external(&what, &snap)?;
+                held.gone = true;
+                return Ok(());
+            }
             let t0 = Instant::now();
             let record = self.journal.begin(Intent::Delete {
                 id: snap.id.clone(),

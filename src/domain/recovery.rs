@@ -59,6 +59,7 @@ fn replay(dom: &Domain, record: IntentRecord) {
             discard,
             ..
         } => dom.replay_revert_external(id, overlays, left.as_deref(), discard),
+        Intent::DeleteExternal { id, candidates } => dom.replay_delete_external(id, candidates),
         Intent::Delete { id } => {
             dom.backend.delete_internal(id)?;
             dom.forget_snapshot(id)?;
@@ -86,8 +87,10 @@ fn replay(dom: &Domain, record: IntentRecord) {
     })();
     match result {
         Ok(how) => {
-            dom.log
-                .line(&format!("recovery: interrupted {} {how}", intent.describe()));
+            dom.log.line(&format!(
+                "recovery: interrupted {} {how}",
+                intent.describe()
+            ));
             if let Err(e) = dom.journal.complete(record) {
                 dom.log.line(&format!("recovery: cannot clear intent: {e}"));
             }

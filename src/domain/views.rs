@@ -57,11 +57,24 @@ impl DiskViews {
     fn source(snap: &Snapshot, target: &str) -> Option<ViewSource> {
         let d = snap.disks.iter().find(|d| d.target == target)?;
         let image = d.image.clone()?;
-        match d.kind {
-            DiskSnapshotKind::Internal => Some(ViewSource::internal_snapshot(image, &snap.id)),
-            DiskSnapshotKind::External => Some(ViewSource::image(image)),
-            DiskSnapshotKind::No => None,
-        }
+        // The chain below, spelled out so that the server takes no lock.
+        let chain = crate::backend::qemu_img::chain(&image).unwrap_or_default();
+        let format = chain.first().map(|i| i.format.clone());
+        let backing = chain
+            .iter()
+            .skip(1)
+            .map(|i| (i.path.clone(), i.format.clone()))
+            .collect();
+        let source = match d.kind {
+            DiskSnapshotKind::Internal => ViewSource::internal_snapshot(image, &snap.id),
+            DiskSnapshotKind::External => ViewSource::image(image),
+            DiskSnapshotKind::No => return None,
+        };
+        let source = match format {
+            Some(f) => source.with_format(f),
+            None => source,
+        };
+        Some(source.with_backing(backing))
     }
 
     /// Opens a view of `target` at `snap`, holding the snapshot until
@@ -135,6 +148,35 @@ impl DiskViews {
                 holds.open.remove(id);
             }
         }
+    }
+
+    /// True while a view or the memory file of snapshot `id` is open.
+    pub fn is_open(&self, id: &str) -> bool {
+        self.holds.lock().open.contains_key(id)
+    }
+
+    /// Drops the cached (unopened) views of snapshot `id`, whose images
+    /// changed: the next open starts from the snapshot's new metadata.
+    pub fn forget(&self, id: &str) {
+        self.views.lock().retain(|(sid, _), s| {
+            if sid == id {
+                s.server.close();
+            }
+            sid != id
+        });
+    }
+
+    /// Drops every cached view after images were merged: the next open
+    /// reads the new chains. Views open now keep their server until closed.
+    pub fn forget_all(&self) {
+        let open: HashSet<String> = self.holds.lock().open.keys().cloned().collect();
+        let mut views = self.views.lock();
+        for ((sid, _), s) in views.iter() {
+            if !open.contains(sid) {
+                s.server.close();
+            }
+        }
+        views.clear();
     }
 
     /// Marks snapshot `id` as being deleted unless a view of it is open.

@@ -13,6 +13,7 @@ pub fn domain_file(dom: &Domain, file: DomainFile, uid: u32) -> Vec<u8> {
         DomainFile::DomainXml => redact_secrets(&dom.def.xml).into_bytes(),
         DomainFile::Tree => dom.forest().render_tree().into_bytes(),
         DomainFile::Log => dom.log_text().into_bytes(),
+        DomainFile::Jobs => dom.jobs_text().into_bytes(),
         DomainFile::Current => current_target(dom).unwrap_or_default().into_bytes(),
         DomainFile::Create => Vec::new(),
     }

@@ -16,6 +16,8 @@ pub enum DomainFile {
     Tree,
     /// `.current`: symlink to the current snapshot.
     Current,
+    /// `.jobs`: long operations in progress.
+    Jobs,
     /// `.log`: the operation log.
     Log,
     /// `.create`: control file taking a `<domainsnapshot>` spec.
@@ -24,11 +26,12 @@ pub enum DomainFile {
 
 impl DomainFile {
     /// Every domain file with its name, in listing order.
-    pub const ALL: [(DomainFile, &'static str); 6] = [
+    pub const ALL: [(DomainFile, &'static str); 7] = [
         (DomainFile::State, ".state"),
         (DomainFile::DomainXml, ".domain.xml"),
         (DomainFile::Tree, ".tree"),
         (DomainFile::Current, ".current"),
+        (DomainFile::Jobs, ".jobs"),
         (DomainFile::Log, ".log"),
         (DomainFile::Create, ".create"),
     ];

@@ -47,6 +47,14 @@ pub enum Intent {
         /// Files of the state left behind, removed as asked (`discard`).
         discard: Vec<PathBuf>,
     },
+    /// Deleting external snapshot `id`: images merged, then the files in
+    /// `candidates` that nothing needs any more are removed.
+    DeleteExternal {
+        /// Snapshot id.
+        id: String,
+        /// Images and the memory file that may become unused.
+        candidates: Vec<PathBuf>,
+    },
     /// Deleting snapshot `id`.
     Delete {
         /// Snapshot id and qcow2 tag.
@@ -70,6 +78,7 @@ impl Intent {
                 format!("external create of {name:?} ({id})")
             }
             Intent::Delete { id } => format!("delete of {id}"),
+            Intent::DeleteExternal { id, .. } => format!("delete of external {id}"),
             Intent::Revert { id, target } => format!("revert to {id} ({target})"),
             Intent::RevertExternal { id, target, .. } => {
                 format!("revert to external {id} ({target})")
@@ -107,6 +116,13 @@ impl Intent {
                 }
                 text
             }
+            Intent::DeleteExternal { id, candidates } => {
+                let mut text = format!("op=delete-external\nid={id}\n");
+                for c in candidates {
+                    text += &format!("candidate={}\n", escape(&c.to_string_lossy()));
+                }
+                text
+            }
             Intent::Delete { id } => format!("op=delete\nid={id}\n"),
             Intent::Revert { id, target } => format!("op=revert\nid={id}\ntarget={target}\n"),
         }
@@ -138,6 +154,14 @@ impl Intent {
                 discard: text
                     .lines()
                     .filter_map(|l| l.strip_prefix("discard="))
+                    .map(|p| PathBuf::from(unescape(p)))
+                    .collect(),
+            },
+            "delete-external" => Intent::DeleteExternal {
+                id,
+                candidates: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("candidate="))
                     .map(|p| PathBuf::from(unescape(p)))
                     .collect(),
             },

@@ -88,6 +88,10 @@ pub struct ViewSource {
     /// The tag of an internal snapshot to export, or `None` for the
     /// image's own (current) contents.
     pub snapshot: Option<String>,
+    /// The image's backing chain below it (file, format), opened with
+    /// `force-share` too, so that no lock of a view ever stops QEMU from
+    /// merging images. Empty: QEMU opens the chain the image names.
+    pub backing: Vec<(PathBuf, String)>,
 }
 
 /// Doubles commas, the escape of QEMU's `key=value,...` option strings.
@@ -101,6 +105,7 @@ impl ViewSource {
         ViewSource {
             image: image.into(),
             format: "qcow2".into(),
+            backing: Vec::new(),
             snapshot: Some(tag.into()),
         }
     }
@@ -111,12 +116,20 @@ impl ViewSource {
             image: image.into(),
             format: "qcow2".into(),
             snapshot: None,
+            backing: Vec::new(),
         }
     }
 
     /// The same source with another format driver (e.g. `raw`).
     pub fn with_format(mut self, format: impl Into<String>) -> Self {
         self.format = format.into();
+        self
+    }
+
+    /// The same source with its backing chain spelled out (see
+    /// [`ViewSource::backing`]).
+    pub fn with_backing(mut self, backing: Vec<(PathBuf, String)>) -> Self {
+        self.backing = backing;
         self
     }
 
@@ -163,14 +176,24 @@ impl ViewSource {
             args.push("--load-snapshot".into());
             args.push(format!("snapshot.name={}", opt_escape(tag)).into());
         }
-        args.push(
-            format!(
-                "driver={},file.driver=file,file.filename={},force-share=on,read-only=on",
-                self.format,
-                opt_escape(image)
-            )
-            .into(),
+        let mut opts = format!(
+            "driver={},file.driver=file,file.filename={},force-share=on,read-only=on",
+            self.format,
+            opt_escape(image)
         );
+        let mut prefix = String::new();
+        for (file, format) in &self.backing {
+            prefix.push_str("backing.");
+            let file = file
+                .to_str()
+                .ok_or_else(|| ViewError::Invalid(format!("backing path {file:?} is not UTF-8")))?;
+            opts += &format!(
+                ",{prefix}driver={format},{prefix}file.driver=file,\
+                 {prefix}file.filename={},{prefix}force-share=on,{prefix}read-only=on",
+                opt_escape(file)
+            );
+        }
+        args.push(opts.into());
         Ok(args)
     }
 

@@ -1,0 +1,210 @@
+//! Merging two adjacent images of a disk's chain, the work behind deleting
+//! an external snapshot: `block-commit` / `block-stream` jobs when the
+//! running QEMU has the images open, `qemu-img commit` / `rebase`
+//! otherwise. Every step can run again after an interruption.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
+use super::{qemu_img, Merge, MergeKind};
+use crate::error::{Error, Result};
+use crate::store::Layer;
+
+/// The format nodes the running QEMU has open, by (canonical) file name.
+fn format_nodes(conn: &mut Conn) -> Result<HashMap<PathBuf, String>> {
+    let nodes = conn
+        .qmp
+        .execute_raw("query-named-block-nodes", json!({"flat": true}))
+        .map_err(qmp_err)?;
+    let mut out = HashMap::new();
+    for n in nodes.as_array().into_iter().flatten() {
+        let drv = n["drv"].as_str().unwrap_or("");
+        if matches!(drv, "file" | "host_device" | "host_cdrom") {
+            continue;
+        }
+        if let (Some(file), Some(name)) = (n["file"].as_str(), n["node-name"].as_str()) {
+            out.entry(canonical(Path::new(file)))
+                .or_insert_with(|| name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+impl QemuBackend {
+    /// See [`super::Backend::merge`].
+    pub(super) fn merge_impl(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        if self.is_up() {
+            let done = self.with_qmp(|conn| {
+                let nodes = format_nodes(conn)?;
+                let upper = nodes.get(&canonical(&m.upper)).cloned();
+                let lower = nodes.get(&canonical(&m.lower)).cloned();
+                match (upper, lower) {
+                    (Some(u), Some(l)) => self.merge_live(conn, m, &u, &l, progress).map(|_| true),
+                    (None, None) => Ok(false),
+                    _ => Err(Error::io(format!(
+                        "QEMU has only one of {} and {} open; cannot merge them",
+                        m.upper.display(),
+                        m.lower.display()
+                    ))),
+                }
+            })?;
+            if done {
+                return Ok(());
+            }
+        }
+        self.merge_offline(m)
+    }
+
+    fn merge_live(
+        &self,
+        conn: &mut Conn,
+        m: &Merge,
+        upper: &str,
+        lower: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let disks = self.live_disks(&mut conn.qmp)?;
+        let disk = disks
+            .get(&m.target)
+            .ok_or_else(|| Error::io(format!("disk {} is not attached", m.target)))?;
+        let job = format!("vmsnapfs-merge-{}", std::process::id());
+        let upper_is_top = disk
+            .chain
+            .first()
+            .is_some_and(|i| canonical(&i.path) == canonical(&m.upper));
+        let error = match m.kind {
+            MergeKind::Commit if upper_is_top => {
+                conn.qmp
+                    .execute_raw(
+                        "block-commit",
+                        json!({"job-id": job, "device": upper, "base-node": lower,
+                               "auto-dismiss": false}),
+                    )
+                    .map_err(qmp_err)?;
+                conn.qmp
+                    .wait_job_completing(&job, JOB_TIMEOUT, &mut *progress)
+                    .map_err(qmp_err)?
+            }
+            MergeKind::Commit => {
+                conn.qmp
+                    .execute_raw(
+                        "block-commit",
+                        json!({"job-id": job, "device": disk.node, "top-node": upper,
+                               "base-node": lower, "auto-dismiss": false}),
+                    )
+                    .map_err(qmp_err)?;
+                conn.qmp
+                    .wait_job(&job, JOB_TIMEOUT, &mut *progress)
+                    .map_err(qmp_err)?
+            }
+            MergeKind::Stream => {
+                let below = disk
+                    .chain
+                    .iter()
+                    .position(|i| canonical(&i.path) == canonical(&m.lower))
+                    .and_then(|i| disk.chain.get(i + 1))
+                    .map(|i| canonical(&i.path));
+                let nodes = format_nodes(conn)?;
+                let mut args = json!({"job-id": job, "device": upper, "auto-dismiss": false});
+                if let Some(b) = below.and_then(|b| nodes.get(&b).cloned()) {
+                    args["base-node"] = json!(b);
+                }
+                conn.qmp
+                    .execute_raw("block-stream", args)
+                    .map_err(qmp_err)?;
+                conn.qmp
+                    .wait_job(&job, JOB_TIMEOUT, &mut *progress)
+                    .map_err(qmp_err)?
+            }
+        };
+        conn.nodes = None;
+        if let Some(e) = error {
+            return Err(Error::io(format!(
+                "merging {} and {}: {e}",
+                m.upper.display(),
+                m.lower.display()
+            )));
+        }
+        if m.kind == MergeKind::Commit && upper_is_top {
+            let format = qemu_img::chain(&m.lower)
+                .ok()
+                .and_then(|c| c.first().map(|i| i.format.clone()))
+                .unwrap_or_else(|| "qcow2".into());
+            self.set_layers(&[(
+                m.target.clone(),
+                Layer {
+                    path: m.lower.clone(),
+                    format,
+                },
+            )])?;
+        }
+        Ok(())
+    }
+
+    fn merge_offline(&self, m: &Merge) -> Result<()> {
+        let lower_chain = qemu_img::chain(&m.lower)?;
+        let lower_format = lower_chain
+            .first()
+            .map(|i| i.format.clone())
+            .unwrap_or_else(|| "qcow2".into());
+        match m.kind {
+            MergeKind::Commit => {
+                // Into the upper image's backing (which must be `lower`).
+                let upper_chain = qemu_img::chain(&m.upper)?;
+                let backing = upper_chain.get(1).map(|i| canonical(&i.path));
+                if backing.as_ref() != Some(&canonical(&m.lower)) {
+                    return Err(Error::io(format!(
+                        "{} does not back onto {}",
+                        m.upper.display(),
+                        m.lower.display()
+                    )));
+                }
+                qemu_img::run(&["commit", "-q", "-d", &m.upper.to_string_lossy()])?;
+                for a in &m.above {
+                    qemu_img::run(&[
+                        "rebase",
+                        "-u",
+                        "-F",
+                        &lower_format,
+                        "-b",
+                        &m.lower.to_string_lossy(),
+                        &a.to_string_lossy(),
+                    ])?;
+                }
+                let active = self.layers.lock().get(&m.target).cloned();
+                if active.is_some_and(|l| canonical(&l.path) == canonical(&m.upper)) {
+                    self.set_layers(&[(
+                        m.target.clone(),
+                        Layer {
+                            path: m.lower.clone(),
+                            format: lower_format,
+                        },
+                    )])?;
+                }
+                Ok(())
+            }
+            MergeKind::Stream => {
+                let upper_chain = qemu_img::chain(&m.upper)?;
+                let backing = upper_chain.get(1).map(|i| canonical(&i.path));
+                if backing.as_ref() != Some(&canonical(&m.lower)) {
+                    // Already streamed.
+                    return Ok(());
+                }
+                let (base, base_format) = match lower_chain.get(1) {
+                    Some(b) => (b.path.to_string_lossy().into_owned(), b.format.clone()),
+                    None => (String::new(), String::new()),
+                };
+                let upper = m.upper.to_string_lossy();
+                let mut args = vec!["rebase"];
+                if !base_format.is_empty() {
+                    args.extend(["-F", &base_format]);
+                }
+                args.extend(["-b", &base, &upper]);
+                qemu_img::run(&args).map(drop)
+            }
+        }
+    }
+}

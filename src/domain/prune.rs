@@ -1,0 +1,396 @@
+//! Deleting an external snapshot without losing a byte anything else
+//! reads. Its point image is merged with the image above it when that is
+//! its only child and no internal snapshot lives in the image that goes
+//! away (commit down or stream up, whichever copies less); otherwise the
+//! point image stays as the shared backing of its children. Afterwards the
+//! images and memory file that nothing needs any more are removed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::Domain;
+use crate::backend::{qemu_img, Merge, MergeKind};
+use crate::error::{Error, Result};
+use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
+use crate::store::Intent;
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// The images a domain needs, with their backing links.
+#[derive(Default)]
+struct ImageGraph {
+    /// Image -> its backing image.
+    backing: HashMap<PathBuf, PathBuf>,
+    /// Every image in the chain of a needed image.
+    needed: HashSet<PathBuf>,
+    /// How many internal snapshots each image holds.
+    tags: HashMap<PathBuf, usize>,
+}
+
+impl ImageGraph {
+    fn build(roots: &[PathBuf]) -> Result<Self> {
+        let mut g = ImageGraph::default();
+        for r in roots {
+            if g.needed.contains(&canonical(r)) {
+                continue;
+            }
+            let chain = qemu_img::chain(r)?;
+            for (i, image) in chain.iter().enumerate() {
+                let path = canonical(&image.path);
+                g.tags.insert(path.clone(), image.snapshots.len());
+                if let Some(b) = chain.get(i + 1) {
+                    g.backing.insert(path.clone(), canonical(&b.path));
+                }
+                g.needed.insert(path);
+            }
+        }
+        Ok(g)
+    }
+
+    fn children(&self, image: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .backing
+            .iter()
+            .filter(|(_, b)| b.as_path() == image)
+            .map(|(c, _)| c.clone())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What happens to one disk's point image.
+#[derive(Debug)]
+enum DiskPlan {
+    Merge(Merge),
+    Keep(String),
+    Unneeded,
+}
+
+impl Domain {
+    /// The images every snapshot but `except` and the live state need.
+    fn roots(&self, except: Option<&str>) -> Vec<PathBuf> {
+        let mut roots: Vec<PathBuf> = self
+            .backend
+            .active_disks()
+            .into_iter()
+            .map(|d| d.source)
+            .collect();
+        for s in self.forest.read().iter() {
+            if Some(s.id.as_str()) == except {
+                continue;
+            }
+            roots.extend(
+                s.disks
+                    .iter()
+                    .filter(|d| d.kind != DiskSnapshotKind::No)
+                    .filter_map(|d| d.image.clone()),
+            );
+        }
+        roots
+    }
+
+    fn is_defined_image(&self, p: &Path) -> bool {
+        self.def.disks.iter().any(|d| canonical(&d.source) == p)
+    }
+
+    fn plan_disk(&self, g: &ImageGraph, target: &str, point: &Path) -> Result<DiskPlan> {
+        let point = canonical(point);
+        if !g.needed.contains(&point) {
+            return Ok(DiskPlan::Unneeded);
+        }
+        let kids = g.children(&point);
+        let [upper] = kids.as_slice() else {
+            return Ok(DiskPlan::Keep(format!(
+                "{} stays: it is the backing image of {} images",
+                point.display(),
+                kids.len()
+            )));
+        };
+        if g.tags.get(upper).copied().unwrap_or(0) > 0 {
+            return Ok(DiskPlan::Keep(format!(
+                "{} stays: {} above it holds internal snapshots",
+                point.display(),
+                upper.display()
+            )));
+        }
+        let viewed = self.forest.read().iter().any(|s| {
+            self.views.is_open(&s.id)
+                && s.disks
+                    .iter()
+                    .any(|d| d.image.as_deref().map(canonical).as_ref() == Some(upper))
+        });
+        let can_commit = !self.is_defined_image(upper) && !viewed;
+        let can_stream =
+            g.tags.get(&point).copied().unwrap_or(0) == 0 && !self.is_defined_image(&point);
+        let kind = match (can_commit, can_stream) {
+            (false, false) => {
+                return Ok(DiskPlan::Keep(format!(
+                    "{} stays: neither it nor {} can be merged away",
+                    point.display(),
+                    upper.display()
+                )))
+            }
+            (true, false) => MergeKind::Commit,
+            (false, true) => MergeKind::Stream,
+            (true, true) => {
+                // Copy the smaller side.
+                let up = qemu_img::own_bytes(upper).unwrap_or(u64::MAX);
+                let down = qemu_img::own_bytes(&point).unwrap_or(u64::MAX);
+                if up <= down {
+                    MergeKind::Commit
+                } else {
+                    MergeKind::Stream
+                }
+            }
+        };
+        Ok(DiskPlan::Merge(Merge {
+            target: target.to_owned(),
+            kind,
+            lower: point,
+            upper: upper.clone(),
+            above: g.children(upper),
+        }))
+    }
+
+    /// `rmdir` of an external snapshot (busy, views held, not journaled yet).
+    pub(super) fn delete_external(&self, what: &str, snap: &Snapshot) -> Result<()> {
+        let t0 = Instant::now();
+        if let Some(d) = snap
+            .disks
+            .iter()
+            .find(|d| d.kind == DiskSnapshotKind::Internal)
+        {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unsupported,
+                format!(
+                    "snapshot {:?} mixes internal and external disks (disk {}); deleting \
+                     it is not supported",
+                    snap.name, d.target
+                ),
+            ));
+        }
+        // Everything that may become unused: the points, their children,
+        // the memory file.
+        let g = ImageGraph::build(&self.roots(None))?;
+        let mut candidates = Vec::new();
+        for d in &snap.disks {
+            if let (DiskSnapshotKind::External, Some(p)) = (d.kind, &d.image) {
+                let p = canonical(p);
+                candidates.extend(g.children(&p));
+                candidates.push(p);
+            }
+        }
+        if let MemoryLocation::External(m) = &snap.memory {
+            candidates.push(m.clone());
+        }
+        let record = self.journal.begin(Intent::DeleteExternal {
+            id: snap.id.clone(),
+            candidates: candidates.clone(),
+        })?;
+        let mut merged = false;
+        let notes = crate::failpoint::hit("delete.begin")
+            .and_then(|_| self.delete_external_steps(what, snap, &mut merged))
+            .and_then(|notes| {
+                crate::failpoint::hit("delete.before-meta-remove")?;
+                self.forget_snapshot(&snap.id)?;
+                Ok(notes)
+            });
+        let notes = match notes {
+            Ok(n) => n,
+            Err(e) if !merged => {
+                // Nothing changed: the delete simply did not happen.
+                self.journal.complete(record)?;
+                return Err(e);
+            }
+            Err(e) => {
+                // A merge changed the snapshot's image: every other byte
+                // is readable, and the next start finishes the delete.
+                return Err(e.context(
+                    "the snapshot's images were partly merged; its delete is finished \
+                     at the next start",
+                ));
+            }
+        };
+        let removed = self.remove_unneeded(&candidates)?;
+        self.journal.complete(record)?;
+        let mut line = format!("{what}: deleted in {:.3} s", t0.elapsed().as_secs_f64());
+        for n in notes {
+            line += &format!("; {n}");
+        }
+        if !removed.is_empty() {
+            line += &format!("; removed {}", removed.join(", "));
+        }
+        self.log.line(&line);
+        Ok(())
+    }
+
+    /// Merges each disk's point image away where possible and points the
+    /// snapshots that named a merged image at the image that now holds its
+    /// data. Returns notes for `.log`.
+    fn delete_external_steps(
+        &self,
+        what: &str,
+        snap: &Snapshot,
+        merged: &mut bool,
+    ) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        for d in &snap.disks {
+            let (DiskSnapshotKind::External, Some(point)) = (d.kind, &d.image) else {
+                continue;
+            };
+            let g = ImageGraph::build(&self.roots(Some(&snap.id)))?;
+            match self.plan_disk(&g, &d.target, point)? {
+                DiskPlan::Unneeded => {}
+                DiskPlan::Keep(why) => notes.push(format!("disk {}: {why}", d.target)),
+                DiskPlan::Merge(m) => {
+                    // QEMU merges only images no other process reads:
+                    // idle view servers stop; an open view is waited for.
+                    self.views.forget_all();
+                    if let Some(reader) = self.view_reading(&[&m.lower, &m.upper]) {
+                        return Err(Error::busy(format!(
+                            "a view of {reader:?} is open and reads an image this delete \
+                             merges; close it first"
+                        )));
+                    }
+                    let t = Instant::now();
+                    let label = format!(
+                        "{what}: {} disk {}",
+                        match m.kind {
+                            MergeKind::Commit => "commit",
+                            MergeKind::Stream => "stream",
+                        },
+                        d.target
+                    );
+                    self.jobs.start(&label);
+                    *merged = true;
+                    let r = self.backend.merge(&m, &mut |done, total| {
+                        self.jobs.progress(&label, done, total)
+                    });
+                    self.jobs.end(&label);
+                    self.views.forget_all();
+                    r?;
+                    crate::failpoint::hit("delete.after-backend")?;
+                    if m.kind == MergeKind::Commit {
+                        self.repoint(&m.upper, &m.lower)?;
+                    }
+                    notes.push(format!(
+                        "disk {}: {} {} in {:.3} s",
+                        d.target,
+                        match m.kind {
+                            MergeKind::Commit => "committed into",
+                            MergeKind::Stream => "streamed up from",
+                        },
+                        match m.kind {
+                            MergeKind::Commit => m.lower.display(),
+                            MergeKind::Stream => m.lower.display(),
+                        },
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+        }
+        Ok(notes)
+    }
+
+    /// The name of a snapshot with an open view or memory file whose
+    /// chain holds one of `images`.
+    fn view_reading(&self, images: &[&Path]) -> Option<String> {
+        let open: Vec<Snapshot> = self
+            .forest
+            .read()
+            .iter()
+            .filter(|s| self.views.is_open(&s.id))
+            .cloned()
+            .collect();
+        open.into_iter().find_map(|s| {
+            let reads = s.disks.iter().filter_map(|d| d.image.as_ref()).any(|p| {
+                qemu_img::chain(p)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))
+            });
+            reads.then_some(s.name)
+        })
+    }
+
+    /// Snapshots whose point was `from` (now merged into `to`) point at
+    /// `to`; those with an open view keep `from`, which then stays.
+    fn repoint(&self, from: &Path, to: &Path) -> Result<()> {
+        let mut forest = self.forest.write();
+        let ids: Vec<String> = forest
+            .iter()
+            .filter(|s| !self.views.is_open(&s.id))
+            .filter(|s| {
+                s.disks.iter().any(|d| {
+                    d.kind == DiskSnapshotKind::External
+                        && d.image.as_deref().map(canonical).as_deref() == Some(from)
+                })
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            let Some(mut s) = forest.get(&id).cloned() else {
+                continue;
+            };
+            for d in &mut s.disks {
+                if d.image.as_deref().map(canonical).as_deref() == Some(from) {
+                    d.image = Some(to.to_owned());
+                }
+            }
+            self.store.save_snapshot(&s, &forest)?;
+            if let Some(slot) = forest.get_mut(&id) {
+                *slot = s;
+            }
+            self.views.forget(&id);
+        }
+        Ok(())
+    }
+
+    /// Removes the files among `candidates` that nothing needs: no chain
+    /// of the live state or of a snapshot holds them, no snapshot names
+    /// them as its memory file, and they are not the definition's images.
+    fn remove_unneeded(&self, candidates: &[PathBuf]) -> Result<Vec<String>> {
+        let g = ImageGraph::build(&self.roots(None))?;
+        let memory: HashSet<PathBuf> = self
+            .forest
+            .read()
+            .iter()
+            .filter_map(|s| match &s.memory {
+                MemoryLocation::External(m) => Some(canonical(m)),
+                _ => None,
+            })
+            .collect();
+        let mut removed = Vec::new();
+        for c in candidates {
+            let p = canonical(c);
+            if g.needed.contains(&p) || memory.contains(&p) || self.is_defined_image(&p) {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed.push(p.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Finishes an interrupted external delete (start-up).
+    pub(super) fn replay_delete_external(
+        &self,
+        id: &str,
+        candidates: &[PathBuf],
+    ) -> Result<&'static str> {
+        let snap = self.forest.read().get(id).cloned();
+        if let Some(snap) = snap {
+            self.delete_external_steps("recovery", &snap, &mut true)?;
+            self.forget_snapshot(id)?;
+        }
+        self.remove_unneeded(candidates)?;
+        Ok("completed")
+    }
+}

@@ -1,0 +1,267 @@
+//! Deleting external snapshots on a real VM through the mounted tree:
+//! mid-chain, leaf, root, with branches, on a running and a stopped VM.
+//! After each delete every remaining snapshot's view keeps its bytes, the
+//! live disks keep theirs, `qemu-img check` passes, no image or memory
+//! file is left that nothing needs, and the VM still runs.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use vmsnapfs::demo::vm::read_image;
+
+/// Writes a 1 MiB pattern at a per-byte offset on both disks, so that
+/// every state differs from the others in several places.
+fn write_state(fx: &Fixture, byte: u8, stopped: Option<(&PathBuf, &PathBuf)>) {
+    let off = (byte as u64 % 16) * 1024 * 1024;
+    for (i, d) in ["vda", "vdb"].iter().enumerate() {
+        let cmd = format!("write -P 0x{byte:02x} {off} 1M");
+        match stopped {
+            None => {
+                fx.vm.qemu_io(d, &cmd).unwrap();
+                fx.vm.qemu_io(d, "flush").unwrap();
+            }
+            Some((a, b)) => {
+                let img = if i == 0 { a } else { b };
+                let out = Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c", &cmd])
+                    .arg(img)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+        }
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+}
+
+/// sha256 of each snapshot's views, by snapshot and disk.
+fn view_shas(fx: &Fixture) -> BTreeMap<(String, String), String> {
+    let mut m = BTreeMap::new();
+    for s in fx.ls() {
+        for d in ["vda", "vdb"] {
+            let p = fx.path(&format!("{s}/disks/{d}"));
+            if p.exists() {
+                m.insert((s.clone(), d.to_owned()), sha(&fs::read(&p).unwrap()));
+            }
+        }
+    }
+    m
+}
+
+/// The live content of both disks: through QEMU when it runs, from the
+/// active layers otherwise.
+fn live_shas(fx: &Fixture, running: bool) -> Vec<String> {
+    ["vda", "vdb"]
+        .iter()
+        .map(|d| {
+            if running {
+                sha(&fx.vm.read_disk(d).unwrap())
+            } else {
+                sha(&read_image(&active_layer(fx, d)).unwrap())
+            }
+        })
+        .collect()
+}
+
+/// The recorded active layer of disk `d`.
+fn active_layer(fx: &Fixture, d: &str) -> PathBuf {
+    let text = fs::read_to_string(fx.daemon.state.join("vm1/layers")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            (f.next()? == d).then(|| {
+                f.next();
+                PathBuf::from(f.next().unwrap())
+            })
+        })
+        .unwrap_or_else(|| {
+            fx.vm
+                .disks
+                .iter()
+                .find(|x| x.target == d)
+                .unwrap()
+                .image
+                .clone()
+        })
+}
+
+fn image_files(fx: &Fixture) -> BTreeSet<PathBuf> {
+    let dir = fx.vm.disks[0].image.parent().unwrap();
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.to_string_lossy();
+            n.ends_with(".qcow2") || n.ends_with(".memory")
+        })
+        .collect()
+}
+
+/// Every image file is needed: by the live chain or a snapshot's chain.
+fn check_no_orphans(fx: &Fixture) {
+    let mut needed = BTreeSet::new();
+    let mut roots: Vec<PathBuf> = ["vda", "vdb"].iter().map(|d| active_layer(fx, d)).collect();
+    for s in fx.ls() {
+        for d in ["vda", "vdb"] {
+            if let Ok(l) = fs::read_link(fx.path(&format!("{s}/images/{d}"))) {
+                roots.push(l);
+            }
+        }
+    }
+    for r in roots {
+        for img in vmsnapfs::backend::qemu_img::chain(&r).unwrap() {
+            needed.insert(fs::canonicalize(&img.path).unwrap());
+        }
+    }
+    for f in image_files(fx) {
+        let f = fs::canonicalize(&f).unwrap();
+        if f.to_string_lossy().ends_with(".memory") {
+            continue;
+        }
+        assert!(needed.contains(&f), "orphan image {}", f.display());
+        let st = Command::new("qemu-img")
+            .args(["check", "-U", "-q"])
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img check {}", f.display());
+    }
+}
+
+/// Deletes `name` and checks that nothing else changed.
+fn delete_and_check(fx: &Fixture, name: &str, running: bool) {
+    let mut views = view_shas(fx);
+    let live = live_shas(fx, running);
+    fs::remove_dir(fx.path(name))
+        .unwrap_or_else(|e| panic!("rmdir {name}: {e}\n{}", fx.read(".log")));
+    views.retain(|(s, _), _| s != name);
+    assert_eq!(view_shas(fx), views, "after rmdir {name}: views changed");
+    assert_eq!(
+        live_shas(fx, running),
+        live,
+        "after rmdir {name}: live disks changed"
+    );
+    check_no_orphans(fx);
+    if running {
+        assert_eq!(fx.read(".state"), "running\n");
+    }
+    assert!(fx.read(".jobs").is_empty(), "no job left running");
+}
+
+fn chain_case(running: bool) {
+    let tag = if running {
+        "xdel-chain-up"
+    } else {
+        "xdel-chain-down"
+    };
+    let fx = Fixture::with_policy(tag, "external-disk-only", &[]);
+    let images = fx.vm.disks[0].image.parent().unwrap().to_owned();
+    let layers = |snap: &str| {
+        (
+            images.join(format!("vm1-vda.{snap}.qcow2")),
+            images.join(format!("vm1-vdb.{snap}.qcow2")),
+        )
+    };
+    if !running {
+        fx.vm.qemu_io("vda", "flush").unwrap();
+        let mut q = fx.vm.control().unwrap();
+        let _ = q.execute_raw("quit", serde_json::json!({}));
+        drop(q);
+        fx.wait_state("shutoff");
+    }
+    let base = (fx.vm.disks[0].image.clone(), fx.vm.disks[1].image.clone());
+    let mut top = base.clone();
+    for (i, s) in ["e1", "e2", "e3", "e4"].iter().enumerate() {
+        let stopped = (!running).then_some((&top.0, &top.1));
+        write_state(&fx, 0x11 * (i as u8 + 1), stopped);
+        fs::create_dir(fx.path(s)).unwrap();
+        top = layers(s);
+    }
+    write_state(&fx, 0x77, (!running).then_some((&top.0, &top.1)));
+    delete_and_check(&fx, "e2", running); // mid-chain
+    delete_and_check(&fx, "e4", running); // the newest: its overlay is active
+    delete_and_check(&fx, "e1", running); // the oldest: its point is the defined image
+    delete_and_check(&fx, "e3", running); // the last one
+    assert!(fx.ls().is_empty());
+    // Only the defined images and the active layers remain.
+    let files = image_files(&fx);
+    assert!(files.len() <= 4, "{files:?}");
+    let log = fx.read(".log");
+    assert!(
+        log.contains("committed into") || log.contains("streamed up from"),
+        "{log}"
+    );
+    // The domain goes on.
+    if running {
+        write_state(&fx, 0x7e, None);
+    }
+    fs::create_dir(fx.path("after")).unwrap();
+}
+
+#[test]
+fn deleting_every_snapshot_of_a_chain_on_a_running_vm() {
+    chain_case(true);
+}
+
+#[test]
+fn deleting_every_snapshot_of_a_chain_on_a_stopped_vm() {
+    chain_case(false);
+}
+
+#[test]
+fn deleting_snapshots_with_branches_and_memory() {
+    let fx = Fixture::with_policy("xdel-branch", "external", &[]);
+    write_state(&fx, 0x21, None);
+    fs::create_dir(fx.path("c1")).unwrap(); // checkpoint: memory file
+    write_state(&fx, 0x22, None);
+    fs::create_dir(fx.path("c2")).unwrap();
+    write_state(&fx, 0x23, None);
+    // Back to c1: a branch; the 0x23 state is kept as left-*.
+    fx.revert("c1", "running").unwrap();
+    write_state(&fx, 0x24, None);
+    fs::create_dir(fx.path("c3")).unwrap();
+    write_state(&fx, 0x25, None);
+    let memory = |s: &str| {
+        fx.vm.disks[0]
+            .image
+            .with_file_name(format!("vm1.{s}.memory"))
+    };
+    assert!(memory("c1").exists() && memory("c3").exists());
+
+    // c1's point is the backing of two branches: it stays, the memory goes.
+    delete_and_check(&fx, "c1", true);
+    assert!(
+        !memory("c1").exists(),
+        "the memory file went with its snapshot"
+    );
+    assert!(fx
+        .read(".log")
+        .contains("stays: it is the backing image of 2 images"));
+    let left: Vec<String> = fx
+        .ls()
+        .into_iter()
+        .filter(|n| n.starts_with("left-"))
+        .collect();
+    assert_eq!(left.len(), 1);
+    delete_and_check(&fx, &left[0], true);
+    delete_and_check(&fx, "c2", true);
+    delete_and_check(&fx, "c3", true);
+    assert!(!memory("c3").exists());
+    assert!(fx.ls().is_empty());
+}
