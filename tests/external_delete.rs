@@ -265,3 +265,100 @@ fn deleting_snapshots_with_branches_and_memory() {
     assert!(!memory("c3").exists());
     assert!(fx.ls().is_empty());
 }
+
+fn create_spec(fx: &Fixture, xml: &str) {
+    write_file(&fx.path(".create"), xml.as_bytes())
+        .unwrap_or_else(|e| panic!("create: errno {e}\n{}", fx.read(".log")));
+}
+
+fn byte_of(data: &[u8], byte: u8) -> bool {
+    let off = (byte as usize % 16) << 20;
+    all_bytes(data, off, 1 << 20, byte)
+}
+
+/// The sequence libvirt 9.0 cannot handle: external e1, internal i,
+/// external e2; delete e1; then revert to i.
+#[test]
+fn external_internal_external_delete_first_then_revert_to_the_internal() {
+    let fx = Fixture::with_policy("xdel-libvirt", "external-disk-only", &[]);
+    write_state(&fx, 0x31, None);
+    fs::create_dir(fx.path("e1")).unwrap();
+    write_state(&fx, 0x32, None);
+    fx.vm.fill_ram(4).unwrap();
+    create_spec(
+        &fx,
+        "<domainsnapshot><name>i</name><memory snapshot='internal'/><disks>\
+         <disk name='vda' snapshot='internal'/><disk name='vdb' snapshot='internal'/>\
+         </disks></domainsnapshot>",
+    );
+    assert_eq!(fx.read("i/state"), "running\n");
+    write_state(&fx, 0x33, None);
+    fs::create_dir(fx.path("e2")).unwrap();
+    write_state(&fx, 0x34, None);
+
+    delete_and_check(&fx, "e1", true);
+    // Back to i: RAM and disks, while e2 keeps its bytes.
+    let views = view_shas(&fx);
+    fx.revert("i", "running")
+        .unwrap_or_else(|e| panic!("errno {e}\n{}", fx.read(".log")));
+    assert_eq!(fx.read(".state"), "running\n");
+    let live = fx.vm.read_disk("vda").unwrap();
+    assert!(byte_of(&live, 0x31) && byte_of(&live, 0x32) && !byte_of(&live, 0x33));
+    let mut after = view_shas(&fx);
+    let left: Vec<String> = fx
+        .ls()
+        .into_iter()
+        .filter(|n| n.starts_with("left-"))
+        .collect();
+    assert_eq!(left.len(), 1, "{:?}", fx.ls());
+    let left_vda = fs::read(fx.path(&format!("{}/disks/vda", left[0]))).unwrap();
+    assert!(byte_of(&left_vda, 0x34), "the state left behind is kept");
+    after.retain(|(s, _), _| s != &left[0]);
+    assert_eq!(after, views, "every other snapshot keeps its bytes");
+    check_no_orphans(&fx);
+    // And everything can still be deleted.
+    for s in ["e2", "i", &left[0][..]] {
+        delete_and_check(&fx, s, true);
+    }
+    assert!(fx.ls().is_empty());
+}
+
+/// An internal snapshot whose image became a backing image: deleted from
+/// the tree at once, its data freed once QEMU lets go of the image.
+#[test]
+fn deleting_an_internal_snapshot_below_an_overlay() {
+    let fx = Fixture::with_policy("xdel-internal", "external-disk-only", &[]);
+    write_state(&fx, 0x41, None);
+    create_spec(
+        &fx,
+        "<domainsnapshot><name>i1</name><memory snapshot='no'/><disks>\
+         <disk name='vda' snapshot='internal'/><disk name='vdb' snapshot='internal'/>\
+         </disks></domainsnapshot>",
+    );
+    fs::create_dir(fx.path("e1")).unwrap();
+    write_state(&fx, 0x42, None);
+    let base = fx.vm.disks[0].image.clone();
+    assert_eq!(image_tags(&base).len(), 1);
+    delete_and_check(&fx, "i1", true);
+    assert!(fx
+        .read(".log")
+        .contains("is freed once the domain is stopped"));
+    assert_eq!(image_tags(&base).len(), 1, "QEMU holds the image");
+    let mut fx = fx;
+    fx.restart_daemon(&[]);
+    assert_eq!(fx.ls(), vec!["e1"], "the tag is not adopted again");
+    let mut q = fx.vm.control().unwrap();
+    let _ = q.execute_raw("quit", serde_json::json!({}));
+    drop(q);
+    fx.wait_state("shutoff");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !image_tags(&base).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tag still in {}",
+            base.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(fx.ls(), vec!["e1"]);
+}

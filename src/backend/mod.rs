@@ -120,6 +120,17 @@ pub trait Backend: Send + Sync {
     /// Deletes internal snapshot `tag` from every disk that has it.
     fn delete_internal(&self, tag: &str) -> Result<()>;
 
+    /// Deletes internal snapshot `tag` from `image`, an image that is not
+    /// an active layer. Returns false when that cannot be done now: the
+    /// running QEMU has the image open as a backing image (QEMU deletes
+    /// internal snapshots of root nodes only); the tag is then harmless
+    /// and is deleted once the domain is stopped.
+    fn delete_tag_in(&self, image: &std::path::Path, tag: &str) -> Result<bool>;
+
+    /// Records `images` as the active layers of their disks (target,
+    /// image). Only while QEMU is stopped: it would not follow.
+    fn set_active_layers(&self, images: &[(String, PathBuf)]) -> Result<()>;
+
     /// On how many of the qcow2 disks internal snapshot `tag` exists,
     /// and how many qcow2 disks there are.
     fn tag_presence(&self, tag: &str) -> Result<(usize, usize)>;

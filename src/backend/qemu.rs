@@ -636,6 +636,47 @@ impl Backend for QemuBackend {
         Self::run_job(&mut conn.qmp, "snapshot-delete", args, &job_id)
     }
 
+    fn delete_tag_in(&self, image: &Path, tag: &str) -> Result<bool> {
+        let open_in_qemu = self.is_up()
+            && self.with_qmp(|c| {
+                let live = self.live_disks(&mut c.qmp)?;
+                let want = canonical(image);
+                Ok(live
+                    .values()
+                    .any(|d| d.chain.iter().any(|i| canonical(&i.path) == want)))
+            })?;
+        if open_in_qemu {
+            return Ok(false);
+        }
+        if qemu_img::list(image)?.iter().any(|s| s.tag == tag) {
+            qemu_img::delete(image, tag)?;
+        }
+        Ok(true)
+    }
+
+    fn set_active_layers(&self, images: &[(String, PathBuf)]) -> Result<()> {
+        if self.is_up() {
+            return Err(Error::io("QEMU runs: its disks cannot be switched offline"));
+        }
+        let changes = images
+            .iter()
+            .map(|(t, p)| {
+                let format = qemu_img::chain(p)?
+                    .first()
+                    .map(|i| i.format.clone())
+                    .unwrap_or_else(|| "qcow2".into());
+                Ok((
+                    t.clone(),
+                    Layer {
+                        path: p.clone(),
+                        format,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.set_layers(&changes)
+    }
+
     fn tag_presence(&self, tag: &str) -> Result<(usize, usize)> {
         let tables = self.snapshot_tables()?;
         let present = tables

@@ -117,6 +117,44 @@ pub fn has_own_data(image: &Path) -> Result<bool> {
     Ok(own_bytes(image)? > 0)
 }
 
+/// Copies the current contents of `image` into a new qcow2 `target`
+/// that backs onto the same backing image, writing only what `image`
+/// itself holds (written to `<target>.part`, then renamed).
+pub fn copy_above_backing(image: &Path, target: &Path) -> Result<()> {
+    let chain = chain(image)?;
+    let part = target.with_extension("qcow2.part");
+    let _ = std::fs::remove_file(&part);
+    let (src, dst) = (image.to_string_lossy(), part.to_string_lossy());
+    let mut args = vec!["convert", "-U", "-O", "qcow2"];
+    let backing;
+    let backing_format;
+    if let Some(b) = chain.get(1) {
+        backing = b.path.to_string_lossy().into_owned();
+        backing_format = b.format.clone();
+        args.extend(["-B", &backing, "-F", &backing_format]);
+    }
+    args.extend([src.as_ref(), dst.as_ref()]);
+    run(&args)?;
+    std::fs::File::open(&part)?.sync_all()?;
+    std::fs::rename(&part, target)?;
+    Ok(())
+}
+
+/// Points `image` at backing file `backing` without copying data (the
+/// two must hold the same bytes).
+pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
+    run(&[
+        "rebase",
+        "-u",
+        "-F",
+        backing_format,
+        "-b",
+        &backing.to_string_lossy(),
+        &image.to_string_lossy(),
+    ])
+    .map(drop)
+}
+
 /// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's
 /// `query-block` (`inserted.image.snapshots`) give it.
 pub fn parse_snapshot_table(table: &Value) -> Vec<ImageSnapshot> {

@@ -29,7 +29,7 @@ pub fn is_external(snap: &Snapshot) -> bool {
 }
 
 /// A name for the snapshot that keeps the state a revert leaves.
-fn left_name(taken: impl Fn(&str) -> bool) -> String {
+pub(super) fn left_name(taken: impl Fn(&str) -> bool) -> String {
     let secs = now_secs();
     let base = format!("left-{}", format_utc(secs));
     if !taken(&base) {
@@ -314,7 +314,7 @@ impl Domain {
     /// True when every image of the state left behind is an overlay with
     /// no data of its own over the point of an existing snapshot: that
     /// snapshot already holds the state.
-    fn already_kept(&self, images: &[PathBuf]) -> bool {
+    pub(super) fn already_kept(&self, images: &[PathBuf]) -> bool {
         let forest = self.forest.read();
         let is_point = |p: &Path| {
             forest.iter().any(|s| {
@@ -336,7 +336,7 @@ impl Domain {
     /// The images among `images` that nothing refers to once the domain
     /// leaves them: no snapshot's point, no internal snapshot inside, not
     /// the definition's own image.
-    fn discardable(&self, images: &[PathBuf]) -> Vec<PathBuf> {
+    pub(super) fn discardable(&self, images: &[PathBuf]) -> Vec<PathBuf> {
         let forest = self.forest.read();
         images
             .iter()
@@ -354,7 +354,7 @@ impl Domain {
 
     /// After the disks switched: records the snapshot that keeps the state
     /// left behind (or removes its files, as asked) and makes `id` current.
-    fn finish_external_revert(
+    pub(super) fn finish_external_revert(
         &self,
         id: &str,
         left: Option<Snapshot>,

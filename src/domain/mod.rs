@@ -10,6 +10,7 @@ pub mod oplog;
 pub mod prune;
 pub mod recovery;
 pub mod registry;
+pub mod relocate;
 pub mod revert;
 pub mod views;
 
@@ -175,6 +176,11 @@ impl Domain {
         let old = std::mem::replace(&mut *self.state.write(), s);
         if old != s {
             self.log.line(&format!("domain is now {}", s.as_str()));
+            if s == DomainState::Shutoff {
+                if let Ok(_busy) = self.begin("deleting leftover tags") {
+                    self.flush_pending_tag_deletes();
+                }
+            }
         }
     }
 
@@ -450,9 +456,6 @@ impl Domain {
         let r = (|| {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
-            if !branch::is_external(&snap) {
-                self.check_internal_only(&snap, "delete")?;
-            }
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
                     "a frozen view or the memory file of {name:?} is open; close it first"
@@ -474,7 +477,8 @@ impl Domain {
             })?;
             let t1 = Instant::now();
             let deleted = crate::failpoint::hit("delete.begin")
-                .and_then(|_| self.backend.delete_internal(&snap.id));
+                .and_then(|_| self.backend.delete_internal(&snap.id))
+                .and_then(|_| self.delete_tags_elsewhere(&snap));
             let backend_time = t1.elapsed();
             if let Err(e) = deleted {
                 return Err(self.after_failed_delete(&snap, record, e));
@@ -491,6 +495,67 @@ impl Domain {
             Ok(())
         })();
         r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Deletes the tags of internal snapshot `snap` that live in images
+    /// other than the active layers; those a running QEMU holds as backing
+    /// images are recorded and deleted once the domain is stopped.
+    fn delete_tags_elsewhere(&self, snap: &Snapshot) -> Result<()> {
+        let active = self.backend.active_disks();
+        for d in snap
+            .disks
+            .iter()
+            .filter(|d| d.kind == DiskSnapshotKind::Internal)
+        {
+            let Some(image) = &d.image else { continue };
+            if active.iter().any(|a| &a.source == image) {
+                continue;
+            }
+            if !self.backend.delete_tag_in(image, &snap.id)? {
+                let mut pending = self.store.pending_tag_deletes();
+                pending.push((image.clone(), snap.id.clone()));
+                self.store.save_pending_tag_deletes(&pending)?;
+                self.log.line(&format!(
+                    "snapshot {:?}: its data in {} (a backing image of the running QEMU) \
+                     is freed once the domain is stopped",
+                    snap.name,
+                    image.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the tags recorded by [`Domain::delete_tags_elsewhere`] once
+    /// no QEMU holds their images.
+    pub(super) fn flush_pending_tag_deletes(&self) {
+        let pending = self.store.pending_tag_deletes();
+        if pending.is_empty() {
+            return;
+        }
+        let mut left = Vec::new();
+        for (image, tag) in pending {
+            match self.backend.delete_tag_in(&image, &tag) {
+                Ok(true) => self.log.line(&format!(
+                    "deleted the leftover data of a deleted snapshot from {}",
+                    image.display()
+                )),
+                Ok(false) => left.push((image, tag)),
+                Err(e) if !image.exists() => {
+                    log::info!("{}: {}: {e}", self.def.name, image.display());
+                }
+                Err(e) => {
+                    self.log.line(&format!(
+                        "cannot delete a leftover tag in {}: {e}",
+                        image.display()
+                    ));
+                    left.push((image, tag));
+                }
+            }
+        }
+        if let Err(e) = self.store.save_pending_tag_deletes(&left) {
+            log::warn!("{}: {e}", self.def.name);
+        }
     }
 
     /// A delete failed in the images: if every disk still holds the

@@ -21,7 +21,7 @@ fn canonical(p: &Path) -> PathBuf {
 
 /// The images a domain needs, with their backing links.
 #[derive(Default)]
-struct ImageGraph {
+pub(super) struct ImageGraph {
     /// Image -> its backing image.
     backing: HashMap<PathBuf, PathBuf>,
     /// Every image in the chain of a needed image.
@@ -31,7 +31,7 @@ struct ImageGraph {
 }
 
 impl ImageGraph {
-    fn build(roots: &[PathBuf]) -> Result<Self> {
+    pub(super) fn build(roots: &[PathBuf]) -> Result<Self> {
         let mut g = ImageGraph::default();
         for r in roots {
             if g.needed.contains(&canonical(r)) {
@@ -50,7 +50,7 @@ impl ImageGraph {
         Ok(g)
     }
 
-    fn children(&self, image: &Path) -> Vec<PathBuf> {
+    pub(super) fn children(&self, image: &Path) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self
             .backing
             .iter()
@@ -72,7 +72,7 @@ enum DiskPlan {
 
 impl Domain {
     /// The images every snapshot but `except` and the live state need.
-    fn roots(&self, except: Option<&str>) -> Vec<PathBuf> {
+    pub(super) fn roots(&self, except: Option<&str>) -> Vec<PathBuf> {
         let mut roots: Vec<PathBuf> = self
             .backend
             .active_disks()
@@ -319,7 +319,7 @@ impl Domain {
 
     /// Snapshots whose point was `from` (now merged into `to`) point at
     /// `to`; those with an open view keep `from`, which then stays.
-    fn repoint(&self, from: &Path, to: &Path) -> Result<()> {
+    pub(super) fn repoint(&self, from: &Path, to: &Path) -> Result<()> {
         let mut forest = self.forest.write();
         let ids: Vec<String> = forest
             .iter()

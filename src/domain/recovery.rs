@@ -29,8 +29,20 @@ pub fn recover(dom: &Domain) {
             .log
             .line(&format!("recovery: cannot read the journal: {e}")),
     }
+    if dom.backend.refresh_state() == DomainState::Shutoff {
+        dom.flush_pending_tag_deletes();
+    }
+    let pending: Vec<String> = dom
+        .store
+        .pending_tag_deletes()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     match dom.backend.list_internal() {
-        Ok(tags) => reconcile(dom, &tags),
+        Ok(mut tags) => {
+            tags.retain(|t| !pending.contains(&t.tag));
+            reconcile(dom, &tags)
+        }
         Err(e) => dom.log.line(&format!(
             "recovery: cannot list the images' snapshots, metadata taken as is: {e}"
         )),
@@ -59,9 +71,20 @@ fn replay(dom: &Domain, record: IntentRecord) {
             discard,
             ..
         } => dom.replay_revert_external(id, overlays, left.as_deref(), discard),
+        Intent::RevertRelocate {
+            id,
+            moved,
+            left,
+            discard,
+            ..
+        } => dom.replay_revert_relocate(id, moved, left.as_deref(), discard),
         Intent::DeleteExternal { id, candidates } => dom.replay_delete_external(id, candidates),
         Intent::Delete { id } => {
             dom.backend.delete_internal(id)?;
+            let snap = dom.forest.read().get(id).cloned();
+            if let Some(snap) = snap {
+                dom.delete_tags_elsewhere(&snap)?;
+            }
             dom.forget_snapshot(id)?;
             Ok("completed")
         }
@@ -107,7 +130,19 @@ fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
     // Internal snapshots the images no longer have.
     for s in &known {
         let internal = s.disks.iter().any(|d| d.kind == DiskSnapshotKind::Internal);
-        if internal && !tags.iter().any(|t| t.tag == s.id) {
+        // Images outside the live chains (other branches) are read directly.
+        let elsewhere = || {
+            s.disks
+                .iter()
+                .filter(|d| d.kind == DiskSnapshotKind::Internal)
+                .filter_map(|d| d.image.as_ref())
+                .any(|img| {
+                    crate::backend::qemu_img::list(img)
+                        .map(|t| t.iter().any(|t| t.tag == s.id))
+                        .unwrap_or(false)
+                })
+        };
+        if internal && !tags.iter().any(|t| t.tag == s.id) && !elsewhere() {
             match dom.forget_snapshot(&s.id) {
                 Ok(()) => dom.log.line(&format!(
                     "recovery: snapshot {:?} is gone from the images; removed from the tree",

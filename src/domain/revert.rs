@@ -87,6 +87,9 @@ impl Domain {
             if super::branch::is_external(&snap) {
                 return self.revert_to_external(&what, &snap, live, target, &req);
             }
+            if self.needs_relocation(&snap) {
+                return self.revert_relocating(&what, &snap, live, target, &req);
+            }
             self.check_internal_only(&snap, "revert to")?;
             self.check_revert(&snap, live, target, req.force)?;
             let record = self.journal.begin(Intent::Revert {

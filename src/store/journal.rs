@@ -47,6 +47,22 @@ pub enum Intent {
         /// Files of the state left behind, removed as asked (`discard`).
         discard: Vec<PathBuf>,
     },
+    /// Reverting to internal snapshot `id` whose tags live in images that
+    /// are not all active layers: each (image, copy) in `moved` first gets
+    /// its current contents copied out and its dependents moved onto the
+    /// copy; then every image is reverted in place and becomes active.
+    RevertRelocate {
+        /// Snapshot id (the tag).
+        id: String,
+        /// `running`, `paused` or `shutoff`.
+        target: String,
+        /// (image, copy of its current contents).
+        moved: Vec<(PathBuf, PathBuf)>,
+        /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
+        left: Option<String>,
+        /// Files of the state left behind, removed as asked (`discard`).
+        discard: Vec<PathBuf>,
+    },
     /// Deleting external snapshot `id`: images merged, then the files in
     /// `candidates` that nothing needs any more are removed.
     DeleteExternal {
@@ -79,6 +95,9 @@ impl Intent {
             }
             Intent::Delete { id } => format!("delete of {id}"),
             Intent::DeleteExternal { id, .. } => format!("delete of external {id}"),
+            Intent::RevertRelocate { id, target, .. } => {
+                format!("revert to {id} in backing images ({target})")
+            }
             Intent::Revert { id, target } => format!("revert to {id} ({target})"),
             Intent::RevertExternal { id, target, .. } => {
                 format!("revert to external {id} ({target})")
@@ -108,6 +127,29 @@ impl Intent {
             } => {
                 let mut text = format!("op=revert-external\nid={id}\ntarget={target}\n");
                 text += &encode_overlays(overlays);
+                for d in discard {
+                    text += &format!("discard={}\n", escape(&d.to_string_lossy()));
+                }
+                if let Some(l) = left {
+                    text += &format!("left={}\n", escape(l));
+                }
+                text
+            }
+            Intent::RevertRelocate {
+                id,
+                target,
+                moved,
+                left,
+                discard,
+            } => {
+                let mut text = format!("op=revert-relocate\nid={id}\ntarget={target}\n");
+                for (a, b) in moved {
+                    text += &format!(
+                        "moved={}\t{}\n",
+                        escape(&a.to_string_lossy()),
+                        escape(&b.to_string_lossy())
+                    );
+                }
                 for d in discard {
                     text += &format!("discard={}\n", escape(&d.to_string_lossy()));
                 }
@@ -150,6 +192,24 @@ impl Intent {
                 id,
                 target: get("target")?,
                 overlays: decode_overlays(text)?,
+                left: get("left").map(|l| unescape(&l)),
+                discard: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("discard="))
+                    .map(|p| PathBuf::from(unescape(p)))
+                    .collect(),
+            },
+            "revert-relocate" => Intent::RevertRelocate {
+                id,
+                target: get("target")?,
+                moved: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("moved="))
+                    .map(|l| {
+                        let (a, b) = l.split_once('\t')?;
+                        Some((PathBuf::from(unescape(a)), PathBuf::from(unescape(b))))
+                    })
+                    .collect::<Option<Vec<_>>>()?,
                 left: get("left").map(|l| unescape(&l)),
                 discard: text
                     .lines()

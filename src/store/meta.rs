@@ -5,6 +5,8 @@
 //! <state>/<domain>/current              the id of the current snapshot
 //! <state>/<domain>/argv                 QEMU's last seen command line, NUL-separated
 //! <state>/<domain>/layers               each disk's active image (after external snapshots)
+//! <state>/<domain>/layers.history       images that were active layers before
+//! <state>/<domain>/pending-tag-deletes  tags of deleted snapshots left in backing images
 //! <state>/<domain>/journal/             intent records (see `journal`)
 //! <state>/<domain>/log                  the domain's operation log
 //! ```
@@ -227,6 +229,31 @@ impl DomainStore {
                 Some((unescape(t), PathBuf::from(unescape(p))))
             })
             .collect()
+    }
+
+    /// Internal snapshots deleted from the tree whose tags are still in
+    /// an image (a backing image of the running QEMU): (image, tag).
+    pub fn pending_tag_deletes(&self) -> Vec<(PathBuf, String)> {
+        let text = fs::read_to_string(self.dir.join("pending-tag-deletes")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (p, t) = l.split_once('\t')?;
+                Some((PathBuf::from(unescape(p)), unescape(t)))
+            })
+            .collect()
+    }
+
+    /// Durably records the list of [`DomainStore::pending_tag_deletes`].
+    pub fn save_pending_tag_deletes(&self, list: &[(PathBuf, String)]) -> io::Result<()> {
+        let path = self.dir.join("pending-tag-deletes");
+        if list.is_empty() {
+            return remove_durable(&path);
+        }
+        let text: String = list
+            .iter()
+            .map(|(p, t)| format!("{}\t{}\n", escape(&p.to_string_lossy()), escape(t)))
+            .collect();
+        write_atomic(&path, text.as_bytes())
     }
 
     /// The recorded active layers (empty when none were recorded).

@@ -1,0 +1,322 @@
+//! Reverting to an internal snapshot whose data lives in an image that is
+//! no longer the active layer (an external snapshot stacked an overlay on
+//! it, or a revert branched away). The image is reverted in place and
+//! becomes active again; whatever depended on its current contents (the
+//! images above it, snapshots whose point it is, the live state) is first
+//! moved onto a copy of those contents, so no other snapshot changes. The
+//! domain is stopped for it: QEMU reverts only root images.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::branch::left_name;
+use super::oplog::now_secs;
+use super::prune::ImageGraph;
+use super::revert::RevertRequest;
+use super::Domain;
+use crate::backend::qemu_img;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{
+    DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
+};
+use crate::store::Intent;
+use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec};
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// Where the current contents of `image` are copied.
+fn copy_path(image: &Path) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".into());
+    let secs = now_secs();
+    (1..)
+        .map(|n| image.with_file_name(format!("{stem}.moved-{secs}-{n}.qcow2")))
+        .find(|p| !p.exists())
+        .expect("a free name")
+}
+
+impl Domain {
+    /// True when some disk of internal snapshot `snap` lives in an image
+    /// that is not an active layer.
+    pub(super) fn needs_relocation(&self, snap: &Snapshot) -> bool {
+        let active = self.backend.active_disks();
+        snap.disks
+            .iter()
+            .filter(|d| d.kind == DiskSnapshotKind::Internal)
+            .any(|d| {
+                !active
+                    .iter()
+                    .any(|a| a.target == d.target && Some(&a.source) == d.image.as_ref())
+            })
+    }
+
+    /// Reverts to internal snapshot `snap` held (partly) by images that
+    /// are not active layers.
+    pub(super) fn revert_relocating(
+        &self,
+        what: &str,
+        snap: &Snapshot,
+        live: DomainState,
+        target: DomainState,
+        req: &RevertRequest,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let up = live != DomainState::Shutoff;
+        if up && target == DomainState::Shutoff && !req.force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                "the domain is running and the revert would stop it, losing its live state; \
+                 write 'shutoff force' to do it anyway",
+            ));
+        }
+        if up && target != DomainState::Shutoff && !snap.has_memory() && !req.force {
+            return Err(Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "snapshot {:?} has no saved state: reverting the running domain restarts \
+                     QEMU and loses its live state; write '{} force' to do it anyway",
+                    snap.name,
+                    target.as_str()
+                ),
+            ));
+        }
+        if target != DomainState::Shutoff && !self.backend.can_start() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the revert must start QEMU but no command line is known: add <commandline> \
+                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
+            ));
+        }
+        let mut images = Vec::new();
+        for d in &snap.disks {
+            let (DiskSnapshotKind::Internal, Some(img)) = (d.kind, &d.image) else {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("snapshot {:?}: disk {} is not in it", snap.name, d.target),
+                ));
+            };
+            if !qemu_img::list(img)?.iter().any(|t| t.tag == snap.id) {
+                return Err(Error::not_found(format!(
+                    "disk {}: {} does not hold snapshot {:?}; nothing was reverted",
+                    d.target,
+                    img.display(),
+                    snap.name
+                )));
+            }
+            images.push((d.target.clone(), img.clone()));
+        }
+        if let Some(reader) =
+            self.view_reading_any(&images.iter().map(|(_, i)| i.as_path()).collect::<Vec<_>>())
+        {
+            return Err(Error::busy(format!(
+                "a view of {reader:?} is open and reads an image this revert changes; close \
+                 it first"
+            )));
+        }
+        // QEMU reverts only root images: stop it (this flushes every image).
+        if up {
+            self.backend.stop_process()?;
+        }
+        let active = self.backend.active_disks();
+        let g = ImageGraph::build(&self.roots(None))?;
+        let mut moved = Vec::new();
+        let mut left_points = Vec::new();
+        let mut left_images = Vec::new();
+        for (target, img) in &images {
+            let now = active
+                .iter()
+                .find(|a| &a.target == target)
+                .map(|a| a.source.clone());
+            let is_active = now.as_deref().map(canonical) == Some(canonical(img));
+            let has_dependents = !g.children(&canonical(img)).is_empty()
+                || self.forest.read().iter().any(|s| {
+                    s.disks.iter().any(|d| {
+                        d.kind == DiskSnapshotKind::External
+                            && d.image.as_deref().map(canonical) == Some(canonical(img))
+                    })
+                });
+            let keep_live = is_active && !req.discard;
+            if has_dependents || keep_live {
+                let copy = copy_path(img);
+                if is_active {
+                    left_images.push(copy.clone());
+                }
+                moved.push((img.clone(), copy));
+            } else if let (false, Some(now)) = (is_active, now.clone()) {
+                left_images.push(now);
+            }
+            let point = if is_active {
+                moved
+                    .last()
+                    .filter(|(i, _)| i == img)
+                    .map(|(_, c)| c.clone())
+            } else {
+                now
+            };
+            left_points.push(DiskPoint {
+                target: target.clone(),
+                kind: if point.is_some() {
+                    DiskSnapshotKind::External
+                } else {
+                    DiskSnapshotKind::No
+                },
+                image: point,
+            });
+        }
+        let keep = !req.discard && left_points.iter().any(|p| p.image.is_some());
+        let left = keep.then(|| {
+            let forest = self.forest.read();
+            Snapshot {
+                id: super::new_id(),
+                name: left_name(|n| forest.by_name(n).is_some()),
+                description: Some(format!(
+                    "the state left behind by the revert to {:?}",
+                    snap.name
+                )),
+                creation_time: now_secs(),
+                state: SnapshotState::Shutoff,
+                parent: forest.current().map(str::to_owned),
+                memory: MemoryLocation::No,
+                disks: left_points,
+                domain_xml: Some(self.def.xml.clone()),
+            }
+        });
+        let discard = if req.discard {
+            self.discardable(&left_images)
+        } else {
+            Vec::new()
+        };
+        let record = self.journal.begin(Intent::RevertRelocate {
+            id: snap.id.clone(),
+            target: target.as_str().into(),
+            moved: moved.clone(),
+            left: left.as_ref().map(|l| self.plan_xml(l)),
+            discard: discard.clone(),
+        })?;
+        let t1 = Instant::now();
+        let kept = left.as_ref().map(|l| l.name.clone());
+        crate::failpoint::hit("revert.begin")
+            .and_then(|_| self.relocate_and_apply(snap, &images, &moved))
+            .and_then(|_| self.finish_external_revert(&snap.id, left, &discard))
+            .and_then(|_| crate::failpoint::hit("revert.after-steps"))
+            .map_err(|e| {
+                e.context(
+                    "the revert stopped part-way; it is finished at the next start \
+                     (disks reverted, domain left stopped)",
+                )
+            })?;
+        self.journal.complete(record)?;
+        let disks_time = t1.elapsed();
+        let start = match target {
+            DomainState::Shutoff => Ok(()),
+            _ => self.backend.start_process(
+                snap.has_memory().then_some(snap.id.as_str()),
+                target == DomainState::Paused,
+            ),
+        };
+        let state = self.backend.refresh_state();
+        self.note_state(state);
+        start.map_err(|e| e.context("the disks were reverted; the domain is left stopped"))?;
+        let behind = match kept {
+            Some(n) => format!("the state left behind is snapshot {n:?}"),
+            None => "the state left behind was discarded".into(),
+        };
+        self.log.line(&format!(
+            "{what}: reverted in place, domain {} in {:.3} s (images {:.3} s, {} copied out); {behind}",
+            state.as_str(),
+            t0.elapsed().as_secs_f64(),
+            disks_time.as_secs_f64(),
+            moved.len()
+        ));
+        Ok(())
+    }
+
+    /// Copies out and moves the dependents of each image in `moved`, then
+    /// reverts every image in place and makes it active. Safe to repeat.
+    fn relocate_and_apply(
+        &self,
+        snap: &Snapshot,
+        images: &[(String, PathBuf)],
+        moved: &[(PathBuf, PathBuf)],
+    ) -> Result<()> {
+        for (img, copy) in moved {
+            if !copy.exists() {
+                qemu_img::copy_above_backing(img, copy)?;
+            }
+            let g = ImageGraph::build(&self.roots(None))?;
+            for child in g.children(&canonical(img)) {
+                qemu_img::rebase_unsafe(&child, copy, "qcow2")?;
+            }
+            self.repoint(&canonical(img), copy)?;
+        }
+        for (_, img) in images {
+            qemu_img::apply(img, &snap.id)?;
+        }
+        self.backend.set_active_layers(images)?;
+        self.views.forget_all();
+        Ok(())
+    }
+
+    /// The name of a snapshot with an open view whose chain holds one of
+    /// `images` (any snapshot, unlike the delete's check).
+    fn view_reading_any(&self, images: &[&Path]) -> Option<String> {
+        let open: Vec<Snapshot> = self
+            .forest
+            .read()
+            .iter()
+            .filter(|s| self.views.is_open(&s.id))
+            .cloned()
+            .collect();
+        open.into_iter().find_map(|s| {
+            let reads = s.disks.iter().filter_map(|d| d.image.as_ref()).any(|p| {
+                qemu_img::chain(p)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))
+            });
+            reads.then_some(s.name)
+        })
+    }
+
+    /// Finishes an interrupted relocating revert (start-up); the domain is
+    /// left stopped.
+    pub(super) fn replay_revert_relocate(
+        &self,
+        id: &str,
+        moved: &[(PathBuf, PathBuf)],
+        left: Option<&str>,
+        discard: &[PathBuf],
+    ) -> Result<&'static str> {
+        let Some(snap) = self.forest.read().get(id).cloned() else {
+            return Ok("dropped (snapshot gone)");
+        };
+        if self.backend.refresh_state() != DomainState::Shutoff {
+            return Err(Error::busy(
+                "QEMU runs again; the revert cannot be finished",
+            ));
+        }
+        let images: Vec<(String, PathBuf)> = snap
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.target.clone(), d.image.clone()?)))
+            .collect();
+        self.relocate_and_apply(&snap, &images, moved)?;
+        let left = match left {
+            Some(xml) => {
+                let spec = parse_snapshot_xml(xml).map_err(|e| Error::io(e.to_string()))?;
+                Some(
+                    snapshot_from_spec(spec)
+                        .map_err(|e| Error::io(e.to_string()))?
+                        .0,
+                )
+            }
+            None => None,
+        };
+        self.finish_external_revert(id, left, discard)?;
+        Ok("completed for the disks; the domain was left stopped")
+    }
+}
