@@ -362,3 +362,107 @@ fn deleting_an_internal_snapshot_below_an_overlay() {
     }
     assert_eq!(fx.ls(), vec!["e1"]);
 }
+
+#[test]
+fn deleting_children_or_a_whole_subtree_in_one_action() {
+    let fx = Fixture::with_policy("xdel-tree", "external-disk-only", &[]);
+    for (s, b) in [("a", 0x51), ("b", 0x52), ("c", 0x53)] {
+        write_state(&fx, b, None);
+        fs::create_dir(fx.path(s)).unwrap();
+    }
+    write_state(&fx, 0x54, None);
+    fx.revert("a", "running force").unwrap();
+    write_state(&fx, 0x55, None);
+    fs::create_dir(fx.path("d")).unwrap();
+    write_state(&fx, 0x56, None);
+    // a -> b -> c -> left-*, a -> d
+    assert_eq!(fx.ls().len(), 5, "{:?}", fx.ls());
+    assert_eq!(
+        write_file(&fx.path("b/delete"), b"everything"),
+        Err(libc::EINVAL)
+    );
+
+    let mut views = view_shas(&fx);
+    let live = live_shas(&fx, true);
+    write_file(&fx.path("b/delete"), b"children\n").unwrap();
+    let mut names = fx.ls();
+    names.sort();
+    assert_eq!(names, vec!["a", "b", "d"]);
+    views.retain(|(s, _), _| names.contains(s));
+    assert_eq!(view_shas(&fx), views);
+    assert_eq!(live_shas(&fx, true), live);
+    check_no_orphans(&fx);
+
+    // An open view anywhere in the subtree: EBUSY, nothing deleted.
+    let held = fs::File::open(fx.path("d/disks/vda")).unwrap();
+    assert_eq!(
+        write_file(&fx.path("a/delete"), b"subtree"),
+        Err(libc::EBUSY)
+    );
+    assert_eq!(fx.ls().len(), 3);
+    drop(held);
+    write_file(&fx.path("a/delete"), b"subtree").unwrap();
+    assert!(fx.ls().is_empty(), "{:?}", fx.ls());
+    assert_eq!(live_shas(&fx, true), live);
+    check_no_orphans(&fx);
+    assert!(fx.read(".log").contains("3 snapshot(s) deleted"));
+}
+
+/// A long merge shows in `.jobs` while `rmdir` waits for it.
+#[test]
+fn a_long_merge_shows_its_progress_in_jobs() {
+    let dir = TempDir::new("xdel-jobs");
+    let spec = VmSpec {
+        name: "vm1".into(),
+        disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
+        memory_mb: 128,
+    };
+    let vm = Vm::start(&spec, &dir.0.join("images")).unwrap();
+    let def = vm.write_definition(&dir.0.join("domains")).unwrap();
+    let xml = fs::read_to_string(&def).unwrap().replace(
+        "</domain>",
+        "  <snapshot policy='external-disk-only'/>\n</domain>",
+    );
+    fs::write(&def, xml).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let fx = Fixture { daemon, vm, dir };
+    fx.vm.qemu_io("vda", "write -P 0x61 0 64M").unwrap();
+    fs::create_dir(fx.path("e1")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x62 0 400M").unwrap();
+    fx.vm.qemu_io("vda", "flush").unwrap();
+    fs::create_dir(fx.path("e2")).unwrap();
+    let want = sha(&fs::read(fx.path("e2/disks/vda")).unwrap());
+
+    // The mount root's .jobs answers even while rmdir holds vm1/ locked.
+    let jobs = fx.daemon.mnt.join(".jobs");
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(20) {
+            let text = fs::read_to_string(&jobs).unwrap_or_default();
+            if !text.is_empty() {
+                seen.push(text);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if seen.len() > 3 {
+                break;
+            }
+        }
+        seen
+    });
+    // e1's point is the defined image: the 400 MiB above it are committed
+    // down into it.
+    fs::remove_dir(fx.path("e1")).unwrap();
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("vm1: rmdir \"e1\": commit disk vda: ") && l.contains("bytes")),
+        "no job seen in .jobs: {seen:?}\n{}",
+        fx.read(".log")
+    );
+    assert!(fx.read(".jobs").is_empty());
+    let live = sha(&fx.vm.read_disk("vda").unwrap());
+    assert_eq!(live, want, "the live disk kept its bytes");
+    assert_eq!(sha(&fs::read(fx.path("e2/disks/vda")).unwrap()), want);
+    assert!(fx.read(".log").contains("committed into"));
+}

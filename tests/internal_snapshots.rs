@@ -14,12 +14,14 @@ const K64: usize = 64 * 1024;
 #[test]
 fn browse_create_revert_delete_rename_on_a_running_vm() {
     let fx = Fixture::new("lifecycle");
-    // The tree: domains at the top, snapshots (none yet) in a domain.
+    // The tree: domains at the top (and the jobs of all), snapshots (none
+    // yet) in a domain.
     let top: Vec<_> = fs::read_dir(&fx.daemon.mnt)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(top, vec!["vm1"]);
+    assert_eq!(top, vec![".jobs", "vm1"]);
+    assert_eq!(fs::read_to_string(fx.daemon.mnt.join(".jobs")).unwrap(), "");
     assert!(fx.ls().is_empty());
     assert_eq!(fx.read(".state"), "running\n");
     assert!(fx.read(".domain.xml").contains("<name>vm1</name>"));

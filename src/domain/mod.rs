@@ -456,6 +456,72 @@ impl Domain {
         let r = (|| {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
+            self.delete_one(&what, &snap)
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// `echo self|children|subtree > NAME/delete`: deletes the snapshot,
+    /// all its descendants, or both, newest first, in one action.
+    pub fn delete_tree(&self, name: &str, request: &[u8]) -> Result<()> {
+        let mode = String::from_utf8_lossy(request).trim().to_owned();
+        let what = format!("delete {name:?} {mode}");
+        let r = (|| {
+            let (with_self, with_children) = match mode.as_str() {
+                "self" => (true, false),
+                "children" => (false, true),
+                "subtree" => (true, true),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unknown delete request {other:?}; write 'self', 'children' or 'subtree'"
+                    )))
+                }
+            };
+            let _busy = self.begin(&what)?;
+            let snap = self.lookup(name)?;
+            let mut ids = Vec::new();
+            if with_children {
+                let forest = self.forest.read();
+                // Depth first, children before parents.
+                fn walk(f: &Forest, id: &str, out: &mut Vec<String>) {
+                    for c in f.children(id) {
+                        walk(f, &c.id, out);
+                        out.push(c.id.clone());
+                    }
+                }
+                walk(&forest, &snap.id, &mut ids);
+            }
+            if with_self {
+                ids.push(snap.id.clone());
+            }
+            if let Some(open) = ids.iter().find(|id| self.views.is_open(id)) {
+                let n = self.forest.read().name_of(open).unwrap_or("?").to_owned();
+                return Err(Error::busy(format!(
+                    "a frozen view or the memory file of {n:?} is open; close it first"
+                )));
+            }
+            let t0 = Instant::now();
+            for id in &ids {
+                let Some(s) = self.forest.read().get(id).cloned() else {
+                    continue;
+                };
+                self.delete_one(&format!("{what}: {:?}", s.name), &s)?;
+            }
+            self.log.line(&format!(
+                "{what}: {} snapshot(s) deleted in {:.3} s",
+                ids.len(),
+                t0.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Deletes one snapshot (the domain is busy).
+    fn delete_one(&self, what: &str, snap: &Snapshot) -> Result<()> {
+        let name = &snap.name;
+        let what = what.to_owned();
+        {
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
                     "a frozen view or the memory file of {name:?} is open; close it first"
@@ -493,8 +559,7 @@ impl Domain {
                 backend_time.as_secs_f64()
             ));
             Ok(())
-        })();
-        r.or_else(|e| self.refuse(&what, e))
+        }
     }
 
     /// Deletes the tags of internal snapshot `snap` that live in images

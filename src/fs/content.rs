@@ -40,7 +40,11 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         }
         SnapFile::State => format!("{}\n", snap.state.as_str()).into_bytes(),
         SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
-        SnapFile::Revert | SnapFile::Disks | SnapFile::Images | SnapFile::Memory => Vec::new(),
+        SnapFile::Revert
+        | SnapFile::Delete
+        | SnapFile::Disks
+        | SnapFile::Images
+        | SnapFile::Memory => Vec::new(),
     })
 }
 

@@ -56,6 +56,8 @@ pub enum SnapFile {
     Parent,
     /// `revert`: control file.
     Revert,
+    /// `delete`: control file (`self`, `children` or `subtree`).
+    Delete,
     /// `memory`: the saved state of an external checkpoint (root only).
     Memory,
     /// `disks/`: one frozen view per disk.
@@ -66,11 +68,12 @@ pub enum SnapFile {
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 7] = [
+    pub const ALL: [(SnapFile, &'static str); 8] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
         (SnapFile::Revert, "revert"),
+        (SnapFile::Delete, "delete"),
         (SnapFile::Memory, "memory"),
         (SnapFile::Disks, "disks"),
         (SnapFile::Images, "images"),
@@ -95,6 +98,9 @@ impl SnapFile {
 pub enum Node {
     /// The mount point.
     Root,
+    /// `/.jobs`: the long operations of every domain (readable while a
+    /// domain directory is locked by an rmdir).
+    RootJobs,
     /// `<domain>/`.
     Domain(String),
     /// `<domain>/.<file>`.

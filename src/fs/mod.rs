@@ -251,8 +251,11 @@ impl Filesystem for SnapFs {
         // Only the truncation that `echo > revert` or `> snapshot.xml` does.
         let control = matches!(
             node,
-            Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::SnapshotXml)
-                | Node::DomainFile(_, DomainFile::Create)
+            Node::SnapshotFile(
+                _,
+                _,
+                SnapFile::Revert | SnapFile::Delete | SnapFile::SnapshotXml
+            ) | Node::DomainFile(_, DomainFile::Create)
         );
         if !(control && size == Some(0)) {
             return reply.error(Errno::EPERM);
@@ -371,7 +374,10 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if matches!(node, Node::SnapshotFile(_, _, SnapFile::Revert)) {
+        if matches!(
+            node,
+            Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::Delete)
+        ) {
             if !write {
                 return reply.error(Errno::EACCES);
             }
@@ -516,7 +522,9 @@ impl Filesystem for SnapFs {
             });
         }
         drop(handles);
-        let Ok(Node::SnapshotFile(d, id, SnapFile::Revert)) = fs.node(ino) else {
+        let Ok(Node::SnapshotFile(d, id, file @ (SnapFile::Revert | SnapFile::Delete))) =
+            fs.node(ino)
+        else {
             return reply.error(Errno::EBADF);
         };
         let Ok(dom) = fs.domain(&d) else {
@@ -526,9 +534,15 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let data = data.to_vec();
-        off_thread(move || match dom.revert(&name, &data) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
+        off_thread(move || {
+            let done = match file {
+                SnapFile::Delete => dom.delete_tree(&name, &data),
+                _ => dom.revert(&name, &data),
+            };
+            match done {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
         });
     }
 

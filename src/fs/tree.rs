@@ -23,6 +23,16 @@ impl Inner {
         let group_w = self.config.group.is_some();
         let (kind, perm, size, mtime, ttl) = match node {
             Node::Root => (FileType::Directory, 0o755, 0, self.mounted_at, STABLE_TTL),
+            Node::RootJobs => {
+                let len = self.all_jobs().len() as u64;
+                (
+                    FileType::RegularFile,
+                    0o444,
+                    len,
+                    SystemTime::now(),
+                    LIVE_TTL,
+                )
+            }
             Node::Domain(d) => {
                 self.reg.get(d)?;
                 let perm = if group_w { 0o775 } else { 0o755 };
@@ -85,7 +95,7 @@ impl Inner {
                         let target = content::parent_target(&dom, id)?;
                         (FileType::Symlink, 0o777, target.len() as u64, t, LIVE_TTL)
                     }
-                    SnapFile::Revert => {
+                    SnapFile::Revert | SnapFile::Delete => {
                         let perm = if group_w { 0o220 } else { 0o200 };
                         (FileType::RegularFile, perm, 0, t, STABLE_TTL)
                     }
@@ -132,6 +142,9 @@ impl Inner {
         let name = name.as_bytes();
         match parent {
             Node::Root => {
+                if name == b".jobs" {
+                    return Some(Node::RootJobs);
+                }
                 let d = std::str::from_utf8(name).ok()?;
                 self.reg.get(d).map(|_| Node::Domain(d.to_owned()))
             }
@@ -172,7 +185,8 @@ impl Inner {
         Some(match node {
             Node::Root => {
                 self.reg.rescan();
-                self.reg
+                let mut v: Vec<_> = self
+                    .reg
                     .all()
                     .iter()
                     .map(|d| {
@@ -182,7 +196,9 @@ impl Inner {
                             d.name().to_owned(),
                         )
                     })
-                    .collect()
+                    .collect();
+                v.insert(0, (Node::RootJobs, FileType::RegularFile, ".jobs".into()));
+                v
             }
             Node::Domain(d) => {
                 let dom = self.reg.get(d)?;
@@ -252,7 +268,7 @@ impl Inner {
 
     pub(super) fn parent_of(&self, node: &Node) -> Node {
         match node {
-            Node::Root | Node::Domain(_) => Node::Root,
+            Node::Root | Node::RootJobs | Node::Domain(_) => Node::Root,
             Node::DomainFile(d, _) | Node::Snapshot(d, _) => Node::Domain(d.clone()),
             Node::SnapshotFile(d, id, _) => Node::Snapshot(d.clone(), id.clone()),
             Node::SnapshotDisk(d, id, _) => {
@@ -279,8 +295,23 @@ impl Inner {
         self.inodes.node(ino.0).ok_or(Errno::ENOENT)
     }
 
+    /// `/.jobs`: each domain's `.jobs` lines, prefixed with its name.
+    fn all_jobs(&self) -> String {
+        self.reg
+            .all()
+            .iter()
+            .flat_map(|d| {
+                d.jobs_text()
+                    .lines()
+                    .map(|l| format!("{}: {l}\n", d.name()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     pub(super) fn generated(&self, node: &Node, uid: u32) -> Option<Vec<u8>> {
         match node {
+            Node::RootJobs => Some(self.all_jobs().into_bytes()),
             Node::DomainFile(d, f) => Some(content::domain_file(&*self.reg.get(d)?, *f, uid)),
             Node::SnapshotFile(d, id, f) => content::snapshot_file(&*self.reg.get(d)?, id, *f, uid),
             _ => None,
