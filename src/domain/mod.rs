@@ -532,8 +532,8 @@ impl Domain {
                 id: &snap.id,
                 gone: false,
             };
-            if branch::is_external(&snap) {
-                self.delete_external(&what, &snap)?;
+            if branch::is_external(snap) {
+                self.delete_external(&what, snap)?;
                 held.gone = true;
                 return Ok(());
             }
@@ -544,10 +544,10 @@ impl Domain {
             let t1 = Instant::now();
             let deleted = crate::failpoint::hit("delete.begin")
                 .and_then(|_| self.backend.delete_internal(&snap.id))
-                .and_then(|_| self.delete_tags_elsewhere(&snap));
+                .and_then(|_| self.delete_tags_elsewhere(snap));
             let backend_time = t1.elapsed();
             if let Err(e) = deleted {
-                return Err(self.after_failed_delete(&snap, record, e));
+                return Err(self.after_failed_delete(snap, record, e));
             }
             crate::failpoint::hit("delete.after-backend")?;
             self.forget_snapshot(&snap.id)?;
