@@ -191,6 +191,11 @@ pub trait Backend: Send + Sync {
     /// failure removes the new overlays; after it, the error says so.
     fn revert_external(&self, revert: &ExternalRevert) -> Result<()>;
 
+    /// After a restart: finishes the block jobs an earlier daemon left in
+    /// the running QEMU (an active commit waiting for `job-complete`, a
+    /// concluded job never dismissed). Returns how many it settled.
+    fn settle_leftover_jobs(&self) -> Result<usize>;
+
     /// Merges two images (see [`Merge`]): live with a block job when the
     /// running QEMU has them open, with `qemu-img` otherwise. Safe to run
     /// again after an interruption. `progress` sees (done, total) bytes.

@@ -805,6 +805,41 @@ impl Backend for QemuBackend {
         self.revert_external_impl(revert)
     }
 
+    fn settle_leftover_jobs(&self) -> Result<usize> {
+        if !self.is_up() {
+            return Ok(0);
+        }
+        self.with_qmp(|c| {
+            let jobs = c
+                .qmp
+                .execute_raw("query-jobs", json!({}))
+                .map_err(qmp_err)?;
+            let ours: Vec<String> = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|j| j["id"].as_str())
+                .filter(|id| id.starts_with("vmsnapfs-"))
+                .map(str::to_owned)
+                .collect();
+            for id in &ours {
+                // Waits for it, completing an active commit in `ready`.
+                if let Some(e) = c
+                    .qmp
+                    .wait_job_completing(id, JOB_TIMEOUT, |_, _| {})
+                    .map_err(qmp_err)?
+                {
+                    log::warn!("{}: leftover job {id} failed: {e}", self.def.name);
+                }
+            }
+            c.nodes = None;
+            if !ours.is_empty() {
+                self.sync_layers(&mut c.qmp);
+            }
+            Ok(ours.len())
+        })
+    }
+
     fn merge(&self, merge: &super::Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         self.merge_impl(merge, progress)
     }

@@ -97,10 +97,31 @@ impl Domain {
         self.def.disks.iter().any(|d| canonical(&d.source) == p)
     }
 
-    fn plan_disk(&self, g: &ImageGraph, target: &str, point: &Path) -> Result<DiskPlan> {
+    fn plan_disk(
+        &self,
+        g: &ImageGraph,
+        snap_id: &str,
+        target: &str,
+        point: &Path,
+    ) -> Result<DiskPlan> {
         let point = canonical(point);
         if !g.needed.contains(&point) {
             return Ok(DiskPlan::Unneeded);
+        }
+        // Another snapshot's point too (an earlier merge moved it here):
+        // its bytes must not change, and it keeps the image.
+        let shared = self.forest.read().iter().any(|s| {
+            s.id != snap_id
+                && s.disks.iter().any(|d| {
+                    d.kind == DiskSnapshotKind::External
+                        && d.image.as_deref().map(canonical).as_ref() == Some(&point)
+                })
+        });
+        if shared {
+            return Ok(DiskPlan::Keep(format!(
+                "{} stays: another snapshot's disk is that image",
+                point.display()
+            )));
         }
         let kids = g.children(&point);
         let [upper] = kids.as_slice() else {
@@ -243,7 +264,7 @@ impl Domain {
                 continue;
             };
             let g = ImageGraph::build(&self.roots(Some(&snap.id)))?;
-            match self.plan_disk(&g, &d.target, point)? {
+            match self.plan_disk(&g, &snap.id, &d.target, point)? {
                 DiskPlan::Unneeded => {}
                 DiskPlan::Keep(why) => notes.push(format!("disk {}: {why}", d.target)),
                 DiskPlan::Merge(m) => {

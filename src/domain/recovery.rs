@@ -13,6 +13,15 @@ use crate::store::{Intent, IntentRecord};
 
 /// Replays the journal, then reconciles metadata and images.
 pub fn recover(dom: &Domain) {
+    match dom.backend.settle_leftover_jobs() {
+        Ok(0) => {}
+        Ok(n) => dom.log.line(&format!(
+            "recovery: finished {n} block job(s) left by an earlier daemon"
+        )),
+        Err(e) => dom
+            .log
+            .line(&format!("recovery: cannot settle leftover block jobs: {e}")),
+    }
     match dom.journal.pending() {
         Ok(records) => {
             for r in records {
