@@ -9,6 +9,13 @@
 //!    (goal <= 20 ms), versus the bare QMP `transaction` of
 //!    `blockdev-snapshot-sync` for the same 2 disks.
 //!
+//! 3. Revert of a running VM to an external disk-only snapshot (new
+//!    overlays switched in the same QEMU), wall time and guest pause,
+//!    versus stopping QEMU, making the overlay and starting it again
+//!    (goal: >= 5x faster).
+//! 4. rmdir of an external snapshot with 500 MiB of delta versus the bare
+//!    block-commit of the same chain (goal: ratio <= 1.1).
+//!
 //! Run: `cargo bench --bench external` (root, QEMU 7.2, /dev/fuse).
 
 #[path = "../tests/common/mod.rs"]
@@ -181,6 +188,191 @@ fn disk_only_bench() {
     );
 }
 
+/// Waits until the guest behind the control socket runs.
+fn wait_running(vm: &Vm) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = vm
+            .control()
+            .ok()
+            .and_then(|mut q| q.execute_raw("query-status", json!({})).ok())
+            .is_some_and(|v| v["status"] == "running");
+        if running {
+            return;
+        }
+        assert!(Instant::now() < deadline, "QEMU did not come back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn revert_bench() {
+    let fx = policy_fixture("bench-xrevert", "external-disk-only", 512);
+    fx.vm.fill_ram(256).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x5a 0 16M").unwrap();
+    fs::create_dir(fx.path("d")).unwrap();
+    let (mut wall, mut pause) = (vec![], vec![]);
+    for i in 0..REPS {
+        fx.vm
+            .qemu_io("vda", &format!("write -P 0x{:02x} 0 1M", 0x10 + i))
+            .unwrap();
+        let mut w = Duration::ZERO;
+        pause.push(guest_pause(&fx.vm, || {
+            let t = Instant::now();
+            let at = std::time::SystemTime::now();
+            write_file(&fx.path("d/revert"), b"running force discard").unwrap();
+            w = t.elapsed();
+            if std::env::var("VMSNAPFS_BENCH_VERBOSE").is_ok() {
+                eprintln!(
+                    "rep start {:?} took {w:?}",
+                    at.duration_since(std::time::UNIX_EPOCH).unwrap()
+                );
+            }
+        }));
+        wall.push(w);
+    }
+    if std::env::var("VMSNAPFS_BENCH_VERBOSE").is_ok() {
+        eprintln!("revert wall times: {wall:?}, pauses: {pause:?}");
+        let log = fx.daemon.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(60);
+        for l in &lines[from..] {
+            eprintln!("{}", &l[..l.len().min(220)]);
+        }
+    }
+    // What libvirt does: stop QEMU, make the overlay, start QEMU again on
+    // it, and wait until the guest runs.
+    let images = fx.vm.disks[0].image.parent().unwrap().to_owned();
+    let mut restart = vec![];
+    for i in 0..3 {
+        let t = Instant::now();
+        let pid = fx.vm.current_pid().unwrap();
+        let _ = fx.vm.control().unwrap().execute_raw("quit", json!({}));
+        assert!(vmsnapfs::backend::process::wait_exit(
+            pid,
+            Duration::from_secs(30)
+        ));
+        for d in &fx.vm.disks {
+            let overlay = images.join(format!("restart{i}-{}.qcow2", d.target));
+            vmsnapfs::backend::qemu_img::create_overlay(&overlay, &d.image, "qcow2").unwrap();
+        }
+        let log = fx.dir.0.join("restart.log");
+        vmsnapfs::backend::process::spawn_detached(&fx.vm.argv, &log).unwrap();
+        wait_running(&fx.vm);
+        restart.push(t.elapsed());
+    }
+    let (w, p, r) = (median(wall), median(pause), median(restart));
+    println!(
+        "revert of a running VM (512 MiB RAM) to an external disk-only snapshot: {:.1} ms wall, \
+         guest paused {:.1} ms; stop + overlay + restart: {:.1} ms; {:.1}x faster (goal >= 5x): {}",
+        ms(w),
+        ms(p),
+        ms(r),
+        r.as_secs_f64() / w.as_secs_f64(),
+        if r.as_secs_f64() / w.as_secs_f64() >= 5.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
+const DELTA_MB: u64 = 500;
+
+/// A VM whose vda is 1 GiB, under the external-disk-only policy.
+fn big_disk_fixture(tag: &str) -> Fixture {
+    let dir = TempDir::new(tag);
+    let spec = VmSpec {
+        name: "vm1".into(),
+        disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
+        memory_mb: 128,
+    };
+    let vm = Vm::start(&spec, &dir.0.join("images")).expect("start VM");
+    let def = vm.write_definition(&dir.0.join("domains")).unwrap();
+    let xml = fs::read_to_string(&def).unwrap().replace(
+        "</domain>",
+        "  <snapshot policy='external-disk-only'/>\n</domain>",
+    );
+    fs::write(&def, xml).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    Fixture { daemon, vm, dir }
+}
+
+fn rmdir_bench() {
+    let (mut tree, mut bare) = (vec![], vec![]);
+    for i in 0..3 {
+        // Through the tree: e1 (point: the defined image) <- 500 MiB <- e2.
+        let fx = big_disk_fixture(&format!("bench-rmdir-{i}"));
+        fs::create_dir(fx.path("e1")).unwrap();
+        fx.vm
+            .qemu_io("vda", &format!("write -P 0x3c 0 {DELTA_MB}M"))
+            .unwrap();
+        fx.vm.qemu_io("vda", "flush").unwrap();
+        fs::create_dir(fx.path("e2")).unwrap();
+        let t = Instant::now();
+        fs::remove_dir(fx.path("e1")).unwrap();
+        tree.push(t.elapsed());
+        let log = fx.read(".log");
+        assert!(log.contains("committed into"));
+        if std::env::var("VMSNAPFS_BENCH_VERBOSE").is_ok() {
+            eprintln!("{}", log.lines().last().unwrap_or_default());
+        }
+        drop(fx);
+
+        // Bare: the same chain and the same block-commit on a plain VM.
+        let dir = TempDir::new(&format!("bench-commit-{i}"));
+        let spec = VmSpec {
+            name: "vm1".into(),
+            disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
+            memory_mb: 128,
+        };
+        let vm = Vm::start(&spec, &dir.0.join("images")).unwrap();
+        let img = dir.0.join("images");
+        let mut q = vm.control().unwrap();
+        let snap = |q: &mut vmsnapfs::backend::qmp::Qmp, from: &str, to: &str| {
+            q.execute_raw(
+                "blockdev-snapshot-sync",
+                json!({"node-name": from, "snapshot-file": img.join(format!("{to}.qcow2")),
+                       "snapshot-node-name": to, "format": "qcow2", "mode": "absolute-paths"}),
+            )
+            .unwrap();
+        };
+        snap(&mut q, "vda-fmt", "o1");
+        drop(q);
+        vm.qemu_io("vda", &format!("write -P 0x3c 0 {DELTA_MB}M"))
+            .unwrap();
+        vm.qemu_io("vda", "flush").unwrap();
+        let mut q = vm.control().unwrap();
+        snap(&mut q, "o1", "o2");
+        let t = Instant::now();
+        q.execute_raw(
+            "block-commit",
+            json!({"job-id": "bench", "device": "o2", "top-node": "o1",
+                   "base-node": "vda-fmt", "auto-dismiss": false}),
+        )
+        .unwrap();
+        let err = q
+            .wait_job("bench", Duration::from_secs(600), |_, _| {})
+            .unwrap();
+        assert!(err.is_none(), "{err:?}");
+        // Done as the tree is: the merged image's file removed too.
+        fs::remove_file(img.join("o1.qcow2")).unwrap();
+        bare.push(t.elapsed());
+    }
+    let (t, b) = (median(tree), median(bare));
+    println!(
+        "rmdir of an external snapshot with {DELTA_MB} MiB of delta (block-commit): {:.0} ms, \
+         bare block-commit and rm of the merged image {:.0} ms, ratio {:.2} (goal <= 1.1): {}",
+        ms(t),
+        ms(b),
+        t.as_secs_f64() / b.as_secs_f64(),
+        if t.as_secs_f64() / b.as_secs_f64() <= 1.1 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
 fn main() {
     let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "pause" {
@@ -188,5 +380,11 @@ fn main() {
     }
     if only.is_empty() || only == "disk-only" {
         disk_only_bench();
+    }
+    if only.is_empty() || only == "revert" {
+        revert_bench();
+    }
+    if only.is_empty() || only == "rmdir" {
+        rmdir_bench();
     }
 }

@@ -139,7 +139,8 @@ fn many_snapshots() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let dir = TempDir::new("bench-many");
-    let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+    vm.policy = Some("internal".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
     // N internal disk snapshots made beside vmsnapfs (QMP, ~ms each); the
     // daemon adopts them at start, so the tree holds N snapshots.

@@ -67,7 +67,8 @@ fn many_processes_on_two_domains() {
     let vms: Vec<Vm> = ["vm1", "vm2"]
         .iter()
         .map(|n| {
-            let vm = Vm::start(&VmSpec::small(n), &dir.0.join("images")).unwrap();
+            let mut vm = Vm::start(&VmSpec::small(n), &dir.0.join("images")).unwrap();
+            vm.policy = Some("internal".into());
             vm.write_definition(&dir.0.join("domains")).unwrap();
             vm
         })

@@ -259,7 +259,8 @@ impl Drop for SmallFs {
 fn out_of_space_gives_enospc_and_leaves_nothing() {
     let dir = TempDir::new("enospc");
     let small = SmallFs::new(dir.0.join("small"), "96m");
-    let vm = Vm::start(&VmSpec::small("vm1"), &small.0).unwrap();
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &small.0).unwrap();
+    vm.policy = Some("internal".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
     vm.qemu_io("vda", "write -P 0x31 0 8M").unwrap();
     let daemon = Daemon::start(&dir.0, &[]);
@@ -302,6 +303,7 @@ fn out_of_space_offline_and_in_the_state_dir() {
     let mut vm = Vm::start(&VmSpec::small("vm1"), &small.0).unwrap();
     vm.qemu_io("vda", "write -P 0x41 0 4M").unwrap();
     vm.kill();
+    vm.policy = Some("internal".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
     // The metadata store on a full filesystem of its own.
     let state_fs = SmallFs::new(dir.0.join("state"), "1m");
@@ -372,7 +374,7 @@ fn a_monitor_that_speaks_garbage_or_hangs_does_not_break_the_tree() {
             format!(
                 "<domain><name>{name}</name><monitor path='{}'/><devices><disk type='file' device='disk'>\
                  <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
-                 </devices></domain>",
+                 </devices><snapshot policy='internal'/></domain>",
                 sock.display(),
                 img.display()
             ),

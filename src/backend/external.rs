@@ -462,6 +462,11 @@ impl QemuBackend {
             }
         };
         for (_, point, overlay) in &r.branches {
+            if overlay.exists() {
+                // Made ahead by `prepare_overlays`.
+                made.push(overlay);
+                continue;
+            }
             let format = qemu_img::chain(point)
                 .ok()
                 .and_then(|c| c.first().map(|i| i.format.clone()))

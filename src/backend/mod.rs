@@ -191,6 +191,10 @@ pub trait Backend: Send + Sync {
     /// failure removes the new overlays; after it, the error says so.
     fn revert_external(&self, revert: &ExternalRevert) -> Result<()>;
 
+    /// Makes the new overlays of a revert ahead of it (target, point image,
+    /// overlay, point format), side by side, while the guest still runs.
+    fn prepare_overlays(&self, branches: &[(String, PathBuf, PathBuf, String)]) -> Result<()>;
+
     /// After a restart: finishes the block jobs an earlier daemon left in
     /// the running QEMU (an active commit waiting for `job-complete`, a
     /// concluded job never dismissed). Returns how many it settled.

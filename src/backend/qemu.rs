@@ -801,6 +801,33 @@ impl Backend for QemuBackend {
         self.settle_external_impl(plan)
     }
 
+    fn prepare_overlays(&self, branches: &[(String, PathBuf, PathBuf, String)]) -> Result<()> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = branches
+                .iter()
+                .map(|(_, point, overlay, format)| {
+                    scope.spawn(move || qemu_img::create_overlay(overlay, point, format))
+                })
+                .collect();
+            let results: Vec<Result<()>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::io("qemu-img create panicked")))
+                })
+                .collect();
+            match results.into_iter().find(|r| r.is_err()) {
+                Some(e) => {
+                    for (_, _, overlay, _) in branches {
+                        let _ = std::fs::remove_file(overlay);
+                    }
+                    e
+                }
+                None => Ok(()),
+            }
+        })
+    }
+
     fn revert_external(&self, revert: &super::ExternalRevert) -> Result<()> {
         self.revert_external_impl(revert)
     }

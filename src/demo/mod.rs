@@ -64,11 +64,12 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> Result<()> {
         "vmsnapfs demo: VM 'demo' (2 qcow2 disks, {}) mounted at {m}\n\n\
          Try, in another shell:\n  \
          ls {m}/demo; cat {m}/demo/.state\n  \
-         mkdir {m}/demo/first            # internal checkpoint of the running VM\n  \
+         mkdir {m}/demo/first            # live checkpoint: RAM to a file, new disk overlays\n  \
          mkdir {m}/demo/second; cat {m}/demo/.tree\n  \
-         cat {m}/demo/first/snapshot.xml\n  \
-         echo running > {m}/demo/first/revert\n  \
-         mv {m}/demo/second {m}/demo/later; rmdir {m}/demo/later\n  \
+         cat {m}/demo/first/snapshot.xml; ls -l {m}/demo/first/disks {m}/demo/first/images\n  \
+         cmp {m}/demo/first/disks/vda {m}/demo/second/disks/vda\n  \
+         echo running > {m}/demo/first/revert   # new QEMU with first's RAM; the rest is kept\n  \
+         cat {m}/demo/.tree; rmdir {m}/demo/second\n  \
          cat {m}/demo/.log\n\nCtrl-C ends the demo and removes everything.",
         if vm::kvm_usable() { "KVM" } else { "TCG" }
     );

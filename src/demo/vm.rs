@@ -61,6 +61,8 @@ pub struct Vm {
     /// RAM in MiB.
     pub memory_mb: u64,
     pid: Option<i32>,
+    /// `<snapshot policy=...>` written into the definition, if set.
+    pub policy: Option<String>,
 }
 
 /// True when KVM can be used here.
@@ -101,6 +103,7 @@ impl Vm {
             disks,
             argv: Vec::new(),
             memory_mb: spec.memory_mb,
+            policy: None,
             pid: None,
         };
         vm.argv = vm.command_line();
@@ -332,7 +335,11 @@ impl Vm {
         for a in &self.argv {
             x.push_str(&format!("    <arg value='{}'/>\n", xml_escape(a)));
         }
-        x.push_str("  </commandline>\n</domain>\n");
+        x.push_str("  </commandline>\n");
+        if let Some(p) = &self.policy {
+            x.push_str(&format!("  <snapshot policy='{p}'/>\n"));
+        }
+        x.push_str("</domain>\n");
         x
     }
 

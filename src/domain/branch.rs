@@ -89,16 +89,8 @@ impl Domain {
             _ => None,
         };
         self.check_external_revert(snap, memory.as_deref(), live, target, req.force)?;
-        // Stop the guest first: it flushes every image, so what the state
-        // left behind holds can be read from outside QEMU.
         let was_running = live == DomainState::Running;
-        let live = if was_running {
-            self.backend.set_running(false)?;
-            DomainState::Paused
-        } else {
-            live
-        };
-        let r = self.revert_stopped_guest(what, snap, memory, live, target, req, t0);
+        let r = self.revert_external_steps(what, snap, memory, live, target, req, t0);
         if r.is_err() && was_running && self.backend.refresh_state() == DomainState::Paused {
             // The revert did not happen: the guest goes on as it was.
             let _ = self.backend.set_running(true);
@@ -107,8 +99,10 @@ impl Domain {
         r
     }
 
+    /// Plans, journals and does an external revert. The new overlays are
+    /// made while the guest still runs; it is paused only for the switch.
     #[allow(clippy::too_many_arguments)]
-    fn revert_stopped_guest(
+    fn revert_external_steps(
         &self,
         what: &str,
         snap: &Snapshot,
@@ -131,7 +125,12 @@ impl Domain {
                     ..
                 }) => {
                     let overlay = branch_overlay(&def.source, &snap.name);
-                    branches.push((def.target.clone(), image.clone(), overlay));
+                    let format = if image == &def.source {
+                        def.format.clone()
+                    } else {
+                        "qcow2".into()
+                    };
+                    branches.push((def.target.clone(), image.clone(), overlay, format));
                     let now = active.iter().find(|a| a.target == def.target);
                     left_points.push(DiskPoint {
                         target: def.target.clone(),
@@ -148,11 +147,10 @@ impl Domain {
         }
         let left_images: Vec<PathBuf> =
             left_points.iter().filter_map(|p| p.image.clone()).collect();
-        let (left, discard) = if req.discard {
-            (None, self.discardable(&left_images))
-        } else if self.already_kept(&left_images) {
-            // Nothing was written since a snapshot: its empty overlays go.
-            (None, self.discardable(&left_images))
+        // Read before the guest stops: their snapshot tables do not change.
+        let discardable = self.discardable(&left_images);
+        let (mut left, mut discard) = if req.discard {
+            (None, discardable.clone())
         } else {
             let forest = self.forest.read();
             let left = Snapshot {
@@ -178,7 +176,7 @@ impl Domain {
         };
         let overlays: Vec<(String, PathBuf)> = branches
             .iter()
-            .map(|(t, _, o)| (t.clone(), o.clone()))
+            .map(|(t, _, o, _)| (t.clone(), o.clone()))
             .collect();
         let record = self.journal.begin(Intent::RevertExternal {
             id: snap.id.clone(),
@@ -188,14 +186,39 @@ impl Domain {
             discard: discard.clone(),
         })?;
         let t1 = Instant::now();
+        let prepared = crate::failpoint::hit("revert.begin")
+            .and_then(|_| self.backend.prepare_overlays(&branches));
+        if let Err(e) = prepared {
+            let plan = ExternalPlan {
+                overlays,
+                memory: None,
+            };
+            self.backend.settle_external(&plan)?;
+            self.journal.complete(record)?;
+            return Err(e);
+        }
+        // Stopping the guest flushes its images: what the state left
+        // behind holds can now be read from outside QEMU.
+        let live = if live == DomainState::Running {
+            self.backend.set_running(false)?;
+            DomainState::Paused
+        } else {
+            live
+        };
+        if left.is_some() && self.already_kept(&left_images) {
+            // Nothing was written since a snapshot: its empty overlays go.
+            left = None;
+            discard = discardable;
+        }
         let revert = ExternalRevert {
-            branches,
+            branches: branches.into_iter().map(|(t, p, o, _)| (t, p, o)).collect(),
             memory,
             live,
             target,
         };
-        let done = crate::failpoint::hit("revert.begin")
-            .and_then(|_| self.backend.revert_external(&revert))
+        let done = self
+            .backend
+            .revert_external(&revert)
             .and_then(|_| crate::failpoint::hit("revert.after-steps"));
         let backend_time = t1.elapsed();
         let state = match &done {
@@ -323,13 +346,21 @@ impl Domain {
                     .any(|d| d.kind == DiskSnapshotKind::External && d.image.as_deref() == Some(p))
             })
         };
+        let empty_over_point = |img: &PathBuf| {
+            let chain = qemu_img::chain(img).unwrap_or_default();
+            let backing = chain.get(1).map(|b| b.path.clone());
+            backing.is_some_and(|b| is_point(&b))
+                && chain.first().is_some_and(|top| top.snapshots.is_empty())
+                && qemu_img::has_own_data(img).is_ok_and(|d| !d)
+        };
+        // One qemu-img pair per disk, side by side: the guest is paused.
         !images.is_empty()
-            && images.iter().all(|img| {
-                let chain = qemu_img::chain(img).unwrap_or_default();
-                let backing = chain.get(1).map(|b| b.path.clone());
-                backing.is_some_and(|b| is_point(&b))
-                    && chain.first().is_some_and(|top| top.snapshots.is_empty())
-                    && qemu_img::has_own_data(img).is_ok_and(|d| !d)
+            && std::thread::scope(|scope| {
+                let handles: Vec<_> = images
+                    .iter()
+                    .map(|img| scope.spawn(|| empty_over_point(img)))
+                    .collect();
+                handles.into_iter().all(|h| h.join().unwrap_or(false))
             })
     }
 

@@ -28,16 +28,19 @@ impl DomainState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotPolicy {
     /// RAM and disks inside the qcow2 images (disks only when stopped):
-    /// a checkpoint that reverts the running guest in place.
-    #[default]
+    /// a checkpoint that reverts the running guest in place, but the
+    /// guest is paused for the whole RAM save (seconds per GiB).
     Internal,
     /// Disks only, inside the qcow2 images, all disks in one transaction:
     /// ~10 ms and no RAM save, crash-consistent; reverting a running VM
     /// to it restarts QEMU (needs `force`).
     DiskOnly,
     /// RAM to a memory file and new overlays for every disk, taken live
-    /// with background-snapshot (the guest pauses ~20 ms whatever its RAM
-    /// size); disks only when the VM is stopped.
+    /// with background-snapshot (the guest pauses for tens of ms whatever
+    /// its RAM size); disks only when the VM is stopped. The default: it
+    /// barely disturbs the guest, works for raw disks too, and reverts
+    /// with RAM (in a new QEMU process).
+    #[default]
     External,
     /// New overlays for every disk in one transaction, no RAM.
     ExternalDiskOnly,

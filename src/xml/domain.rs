@@ -93,7 +93,8 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
 
     let policy = match root.child("snapshot")? {
         Some(snapshot) => match snapshot.attr("policy") {
-            None | Some("internal") => SnapshotPolicy::Internal,
+            None => SnapshotPolicy::default(),
+            Some("internal") => SnapshotPolicy::Internal,
             Some("disk-only") => SnapshotPolicy::DiskOnly,
             Some("external") => SnapshotPolicy::External,
             Some("external-disk-only") => SnapshotPolicy::ExternalDiskOnly,
@@ -362,9 +363,9 @@ mod tests {
         assert_eq!(def.monitor, None);
         assert!(def.disks.is_empty());
         assert_eq!(def.commandline, None);
-        assert_eq!(def.policy, SnapshotPolicy::Internal);
+        assert_eq!(def.policy, SnapshotPolicy::External, "the default");
         let def = parse_domain_def("<domain><name>x</name><snapshot/></domain>").expect("parses");
-        assert_eq!(def.policy, SnapshotPolicy::Internal);
+        assert_eq!(def.policy, SnapshotPolicy::External);
     }
 
     #[test]

@@ -221,9 +221,12 @@ impl Fixture {
         Self::with_spec(tag, &VmSpec::small("vm1"), env)
     }
 
+    /// A fixture whose domain takes internal snapshots (`mkdir` makes an
+    /// internal checkpoint), what most tests of the tree exercise.
     pub fn with_spec(tag: &str, spec: &VmSpec, env: &[(&str, &str)]) -> Fixture {
         let dir = TempDir::new(tag);
-        let vm = Vm::start(spec, &dir.0.join("images")).expect("start VM");
+        let mut vm = Vm::start(spec, &dir.0.join("images")).expect("start VM");
+        vm.policy = Some("internal".into());
         vm.write_definition(&dir.0.join("domains")).unwrap();
         let daemon = Daemon::start(&dir.0, env);
         Fixture { daemon, vm, dir }
@@ -232,13 +235,9 @@ impl Fixture {
     /// A fixture whose definition sets `<snapshot policy=...>`.
     pub fn with_policy(tag: &str, policy: &str, env: &[(&str, &str)]) -> Fixture {
         let dir = TempDir::new(tag);
-        let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
-        let def = vm.write_definition(&dir.0.join("domains")).unwrap();
-        let xml = fs::read_to_string(&def).unwrap().replace(
-            "</domain>",
-            &format!("  <snapshot policy='{policy}'/>\n</domain>"),
-        );
-        fs::write(&def, xml).unwrap();
+        let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+        vm.policy = Some(policy.into());
+        vm.write_definition(&dir.0.join("domains")).unwrap();
         let daemon = Daemon::start(&dir.0, env);
         Fixture { daemon, vm, dir }
     }
