@@ -455,3 +455,44 @@ fn crash_during_external_create_on_a_stopped_vm() {
         external_crash(p, false);
     }
 }
+
+/// When QEMU refuses background-snapshot (here: RAM in a shared file),
+/// the checkpoint is still taken, with the guest paused for the RAM save,
+/// and `.log` says so.
+#[test]
+fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
+    let dir = TempDir::new("ext-fallback");
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+    vm.kill();
+    let ram = dir.0.join("guest-ram");
+    vm.argv.extend([
+        "-object".to_owned(),
+        format!(
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            vm.memory_mb,
+            ram.display()
+        ),
+        "-machine".to_owned(),
+        "memory-backend=ram0".to_owned(),
+    ]);
+    vm.launch().unwrap();
+    vm.policy = Some("external".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let fx = Fixture { daemon, vm, dir };
+    fx.vm.qemu_io("vda", "write -P 0x7a 0 1M").unwrap();
+    let want = fx.vm.read_disk("vda").unwrap();
+    fs::create_dir(fx.path("c1")).unwrap();
+    let log = fx.read(".log");
+    assert!(log.contains("background-snapshot refused"), "{log}");
+    assert!(log.contains("RAM saved with the guest paused"), "{log}");
+    assert_eq!(fx.read("c1/state"), "running\n");
+    assert_eq!(fx.read(".state"), "running\n", "the guest runs again");
+    assert!(fs::metadata(fx.path("c1/memory")).unwrap().len() > 0);
+    assert!(fs::read(fx.path("c1/disks/vda")).unwrap() == want);
+    // And it reverts: RAM from the file into a new QEMU.
+    fx.vm.qemu_io("vda", "write -P 0x00 0 1M").unwrap();
+    fx.revert("c1", "running").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(fx.vm.read_disk("vda").unwrap() == want);
+}
