@@ -16,7 +16,6 @@ use crate::model::{
     DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
 };
 use crate::store::Intent;
-use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec};
 
 /// True when the snapshot's data is in point images and a memory file
 /// rather than inside the qcow2 images.
@@ -31,7 +30,13 @@ pub fn is_external(snap: &Snapshot) -> bool {
 /// A name for the snapshot that keeps the state a revert leaves.
 pub(super) fn left_name(taken: impl Fn(&str) -> bool) -> String {
     let secs = now_secs();
-    let base = format!("left-{}", format_utc(secs));
+    // utc_stamp: YYYY-MM-DDTHH:MM:SSZ -> YYYYMMDD-HHMMSS
+    let stamp: String = super::oplog::utc_stamp(secs)
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .map(|c| if c == 'T' { '-' } else { c })
+        .collect();
+    let base = format!("left-{stamp}");
     if !taken(&base) {
         return base;
     }
@@ -39,28 +44,6 @@ pub(super) fn left_name(taken: impl Fn(&str) -> bool) -> String {
         .map(|n| format!("{base}-{n}"))
         .find(|n| !taken(n))
         .unwrap_or(base)
-}
-
-/// `YYYYMMDD-HHMMSS` in UTC.
-fn format_utc(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// A free path for a branch overlay of `source` for snapshot `name`.
@@ -304,11 +287,7 @@ impl Domain {
         }
         let up = live != DomainState::Shutoff;
         if up && target == DomainState::Shutoff && !force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                "the domain is running and the revert would stop it, losing its live state; \
-                 write 'shutoff force' to do it anyway",
-            ));
+            return Err(super::revert::would_stop());
         }
         if up && target != DomainState::Shutoff && memory.is_none() && !force {
             return Err(Error::new(
@@ -325,11 +304,7 @@ impl Domain {
         }
         let needs_start = target != DomainState::Shutoff && (!up || memory.is_some());
         if needs_start && !self.backend.can_start() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the revert must start QEMU but no command line is known: add <commandline> \
-                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
-            ));
+            return Err(super::revert::no_command_line());
         }
         Ok(())
     }
@@ -420,17 +395,7 @@ impl Domain {
         if !self.backend.settle_external(&plan)? {
             return Ok("rolled back");
         }
-        let left = match left {
-            Some(xml) => {
-                let spec = parse_snapshot_xml(xml).map_err(|e| Error::io(e.to_string()))?;
-                Some(
-                    snapshot_from_spec(spec)
-                        .map_err(|e| Error::io(e.to_string()))?
-                        .0,
-                )
-            }
-            None => None,
-        };
+        let left = left.map(super::external::snapshot_from_plan).transpose()?;
         self.finish_external_revert(id, left, discard)?;
         Ok("completed (the disks had switched; the domain is as QEMU left it)")
     }
@@ -441,8 +406,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn utc_names() {
-        assert_eq!(format_utc(0), "19700101-000000");
-        assert_eq!(format_utc(1_795_315_805), "20261122-025005");
+    fn left_names_are_free() {
+        let n = left_name(|_| false);
+        assert!(
+            n.starts_with("left-20") && n.len() == "left-YYYYMMDD-HHMMSS".len(),
+            "{n}"
+        );
+        let taken = n.clone();
+        assert_eq!(left_name(|x| x == taken), format!("{n}-2"));
     }
 }

@@ -28,6 +28,14 @@ pub fn default_memory(first_disk: &Path, domain: &str, name: &str) -> PathBuf {
     first_disk.with_file_name(format!("{domain}.{name}.memory"))
 }
 
+/// A snapshot from the `<domainsnapshot>` XML an intent carries.
+pub fn snapshot_from_plan(xml: &str) -> Result<Snapshot> {
+    let spec = parse_snapshot_xml(xml).map_err(|e| Error::io(e.to_string()))?;
+    Ok(snapshot_from_spec(spec)
+        .map_err(|e| Error::io(e.to_string()))?
+        .0)
+}
+
 impl Domain {
     /// Decides the files of an external snapshot and the metadata it will
     /// have, before anything changes.
@@ -157,8 +165,7 @@ impl Domain {
         overlays: &[(String, PathBuf)],
         plan_xml: &str,
     ) -> Result<&'static str> {
-        let spec = parse_snapshot_xml(plan_xml).map_err(|e| Error::io(e.to_string()))?;
-        let (mut snap, _) = snapshot_from_spec(spec).map_err(|e| Error::io(e.to_string()))?;
+        let mut snap = snapshot_from_plan(plan_xml)?;
         let memory = match &snap.memory {
             MemoryLocation::External(p) => Some(p.clone()),
             _ => None,

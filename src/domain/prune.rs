@@ -319,7 +319,7 @@ impl Domain {
 
     /// The name of a snapshot with an open view or memory file whose
     /// chain holds one of `images`.
-    fn view_reading(&self, images: &[&Path]) -> Option<String> {
+    pub(super) fn view_reading(&self, images: &[&Path]) -> Option<String> {
         let open: Vec<Snapshot> = self
             .forest
             .read()

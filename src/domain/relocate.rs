@@ -20,7 +20,6 @@ use crate::model::{
     DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
 };
 use crate::store::Intent;
-use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec};
 
 fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
@@ -67,29 +66,13 @@ impl Domain {
         let t0 = Instant::now();
         let up = live != DomainState::Shutoff;
         if up && target == DomainState::Shutoff && !req.force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                "the domain is running and the revert would stop it, losing its live state; \
-                 write 'shutoff force' to do it anyway",
-            ));
+            return Err(super::revert::would_stop());
         }
         if up && target != DomainState::Shutoff && !snap.has_memory() && !req.force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                format!(
-                    "snapshot {:?} has no saved state: reverting the running domain restarts \
-                     QEMU and loses its live state; write '{} force' to do it anyway",
-                    snap.name,
-                    target.as_str()
-                ),
-            ));
+            return Err(super::revert::no_saved_state(snap, target));
         }
         if target != DomainState::Shutoff && !self.backend.can_start() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the revert must start QEMU but no command line is known: add <commandline> \
-                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
-            ));
+            return Err(super::revert::no_command_line());
         }
         let mut images = Vec::new();
         for d in &snap.disks {
@@ -110,7 +93,7 @@ impl Domain {
             images.push((d.target.clone(), img.clone()));
         }
         if let Some(reader) =
-            self.view_reading_any(&images.iter().map(|(_, i)| i.as_path()).collect::<Vec<_>>())
+            self.view_reading(&images.iter().map(|(_, i)| i.as_path()).collect::<Vec<_>>())
         {
             return Err(Error::busy(format!(
                 "a view of {reader:?} is open and reads an image this revert changes; close \
@@ -261,27 +244,6 @@ impl Domain {
         Ok(())
     }
 
-    /// The name of a snapshot with an open view whose chain holds one of
-    /// `images` (any snapshot, unlike the delete's check).
-    fn view_reading_any(&self, images: &[&Path]) -> Option<String> {
-        let open: Vec<Snapshot> = self
-            .forest
-            .read()
-            .iter()
-            .filter(|s| self.views.is_open(&s.id))
-            .cloned()
-            .collect();
-        open.into_iter().find_map(|s| {
-            let reads = s.disks.iter().filter_map(|d| d.image.as_ref()).any(|p| {
-                qemu_img::chain(p)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))
-            });
-            reads.then_some(s.name)
-        })
-    }
-
     /// Finishes an interrupted relocating revert (start-up); the domain is
     /// left stopped.
     pub(super) fn replay_revert_relocate(
@@ -305,17 +267,7 @@ impl Domain {
             .filter_map(|d| Some((d.target.clone(), d.image.clone()?)))
             .collect();
         self.relocate_and_apply(&snap, &images, moved)?;
-        let left = match left {
-            Some(xml) => {
-                let spec = parse_snapshot_xml(xml).map_err(|e| Error::io(e.to_string()))?;
-                Some(
-                    snapshot_from_spec(spec)
-                        .map_err(|e| Error::io(e.to_string()))?
-                        .0,
-                )
-            }
-            None => None,
-        };
+        let left = left.map(super::external::snapshot_from_plan).transpose()?;
         self.finish_external_revert(id, left, discard)?;
         Ok("completed for the disks; the domain was left stopped")
     }

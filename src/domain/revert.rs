@@ -60,6 +60,38 @@ impl RevertRequest {
     }
 }
 
+/// EPERM: reverting the running domain to a snapshot without RAM.
+pub(super) fn no_saved_state(snap: &Snapshot, target: DomainState) -> Error {
+    Error::new(
+        ErrorKind::NotPermitted,
+        format!(
+            "snapshot {:?} has no saved state: reverting the running domain loses its live \
+             state (QEMU is restarted, or the guest reset onto the snapshot's disks); write \
+             '{} force' to do it anyway",
+            snap.name,
+            target.as_str()
+        ),
+    )
+}
+
+/// EOPNOTSUPP: the revert would start QEMU without a command line.
+pub(super) fn no_command_line() -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        "the revert must start QEMU but no command line is known: add <commandline> \
+         to the domain definition, or revert to 'shutoff' and start the VM yourself",
+    )
+}
+
+/// EPERM: a revert that would stop the running domain.
+pub(super) fn would_stop() -> Error {
+    Error::new(
+        ErrorKind::NotPermitted,
+        "the domain is running and the revert would stop it, losing its live state; \
+         write 'shutoff force' to do it anyway",
+    )
+}
+
 /// The state a snapshot returns the domain to by default.
 fn default_target(snap: &Snapshot) -> DomainState {
     match snap.state {
@@ -142,22 +174,10 @@ impl Domain {
     ) -> Result<()> {
         let up = live != DomainState::Shutoff;
         if up && target == DomainState::Shutoff && !force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                "the domain is running and the revert would stop it, losing its live state; \
-                 write 'shutoff force' to do it anyway",
-            ));
+            return Err(would_stop());
         }
         if up && target != DomainState::Shutoff && !snap.has_memory() && !force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                format!(
-                    "snapshot {:?} has no saved state: reverting the running domain restarts \
-                     QEMU and loses its live state; write '{} force' to do it anyway",
-                    snap.name,
-                    target.as_str()
-                ),
-            ));
+            return Err(no_saved_state(snap, target));
         }
         // A snapshot on only some disks (made by another tool) cannot be
         // reverted to: refuse before anything changes.
@@ -170,11 +190,7 @@ impl Domain {
         }
         let needs_start = target != DomainState::Shutoff && !(up && snap.has_memory());
         if needs_start && !self.backend.can_start() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the revert must start QEMU but no command line is known: add <commandline> \
-                 to the domain definition, or revert to 'shutoff' and start the VM yourself",
-            ));
+            return Err(no_command_line());
         }
         Ok(())
     }
