@@ -270,6 +270,17 @@ fn external_checkpoints_are_live_and_keep_the_memory() {
     assert_eq!(fx.read("p1/state"), "paused\n");
     assert_eq!(fx.read(".state"), "paused\n");
     assert!(images.join("vm1.p1.memory").exists());
+    // QEMU 7.2 keeps the disks inactive until the guest resumes: block
+    // operations are refused before they change anything.
+    let files_before = fs::read_dir(&images).unwrap().count();
+    assert_eq!(errno(fs::create_dir(fx.path("p2"))), libc::EBUSY);
+    assert_eq!(errno(fs::remove_dir(fx.path("c2"))), libc::EBUSY);
+    assert_eq!(fs::read_dir(&images).unwrap().count(), files_before);
+    assert!(fs::read_dir(fx.daemon.state.join("vm1/journal"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(fx.read(".log").contains("resume the guest first"));
     fx.vm
         .control()
         .unwrap()

@@ -55,7 +55,7 @@ impl QemuBackend {
                 return Ok(());
             }
         }
-        self.merge_offline(m)
+        self.merge_offline(m, progress)
     }
 
     fn merge_live(
@@ -144,7 +144,7 @@ impl QemuBackend {
         Ok(())
     }
 
-    fn merge_offline(&self, m: &Merge) -> Result<()> {
+    fn merge_offline(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let lower_chain = qemu_img::chain(&m.lower)?;
         let lower_format = lower_chain
             .first()
@@ -162,6 +162,7 @@ impl QemuBackend {
                         m.lower.display()
                     )));
                 }
+                progress(0, 0);
                 qemu_img::run(&["commit", "-q", "-d", &m.upper.to_string_lossy()])?;
                 for a in &m.above {
                     qemu_img::run(&[
@@ -203,6 +204,7 @@ impl QemuBackend {
                     args.extend(["-F", &base_format]);
                 }
                 args.extend(["-b", &base, &upper]);
+                progress(0, 0);
                 qemu_img::run(&args).map(drop)
             }
         }

@@ -195,6 +195,11 @@ pub trait Backend: Send + Sync {
     /// overlay, point format), side by side, while the guest still runs.
     fn prepare_overlays(&self, branches: &[(String, PathBuf, PathBuf, String)]) -> Result<()>;
 
+    /// True when the running QEMU keeps its images inactive: after saving
+    /// the RAM of a paused guest (`postmigrate`), QEMU 7.2 reactivates
+    /// them only when the guest resumes. Block operations fail until then.
+    fn images_inactive(&self) -> bool;
+
     /// After a restart: finishes the block jobs an earlier daemon left in
     /// the running QEMU (an active commit waiting for `job-complete`, a
     /// concluded job never dismissed). Returns how many it settled.

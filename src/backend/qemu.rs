@@ -832,6 +832,16 @@ impl Backend for QemuBackend {
         self.revert_external_impl(revert)
     }
 
+    fn images_inactive(&self) -> bool {
+        let mut guard = self.conn.lock();
+        let Some(conn) = self.connect(&mut guard) else {
+            return false;
+        };
+        conn.qmp
+            .execute_raw("query-status", json!({}))
+            .is_ok_and(|v| v["status"] == "postmigrate")
+    }
+
     fn settle_leftover_jobs(&self) -> Result<usize> {
         if !self.is_up() {
             return Ok(0);

@@ -219,6 +219,19 @@ impl Domain {
         Ok(BusyGuard(&self.busy))
     }
 
+    /// EBUSY while QEMU keeps its images inactive (see
+    /// [`Backend::images_inactive`]), before anything changes.
+    fn check_images_active(&self, live: DomainState) -> Result<()> {
+        if live != DomainState::Shutoff && self.backend.images_inactive() {
+            return Err(Error::busy(
+                "QEMU keeps the disks inactive since the RAM of the paused guest was saved \
+                 (QEMU 7.2 reactivates them when the guest resumes): resume the guest first, \
+                 or revert to a checkpoint",
+            ));
+        }
+        Ok(())
+    }
+
     /// Frozen views of this domain's snapshots.
     pub fn views(&self) -> &views::DiskViews {
         &self.views
@@ -275,6 +288,7 @@ impl Domain {
             let id = new_id();
             let live = self.backend.refresh_state();
             self.note_state(live);
+            self.check_images_active(live)?;
             let external = match &request.kind {
                 CreateKind::Internal { .. } => None,
                 CreateKind::External { disks, memory } => {
@@ -522,6 +536,7 @@ impl Domain {
         let name = &snap.name;
         let what = what.to_owned();
         {
+            self.check_images_active(self.state())?;
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
                     "a frozen view or the memory file of {name:?} is open; close it first"

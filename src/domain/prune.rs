@@ -287,10 +287,13 @@ impl Domain {
                         d.target
                     );
                     self.jobs.start(&label);
-                    *merged = true;
+                    // Once the job runs, the point image may have changed.
+                    let mut started = false;
                     let r = self.backend.merge(&m, &mut |done, total| {
+                        started = true;
                         self.jobs.progress(&label, done, total)
                     });
+                    *merged |= started;
                     self.jobs.end(&label);
                     self.views.forget_all();
                     r?;

@@ -116,6 +116,12 @@ impl Domain {
             let live = self.backend.refresh_state();
             self.note_state(live);
             let target = req.target.unwrap_or_else(|| default_target(&snap));
+            // A revert that starts a new QEMU does not need the old one's images.
+            let restarts = target == DomainState::Shutoff
+                || matches!(snap.memory, crate::model::MemoryLocation::External(_));
+            if !restarts {
+                self.check_images_active(live)?;
+            }
             if super::branch::is_external(&snap) {
                 return self.revert_to_external(&what, &snap, live, target, &req);
             }
