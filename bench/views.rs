@@ -6,7 +6,9 @@
 //! - qemu-storage-daemon's FUSE export of the same image (goal: the tree
 //!   is >= 2x faster);
 //! - a raw copy of the same data read from the page cache (the ceiling;
-//!   goal: the tree reaches >= 0.5x of it).
+//!   goal: the tree reaches >= 0.5x of it);
+//! - `disks/vda` of an external snapshot of the same point (its point
+//!   image read directly, like an internal snapshot).
 //!
 //! Run: `cargo bench --bench views` (root, QEMU 7.2, /dev/fuse).
 
@@ -112,6 +114,14 @@ fn main() {
         fx.vm.qemu_io("vda", &cmd).unwrap();
     }
     fs::create_dir(fx.path("s1")).unwrap();
+    // The same point as an external snapshot: the image becomes read-only
+    // under a new overlay, and its view is served by qemu-nbd.
+    write_file(
+        &fx.path(".create"),
+        b"<domainsnapshot><name>x1</name><memory snapshot='no'/><disks>\
+          <disk name='vda' snapshot='external'/></disks></domainsnapshot>",
+    )
+    .unwrap();
     fx.vm.kill();
     fx.wait_state("shutoff");
     let image = fx.vm.disks[0].image.clone();
@@ -137,13 +147,19 @@ fn main() {
     let qsd_file = fx.dir.0.join("qsd-export");
     let qsd = Qsd::start(&image, &qsd_file);
 
-    let (mut tree, mut peer, mut ceiling) = (vec![], vec![], vec![]);
+    let external_view = fx.path("x1/disks/vda");
+    let (mut tree, mut peer, mut ceiling, mut ext) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         drop_caches();
         warm(&image);
         let (n, d) = read_all(&view);
         assert_eq!(n, 1 << 30);
         tree.push(mbps(n, d));
+        drop_caches();
+        warm(&image);
+        let (n, d) = read_all(&external_view);
+        assert_eq!(n, 1 << 30);
+        ext.push(mbps(n, d));
         drop_caches();
         warm(&image);
         let (n, d) = read_all(&qsd_file);
@@ -154,7 +170,7 @@ fn main() {
         ceiling.push(mbps(n, d));
     }
     drop(qsd);
-    let (t, p, c) = (median(tree), median(peer), median(ceiling));
+    let (t, p, c, x) = (median(tree), median(peer), median(ceiling), median(ext));
     println!("\n== sequential read of a 1 GiB disk with 600 MiB of data (median of {ROUNDS}, 1 MiB reads)");
     println!("frozen view (disks/vda)          : {t:7.0} MB/s");
     println!(
@@ -164,6 +180,11 @@ fn main() {
     println!(
         "raw copy from page cache (cat)   : {c:7.0} MB/s   ratio {:.2}x (goal >= 0.5x)",
         t / c
+    );
+    println!(
+        "external snapshot's view          : {x:7.0} MB/s   ratio {:.2}x vs qsd, {:.2}x vs raw",
+        x / p,
+        x / c
     );
     fx.daemon.stop();
 }

@@ -97,15 +97,21 @@ impl DiskViews {
         if let Some(s) = self.views.lock().get(&key) {
             return Ok(s.view.clone());
         }
-        let direct = match &source.snapshot {
-            Some(tag) => match crate::views::qcow2::Qcow2Snapshot::open(&source.image, tag) {
+        // Internal snapshots and external points alike are frozen: read
+        // directly when the layout allows, else through qemu-nbd.
+        let direct = match source.format.as_str() {
+            "qcow2" => match crate::views::qcow2::Qcow2Snapshot::open_chain(
+                &source.image,
+                source.snapshot.as_deref(),
+                &source.backing,
+            ) {
                 Ok(d) => d,
                 Err(e) => {
                     self.close(&snap.id);
                     return Err(Error::io(format!("disk {target}: {e}")));
                 }
             },
-            None => None,
+            _ => None,
         };
         let server = Arc::new(LazyView::new(source, self.options.clone()));
         let view: Arc<dyn FrozenView> = match direct {
