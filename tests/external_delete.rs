@@ -466,3 +466,35 @@ fn a_long_merge_shows_its_progress_in_jobs() {
     assert_eq!(sha(&fs::read(fx.path("e2/disks/vda")).unwrap()), want);
     assert!(fx.read(".log").contains("committed into"));
 }
+
+/// A paused guest (not one whose RAM was just saved) keeps its images
+/// active: deletes merge live and the guest stays paused.
+#[test]
+fn deleting_on_a_paused_vm() {
+    let fx = Fixture::with_policy("xdel-paused", "external-disk-only", &[]);
+    for (s, b) in [("p1", 0x71), ("p2", 0x72), ("p3", 0x73)] {
+        write_state(&fx, b, None);
+        fs::create_dir(fx.path(s)).unwrap();
+    }
+    write_state(&fx, 0x74, None);
+    fx.vm
+        .control()
+        .unwrap()
+        .execute_raw("stop", serde_json::json!({}))
+        .unwrap();
+    fx.wait_state("paused");
+    for s in ["p2", "p3", "p1"] {
+        let views = {
+            let mut v = view_shas(&fx);
+            v.retain(|(n, _), _| n != s);
+            v
+        };
+        let live = live_shas(&fx, true);
+        fs::remove_dir(fx.path(s))
+            .unwrap_or_else(|e| panic!("rmdir {s}: {e}\n{}", fx.read(".log")));
+        assert_eq!(view_shas(&fx), views, "rmdir {s}");
+        assert_eq!(live_shas(&fx, true), live, "rmdir {s}");
+        assert_eq!(fx.read(".state"), "paused\n");
+        check_no_orphans(&fx);
+    }
+}
