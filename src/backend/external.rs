@@ -85,7 +85,7 @@ impl QemuBackend {
                 points.push((target.clone(), disk.source.clone()));
             }
             crate::failpoint::hit("create.after-overlays")?;
-            self.set_layers(&Self::new_layers(plan))
+            self.set_layers_over(&Self::new_layers(plan))
         })();
         if let Err(e) = result {
             for m in made {
@@ -167,7 +167,7 @@ impl QemuBackend {
             Ok(outcome)
         })?;
         crate::failpoint::hit("create.after-overlays")?;
-        self.set_layers(&Self::new_layers(plan))?;
+        self.set_layers_over(&Self::new_layers(plan))?;
         Ok(outcome)
     }
 

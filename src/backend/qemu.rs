@@ -113,6 +113,17 @@ impl QemuBackend {
 
     /// Records new active layers, durably.
     pub(super) fn set_layers(&self, changes: &[(String, Layer)]) -> Result<()> {
+        self.record_layers(changes, true)
+    }
+
+    /// Records new active layers that are overlays over the old ones (an
+    /// external snapshot): the old ones stay in the new chains, so a
+    /// command line naming them is rewritten without their history.
+    pub(super) fn set_layers_over(&self, changes: &[(String, Layer)]) -> Result<()> {
+        self.record_layers(changes, false)
+    }
+
+    fn record_layers(&self, changes: &[(String, Layer)], remember_old: bool) -> Result<()> {
         let mut layers = self.layers.lock();
         let mut next = layers.clone();
         let mut former = Vec::new();
@@ -121,7 +132,9 @@ impl QemuBackend {
                 former.push((t.clone(), old.path));
             }
         }
-        self.store.add_layer_history(&former)?;
+        if remember_old {
+            self.store.add_layer_history(&former)?;
+        }
         self.store.save_layers(&next)?;
         *layers = next;
         Ok(())

@@ -208,10 +208,14 @@ impl DomainStore {
     /// recorded earlier may name them (see `QemuBackend::start_process`).
     pub fn add_layer_history(&self, entries: &[(String, PathBuf)]) -> io::Result<()> {
         let mut all = self.layer_history();
+        let known = all.len();
         for e in entries {
             if !all.contains(e) {
                 all.push(e.clone());
             }
+        }
+        if all.len() == known {
+            return Ok(());
         }
         let text: String = all
             .iter()
