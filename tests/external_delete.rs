@@ -79,28 +79,6 @@ fn live_shas(fx: &Fixture, running: bool) -> Vec<String> {
         .collect()
 }
 
-/// The recorded active layer of disk `d`.
-fn active_layer(fx: &Fixture, d: &str) -> PathBuf {
-    let text = fs::read_to_string(fx.daemon.state.join("vm1/layers")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, '\t');
-            (f.next()? == d).then(|| {
-                f.next();
-                PathBuf::from(f.next().unwrap())
-            })
-        })
-        .unwrap_or_else(|| {
-            fx.vm
-                .disks
-                .iter()
-                .find(|x| x.target == d)
-                .unwrap()
-                .image
-                .clone()
-        })
-}
-
 fn image_files(fx: &Fixture) -> BTreeSet<PathBuf> {
     let dir = fx.vm.disks[0].image.parent().unwrap();
     fs::read_dir(dir)
@@ -111,37 +89,6 @@ fn image_files(fx: &Fixture) -> BTreeSet<PathBuf> {
             n.ends_with(".qcow2") || n.ends_with(".memory")
         })
         .collect()
-}
-
-/// Every image file is needed: by the live chain or a snapshot's chain.
-fn check_no_orphans(fx: &Fixture) {
-    let mut needed = BTreeSet::new();
-    let mut roots: Vec<PathBuf> = ["vda", "vdb"].iter().map(|d| active_layer(fx, d)).collect();
-    for s in fx.ls() {
-        for d in ["vda", "vdb"] {
-            if let Ok(l) = fs::read_link(fx.path(&format!("{s}/images/{d}"))) {
-                roots.push(l);
-            }
-        }
-    }
-    for r in roots {
-        for img in vmsnapfs::backend::qemu_img::chain(&r).unwrap() {
-            needed.insert(fs::canonicalize(&img.path).unwrap());
-        }
-    }
-    for f in image_files(fx) {
-        let f = fs::canonicalize(&f).unwrap();
-        if f.to_string_lossy().ends_with(".memory") {
-            continue;
-        }
-        assert!(needed.contains(&f), "orphan image {}", f.display());
-        let st = Command::new("qemu-img")
-            .args(["check", "-U", "-q"])
-            .arg(&f)
-            .status()
-            .unwrap();
-        assert!(st.success(), "qemu-img check {}", f.display());
-    }
 }
 
 /// Deletes `name` and checks that nothing else changed.

@@ -39,10 +39,8 @@ fn shell_quote(s: &str) -> String {
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-        _ => Ok(()),
-    }
+    crate::store::atomic::remove_if_present(path)?;
+    Ok(())
 }
 
 /// Makes a complete memory file durable and read-only for root.

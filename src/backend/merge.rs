@@ -165,15 +165,7 @@ impl QemuBackend {
                 progress(0, 0);
                 qemu_img::run(&["commit", "-q", "-d", &m.upper.to_string_lossy()])?;
                 for a in &m.above {
-                    qemu_img::run(&[
-                        "rebase",
-                        "-u",
-                        "-F",
-                        &lower_format,
-                        "-b",
-                        &m.lower.to_string_lossy(),
-                        &a.to_string_lossy(),
-                    ])?;
+                    qemu_img::rebase_unsafe(a, &m.lower, &lower_format)?;
                 }
                 let active = self.layers.lock().get(&m.target).cloned();
                 if active.is_some_and(|l| canonical(&l.path) == canonical(&m.upper)) {

@@ -547,9 +547,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-pub(super) fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
-}
+pub(super) use super::qemu_img::canonical;
 
 /// Merges per-disk snapshot tables by tag.
 fn merge(tables: impl IntoIterator<Item = Vec<ImageSnapshot>>) -> Vec<ImageSnapshot> {

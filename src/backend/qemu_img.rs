@@ -37,6 +37,12 @@ pub fn list(image: &Path) -> Result<Vec<ImageSnapshot>> {
     Ok(parse_snapshot_table(&info["snapshots"]))
 }
 
+/// `path` with symlinks and `..` resolved, or as given when it does not
+/// exist: how image paths are compared.
+pub fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
 /// One image of a backing chain, top first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainImage {

@@ -372,10 +372,7 @@ impl Domain {
             }
         }
         for f in discard {
-            match std::fs::remove_file(f) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
+            crate::store::atomic::remove_if_present(f)?;
         }
         self.set_current(id)
     }

@@ -10,14 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::Domain;
-use crate::backend::{qemu_img, Merge, MergeKind};
+use crate::backend::qemu_img::{self, canonical};
+use crate::backend::{Merge, MergeKind};
 use crate::error::{Error, Result};
 use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
 use crate::store::Intent;
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
-}
 
 /// The images a domain needs, with their backing links.
 #[derive(Default)]
@@ -394,10 +391,8 @@ impl Domain {
             if g.needed.contains(&p) || memory.contains(&p) || self.is_defined_image(&p) {
                 continue;
             }
-            match std::fs::remove_file(&p) {
-                Ok(()) => removed.push(p.display().to_string()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
+            if crate::store::atomic::remove_if_present(&p)? {
+                removed.push(p.display().to_string());
             }
         }
         Ok(removed)

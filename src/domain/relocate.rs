@@ -14,16 +14,12 @@ use super::oplog::now_secs;
 use super::prune::ImageGraph;
 use super::revert::RevertRequest;
 use super::Domain;
-use crate::backend::qemu_img;
+use crate::backend::qemu_img::{self, canonical};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
     DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
 };
 use crate::store::Intent;
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
-}
 
 /// Where the current contents of `image` are copied.
 fn copy_path(image: &Path) -> PathBuf {

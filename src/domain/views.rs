@@ -82,8 +82,15 @@ impl DiskViews {
     /// An internal snapshot is read directly from its qcow2 file when the
     /// image's layout allows it, else through `qemu-nbd`.
     pub fn open(&self, snap: &Snapshot, target: &str) -> Result<Arc<dyn FrozenView>> {
-        let source = Self::source(snap, target)
-            .ok_or_else(|| Error::not_found(format!("disk {target} is not in this snapshot")))?;
+        let in_snapshot = snap
+            .disks
+            .iter()
+            .any(|d| d.target == target && d.kind != DiskSnapshotKind::No && d.image.is_some());
+        if !in_snapshot {
+            return Err(Error::not_found(format!(
+                "disk {target} is not in this snapshot"
+            )));
+        }
         let mut holds = self.holds.lock();
         if holds.deleting.contains(&snap.id) {
             return Err(Error::busy(format!(
@@ -97,6 +104,13 @@ impl DiskViews {
         if let Some(s) = self.views.lock().get(&key) {
             return Ok(s.view.clone());
         }
+        // Only a view not served yet needs its chain (one qemu-img run).
+        let Some(source) = Self::source(snap, target) else {
+            self.close(&snap.id);
+            return Err(Error::not_found(format!(
+                "disk {target} is not in this snapshot"
+            )));
+        };
         // Internal snapshots and external points alike are frozen: read
         // directly when the layout allows, else through qemu-nbd.
         let direct = match source.format.as_str() {

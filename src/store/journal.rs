@@ -193,11 +193,7 @@ impl Intent {
                 target: get("target")?,
                 overlays: decode_overlays(text)?,
                 left: get("left").map(|l| unescape(&l)),
-                discard: text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("discard="))
-                    .map(|p| PathBuf::from(unescape(p)))
-                    .collect(),
+                discard: decode_paths(text, "discard="),
             },
             "revert-relocate" => Intent::RevertRelocate {
                 id,
@@ -211,19 +207,11 @@ impl Intent {
                     })
                     .collect::<Option<Vec<_>>>()?,
                 left: get("left").map(|l| unescape(&l)),
-                discard: text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("discard="))
-                    .map(|p| PathBuf::from(unescape(p)))
-                    .collect(),
+                discard: decode_paths(text, "discard="),
             },
             "delete-external" => Intent::DeleteExternal {
                 id,
-                candidates: text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("candidate="))
-                    .map(|p| PathBuf::from(unescape(p)))
-                    .collect(),
+                candidates: decode_paths(text, "candidate="),
             },
             "delete" => Intent::Delete { id },
             "revert" => Intent::Revert {
@@ -245,6 +233,13 @@ fn encode_overlays(overlays: &[(String, PathBuf)]) -> String {
                 escape(&path.to_string_lossy())
             )
         })
+        .collect()
+}
+
+fn decode_paths(text: &str, key: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key))
+        .map(|p| PathBuf::from(unescape(p)))
         .collect()
 }
 

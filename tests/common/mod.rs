@@ -327,3 +327,65 @@ pub fn image_tags(image: &Path) -> Vec<String> {
 pub fn all_bytes(data: &[u8], off: usize, len: usize, byte: u8) -> bool {
     data.len() >= off + len && data[off..off + len].iter().all(|b| *b == byte)
 }
+
+/// The recorded active layer of disk `d` of vm1 (the defined image while
+/// no external snapshot changed it).
+pub fn active_layer(fx: &Fixture, d: &str) -> PathBuf {
+    let text = fs::read_to_string(fx.daemon.state.join("vm1/layers")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            (f.next()? == d).then(|| {
+                f.next();
+                PathBuf::from(f.next().unwrap())
+            })
+        })
+        .unwrap_or_else(|| {
+            fx.vm
+                .disks
+                .iter()
+                .find(|x| x.target == d)
+                .unwrap()
+                .image
+                .clone()
+        })
+}
+
+/// Every qcow2 image beside vm1's disks is needed (in the chain of an
+/// active layer or of a snapshot's `images/` link) and passes
+/// `qemu-img check`.
+pub fn check_no_orphans(fx: &Fixture) {
+    let mut needed = std::collections::BTreeSet::new();
+    let mut roots: Vec<PathBuf> = ["vda", "vdb"].iter().map(|d| active_layer(fx, d)).collect();
+    for s in fx.ls() {
+        for d in ["vda", "vdb"] {
+            if let Ok(l) = fs::read_link(fx.path(&format!("{s}/images/{d}"))) {
+                roots.push(l);
+            }
+        }
+    }
+    for r in roots {
+        for img in vmsnapfs::backend::qemu_img::chain(&r).unwrap() {
+            needed.insert(fs::canonicalize(&img.path).unwrap());
+        }
+    }
+    let dir = fx.vm.disks[0].image.parent().unwrap();
+    for e in fs::read_dir(dir).unwrap() {
+        let f = fs::canonicalize(e.unwrap().path()).unwrap();
+        if !f.to_string_lossy().ends_with(".qcow2") {
+            continue;
+        }
+        assert!(
+            needed.contains(&f),
+            "orphan image {}\n{}",
+            f.display(),
+            fx.read(".log")
+        );
+        let st = Command::new("qemu-img")
+            .args(["check", "-U", "-q"])
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img check {}", f.display());
+    }
+}
