@@ -1,32 +1,99 @@
 #!/usr/bin/env bash
-# Installs what vmsnapfs needs on Debian 12 when it is missing: QEMU 7.2
-# (qemu-system-x86 and qemu-utils together, so that apt keeps them at the
-# same version), fuse3, and restic for the backup round-trip tests.
+# Installs what vmsnapfs and its tests need on Debian 12 when it is missing:
+#  - QEMU 7.2 from bookworm (qemu-system-x86 and qemu-utils named together,
+#    at bookworm's version, so that apt keeps them at one version even where
+#    a newer qemu-utils came preinstalled from backports);
+#  - QEMU 10.0 from bookworm-backports, unpacked beside it into
+#    $VMSNAPFS_QEMU10 (default /opt/vmsnapfs/qemu-10) with `apt-get download`
+#    + `dpkg -x`, for `scripts/test.sh` to run the suite on both versions;
+#  - fuse3, and restic for the backup round-trip tests.
+# Every check reads a command's whole output (no `grep -q` in a pipe:
+# under pipefail its early exit fails the pipe with SIGPIPE).
 set -euo pipefail
 
-have_qemu() {
-    command -v qemu-system-x86_64 >/dev/null 2>&1 &&
-        command -v qemu-img >/dev/null 2>&1 &&
-        qemu-img --version | grep -q 'version 7\.2' &&
-        qemu-system-x86_64 --version | grep -q 'version 7\.2'
+QEMU10=${VMSNAPFS_QEMU10:-/opt/vmsnapfs/qemu-10}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+# The version a command reports, e.g. "7.2.18" from "QEMU emulator version 7.2.18 (...)".
+qemu_version() {
+    local out
+    out=$("$@" --version 2>/dev/null) || return 0
+    out=${out%%$'\n'*}
+    out=${out#*version }
+    echo "${out%% *}"
 }
 
-if have_qemu && command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1; then
+have_qemu72() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
+    command -v qemu-img >/dev/null 2>&1 || return 1
+    local s u
+    s=$(qemu_version qemu-system-x86_64)
+    u=$(qemu_version qemu-img)
+    [[ $s == 7.2* && $u == 7.2* ]]
+}
+
+have_qemu10() {
+    local s u
+    s=$(qemu_version "$QEMU10/usr/bin/qemu-system-x86_64")
+    u=$(qemu_version "$QEMU10/usr/bin/qemu-img")
+    [[ $s == 10.* && $u == 10.* ]]
+}
+
+have_tools() {
+    command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1
+}
+
+if have_qemu72 && have_qemu10 && have_tools; then
     exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-$SUDO apt-get update -qq
-# A newer qemu-utils may be installed from backports: pin it back to the
-# bookworm release that matches qemu-system-x86.
-utils="qemu-utils"
-if apt-cache policy qemu-utils | grep -q 'bookworm/main'; then
-    ver=$(apt-cache madison qemu-utils | awk '/bookworm\/main|bookworm-security/ {print $3; exit}')
-    [ -n "$ver" ] && utils="qemu-utils=$ver"
-    sysver=$(apt-cache madison qemu-system-x86 | awk -v v="$ver" '$3 == v {print $3; exit}')
+# bookworm-backports carries QEMU 10.0.
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if ! grep -rs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ >/dev/null; then
+    $SUDO tee "$backports" >/dev/null <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
 fi
-$SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
-    "qemu-system-x86${sysver:+=$sysver}" "$utils" fuse3 restic >/dev/null
-have_qemu || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }
+$SUDO apt-get update -qq
+
+# The newest version of a package that a suite offers ("" when none).
+suite_version() {
+    local pkg=$1 suite=$2 table
+    table=$(apt-cache madison "$pkg")
+    awk -v s="$suite/main" '$0 ~ (" " s " ") {print $3; exit}' <<<"$table"
+}
+
+if ! have_qemu72 || ! have_tools; then
+    sys=$(suite_version qemu-system-x86 bookworm)
+    utils=$(suite_version qemu-utils bookworm)
+    [ -n "$sys" ] && [ -n "$utils" ] || {
+        echo "install-deps: bookworm offers no qemu-system-x86/qemu-utils" >&2
+        exit 1
+    }
+    $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
+        "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic >/dev/null
+fi
+have_qemu72 || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }
+
+if ! have_qemu10; then
+    v=$(suite_version qemu-system-x86 bookworm-backports)
+    [ -n "$v" ] || { echo "install-deps: bookworm-backports offers no QEMU" >&2; exit 1; }
+    dl=$(mktemp -d)
+    trap 'rm -rf "$dl"' EXIT
+    (cd "$dl" && apt-get download -qq qemu-system-x86="$v" qemu-system-common="$v" \
+        qemu-system-data="$v" qemu-utils="$v" qemu-block-extra="$v" 2>/dev/null)
+    $SUDO rm -rf "$QEMU10.new"
+    $SUDO mkdir -p "$QEMU10.new"
+    for deb in "$dl"/*.deb; do
+        $SUDO dpkg -x "$deb" "$QEMU10.new"
+    done
+    $SUDO rm -rf "$QEMU10"
+    $SUDO mv "$QEMU10.new" "$QEMU10"
+fi
+have_qemu10 || { echo "install-deps: QEMU 10 not runnable from $QEMU10" >&2; exit 1; }
