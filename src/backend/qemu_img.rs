@@ -118,6 +118,28 @@ pub fn own_bytes(image: &Path) -> Result<u64> {
         .sum())
 }
 
+/// Bytes of the disk `image` shows (down its backing chain) that hold
+/// data, per `qemu-img map` of format `format`.
+pub fn allocated_bytes(image: &Path, format: &str) -> Result<u64> {
+    let json = run(&[
+        "map",
+        "-U",
+        "-f",
+        format,
+        "--output=json",
+        &image.to_string_lossy(),
+    ])?;
+    let map: Value =
+        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
+    Ok(map
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["data"] == true)
+        .filter_map(|e| e["length"].as_u64())
+        .sum())
+}
+
 /// True when `image` itself holds any data (see [`own_bytes`]).
 pub fn has_own_data(image: &Path) -> Result<bool> {
     Ok(own_bytes(image)? > 0)

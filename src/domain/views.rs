@@ -20,6 +20,17 @@ pub struct DiskViews {
     views: Mutex<HashMap<(String, String), Served>>,
     holds: Mutex<Holds>,
     sizes: Mutex<HashMap<PathBuf, u64>>,
+    allocation: Arc<Mutex<Allocation>>,
+}
+
+/// Allocated bytes of each view (snapshot id, target), computed off the
+/// FUSE threads; `generation` changes when images change, so a result
+/// computed before is not stored.
+#[derive(Default)]
+struct Allocation {
+    bytes: HashMap<(String, String), u64>,
+    running: HashSet<(String, String)>,
+    generation: u64,
 }
 
 /// One view and, when it has one, its server-backed part.
@@ -50,6 +61,7 @@ impl DiskViews {
             views: Mutex::new(HashMap::new()),
             holds: Mutex::new(Holds::default()),
             sizes: Mutex::new(HashMap::new()),
+            allocation: Arc::default(),
         }
     }
 
@@ -178,6 +190,11 @@ impl DiskViews {
     /// Drops the cached (unopened) views of snapshot `id`, whose images
     /// changed: the next open starts from the snapshot's new metadata.
     pub fn forget(&self, id: &str) {
+        {
+            let mut a = self.allocation.lock();
+            a.generation += 1;
+            a.bytes.retain(|(sid, _), _| sid != id);
+        }
         self.views.lock().retain(|(sid, _), s| {
             if sid == id {
                 s.server.close();
@@ -189,6 +206,11 @@ impl DiskViews {
     /// Drops every cached view after images were merged: the next open
     /// reads the new chains. Views open now keep their server until closed.
     pub fn forget_all(&self) {
+        {
+            let mut a = self.allocation.lock();
+            a.generation += 1;
+            a.bytes.clear();
+        }
         let open: HashSet<String> = self.holds.lock().open.keys().cloned().collect();
         let mut views = self.views.lock();
         for ((sid, _), s) in views.iter() {
@@ -254,6 +276,64 @@ impl DiskViews {
         self.sizes.lock().insert(image.to_owned(), size);
         Some(size)
     }
+}
+
+impl DiskViews {
+    /// Bytes the view of `target` at `snap` holds (data, not holes or
+    /// zeroes), for `st_blocks`. Never waits: `None` while a background
+    /// thread computes it (from the qcow2 tables, or `qemu-img map` for
+    /// what the direct reader does not handle).
+    pub fn allocated(&self, snap: &Snapshot, target: &str) -> Option<u64> {
+        let key = (snap.id.clone(), target.to_owned());
+        let mut a = self.allocation.lock();
+        if let Some(b) = a.bytes.get(&key) {
+            return Some(*b);
+        }
+        if !a.running.insert(key.clone()) {
+            return None;
+        }
+        let generation = a.generation;
+        drop(a);
+        let cache = self.allocation.clone();
+        let snap = snap.clone();
+        let job = key.clone();
+        let spawned = std::thread::Builder::new()
+            .name("view-allocation".into())
+            .spawn(move || {
+                let bytes = Self::source(&snap, &job.1).and_then(|s| allocated_bytes(&s));
+                let mut a = cache.lock();
+                a.running.remove(&job);
+                if let (Some(b), true) = (bytes, a.generation == generation) {
+                    a.bytes.insert(job, b);
+                }
+            });
+        if spawned.is_err() {
+            self.allocation.lock().running.remove(&key);
+        }
+        None
+    }
+}
+
+/// Allocated bytes of a view's source: counted in the qcow2 tables down
+/// the chain, else (an external point the direct reader does not handle)
+/// the data extents `qemu-img map` reports.
+fn allocated_bytes(source: &ViewSource) -> Option<u64> {
+    if source.format == "qcow2" {
+        let direct = crate::views::qcow2::Qcow2Snapshot::open_chain(
+            &source.image,
+            source.snapshot.as_deref(),
+            &source.backing,
+        );
+        if let Ok(Some(d)) = direct {
+            if let Ok(b) = d.allocated_bytes() {
+                return Some(b);
+            }
+        }
+    }
+    if source.snapshot.is_some() {
+        return None;
+    }
+    crate::backend::qemu_img::allocated_bytes(&source.image, &source.format).ok()
 }
 
 /// Stops `qemu-nbd` processes serving sockets in `dir` (left by a daemon

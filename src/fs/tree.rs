@@ -118,10 +118,23 @@ impl Inner {
             }
         };
         let nlink = if kind == FileType::Directory { 2 } else { 1 };
+        let (blocks, ttl) = match node {
+            // A view is sparse: its allocation, from cached data (0, not
+            // cached by the kernel, until it is known).
+            Node::SnapshotDisk(d, id, target) => {
+                let dom = self.reg.get(d)?;
+                let snap = dom.forest().get(id)?.clone();
+                match dom.views().allocated(&snap, target) {
+                    Some(b) => (b.min(size).div_ceil(512), ttl),
+                    None => (0, LIVE_TTL),
+                }
+            }
+            _ => (size.div_ceil(512), ttl),
+        };
         let attr = FileAttr {
             ino: INodeNo(self.inodes.ino(node)),
             size,
-            blocks: size.div_ceil(512),
+            blocks,
             atime: mtime,
             mtime,
             ctime: mtime,

@@ -381,6 +381,19 @@ impl Qcow2Snapshot {
         Ok(if data { None } else { Some(self.size) })
     }
 
+    /// Bytes of the disk that hold data somewhere in the chain (zero
+    /// clusters and holes excluded): what `du` of the view should show.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        let cs = self.cluster_size();
+        let mut total = 0u64;
+        for index in 0..self.size.div_ceil(cs) {
+            if let Cluster::Data(..) = self.cluster(index)? {
+                total += cs.min(self.size - index * cs);
+            }
+        }
+        Ok(total)
+    }
+
     /// `lseek(SEEK_DATA)`: `None` means `ENXIO`.
     pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
         self.find(offset, true)
