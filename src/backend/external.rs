@@ -276,7 +276,13 @@ impl QemuBackend {
             self.def.name,
             t0.elapsed()
         );
-        let saved = started.and_then(|_| Self::wait_migration(conn));
+        let saved = started.and_then(|_| {
+            if background {
+                Self::wait_background_snapshot(conn)
+            } else {
+                Self::wait_migration(conn)
+            }
+        });
         if let Err(e) = saved {
             // The disks switched: merge the overlays back, nothing stays.
             let undone = self.undo_live_overlays(conn, plan);
@@ -298,12 +304,49 @@ impl QemuBackend {
 
     /// Polls `query-migrate` until the save completed or failed.
     pub(super) fn wait_migration(conn: &mut Conn) -> Result<()> {
+        Self::poll_migration(conn, |_, _| Ok(()))
+    }
+
+    /// Waits for a background snapshot of a guest that we stopped, and
+    /// resumes the guest as soon as QEMU writes RAM pages (the device
+    /// state is saved and RAM writes are tracked by then) if QEMU did not
+    /// resume it by itself: some QEMUs restart the guest after saving the
+    /// device state, others keep the run state it had before `migrate`.
+    fn wait_background_snapshot(conn: &mut Conn) -> Result<()> {
+        let mut checked = false;
+        Self::poll_migration(conn, |conn, m| {
+            let ram = &m["ram"];
+            let pages =
+                ram["normal"].as_u64().unwrap_or(0) + ram["duplicate"].as_u64().unwrap_or(0);
+            let saving = m["status"] == "completed" || pages > 0;
+            if checked || !saving {
+                return Ok(());
+            }
+            checked = true;
+            let st = conn
+                .qmp
+                .execute_raw("query-status", json!({}))
+                .map_err(qmp_err)?;
+            if st["status"] == "paused" {
+                conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Polls `query-migrate` until the migration completed or failed,
+    /// calling `each` with every answer.
+    fn poll_migration(
+        conn: &mut Conn,
+        mut each: impl FnMut(&mut Conn, &Value) -> Result<()>,
+    ) -> Result<()> {
         let deadline = Instant::now() + JOB_TIMEOUT;
         loop {
             let m = conn
                 .qmp
                 .execute_raw("query-migrate", json!({}))
                 .map_err(qmp_err)?;
+            each(conn, &m)?;
             match m["status"].as_str().unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
