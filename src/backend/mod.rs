@@ -2,6 +2,8 @@
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
 pub mod external;
+pub mod fingerprint;
+pub mod image_lock;
 pub mod merge;
 pub mod process;
 pub mod qemu;
@@ -162,6 +164,11 @@ pub trait Backend: Send + Sync {
 
     /// True when a command line to start the domain is known.
     fn can_start(&self) -> bool;
+
+    /// The command line a start runs: the definition's (or the recorded)
+    /// argv pointed at each disk's active layer, without the options
+    /// vmsnapfs adds for itself (`-S`, `-loadvm`, `-incoming`).
+    fn start_argv(&self) -> Result<Vec<String>>;
 
     /// Each disk with its active layer (where guest writes go now).
     fn active_disks(&self) -> Vec<DiskDef>;

@@ -413,20 +413,7 @@ impl QemuBackend {
         incoming: Option<&Path>,
         paused: bool,
     ) -> Result<()> {
-        let argv = self
-            .def
-            .commandline
-            .clone()
-            .or_else(|| self.store.load_argv())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    "no QEMU command line known: add <commandline> to the definition \
-                     or start the VM once while vmsnapfs runs",
-                )
-            })?;
-        let mut argv =
-            process::point_at_layers(&process::strip_start_options(&argv), &self.swaps());
+        let mut argv = self.layered_argv()?;
         argv.push("-S".into());
         if let Some(tag) = loadvm {
             argv.push("-loadvm".into());
@@ -471,6 +458,26 @@ impl QemuBackend {
             self.set_running(true)?;
         }
         Ok(())
+    }
+
+    /// The domain's command line pointed at the active layers.
+    fn layered_argv(&self) -> Result<Vec<String>> {
+        let argv = self
+            .def
+            .commandline
+            .clone()
+            .or_else(|| self.store.load_argv())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "no QEMU command line known: add <commandline> to the definition \
+                     or start the VM once while vmsnapfs runs",
+                )
+            })?;
+        Ok(process::point_at_layers(
+            &process::strip_start_options(&argv),
+            &self.swaps(),
+        ))
     }
 
     /// For each disk: the image paths a command line may name (the
@@ -789,6 +796,10 @@ impl Backend for QemuBackend {
 
     fn active_disks(&self) -> Vec<DiskDef> {
         self.active()
+    }
+
+    fn start_argv(&self) -> Result<Vec<String>> {
+        self.layered_argv()
     }
 
     fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {

@@ -5,6 +5,7 @@ pub mod branch;
 pub mod create_spec;
 pub mod describe;
 pub mod external;
+pub mod frozen;
 pub mod jobs;
 pub mod oplog;
 pub mod prune;
@@ -12,6 +13,7 @@ pub mod recovery;
 pub mod registry;
 pub mod relocate;
 pub mod revert;
+pub mod start;
 pub mod views;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,14 +47,19 @@ pub struct Domain {
     views: views::DiskViews,
     jobs: jobs::Jobs,
     log: OpLog,
+    frozen: frozen::FrozenLocks,
+    commandline: start::CommandLine,
 }
 
-/// Marks the domain busy for one operation; frees it on drop.
-struct BusyGuard<'a>(&'a Mutex<Option<String>>);
+/// Marks the domain busy for one operation; when it ends, the writer
+/// locks follow the snapshots again and the domain is free.
+struct BusyGuard<'a>(&'a Domain);
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        *self.0.lock() = None;
+        self.0.sync_frozen();
+        self.0.refresh_commandline();
+        *self.0.busy.lock() = None;
     }
 }
 
@@ -135,8 +142,13 @@ impl Domain {
             views,
             jobs: jobs::Jobs::default(),
             log,
+            frozen: frozen::FrozenLocks::default(),
+            commandline: start::CommandLine::default(),
         };
         recovery::recover(&dom);
+        dom.check_frozen();
+        dom.sync_frozen();
+        dom.refresh_commandline();
         Ok(dom)
     }
 
@@ -176,6 +188,8 @@ impl Domain {
         let old = std::mem::replace(&mut *self.state.write(), s);
         if old != s {
             self.log.line(&format!("domain is now {}", s.as_str()));
+            self.refresh_commandline();
+            self.check_frozen();
             if s == DomainState::Shutoff {
                 if let Ok(_busy) = self.begin("deleting leftover tags") {
                     self.flush_pending_tag_deletes();
@@ -216,7 +230,7 @@ impl Domain {
             )));
         }
         *busy = Some(what.to_owned());
-        Ok(BusyGuard(&self.busy))
+        Ok(BusyGuard(self))
     }
 
     /// EBUSY while QEMU keeps its images inactive (see
@@ -591,6 +605,7 @@ impl Domain {
             if active.iter().any(|a| &a.source == image) {
                 continue;
             }
+            self.release_frozen(&[image]);
             if !self.backend.delete_tag_in(image, &snap.id)? {
                 let mut pending = self.store.pending_tag_deletes();
                 pending.push((image.clone(), snap.id.clone()));
@@ -615,6 +630,7 @@ impl Domain {
         }
         let mut left = Vec::new();
         for (image, tag) in pending {
+            self.release_frozen(&[&image]);
             match self.backend.delete_tag_in(&image, &tag) {
                 Ok(true) => self.log.line(&format!(
                     "deleted the leftover data of a deleted snapshot from {}",

@@ -284,6 +284,10 @@ impl Domain {
                         d.target
                     );
                     self.jobs.start(&label);
+                    // The merge writes both images and rebases those above.
+                    let mut written = vec![m.lower.as_path(), m.upper.as_path()];
+                    written.extend(m.above.iter().map(PathBuf::as_path));
+                    self.release_frozen(&written);
                     // Once the job runs, the point image may have changed.
                     let mut started = false;
                     let r = self.backend.merge(&m, &mut |done, total| {

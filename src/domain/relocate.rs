@@ -228,11 +228,13 @@ impl Domain {
             }
             let g = ImageGraph::build(&self.roots(None))?;
             for child in g.children(&canonical(img)) {
+                self.release_frozen(&[&child]);
                 qemu_img::rebase_unsafe(&child, copy, "qcow2")?;
             }
             self.repoint(&canonical(img), copy)?;
         }
         for (_, img) in images {
+            self.release_frozen(&[img]);
             qemu_img::apply(img, &snap.id)?;
         }
         self.backend.set_active_layers(images)?;

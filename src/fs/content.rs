@@ -8,14 +8,19 @@ use crate::xml::snapshot::write_snapshot_xml;
 /// Contents of a domain file; `uid` decides whether secrets are shown.
 pub fn domain_file(dom: &Domain, file: DomainFile, uid: u32) -> Vec<u8> {
     match file {
-        DomainFile::State => format!("{}\n", dom.state().as_str()).into_bytes(),
+        DomainFile::State => {
+            format!("{}\n{}", dom.state().as_str(), dom.damage_lines()).into_bytes()
+        }
         DomainFile::DomainXml if uid == 0 => dom.def.xml.clone().into_bytes(),
         DomainFile::DomainXml => redact_secrets(&dom.def.xml).into_bytes(),
         DomainFile::Tree => dom.forest().render_tree().into_bytes(),
         DomainFile::Log => dom.log_text().into_bytes(),
         DomainFile::Jobs => dom.jobs_text().into_bytes(),
         DomainFile::Current => current_target(dom).unwrap_or_default().into_bytes(),
-        DomainFile::Create => Vec::new(),
+        DomainFile::Create | DomainFile::Start => Vec::new(),
+        // Command lines may hold secrets: root only.
+        DomainFile::CommandLine if uid == 0 => dom.commandline_text().into_bytes(),
+        DomainFile::CommandLine => Vec::new(),
     }
 }
 
@@ -38,7 +43,10 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
             let xml = write_snapshot_xml(snap, parent);
             if uid == 0 { xml } else { redact_secrets(&xml) }.into_bytes()
         }
-        SnapFile::State => format!("{}\n", snap.state.as_str()).into_bytes(),
+        SnapFile::State => {
+            let damage = dom.snapshot_damage(snap);
+            format!("{}\n{damage}", snap.state.as_str()).into_bytes()
+        }
         SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
         SnapFile::Revert
         | SnapFile::Delete

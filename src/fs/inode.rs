@@ -22,11 +22,15 @@ pub enum DomainFile {
     Log,
     /// `.create`: control file taking a `<domainsnapshot>` spec.
     Create,
+    /// `.start`: control file starting a stopped domain on its active layers.
+    Start,
+    /// `.commandline`: the command line a start runs (root only).
+    CommandLine,
 }
 
 impl DomainFile {
     /// Every domain file with its name, in listing order.
-    pub const ALL: [(DomainFile, &'static str); 7] = [
+    pub const ALL: [(DomainFile, &'static str); 9] = [
         (DomainFile::State, ".state"),
         (DomainFile::DomainXml, ".domain.xml"),
         (DomainFile::Tree, ".tree"),
@@ -34,6 +38,8 @@ impl DomainFile {
         (DomainFile::Jobs, ".jobs"),
         (DomainFile::Log, ".log"),
         (DomainFile::Create, ".create"),
+        (DomainFile::Start, ".start"),
+        (DomainFile::CommandLine, ".commandline"),
     ];
 
     /// The file for a name.

@@ -255,7 +255,7 @@ impl Filesystem for SnapFs {
                 _,
                 _,
                 SnapFile::Revert | SnapFile::Delete | SnapFile::SnapshotXml
-            ) | Node::DomainFile(_, DomainFile::Create)
+            ) | Node::DomainFile(_, DomainFile::Create | DomainFile::Start)
         );
         if !(control && size == Some(0)) {
             return reply.error(Errno::EPERM);
@@ -377,6 +377,7 @@ impl Filesystem for SnapFs {
         if matches!(
             node,
             Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::Delete)
+                | Node::DomainFile(_, DomainFile::Start)
         ) {
             if !write {
                 return reply.error(Errno::EACCES);
@@ -522,6 +523,17 @@ impl Filesystem for SnapFs {
             });
         }
         drop(handles);
+        if let Ok(Node::DomainFile(d, DomainFile::Start)) = fs.node(ino) {
+            let Ok(dom) = fs.domain(&d) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let data = data.to_vec();
+            // A start waits for QEMU: off the FUSE thread.
+            return off_thread(move || match dom.start(&data) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(&e)),
+            });
+        }
         let Ok(Node::SnapshotFile(d, id, file @ (SnapFile::Revert | SnapFile::Delete))) =
             fs.node(ino)
         else {

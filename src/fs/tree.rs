@@ -49,9 +49,18 @@ impl Inner {
                         SystemTime::now(),
                         LIVE_TTL,
                     )
-                } else if *f == DomainFile::Create {
+                } else if matches!(*f, DomainFile::Create | DomainFile::Start) {
                     let perm = if group_w { 0o220 } else { 0o200 };
                     (FileType::RegularFile, perm, 0, self.mounted_at, STABLE_TTL)
+                } else if *f == DomainFile::CommandLine {
+                    let len = content::domain_file(&dom, *f, uid).len() as u64;
+                    (
+                        FileType::RegularFile,
+                        0o400,
+                        len,
+                        SystemTime::now(),
+                        LIVE_TTL,
+                    )
                 } else {
                     let len = content::domain_file(&dom, *f, uid).len() as u64;
                     (

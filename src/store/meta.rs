@@ -260,6 +260,26 @@ impl DomainStore {
         write_atomic(&path, text.as_bytes())
     }
 
+    /// The fingerprints recorded for frozen images (image, opaque text).
+    pub fn frozen_fingerprints(&self) -> BTreeMap<PathBuf, String> {
+        let text = fs::read_to_string(self.dir.join("frozen")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (p, f) = l.split_once('\t')?;
+                Some((PathBuf::from(unescape(p)), unescape(f)))
+            })
+            .collect()
+    }
+
+    /// Durably records the fingerprints of the frozen images.
+    pub fn save_frozen_fingerprints(&self, all: &BTreeMap<PathBuf, String>) -> io::Result<()> {
+        let text: String = all
+            .iter()
+            .map(|(p, f)| format!("{}\t{}\n", escape(&p.to_string_lossy()), escape(f)))
+            .collect();
+        write_atomic(&self.dir.join("frozen"), text.as_bytes())
+    }
+
     /// The recorded active layers (empty when none were recorded).
     pub fn load_layers(&self) -> BTreeMap<String, Layer> {
         let text = fs::read_to_string(self.dir.join("layers")).unwrap_or_default();
