@@ -408,6 +408,15 @@ impl Domain {
         id: &str,
         candidates: &[PathBuf],
     ) -> Result<&'static str> {
+        // A merge an earlier daemon started may have written the candidates
+        // and rebased their children: fingerprinted again, not damage.
+        let mut written: Vec<PathBuf> = candidates.to_vec();
+        if let Ok(g) = ImageGraph::build(&self.roots(None)) {
+            for c in candidates {
+                written.extend(g.children(&canonical(c)));
+            }
+        }
+        self.release_frozen(&written.iter().map(PathBuf::as_path).collect::<Vec<_>>());
         let snap = self.forest.read().get(id).cloned();
         if let Some(snap) = snap {
             self.delete_external_steps("recovery", &snap, &mut true)?;
