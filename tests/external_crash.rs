@@ -117,6 +117,12 @@ fn crash_run(point: &str, op: Op, running: bool) {
         "{point}: journal {journal:?}\n{}",
         fx.read(".log")
     );
+    // What recovery merged is not damage to a frozen image.
+    assert!(
+        !fx.read(".state").contains("damaged"),
+        "{point}: {}",
+        fx.read(".log")
+    );
     let names = fx.ls();
     match op {
         Op::Delete => {
