@@ -112,7 +112,11 @@ fn run_point(point: &str, op: Op, running: bool) {
         Op::Delete => fs::remove_dir(fx.path("a")),
         Op::Revert => write_file(
             &fx.path("a/revert"),
-            if running { b"running" } else { b"shutoff" },
+            if running {
+                b"running discard"
+            } else {
+                b"shutoff discard"
+            },
         )
         .map_err(std::io::Error::from_raw_os_error),
         Op::Rename => fs::rename(fx.path("b"), fx.path("b2")),

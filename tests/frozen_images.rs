@@ -327,3 +327,116 @@ fn a_write_to_a_frozen_image_while_the_daemon_is_stopped_is_reported() {
         .read(".state")
         .contains("damaged: snapshot \"s1\" disk vda"));
 }
+
+/// The names of the `left-*` snapshots.
+fn lefts(fx: &Fixture) -> Vec<String> {
+    fx.ls()
+        .into_iter()
+        .filter(|n| n.starts_with("left-"))
+        .collect()
+}
+
+/// The first `len` bytes of a view, read through the mount.
+fn view_head(fx: &Fixture, rel: &str, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; len];
+    fs::File::open(fx.path(rel))
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn an_internal_revert_keeps_the_state_it_leaves_behind() {
+    let fx = fixture("left", "internal");
+    let mb = M as usize;
+    fx.vm.qemu_io("vda", "write -P 0x31 0 1M").unwrap();
+    fx.vm.qemu_io("vdb", "write -P 0x31 0 1M").unwrap();
+    fs::create_dir(fx.path("cp")).unwrap();
+    assert_eq!(fx.read("cp/state"), "running\n");
+    // The guest writes after the checkpoint ...
+    fx.vm.qemu_io("vda", "write -P 0x32 0 1M").unwrap();
+    fx.vm.qemu_io("vdb", "write -P 0x33 0 1M").unwrap();
+    // ... and the running VM goes back to it, without force.
+    fx.revert("cp", "running").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, mb, 0x31));
+    // Those writes are kept in a left-* checkpoint, readable and revertible.
+    let left = lefts(&fx);
+    assert_eq!(left.len(), 1, "{:?}", fx.ls());
+    let l1 = &left[0];
+    assert_eq!(fx.read(&format!("{l1}/state")), "running\n");
+    assert!(all_bytes(
+        &view_head(&fx, &format!("{l1}/disks/vda"), mb),
+        0,
+        mb,
+        0x32
+    ));
+    assert!(all_bytes(
+        &view_head(&fx, &format!("{l1}/disks/vdb"), mb),
+        0,
+        mb,
+        0x33
+    ));
+    let log = fx.read(".log");
+    assert!(
+        log.contains(&format!("the state left behind is snapshot {l1:?}")),
+        "{log}"
+    );
+    assert!(fx
+        .read(&format!("{l1}/snapshot.xml"))
+        .contains("the state left behind by the revert to"));
+    fx.revert(l1, "running discard").unwrap();
+    assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, mb, 0x32));
+    assert_eq!(lefts(&fx).len(), 1, "discard keeps nothing");
+    assert!(fx
+        .read(".log")
+        .contains("the state left behind was discarded"));
+
+    // Stopping needs force, and keeps the live state too.
+    assert_eq!(fx.revert("cp", "shutoff"), Err(libc::EPERM));
+    assert_eq!(lefts(&fx).len(), 1, "a refused revert keeps nothing");
+    fx.revert("cp", "shutoff force").unwrap();
+    assert_eq!(fx.read(".state"), "shutoff\n");
+    let after_stop = lefts(&fx);
+    assert_eq!(after_stop.len(), 2);
+    let l2 = after_stop.iter().find(|n| *n != l1).unwrap().clone();
+    assert!(all_bytes(
+        &view_head(&fx, &format!("{l2}/disks/vda"), mb),
+        0,
+        mb,
+        0x32
+    ));
+
+    // Offline: writes to the stopped disks are kept by the next revert.
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x34 0 1M"])
+        .arg(&fx.vm.disks[0].image)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    fx.revert("cp", "shutoff").unwrap();
+    let l3: Vec<String> = lefts(&fx)
+        .into_iter()
+        .filter(|n| !after_stop.contains(n))
+        .collect();
+    assert_eq!(l3.len(), 1);
+    assert_eq!(fx.read(&format!("{}/state", l3[0])), "shutoff\n");
+    assert!(all_bytes(
+        &view_head(&fx, &format!("{}/disks/vda", l3[0]), mb),
+        0,
+        mb,
+        0x34
+    ));
+    assert!(all_bytes(
+        &vmsnapfs::demo::vm::read_image(&fx.vm.disks[0].image).unwrap(),
+        0,
+        mb,
+        0x31
+    ));
+}

@@ -68,7 +68,7 @@ fn browse_create_revert_delete_rename_on_a_running_vm() {
 
     // Revert to the first: same QEMU process, data back, still running.
     let pid = fx.vm.current_pid();
-    fx.revert("base", "running\n").unwrap();
+    fx.revert("base", "running discard\n").unwrap();
     assert_eq!(fx.vm.current_pid(), pid, "revert must not restart QEMU");
     assert_eq!(fx.read(".state"), "running\n");
     let vda = fx.vm.read_disk("vda").unwrap();
@@ -81,14 +81,14 @@ fn browse_create_revert_delete_rename_on_a_running_vm() {
     );
 
     // Revert to the second, paused.
-    fx.revert("after", "paused").unwrap();
+    fx.revert("after", "paused discard").unwrap();
     assert_eq!(fx.read(".state"), "paused\n");
     assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0xcd));
-    fx.revert("after", "running").unwrap();
+    fx.revert("after", "running discard").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
 
     // A branch: a new snapshot under "base" after reverting to it.
-    fx.revert("base", "\n").unwrap();
+    fx.revert("base", "discard\n").unwrap();
     fs::create_dir(fx.path("branch")).unwrap();
     assert_eq!(
         fx.read(".tree"),
@@ -135,7 +135,7 @@ fn browse_create_revert_delete_rename_on_a_running_vm() {
         assert_eq!(image_tags(&d.image).len(), 2, "tag of base must be gone");
     }
     // Data of the others untouched: revert to "after" still gives 0xcd.
-    fx.revert("after", "running").unwrap();
+    fx.revert("after", "running discard").unwrap();
     assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, K64, 0xcd));
 
     // Delete the current one: current moves to its parent (none: a root).

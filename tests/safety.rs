@@ -46,7 +46,7 @@ fn bad_names_duplicates_and_busy_domain() {
     // lock, so the long operation here is a revert.)
     fs::create_dir(fx.path("one")).unwrap();
     let p = fx.path("one/revert");
-    let t = std::thread::spawn(move || write_file(&p, b"running"));
+    let t = std::thread::spawn(move || write_file(&p, b"running discard"));
     fx.daemon.wait_log("failpoint revert.begin");
     assert_eq!(errno(fs::create_dir(fx.path("two"))), libc::EBUSY);
     assert_eq!(errno(fs::remove_dir(fx.path("one"))), libc::EBUSY);
@@ -132,7 +132,7 @@ fn metadata_survives_restart_and_foreign_snapshots_appear() {
         .read(".log")
         .contains("adopted snapshot tag \"foreign-tag\""));
     // The adopted one is a real snapshot: revert to it and delete it.
-    fx.revert("foreign-tag", "running").unwrap();
+    fx.revert("foreign-tag", "running discard").unwrap();
     fs::remove_dir(fx.path("foreign-tag")).unwrap();
     // A snapshot deleted behind our back disappears at the next start.
     let tag = fs::read_dir(fx.daemon.state.join("vm1/snapshots"))
@@ -203,7 +203,7 @@ fn qemu_dying_before_a_revert_changes_nothing() {
     // What the guest flushed survives QEMU's death (qcow2 metadata too).
     fx.vm.qemu_io("vda", "flush").unwrap();
     let p = fx.path("s/revert");
-    let t = std::thread::spawn(move || write_file(&p, b"running"));
+    let t = std::thread::spawn(move || write_file(&p, b"running discard"));
     fx.daemon.wait_log("failpoint revert.begin");
     fx.vm.kill();
     assert_eq!(t.join().unwrap(), Err(libc::EIO));

@@ -289,9 +289,14 @@ impl Domain {
 
     /// Takes a snapshot as `request` says; `what` names the action in `.log`.
     fn create_as(&self, what: &str, request: CreateRequest<'_>) -> Result<String> {
+        let _busy = self.begin(what)?;
+        self.create_busy(what, request)
+    }
+
+    /// [`Domain::create_as`] for a caller that holds the domain busy.
+    fn create_busy(&self, what: &str, request: CreateRequest<'_>) -> Result<String> {
         let name = request.name;
         {
-            let _busy = self.begin(what)?;
             if self.forest.read().by_name(name).is_some() {
                 return Err(Error::new(
                     ErrorKind::Exists,

@@ -15,8 +15,8 @@ pub struct RevertRequest {
     pub target: Option<DomainState>,
     /// The user accepts losing the live state.
     pub force: bool,
-    /// Remove the state left behind by an external revert instead of
-    /// keeping it as a snapshot.
+    /// Remove the state left behind instead of keeping it as a
+    /// `left-*` snapshot.
     pub discard: bool,
 }
 
@@ -130,6 +130,11 @@ impl Domain {
             }
             self.check_internal_only(&snap, "revert to")?;
             self.check_revert(&snap, live, target, req.force)?;
+            // The state this revert leaves behind is kept, unless discarded.
+            let left = match req.discard {
+                true => None,
+                false => Some(self.keep_left_internal(&what, &snap, live)?),
+            };
             let record = self.journal.begin(Intent::Revert {
                 id: snap.id.clone(),
                 target: target.as_str().into(),
@@ -159,8 +164,12 @@ impl Domain {
             }
             self.set_current(&snap.id)?;
             self.journal.complete(record)?;
+            let behind = match left {
+                Some(n) => format!("the state left behind is snapshot {n:?}"),
+                None => "the state left behind was discarded".into(),
+            };
             self.log.line(&format!(
-                "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s)",
+                "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s); {behind}",
                 s.as_str(),
                 t0.elapsed().as_secs_f64(),
                 backend_time.as_secs_f64()
@@ -199,6 +208,39 @@ impl Domain {
             return Err(no_command_line());
         }
         Ok(())
+    }
+
+    /// Keeps the state a revert to internal snapshot `target` leaves
+    /// behind as an internal snapshot `left-*` of the active layers (the
+    /// images the revert changes): a checkpoint of a running or paused
+    /// domain whose policy takes checkpoints, else its disks. Returns its
+    /// name. The domain is busy.
+    fn keep_left_internal(
+        &self,
+        what: &str,
+        target: &Snapshot,
+        live: DomainState,
+    ) -> Result<String> {
+        let name = super::branch::left_name(|n| self.forest.read().by_name(n).is_some());
+        let checkpoints = matches!(
+            self.def.policy,
+            crate::model::SnapshotPolicy::Internal | crate::model::SnapshotPolicy::External
+        );
+        let request = super::CreateRequest {
+            name: &name,
+            description: Some(format!(
+                "the state left behind by the revert to {:?}",
+                target.name
+            )),
+            kind: super::CreateKind::Internal {
+                memory: live != DomainState::Shutoff && checkpoints,
+            },
+        };
+        self.create_busy(&format!("{what}: keeping the state left behind"), request)
+            .map_err(|e| {
+                e.context("the state the revert would leave behind could not be kept; nothing was reverted (write 'discard' to revert without keeping it)")
+            })?;
+        Ok(name)
     }
 
     /// Does the revert; the rules were checked. Also used by recovery.
