@@ -209,6 +209,18 @@ fn a_frozen_image_cannot_be_opened_writable_while_the_daemon_runs() {
         "the snapshot never changed"
     );
     assert_eq!(fx.read(".state").trim(), "shutoff");
+
+    // Once no snapshot names the image, the lock goes: the delete merges
+    // the overlay into it (vmsnapfs's own write, with the lock released)
+    // and it is the active layer again, writable.
+    fs::remove_dir(fx.path("s1")).unwrap();
+    assert_eq!(active_layer(&fx, "vda"), frozen, "{}", fx.read(".log"));
+    let w = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read 0 4k"])
+        .arg(&frozen)
+        .output()
+        .unwrap();
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
 }
 
 #[test]
