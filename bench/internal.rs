@@ -95,7 +95,7 @@ fn overhead(ram_mb: u64, dirty_mb: u64) {
         order(
             i,
             &mut || bare_r.push(bare_job(&fx.vm, "snapshot-load", &tag, true)),
-            &mut || tree_r.push(timed(|| fx.revert(&name, "running").unwrap())),
+            &mut || tree_r.push(timed(|| fx.revert(&name, "running discard").unwrap())),
         );
     }
     for i in 0..REPS {
@@ -280,7 +280,7 @@ fn revert_vs_restart() {
     let (mut wall, mut pause) = (vec![], vec![]);
     for _ in 0..5 {
         let mut q = fx.vm.control().unwrap();
-        let t = timed(|| fx.revert("s", "running").unwrap());
+        let t = timed(|| fx.revert("s", "running discard").unwrap());
         let stop = q
             .wait_event(Duration::from_secs(10), |e| e["event"] == "STOP")
             .unwrap();
