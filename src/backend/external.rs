@@ -11,10 +11,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
-use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
+use super::capabilities::Capabilities;
+use super::qemu::{canonical, qmp_err, Conn, Incoming, QemuBackend, JOB_TIMEOUT};
 use super::{qemu_img, ExternalOutcome, ExternalPlan, ExternalRevert};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{DomainState, SnapshotState};
+use crate::model::{DomainState, MemoryFormat, SnapshotState};
 use crate::store::Layer;
 
 /// Where a memory file is written until it is complete.
@@ -97,6 +98,7 @@ impl QemuBackend {
             memory_saved: false,
             note: None,
             paused_for: None,
+            machine: None,
         })
     }
 
@@ -144,6 +146,7 @@ impl QemuBackend {
                 memory_saved: false,
                 note: None,
                 paused_for: None,
+                machine: None,
             };
             match &plan.memory {
                 None => {
@@ -186,13 +189,34 @@ impl QemuBackend {
     }
 
     fn set_background_snapshot(conn: &mut Conn, on: bool) -> Result<()> {
+        set_migrate_capabilities(conn, &["background-snapshot"], on)
+    }
+
+    /// The machine type QEMU emulates (`pc-q35-7.2`), if it says.
+    fn machine_type(conn: &mut Conn) -> Option<String> {
+        let t = conn
+            .qmp
+            .execute_raw("qom-get", json!({"path": "/machine", "property": "type"}))
+            .ok()?;
+        super::machine::from_qom_type(t.as_str()?)
+    }
+
+    /// Sets `max-bandwidth` (QEMU throttles migrations to 128 MiB/s by
+    /// default, which would make a memory file take seconds per GiB);
+    /// returns the value it had.
+    fn set_max_bandwidth(conn: &mut Conn, bytes_per_sec: u64) -> Option<u64> {
+        let old = conn
+            .qmp
+            .execute_raw("query-migrate-parameters", json!({}))
+            .ok()?["max-bandwidth"]
+            .as_u64();
         conn.qmp
             .execute_raw(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "background-snapshot", "state": on}]}),
+                "migrate-set-parameters",
+                json!({ "max-bandwidth": bytes_per_sec }),
             )
-            .map(drop)
-            .map_err(qmp_err)
+            .ok()?;
+        old
     }
 
     /// A checkpoint: guest stopped, disks switched, RAM saved from that
@@ -208,6 +232,11 @@ impl QemuBackend {
         live: DomainState,
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
+        let mapped = plan.memory_format == MemoryFormat::MappedRam;
+        if mapped {
+            // Refused before anything is made.
+            check_can_load(&conn.caps, MemoryFormat::MappedRam)?;
+        }
         let part = memory_part_path(memory);
         remove_if_present(&part)?;
         // Guest RAM holds secrets: the file is never readable by others.
@@ -217,8 +246,40 @@ impl QemuBackend {
             .mode(0o600)
             .open(&part)?
             .flush()?;
+        if mapped {
+            if let Err(e) = set_migrate_capabilities(conn, PARALLEL_CAPS, true) {
+                let _ = fs::remove_file(&part);
+                return Err(e);
+            }
+        }
+        outcome.machine = Self::machine_type(conn);
+        let old_bandwidth = Self::set_max_bandwidth(conn, UNTHROTTLED);
+        let result = self.checkpoint_save(conn, actions, plan, &part, live, outcome);
+        if mapped {
+            let _ = set_migrate_capabilities(conn, PARALLEL_CAPS, false);
+        }
+        if let Some(b) = old_bandwidth {
+            Self::set_max_bandwidth(conn, b);
+        }
+        result?;
+        seal_memory(&part, memory)
+    }
+
+    /// The save of [`Self::checkpoint`] into `part`.
+    fn checkpoint_save(
+        &self,
+        conn: &mut Conn,
+        actions: &[Value],
+        plan: &ExternalPlan,
+        part: &Path,
+        live: DomainState,
+        outcome: &mut ExternalOutcome,
+    ) -> Result<()> {
         let running = live == DomainState::Running;
-        let mut background = running;
+        let mapped = plan.memory_format == MemoryFormat::MappedRam;
+        // A mapped-ram file is the plain RAM of a paused guest; a running
+        // guest's RAM is written in the background as a stream.
+        let mut background = running && !mapped;
         if background {
             if let Err(e) = Self::set_background_snapshot(conn, true) {
                 background = false;
@@ -238,7 +299,7 @@ impl QemuBackend {
             if running {
                 let _ = conn.qmp.execute_raw("cont", json!({}));
             }
-            let _ = fs::remove_file(&part);
+            let _ = fs::remove_file(part);
             e
         };
         if running {
@@ -254,7 +315,11 @@ impl QemuBackend {
             self.def.name,
             t0.elapsed()
         );
-        let uri = format!("exec:cat > {}", shell_quote(&part.to_string_lossy()));
+        let uri = if mapped {
+            format!("file:{}", part.display())
+        } else {
+            format!("exec:cat > {}", shell_quote(&part.to_string_lossy()))
+        };
         let mut started = conn
             .qmp
             .execute_raw("migrate", json!({ "uri": uri }))
@@ -299,7 +364,7 @@ impl QemuBackend {
             conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
             outcome.paused_for = Some(t0.elapsed());
         }
-        seal_memory(&part, memory)
+        Ok(())
     }
 
     /// Polls `query-migrate` until the save completed or failed.
@@ -484,9 +549,56 @@ impl QemuBackend {
     }
 }
 
-/// Loads RAM from `memory` into a QEMU started with `-incoming defer`.
-pub(super) fn load_memory(conn: &mut Conn, memory: &Path) -> Result<()> {
-    let uri = format!("exec:cat {}", shell_quote(&memory.to_string_lossy()));
+/// The capabilities of a memory file with RAM at fixed offsets.
+const PARALLEL_CAPS: &[&str] = &["mapped-ram", "multifd"];
+/// `max-bandwidth` while vmsnapfs saves RAM: no throttle (1 TiB/s).
+const UNTHROTTLED: u64 = 1 << 40;
+
+fn set_migrate_capabilities(conn: &mut Conn, names: &[&str], on: bool) -> Result<()> {
+    let caps: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"capability": n, "state": on}))
+        .collect();
+    conn.qmp
+        .execute_raw("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .map(drop)
+        .map_err(qmp_err)
+}
+
+/// ENOTSUP (with the reason) when a QEMU with `caps` cannot read or
+/// write a memory file of `format`.
+pub(super) fn check_can_load(caps: &Capabilities, format: MemoryFormat) -> Result<()> {
+    if format == MemoryFormat::MappedRam && !caps.has_parallel_memory_files() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the memory file holds RAM at fixed offsets (mapped-ram + multifd), \
+                 which QEMU {} does not support",
+                caps.version_text()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads RAM from a memory file into a QEMU started with `-incoming
+/// defer`: a mapped-ram file in parallel (`file:` with mapped-ram and
+/// multifd), a stream from a `file:` URI where QEMU has one (it reads
+/// faster than through a pipe), else through `exec:cat`.
+pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>) -> Result<()> {
+    let memory = incoming.file;
+    check_can_load(&conn.caps, incoming.format)?;
+    let plain_path = !memory.to_string_lossy().contains(',');
+    let uri = match incoming.format {
+        MemoryFormat::MappedRam => {
+            set_migrate_capabilities(conn, PARALLEL_CAPS, true)?;
+            format!("file:{}", memory.display())
+        }
+        MemoryFormat::Stream if plain_path && conn.caps.has_file_migration() => {
+            format!("file:{}", memory.display())
+        }
+        MemoryFormat::Stream => format!("exec:cat {}", shell_quote(&memory.to_string_lossy())),
+    };
     conn.qmp
         .execute_raw("migrate-incoming", json!({ "uri": uri }))
         .map_err(qmp_err)?;
@@ -553,7 +665,12 @@ impl QemuBackend {
         if r.target == DomainState::Shutoff {
             return Ok(());
         }
-        self.start_with(None, r.memory.as_deref(), r.target == DomainState::Paused)
+        let incoming = r.memory.as_deref().map(|file| Incoming {
+            file,
+            format: r.memory_format,
+            machine: r.machine.as_deref(),
+        });
+        self.start_with(None, incoming.as_ref(), r.target == DomainState::Paused)
             .map_err(|e| {
                 e.context("the disks were switched to the snapshot; the domain is left stopped")
             })

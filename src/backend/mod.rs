@@ -1,9 +1,11 @@
 //! What really happens to the VM and its images: QMP on a running QEMU,
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
+pub mod capabilities;
 pub mod external;
 pub mod fingerprint;
 pub mod image_lock;
+pub mod machine;
 pub mod merge;
 pub mod process;
 pub mod qemu;
@@ -15,7 +17,7 @@ pub use qemu::QemuBackend;
 use std::path::PathBuf;
 
 use crate::error::Result;
-use crate::model::{DiskDef, DomainState, SnapshotState};
+use crate::model::{DiskDef, DomainState, MemoryFormat, SnapshotState};
 
 /// One internal snapshot found in an image's snapshot table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct ExternalPlan {
     /// Where to save the guest's RAM and device state, for a checkpoint
     /// of a running or paused VM (ignored when it is stopped).
     pub memory: Option<PathBuf>,
+    /// How the memory file holds the RAM (see [`Backend::memory_format`]).
+    pub memory_format: MemoryFormat,
 }
 
 /// How an external snapshot was taken.
@@ -52,6 +56,8 @@ pub struct ExternalOutcome {
     pub note: Option<String>,
     /// How long the guest was paused, when QEMU runs.
     pub paused_for: Option<std::time::Duration>,
+    /// The machine type of the saved state (`pc-q35-7.2`), for a checkpoint.
+    pub machine: Option<String>,
 }
 
 /// A revert to an external snapshot: each disk gets a new overlay over
@@ -63,6 +69,12 @@ pub struct ExternalRevert {
     /// The snapshot's memory file, for a checkpoint (loaded into a new
     /// QEMU process unless the domain is left stopped).
     pub memory: Option<PathBuf>,
+    /// How the memory file holds the RAM.
+    pub memory_format: MemoryFormat,
+    /// The machine type the saved state needs, when recorded: the new
+    /// process emulates it even if the command line names an alias
+    /// (`q35`) that a newer QEMU maps to a newer machine.
+    pub machine: Option<String>,
     /// The domain's state before the revert.
     pub live: DomainState,
     /// The state to leave it in.
@@ -211,6 +223,27 @@ pub trait Backend: Send + Sync {
     /// the running QEMU (an active commit waiting for `job-complete`, a
     /// concluded job never dismissed). Returns how many it settled.
     fn settle_leftover_jobs(&self) -> Result<usize>;
+
+    /// The format a checkpoint's memory file gets when the domain is
+    /// `live` and the file is `memory`: RAM at fixed offsets, written in
+    /// parallel, when the guest is paused anyway and QEMU can; otherwise
+    /// the plain stream (a running guest's live checkpoint writes the
+    /// stream in the background, which keeps its pause shortest).
+    fn memory_format(&self, _live: DomainState, _memory: &std::path::Path) -> MemoryFormat {
+        MemoryFormat::Stream
+    }
+
+    /// Fails with ENOTSUP (and why) when the running QEMU cannot load a
+    /// memory file of `format`; `Ok` when it can or when QEMU is stopped
+    /// (the QEMU that a revert starts is asked again before it loads).
+    fn can_load_memory(&self, _format: MemoryFormat) -> Result<()> {
+        Ok(())
+    }
+
+    /// A warning about the QEMU in front of us (outside the tested range).
+    fn qemu_warning(&self) -> Option<String> {
+        None
+    }
 
     /// Merges two images (see [`Merge`]): live with a block job when the
     /// running QEMU has them open, with `qemu-img` otherwise. Safe to run

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
+use super::capabilities::Capabilities;
 use super::qmp::{Qmp, QmpError};
 use super::{process, qemu_img, Backend, ExternalOutcome, ExternalPlan, ImageSnapshot};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{DiskDef, DomainDef, DomainState, SnapshotState};
+use crate::model::{DiskDef, DomainDef, DomainState, MemoryFormat, SnapshotState};
 use crate::store::{DomainStore, Layer};
 
 /// How long one QMP command may take.
@@ -29,6 +30,18 @@ pub(super) struct Conn {
     /// Node names of the qcow2 disks' active layers, in definition order,
     /// once looked up (external snapshots and reverts reset it).
     pub(super) nodes: Option<Vec<String>>,
+    /// What this QEMU can do, read when the connection was made.
+    pub(super) caps: Capabilities,
+}
+
+/// A memory file for a QEMU started with `-incoming defer` to load.
+pub(super) struct Incoming<'a> {
+    /// The file.
+    pub(super) file: &'a Path,
+    /// How it holds the RAM.
+    pub(super) format: MemoryFormat,
+    /// The machine type it was saved on, when recorded.
+    pub(super) machine: Option<&'a str>,
 }
 
 /// One disk as the running QEMU sees it.
@@ -47,6 +60,8 @@ pub struct QemuBackend {
     pub(super) store: DomainStore,
     conn: Mutex<Option<Conn>>,
     monitor_error: Mutex<Option<String>>,
+    /// A warning about the connected QEMU (outside the tested range).
+    qemu_warning: Mutex<Option<String>>,
     /// Each disk's active layer, by target (persisted in the store).
     pub(super) layers: Mutex<BTreeMap<String, Layer>>,
 }
@@ -90,6 +105,7 @@ impl QemuBackend {
             store,
             conn: Mutex::new(None),
             monitor_error: Mutex::new(None),
+            qemu_warning: Mutex::new(None),
             layers: Mutex::new(layers),
         }
     }
@@ -219,12 +235,23 @@ impl QemuBackend {
                             log::warn!("{}: cannot record QEMU's argv: {e}", self.def.name);
                         }
                     }
-                    log::info!("{}: connected to QEMU pid {pid:?}", self.def.name);
+                    let caps = Capabilities::read(&mut qmp).unwrap_or_else(|e| {
+                        log::warn!("{}: cannot read QEMU's capabilities: {e}", self.def.name);
+                        Capabilities::default()
+                    });
+                    log::info!(
+                        "{}: connected to QEMU {} {} pid {pid:?}",
+                        self.def.name,
+                        caps.version_text(),
+                        caps.package
+                    );
+                    *self.qemu_warning.lock() = caps.range_warning();
                     self.sync_layers(&mut qmp);
                     *guard = Some(Conn {
                         qmp,
                         pid,
                         nodes: None,
+                        caps,
                     });
                 }
                 Err(e) => {
@@ -410,10 +437,13 @@ impl QemuBackend {
     pub(super) fn start_with(
         &self,
         loadvm: Option<&str>,
-        incoming: Option<&Path>,
+        incoming: Option<&Incoming<'_>>,
         paused: bool,
     ) -> Result<()> {
         let mut argv = self.layered_argv()?;
+        if let Some(machine) = incoming.and_then(|i| i.machine) {
+            argv = super::machine::pin(&argv, machine);
+        }
         argv.push("-S".into());
         if let Some(tag) = loadvm {
             argv.push("-loadvm".into());
@@ -788,6 +818,32 @@ impl Backend for QemuBackend {
 
     fn monitor_error(&self) -> Option<String> {
         self.monitor_error.lock().clone()
+    }
+
+    fn qemu_warning(&self) -> Option<String> {
+        self.qemu_warning.lock().clone()
+    }
+
+    fn memory_format(&self, live: DomainState, memory: &Path) -> MemoryFormat {
+        // `file:` URIs end at a comma (`file:PATH,offset=N`).
+        if live != DomainState::Paused || memory.to_string_lossy().contains(',') {
+            return MemoryFormat::Stream;
+        }
+        let parallel = self
+            .with_qmp(|c| Ok(c.caps.has_parallel_memory_files()))
+            .unwrap_or(false);
+        if parallel {
+            MemoryFormat::MappedRam
+        } else {
+            MemoryFormat::Stream
+        }
+    }
+
+    fn can_load_memory(&self, format: MemoryFormat) -> Result<()> {
+        if !self.is_up() {
+            return Ok(());
+        }
+        self.with_qmp(|c| super::external::check_can_load(&c.caps, format))
     }
 
     fn can_start(&self) -> bool {

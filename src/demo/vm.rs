@@ -75,8 +75,15 @@ pub fn kvm_usable() -> bool {
 }
 
 impl Vm {
-    /// Creates the images in `dir` and starts QEMU.
+    /// Creates the images in `dir` and starts QEMU (`qemu-system-x86_64`
+    /// from PATH).
     pub fn start(spec: &VmSpec, dir: &Path) -> Result<Vm> {
+        Self::start_with_qemu(spec, dir, "qemu-system-x86_64")
+    }
+
+    /// Like [`Vm::start`], with the QEMU binary `qemu` (a path, or a name
+    /// looked up in PATH), which the command line then names.
+    pub fn start_with_qemu(spec: &VmSpec, dir: &Path, qemu: &str) -> Result<Vm> {
         fs::create_dir_all(dir)?;
         let mut disks = Vec::new();
         for (target, mb) in &spec.disks {
@@ -107,6 +114,7 @@ impl Vm {
             pid: None,
         };
         vm.argv = vm.command_line();
+        vm.argv[0] = qemu.to_owned();
         vm.launch()?;
         Ok(vm)
     }

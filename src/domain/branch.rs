@@ -153,6 +153,8 @@ impl Domain {
                 memory: MemoryLocation::No,
                 disks: left_points,
                 domain_xml: Some(self.def.xml.clone()),
+                memory_format: Default::default(),
+                machine: None,
             };
             drop(forest);
             (Some(left), Vec::new())
@@ -175,6 +177,7 @@ impl Domain {
             let plan = ExternalPlan {
                 overlays,
                 memory: None,
+                memory_format: Default::default(),
             };
             self.backend.settle_external(&plan)?;
             self.journal.complete(record)?;
@@ -196,6 +199,8 @@ impl Domain {
         let revert = ExternalRevert {
             branches: branches.into_iter().map(|(t, p, o, _)| (t, p, o)).collect(),
             memory,
+            memory_format: snap.memory_format,
+            machine: snap.machine.clone(),
             live,
             target,
         };
@@ -213,6 +218,7 @@ impl Domain {
             let plan = ExternalPlan {
                 overlays,
                 memory: None,
+                memory_format: Default::default(),
             };
             if !self.backend.settle_external(&plan)? {
                 self.journal.complete(record)?;
@@ -302,6 +308,9 @@ impl Domain {
                 ),
             ));
         }
+        if memory.is_some() && target != DomainState::Shutoff {
+            self.backend.can_load_memory(snap.memory_format)?;
+        }
         let needs_start = target != DomainState::Shutoff && (!up || memory.is_some());
         if needs_start && !self.backend.can_start() {
             return Err(super::revert::no_command_line());
@@ -388,6 +397,7 @@ impl Domain {
         let plan = ExternalPlan {
             overlays: overlays.to_vec(),
             memory: None,
+            memory_format: Default::default(),
         };
         if !self.backend.settle_external(&plan)? {
             return Ok("rolled back");

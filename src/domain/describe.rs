@@ -117,6 +117,8 @@ mod tests {
                 image: Some("/img/vda.qcow2".into()),
             }],
             domain_xml: Some("<domain><name>vm1</name></domain>".into()),
+            memory_format: Default::default(),
+            machine: None,
         }
     }
 

@@ -8,7 +8,7 @@ use super::{oplog::now_secs, CreateRequest, Domain};
 use crate::backend::{ExternalOutcome, ExternalPlan};
 use crate::error::{Error, Result};
 use crate::model::{
-    DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
+    DiskPoint, DiskSnapshotKind, DomainState, MemoryFormat, MemoryLocation, Snapshot, SnapshotState,
 };
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
 
@@ -92,6 +92,10 @@ impl Domain {
             (DomainState::Paused, Some(_)) => SnapshotState::Paused,
             (_, None) => SnapshotState::DiskSnapshot,
         };
+        let memory_format = match &memory_file {
+            Some(m) => self.backend.memory_format(live, m),
+            None => MemoryFormat::Stream,
+        };
         let snap = Snapshot {
             id: id.to_owned(),
             name: request.name.to_owned(),
@@ -104,10 +108,13 @@ impl Domain {
                 .map_or(MemoryLocation::No, MemoryLocation::External),
             disks: points,
             domain_xml: Some(self.def.xml.clone()),
+            memory_format,
+            machine: None,
         };
         let plan = ExternalPlan {
             overlays,
             memory: memory_file,
+            memory_format,
         };
         crate::backend::external::check_plan_paths(&plan)?;
         Ok((plan, snap))
@@ -140,6 +147,7 @@ impl Domain {
         }
         crate::failpoint::hit("create.after-backend")?;
         snap.state = outcome.state;
+        snap.machine = outcome.machine;
         if !outcome.memory_saved {
             snap.memory = MemoryLocation::No;
         }
@@ -173,6 +181,7 @@ impl Domain {
         let plan = ExternalPlan {
             overlays: overlays.to_vec(),
             memory: memory.clone(),
+            memory_format: snap.memory_format,
         };
         if self.store.has_snapshot(id) {
             self.set_current(id)?;

@@ -44,6 +44,8 @@ pub struct Domain {
     state: RwLock<DomainState>,
     busy: Mutex<Option<String>>,
     monitor_error: Mutex<Option<String>>,
+    /// The backend's warning about its QEMU, as last logged.
+    qemu_warning: Mutex<Option<String>>,
     views: views::DiskViews,
     jobs: jobs::Jobs,
     log: OpLog,
@@ -129,6 +131,10 @@ impl Domain {
         if let Some(p) = &monitor_problem {
             log.line(&format!("{p}; the domain is treated as stopped"));
         }
+        let qemu_warning = backend.qemu_warning();
+        if let Some(w) = &qemu_warning {
+            log.line(&format!("warning: {w}"));
+        }
         let views = views::DiskViews::new(&store.dir().join("run"));
         let dom = Domain {
             def,
@@ -139,6 +145,7 @@ impl Domain {
             state: RwLock::new(state),
             busy: Mutex::new(None),
             monitor_error: Mutex::new(monitor_problem),
+            qemu_warning: Mutex::new(qemu_warning),
             views,
             jobs: jobs::Jobs::default(),
             log,
@@ -167,6 +174,16 @@ impl Domain {
         *self.state.read()
     }
 
+    /// The `.state` text: the state, then a warning line about QEMU if
+    /// there is one (a QEMU outside the tested range).
+    pub fn state_text(&self) -> String {
+        let mut s = format!("{}\n", self.state().as_str());
+        if let Some(w) = self.qemu_warning.lock().as_ref() {
+            s.push_str(&format!("warning: {w}\n"));
+        }
+        s
+    }
+
     /// Re-reads the live state unless an operation holds the monitor.
     pub fn poll_state(&self) {
         if let Some(s) = self.backend.try_refresh_state() {
@@ -183,6 +200,15 @@ impl Domain {
                     .line(&format!("{p}; the domain is treated as stopped"));
             }
             *last = problem;
+        }
+        drop(last);
+        let warning = self.backend.qemu_warning();
+        let mut last = self.qemu_warning.lock();
+        if warning != *last {
+            if let Some(w) = &warning {
+                self.log.line(&format!("warning: {w}"));
+            }
+            *last = warning;
         }
         drop(last);
         let old = std::mem::replace(&mut *self.state.write(), s);
@@ -386,6 +412,8 @@ impl Domain {
             memory,
             disks: self.internal_points(),
             domain_xml: Some(self.def.xml.clone()),
+            memory_format: Default::default(),
+            machine: None,
         };
         self.record_new(snap)
     }

@@ -188,6 +188,8 @@ fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
             },
             disks: dom.internal_points(),
             domain_xml: None,
+            memory_format: Default::default(),
+            machine: None,
         };
         let mut forest = dom.forest.write();
         let saved = dom

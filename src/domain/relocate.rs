@@ -162,6 +162,8 @@ impl Domain {
                 memory: MemoryLocation::No,
                 disks: left_points,
                 domain_xml: Some(self.def.xml.clone()),
+                memory_format: Default::default(),
+                machine: None,
             }
         });
         let discard = if req.discard {

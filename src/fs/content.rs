@@ -8,9 +8,7 @@ use crate::xml::snapshot::write_snapshot_xml;
 /// Contents of a domain file; `uid` decides whether secrets are shown.
 pub fn domain_file(dom: &Domain, file: DomainFile, uid: u32) -> Vec<u8> {
     match file {
-        DomainFile::State => {
-            format!("{}\n{}", dom.state().as_str(), dom.damage_lines()).into_bytes()
-        }
+        DomainFile::State => format!("{}{}", dom.state_text(), dom.damage_lines()).into_bytes(),
         DomainFile::DomainXml if uid == 0 => dom.def.xml.clone().into_bytes(),
         DomainFile::DomainXml => redact_secrets(&dom.def.xml).into_bytes(),
         DomainFile::Tree => dom.forest().render_tree().into_bytes(),

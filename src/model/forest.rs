@@ -214,6 +214,8 @@ mod tests {
             memory: MemoryLocation::Internal,
             disks: vec![],
             domain_xml: None,
+            memory_format: Default::default(),
+            machine: None,
         }
     }
 

@@ -9,4 +9,6 @@ pub mod snapshot;
 pub use domain_def::{DiskDef, DomainDef, DomainState, SnapshotPolicy};
 pub use forest::{Forest, ForestError};
 pub use name::{validate_name, validate_name_bytes, NameError, MAX_NAME_BYTES};
-pub use snapshot::{DiskPoint, DiskSnapshotKind, MemoryLocation, Snapshot, SnapshotState};
+pub use snapshot::{
+    DiskPoint, DiskSnapshotKind, MemoryFormat, MemoryLocation, Snapshot, SnapshotState,
+};

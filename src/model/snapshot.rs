@@ -49,6 +49,37 @@ pub enum MemoryLocation {
     External(PathBuf),
 }
 
+/// How a memory file holds the guest's RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemoryFormat {
+    /// QEMU's plain migration stream, written and read in order (every
+    /// QEMU loads it; snapshots recorded without a format have it).
+    #[default]
+    Stream,
+    /// RAM at fixed offsets in the file (`mapped-ram`), written and read
+    /// by several threads (`multifd`); needs a QEMU that has both.
+    MappedRam,
+}
+
+impl MemoryFormat {
+    /// The spelling in the metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryFormat::Stream => "stream",
+            MemoryFormat::MappedRam => "mapped-ram",
+        }
+    }
+
+    /// Parses the spelling in the metadata.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "stream" => MemoryFormat::Stream,
+            "mapped-ram" => MemoryFormat::MappedRam,
+            _ => return None,
+        })
+    }
+}
+
 /// How one disk takes part in a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskSnapshotKind {
@@ -114,6 +145,11 @@ pub struct Snapshot {
     pub disks: Vec<DiskPoint>,
     /// The domain definition (`<domain>` XML) when the snapshot was taken.
     pub domain_xml: Option<String>,
+    /// How an external memory file holds the RAM.
+    pub memory_format: MemoryFormat,
+    /// The machine type the saved state was made on (`pc-q35-7.2`), which
+    /// a QEMU loading it must emulate; `None` when not recorded.
+    pub machine: Option<String>,
 }
 
 impl Snapshot {

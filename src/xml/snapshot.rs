@@ -38,7 +38,8 @@ use super::limits::MAX_DEPTH;
 use super::tree::{self, Element};
 use super::{push_attr_value, push_text, trim_xml, XmlError};
 use crate::model::{
-    validate_name, DiskPoint, DiskSnapshotKind, MemoryLocation, Snapshot, SnapshotState,
+    validate_name, DiskPoint, DiskSnapshotKind, MemoryFormat, MemoryLocation, Snapshot,
+    SnapshotState,
 };
 
 /// The root element of a snapshot document.
@@ -104,6 +105,11 @@ pub struct SnapshotSpec {
     pub id: Option<String>,
     /// `<vmsnapfs parent-id>`: the parent's id; a valid file name when present.
     pub parent_id: Option<String>,
+    /// `<vmsnapfs memory-format>`: how the memory file holds the RAM
+    /// (absent: a plain stream).
+    pub memory_format: Option<MemoryFormat>,
+    /// `<vmsnapfs machine>`: the machine type the saved state needs.
+    pub machine: Option<String>,
     /// Whether the guest's file systems are to be frozen for a disk-only
     /// snapshot: a `<quiesce/>` element (text, if any, `yes` or `no`) or a
     /// `quiesce='yes'` attribute on the root.
@@ -183,6 +189,16 @@ pub fn write_snapshot_xml(snap: &Snapshot, parent_name: Option<&str>) -> String 
     if let Some(parent) = &snap.parent {
         out.push_str(" parent-id='");
         push_attr_value(&mut out, parent);
+        out.push('\'');
+    }
+    if matches!(snap.memory, MemoryLocation::External(_)) {
+        out.push_str(" memory-format='");
+        out.push_str(snap.memory_format.as_str());
+        out.push('\'');
+    }
+    if let Some(machine) = &snap.machine {
+        out.push_str(" machine='");
+        push_attr_value(&mut out, machine);
         out.push('\'');
     }
     out.push_str("/>\n</domainsnapshot>\n");
@@ -274,6 +290,17 @@ pub fn parse_snapshot_xml(xml: &str) -> Result<SnapshotSpec, XmlError> {
         ),
         None => (None, None),
     };
+    let ours = root.child("vmsnapfs")?;
+    let memory_format = match ours.and_then(|o| o.attr("memory-format")) {
+        Some(f) => Some(MemoryFormat::parse(f).ok_or_else(|| {
+            XmlError::bad_choice("<vmsnapfs memory-format>", f, &["stream", "mapped-ram"])
+        })?),
+        None => None,
+    };
+    let machine = match ours.and_then(|o| o.attr("machine")) {
+        Some(m) => Some(checked_machine(m)?),
+        None => None,
+    };
     let mut quiesce = match root.attr("quiesce") {
         Some(flag) => parse_flag(flag, "<domainsnapshot quiesce>")?,
         None => false,
@@ -294,8 +321,27 @@ pub fn parse_snapshot_xml(xml: &str) -> Result<SnapshotSpec, XmlError> {
         domain_xml,
         id,
         parent_id,
+        memory_format,
+        machine,
         quiesce,
     })
+}
+
+/// A machine type as QEMU names it: letters, digits, `.`, `-`, `_`.
+fn checked_machine(m: &str) -> Result<String, XmlError> {
+    let ok = !m.is_empty()
+        && m.len() <= 64
+        && m.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(m.to_owned())
+    } else {
+        Err(XmlError::bad_value(
+            "<vmsnapfs machine>",
+            m,
+            "not a QEMU machine type",
+        ))
+    }
 }
 
 /// A trimmed snapshot name that passes [`validate_name`].
@@ -481,6 +527,8 @@ pub fn snapshot_from_spec(spec: SnapshotSpec) -> Result<(Snapshot, Option<String
         memory,
         disks,
         domain_xml: spec.domain_xml,
+        memory_format: spec.memory_format.unwrap_or_default(),
+        machine: spec.machine,
     };
     Ok((snapshot, spec.parent_name))
 }
@@ -511,6 +559,8 @@ mod tests {
                 },
             ],
             domain_xml: Some("<domain type='kvm'>\n  <name>vm1</name>\n</domain>".into()),
+            memory_format: Default::default(),
+            machine: None,
         }
     }
 

@@ -1,0 +1,264 @@
+//! What the QEMU on one connection can do, read once per connection from
+//! `query-version` and `query-qmp-schema`: vmsnapfs chooses its
+//! mechanisms from these answers, never from a version number. The
+//! version only decides whether to warn that this QEMU is outside the
+//! range vmsnapfs is tested on.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use super::qmp::{Qmp, QmpError};
+
+/// The oldest QEMU the test suite runs on (major, minor).
+pub const TESTED_MIN: (u64, u64) = (7, 2);
+/// The newest QEMU the test suite runs on (major, minor).
+pub const TESTED_MAX: (u64, u64) = (10, 0);
+
+/// The tested range: [`TESTED_MIN`]..=[`TESTED_MAX`], or what
+/// `VMSNAPFS_TESTED_QEMU=MAJOR.MINOR-MAJOR.MINOR` says (for tests of the
+/// warning itself).
+fn tested_range() -> ((u64, u64), (u64, u64)) {
+    static RANGE: std::sync::OnceLock<((u64, u64), (u64, u64))> = std::sync::OnceLock::new();
+    *RANGE.get_or_init(|| {
+        std::env::var("VMSNAPFS_TESTED_QEMU")
+            .ok()
+            .and_then(|r| parse_range(&r))
+            .unwrap_or((TESTED_MIN, TESTED_MAX))
+    })
+}
+
+/// `7.2-10.0` as ((7, 2), (10, 0)).
+fn parse_range(r: &str) -> Option<((u64, u64), (u64, u64))> {
+    let v = |s: &str| -> Option<(u64, u64)> {
+        let (a, b) = s.trim().split_once('.')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    let (lo, hi) = r.split_once('-')?;
+    Some((v(lo)?, v(hi)?))
+}
+
+/// The answers of one QEMU, reduced to what vmsnapfs asks about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// (major, minor, micro) from `query-version`.
+    pub version: (u64, u64, u64),
+    /// QEMU's package string (`(Debian 1:10.0.2+ds-...)`), may be empty.
+    pub package: String,
+    commands: BTreeSet<String>,
+    migrate_caps: BTreeSet<String>,
+    migration_transports: BTreeSet<String>,
+}
+
+impl Capabilities {
+    /// Asks QEMU (two commands; the schema is a few hundred KiB).
+    pub fn read(qmp: &mut Qmp) -> Result<Self, QmpError> {
+        let version = qmp.execute_raw("query-version", json!({}))?;
+        let schema = qmp.execute_raw("query-qmp-schema", json!({}))?;
+        Ok(Self::from_answers(&version, &schema))
+    }
+
+    /// Builds the answers from `query-version` and `query-qmp-schema` replies.
+    pub fn from_answers(version: &Value, schema: &Value) -> Self {
+        let q = &version["qemu"];
+        let num = |k: &str| q[k].as_u64().unwrap_or(0);
+        let entries: Vec<&Value> = schema.as_array().into_iter().flatten().collect();
+        let by_name: BTreeMap<&str, &Value> = entries
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?, *e)))
+            .collect();
+        let commands: BTreeSet<String> = entries
+            .iter()
+            .filter(|e| e["meta-type"] == "command")
+            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .collect();
+        // migrate-set-capabilities {capabilities: [{capability: <enum>}]}
+        let migrate_caps = (|| {
+            let cmd = entries
+                .iter()
+                .find(|e| e["meta-type"] == "command" && e["name"] == "migrate-set-capabilities")?;
+            let args = by_name.get(cmd["arg-type"].as_str()?)?;
+            let list = member_type(args, "capabilities")?;
+            let elem = by_name.get(by_name.get(list)?["element-type"].as_str()?)?;
+            let cap_enum = by_name.get(member_type(elem, "capability")?)?;
+            Some(enum_values(cap_enum))
+        })()
+        .unwrap_or_default();
+        // The transports a migration address may use (`exec`, `file`, ...).
+        let migration_transports = entries
+            .iter()
+            .filter(|e| e["meta-type"] == "enum")
+            .map(|e| enum_values(e))
+            .find(|v| v.contains("exec") && v.contains("socket"))
+            .unwrap_or_default();
+        Capabilities {
+            version: (num("major"), num("minor"), num("micro")),
+            package: version["package"].as_str().unwrap_or("").trim().to_owned(),
+            commands,
+            migrate_caps,
+            migration_transports,
+        }
+    }
+
+    /// True when QEMU has the QMP command `name`.
+    pub fn has_command(&self, name: &str) -> bool {
+        self.commands.contains(name)
+    }
+
+    /// True when `migrate-set-capabilities` accepts capability `name`
+    /// (e.g. `mapped-ram`, `multifd`, `background-snapshot`).
+    pub fn has_migrate_capability(&self, name: &str) -> bool {
+        self.migrate_caps.contains(name)
+    }
+
+    /// True when QEMU migrates to and from a `file:` URI (which may be
+    /// read at fixed offsets: needed by `mapped-ram`).
+    pub fn has_file_migration(&self) -> bool {
+        self.migration_transports.contains("file")
+    }
+
+    /// True when memory files can be saved with RAM at fixed offsets and
+    /// written and read by several threads at once.
+    pub fn has_parallel_memory_files(&self) -> bool {
+        self.has_file_migration()
+            && self.has_migrate_capability("mapped-ram")
+            && self.has_migrate_capability("multifd")
+    }
+
+    /// `7.2.22`.
+    pub fn version_text(&self) -> String {
+        let (a, b, c) = self.version;
+        format!("{a}.{b}.{c}")
+    }
+
+    /// A warning when this QEMU is outside the tested range; vmsnapfs
+    /// still uses it, deciding by the capabilities it reports.
+    pub fn range_warning(&self) -> Option<String> {
+        self.warning_for(tested_range())
+    }
+
+    fn warning_for(&self, (lo, hi): ((u64, u64), (u64, u64))) -> Option<String> {
+        let v = (self.version.0, self.version.1);
+        (v < lo || v > hi).then(|| {
+            format!(
+                "QEMU {} is outside the tested range {}.{}-{}.{}; vmsnapfs uses what it reports",
+                self.version_text(),
+                lo.0,
+                lo.1,
+                hi.0,
+                hi.1
+            )
+        })
+    }
+}
+
+/// The type name of member `name` of an object type of the schema.
+fn member_type<'a>(object: &'a Value, name: &str) -> Option<&'a str> {
+    object["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?["type"]
+        .as_str()
+}
+
+/// The values of an enum type of the schema (`members[].name`, or the
+/// older `values`).
+fn enum_values(e: &Value) -> BTreeSet<String> {
+    let from_members = e["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned));
+    let from_values = e["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned));
+    from_members.chain(from_values).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A schema shaped like QEMU's (type names are masked numbers).
+    fn schema(caps: &[&str], transports: &[&str]) -> Value {
+        json!([
+            {"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "10"},
+            {"name": "query-status", "meta-type": "command", "arg-type": "0"},
+            {"name": "10", "meta-type": "object",
+             "members": [{"name": "capabilities", "type": "[11]"}]},
+            {"name": "[11]", "meta-type": "array", "element-type": "11"},
+            {"name": "11", "meta-type": "object",
+             "members": [{"name": "capability", "type": "12"}, {"name": "state", "type": "bool"}]},
+            {"name": "12", "meta-type": "enum", "values": caps},
+            {"name": "13", "meta-type": "enum",
+             "members": transports.iter().map(|t| json!({"name": t})).collect::<Vec<_>>()},
+        ])
+    }
+
+    fn version(major: u64, minor: u64) -> Value {
+        json!({"qemu": {"major": major, "minor": minor, "micro": 2}, "package": " (Debian)"})
+    }
+
+    #[test]
+    fn reads_migration_capabilities_and_transports() {
+        let c = Capabilities::from_answers(
+            &version(10, 0),
+            &schema(
+                &["background-snapshot", "mapped-ram", "multifd"],
+                &["socket", "exec", "rdma", "file"],
+            ),
+        );
+        assert!(c.has_command("query-status"));
+        assert!(!c.has_command("blockdev-set-active"));
+        assert!(c.has_migrate_capability("mapped-ram"));
+        assert!(c.has_parallel_memory_files());
+        assert_eq!(c.version_text(), "10.0.2");
+        assert_eq!(c.package, "(Debian)");
+    }
+
+    #[test]
+    fn an_older_schema_has_no_parallel_memory_files() {
+        let c = Capabilities::from_answers(
+            &version(7, 2),
+            &schema(&["background-snapshot", "multifd"], &[]),
+        );
+        assert!(!c.has_migrate_capability("mapped-ram"));
+        assert!(!c.has_file_migration());
+        assert!(!c.has_parallel_memory_files());
+        // mapped-ram without a file transport is not enough either.
+        let c = Capabilities::from_answers(
+            &version(9, 0),
+            &schema(&["mapped-ram", "multifd"], &["socket", "exec"]),
+        );
+        assert!(!c.has_parallel_memory_files());
+    }
+
+    #[test]
+    fn warns_outside_the_tested_range_only() {
+        let s = schema(&[], &[]);
+        for (v, warn) in [
+            ((7, 1), true),
+            ((7, 2), false),
+            ((8, 2), false),
+            ((10, 0), false),
+            ((10, 1), true),
+            ((11, 0), true),
+        ] {
+            let c = Capabilities::from_answers(&version(v.0, v.1), &s);
+            let w = c.warning_for((TESTED_MIN, TESTED_MAX));
+            assert_eq!(w.is_some(), warn, "{v:?}");
+        }
+        assert_eq!(parse_range("7.2-9.2"), Some(((7, 2), (9, 2))));
+        assert_eq!(parse_range("7-9"), None);
+    }
+
+    #[test]
+    fn a_garbled_schema_means_no_capabilities() {
+        let c = Capabilities::from_answers(&json!("x"), &json!({"not": "a list"}));
+        assert_eq!(c.version, (0, 0, 0));
+        assert!(!c.has_migrate_capability("multifd"));
+        assert!(c.warning_for((TESTED_MIN, TESTED_MAX)).is_some());
+    }
+}
