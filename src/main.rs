@@ -136,7 +136,6 @@ fn mount(
     let ready = if foreground { None } else { Some(daemonize()?) };
     let result = (|| {
         let reg = Registry::open(&domains, &state).map_err(|e| e.to_string())?;
-        reg.start_poller();
         let config = MountConfig {
             allow_other,
             group,

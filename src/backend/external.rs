@@ -472,7 +472,7 @@ impl QemuBackend {
 
     /// See [`super::Backend::undo_external`].
     pub(super) fn undo_external_impl(&self, plan: &ExternalPlan) -> Result<()> {
-        if self.is_up() {
+        if self.is_up()? {
             self.with_qmp(|conn| self.undo_live_overlays(conn, plan))?;
         } else {
             let layers = self.layers.lock().clone();
@@ -507,7 +507,7 @@ impl QemuBackend {
     /// See [`super::Backend::settle_external`].
     pub(super) fn settle_external_impl(&self, plan: &ExternalPlan) -> Result<bool> {
         // Connecting makes the record follow what a running QEMU has open.
-        let up = self.is_up();
+        let up = self.is_up()?;
         let layers = self.layers.lock().clone();
         let is_active = |t: &str, o: &Path| {
             layers

@@ -36,7 +36,7 @@ fn format_nodes(conn: &mut Conn) -> Result<HashMap<PathBuf, String>> {
 impl QemuBackend {
     /// See [`super::Backend::merge`].
     pub(super) fn merge_impl(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        if self.is_up() {
+        if self.is_up()? {
             let done = self.with_qmp(|conn| {
                 let nodes = format_nodes(conn)?;
                 let upper = nodes.get(&canonical(&m.upper)).cloned();

@@ -5,6 +5,7 @@ pub mod capabilities;
 pub mod external;
 pub mod fingerprint;
 pub mod image_lock;
+pub mod liveness;
 pub mod machine;
 pub mod merge;
 pub mod process;
@@ -28,6 +29,16 @@ pub struct ImageSnapshot {
     pub vm_state_size: u64,
     /// Creation time, seconds since the epoch.
     pub date_sec: i64,
+}
+
+/// Why a domain is neither shut off nor answering on its monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable {
+    /// In words, for `.state` and `.log` ("no greeting within 5s").
+    pub reason: String,
+    /// True when a process holds the images (QEMU's locks, or the
+    /// recorded QEMU process runs): operations get EBUSY, else EIO.
+    pub held: bool,
 }
 
 /// What an external snapshot makes.
@@ -112,7 +123,10 @@ pub struct Merge {
 /// The primitive actions on one domain. The domain layer decides which to
 /// run (and refuses what is unsafe); a backend just does them.
 pub trait Backend: Send + Sync {
-    /// Re-reads the live state, connecting to the monitor if needed.
+    /// Re-reads the live state, connecting to the monitor if needed;
+    /// every wait on the monitor has a deadline. `Unreachable` when the
+    /// monitor does not answer in time and nothing proves QEMU gone (see
+    /// [`Backend::unreachable`] for why).
     fn refresh_state(&self) -> DomainState;
 
     /// Like [`Backend::refresh_state`], but returns `None` instead of
@@ -165,9 +179,12 @@ pub trait Backend: Send + Sync {
     /// Resumes (`cont`) or pauses (`stop`) the guest.
     fn set_running(&self, running: bool) -> Result<()>;
 
-    /// Why the monitor socket answered but could not be used, if it did
-    /// (garbage, no greeting): the domain is then treated as stopped.
-    fn monitor_error(&self) -> Option<String>;
+    /// Why the domain is unreachable, when the last look found it so.
+    fn unreachable(&self) -> Option<Unreachable>;
+
+    /// Lines for the domain's `.log` gathered since the last call (the
+    /// active layers a (re)connection found changed, for instance).
+    fn take_notes(&self) -> Vec<String>;
 
     /// After a failed create: a sentence when the filesystem of an image
     /// lacks the room a snapshot needs (QEMU reports a full disk during a

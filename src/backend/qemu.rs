@@ -9,16 +9,28 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::capabilities::Capabilities;
+use super::liveness::{self, QemuProcess};
 use super::qmp::{Qmp, QmpError};
-use super::{process, qemu_img, Backend, ExternalOutcome, ExternalPlan, ImageSnapshot};
+use super::{
+    process, qemu_img, Backend, ExternalOutcome, ExternalPlan, ImageSnapshot, Unreachable,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DiskDef, DomainDef, DomainState, MemoryFormat, SnapshotState};
 use crate::store::{DomainStore, Layer};
 
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long QEMU may take to greet a new connection (it does so at once).
-const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connect to the monitor socket may wait (a full backlog:
+/// another client holds a one-client monitor, or QEMU is stopped).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long QEMU may take to greet a new connection and to answer
+/// `qmp_capabilities` (it does so at once).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a state probe (`query-status`) may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// A probe that found the monitor unreachable this recently is not
+/// repeated: its answer is reused.
+const PROBE_REUSE: Duration = Duration::from_millis(800);
 /// How long a snapshot job may take (RAM saves run ~3 s per GiB here).
 pub(super) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a started QEMU may take to open its monitor.
@@ -54,17 +66,36 @@ pub(super) struct LiveDisk {
     pub(super) chain: Vec<qemu_img::ChainImage>,
 }
 
+/// Why there is no monitor connection.
+enum NoMonitor {
+    /// Nothing listens on the socket (missing, or connections refused):
+    /// shut off, unless a process still holds the images.
+    Absent(String),
+    /// The monitor is there but cannot be used in time.
+    Unreachable(String),
+}
+
 /// QMP + qemu-img backend of one domain.
 pub struct QemuBackend {
     pub(super) def: DomainDef,
     pub(super) store: DomainStore,
     conn: Mutex<Option<Conn>>,
-    monitor_error: Mutex<Option<String>>,
     /// A warning about the connected QEMU (outside the tested range).
     qemu_warning: Mutex<Option<String>>,
+    /// Why the domain is unreachable, when it is.
+    unreachable: Mutex<Option<Unreachable>>,
+    /// When the last probe found it unreachable.
+    last_unreachable: Mutex<Option<Instant>>,
+    /// The QEMU process last seen on the monitor (also kept in the store).
+    qemu: Mutex<Option<QemuProcess>>,
+    /// Lines for the domain's `.log`, taken by [`Backend::take_notes`].
+    notes: Mutex<Vec<String>>,
     /// Each disk's active layer, by target (persisted in the store).
     pub(super) layers: Mutex<BTreeMap<String, Layer>>,
 }
+
+/// The file in the domain's state directory that records QEMU's pid.
+const QEMU_RECORD: &str = "qemu-pid";
 
 pub(super) fn qmp_err(e: QmpError) -> Error {
     Error::io(e.to_string())
@@ -100,14 +131,24 @@ impl QemuBackend {
                 (d.target.clone(), layer)
             })
             .collect();
+        let qemu = QemuProcess::load(&store.dir().join(QEMU_RECORD));
         QemuBackend {
             def,
             store,
             conn: Mutex::new(None),
-            monitor_error: Mutex::new(None),
             qemu_warning: Mutex::new(None),
+            unreachable: Mutex::new(None),
+            last_unreachable: Mutex::new(None),
+            qemu: Mutex::new(qemu),
+            notes: Mutex::new(Vec::new()),
             layers: Mutex::new(layers),
         }
+    }
+
+    /// A line for the domain's `.log`.
+    fn note(&self, line: String) {
+        log::info!("{}: {line}", self.def.name);
+        self.notes.lock().push(line);
     }
 
     /// The disks as they are now: the definition's, each with its active layer.
@@ -207,34 +248,62 @@ impl QemuBackend {
             return;
         }
         for (t, l) in &changes {
-            log::info!(
-                "{}: disk {t}: QEMU writes to {}; recorded as the active layer",
-                self.def.name,
-                l.path.display()
-            );
+            let Some(old) = known.get(t) else { continue };
+            // Never silently: a record that goes back to an image below
+            // the recorded layer means QEMU kept writing to an image the
+            // daemon took as frozen.
+            let below = qemu_img::chain(&old.path).is_ok_and(|c| {
+                c.iter()
+                    .skip(1)
+                    .any(|i| canonical(&i.path) == canonical(&l.path))
+            });
+            if below {
+                self.note(format!(
+                    "disk {t}: QEMU writes to {}, which lies below the recorded active layer \
+                     {}: the record now follows QEMU; {} and the snapshots whose point is {} \
+                     may no longer hold what they held",
+                    l.path.display(),
+                    old.path.display(),
+                    old.path.display(),
+                    l.path.display()
+                ));
+            } else {
+                self.note(format!(
+                    "disk {t}: QEMU writes to {} (was recorded as {}); recorded as the \
+                     active layer",
+                    l.path.display(),
+                    old.path.display()
+                ));
+            }
         }
         if let Err(e) = self.set_layers(&changes) {
-            log::warn!("{}: cannot record the active layers: {e}", self.def.name);
+            self.note(format!("cannot record the active layers: {e}"));
         }
     }
 
-    /// Ensures a connection when QEMU answers; `None` when it is stopped.
-    fn connect<'a>(&self, guard: &'a mut Option<Conn>) -> Option<&'a mut Conn> {
+    /// Ensures a connection when QEMU answers, within the connect and
+    /// greeting deadlines; otherwise says why there is none.
+    fn connect<'a>(
+        &self,
+        guard: &'a mut Option<Conn>,
+    ) -> std::result::Result<&'a mut Conn, NoMonitor> {
         if guard.as_ref().is_some_and(|c| !c.qmp.is_usable()) {
             *guard = None;
         }
         if guard.is_none() {
-            let path = self.def.monitor.as_ref()?;
-            match Qmp::connect(path, GREETING_TIMEOUT) {
+            let Some(path) = self.def.monitor.as_ref() else {
+                return Err(NoMonitor::Absent("no monitor socket is defined".into()));
+            };
+            match Qmp::connect_within(path, CONNECT_TIMEOUT, GREETING_TIMEOUT) {
                 Ok(mut qmp) => {
                     qmp.set_timeout(QMP_TIMEOUT);
-                    *self.monitor_error.lock() = None;
                     let pid = qmp.peer_pid();
                     if let Some(argv) = pid.and_then(process::read_argv) {
                         if let Err(e) = self.store.save_argv(&argv) {
                             log::warn!("{}: cannot record QEMU's argv: {e}", self.def.name);
                         }
                     }
+                    self.record_process(pid.and_then(QemuProcess::of));
                     let caps = Capabilities::read(&mut qmp).unwrap_or_else(|e| {
                         log::warn!("{}: cannot read QEMU's capabilities: {e}", self.def.name);
                         Capabilities::default()
@@ -256,41 +325,180 @@ impl QemuBackend {
                 }
                 Err(e) => {
                     log::debug!("{}: monitor {}: {e}", self.def.name, path.display());
-                    // Nobody listening means stopped; anything else is worth telling.
-                    let quiet = matches!(&e, QmpError::Io(io) if matches!(
+                    // Nobody listening, or the listener closed our queued
+                    // connection (a QEMU exiting): stopped, if nothing
+                    // holds the images.
+                    let absent = matches!(&e, QmpError::Io(io) if matches!(
                         io.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::BrokenPipe
                     ));
-                    *self.monitor_error.lock() = (!quiet)
-                        .then(|| format!("monitor {} does not speak QMP: {e}", path.display()));
-                    return None;
+                    return Err(if absent {
+                        NoMonitor::Absent(format!("nothing listens on {}", path.display()))
+                    } else {
+                        NoMonitor::Unreachable(match e {
+                            QmpError::Protocol(p) => format!("the monitor does not speak QMP: {p}"),
+                            e => e.to_string(),
+                        })
+                    });
                 }
             }
         }
-        guard.as_mut()
+        Ok(guard.as_mut().expect("connected"))
     }
 
-    fn state_of(&self, guard: &mut Option<Conn>) -> DomainState {
-        let Some(conn) = self.connect(guard) else {
-            return DomainState::Shutoff;
+    /// Records the QEMU process seen on the monitor (none: forgets it).
+    fn record_process(&self, p: Option<QemuProcess>) {
+        let mut cur = self.qemu.lock();
+        if *cur == p {
+            return;
+        }
+        let file = self.store.dir().join(QEMU_RECORD);
+        let r = match &p {
+            Some(p) => p.save(&file),
+            None => crate::store::atomic::remove_if_present(&file).map(drop),
         };
-        match conn.qmp.execute_raw("query-status", json!({})) {
-            Ok(v) if v["status"] == "running" => DomainState::Running,
-            Ok(_) => DomainState::Paused,
-            Err(e) => {
-                log::info!("{}: QEMU stopped answering: {e}", self.def.name);
-                *guard = None;
+        if let Err(e) = r {
+            log::warn!("{}: cannot record QEMU's pid: {e}", self.def.name);
+        }
+        *cur = p;
+    }
+
+    /// What holds the domain although its monitor is absent or silent:
+    /// QEMU's write locks on an active layer, or the recorded QEMU process.
+    fn holder(&self) -> Option<String> {
+        let images: Vec<PathBuf> = self.active().into_iter().map(|d| d.source).collect();
+        liveness::holder(&images, *self.qemu.lock())
+    }
+
+    /// Notes the domain as unreachable for `why` and returns that state.
+    fn mark_unreachable(&self, why: String) -> DomainState {
+        let holder = self.holder();
+        let reason = match &holder {
+            Some(h) => format!("{why} ({h})"),
+            None => why,
+        };
+        *self.unreachable.lock() = Some(Unreachable {
+            reason,
+            held: holder.is_some(),
+        });
+        *self.last_unreachable.lock() = Some(Instant::now());
+        DomainState::Unreachable
+    }
+
+    /// Shut off when nothing holds the images, else unreachable. A QEMU
+    /// that is exiting may hold its locks a moment after its monitor
+    /// went: asked again a few times, 50 ms apart.
+    fn absent(&self, why: String) -> DomainState {
+        let mut holder = self.holder();
+        for _ in 0..4 {
+            if holder.is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            holder = self.holder();
+        }
+        match holder {
+            Some(h) => {
+                *self.unreachable.lock() = Some(Unreachable {
+                    reason: format!("{why}, but {h}"),
+                    held: true,
+                });
+                *self.last_unreachable.lock() = Some(Instant::now());
+                DomainState::Unreachable
+            }
+            None => {
+                *self.unreachable.lock() = None;
+                self.record_process(None);
                 DomainState::Shutoff
             }
         }
     }
 
-    /// Runs `f` on the live connection, or fails with EIO when QEMU is not up.
+    fn state_of(&self, guard: &mut Option<Conn>) -> DomainState {
+        // A probe that just found the monitor silent is not repeated at once.
+        if guard.is_none()
+            && self
+                .last_unreachable
+                .lock()
+                .is_some_and(|t| t.elapsed() < PROBE_REUSE)
+            && self.unreachable.lock().is_some()
+        {
+            return DomainState::Unreachable;
+        }
+        for attempt in 0..2 {
+            let conn = match self.connect(guard) {
+                Ok(c) => c,
+                Err(NoMonitor::Absent(why)) => return self.absent(why),
+                Err(NoMonitor::Unreachable(why)) => return self.mark_unreachable(why),
+            };
+            match conn
+                .qmp
+                .execute_within("query-status", json!({}), STATUS_TIMEOUT)
+            {
+                Ok(v) => {
+                    *self.unreachable.lock() = None;
+                    return if v["status"] == "running" {
+                        DomainState::Running
+                    } else {
+                        DomainState::Paused
+                    };
+                }
+                // The connection ended (QEMU quit): ask again on a new one.
+                Err(QmpError::Io(e)) if attempt == 0 => {
+                    log::info!("{}: QEMU closed the monitor: {e}", self.def.name);
+                    *guard = None;
+                }
+                Err(e) => {
+                    *guard = None;
+                    return self.mark_unreachable(e.to_string());
+                }
+            }
+        }
+        self.mark_unreachable("the monitor closed every connection".into())
+    }
+
+    /// The error an operation gets while the domain is unreachable:
+    /// EBUSY when a process holds the images (QEMU is there but does not
+    /// answer), EIO otherwise.
+    fn refusal(&self) -> Error {
+        let u = self.unreachable.lock().clone().unwrap_or(Unreachable {
+            reason: "the monitor does not answer".into(),
+            held: true,
+        });
+        let text = format!(
+            "the domain is unreachable: {}; nothing was changed",
+            u.reason
+        );
+        if u.held {
+            Error::busy(text)
+        } else {
+            Error::io(text)
+        }
+    }
+
+    /// Runs `f` on the live connection, or fails with EIO when QEMU is
+    /// not up (EBUSY when it holds the images but does not answer).
     pub(super) fn with_qmp<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
         let mut guard = self.conn.lock();
-        let conn = self
-            .connect(&mut guard)
-            .ok_or_else(|| Error::io("QEMU is not running (the monitor does not answer)"))?;
+        let conn = match self.connect(&mut guard) {
+            Ok(c) => c,
+            Err(NoMonitor::Absent(why)) => {
+                if self.absent(why) == DomainState::Unreachable {
+                    return Err(self.refusal());
+                }
+                return Err(Error::io(
+                    "QEMU is not running (the monitor does not answer)",
+                ));
+            }
+            Err(NoMonitor::Unreachable(why)) => {
+                self.mark_unreachable(why);
+                return Err(self.refusal());
+            }
+        };
         let r = f(conn);
         if guard.as_ref().is_some_and(|c| !c.qmp.is_usable()) {
             *guard = None;
@@ -359,15 +567,23 @@ impl QemuBackend {
         Ok(out)
     }
 
-    pub(super) fn is_up(&self) -> bool {
+    /// True when QEMU answers on the monitor, false when the domain is
+    /// shut off (nothing listens and nothing holds its images); an error
+    /// when it is neither, so that no offline path runs on images a
+    /// silent QEMU still has open.
+    pub(super) fn is_up(&self) -> Result<bool> {
         let mut guard = self.conn.lock();
-        self.connect(&mut guard).is_some()
+        match self.state_of(&mut guard) {
+            DomainState::Shutoff => Ok(false),
+            DomainState::Unreachable => Err(self.refusal()),
+            DomainState::Running | DomainState::Paused => Ok(true),
+        }
     }
 
     /// The backing chain of each disk, top first: from QEMU when it runs
     /// (it has the images open), from the images otherwise.
     fn chains(&self) -> Result<Vec<Vec<qemu_img::ChainImage>>> {
-        if self.is_up() {
+        if self.is_up()? {
             return self.with_qmp(|c| {
                 let live = self.live_disks(&mut c.qmp)?;
                 Ok(live.into_values().map(|d| d.chain).collect())
@@ -459,7 +675,7 @@ impl QemuBackend {
         loop {
             {
                 let mut guard = self.conn.lock();
-                if self.connect(&mut guard).is_some() {
+                if self.connect(&mut guard).is_ok() {
                     break;
                 }
             }
@@ -666,7 +882,11 @@ impl Backend for QemuBackend {
 
     fn delete_internal(&self, tag: &str) -> Result<()> {
         let mut guard = self.conn.lock();
-        if self.state_of(&mut guard) == DomainState::Shutoff {
+        let state = self.state_of(&mut guard);
+        if state == DomainState::Unreachable {
+            return Err(self.refusal());
+        }
+        if state == DomainState::Shutoff {
             drop(guard);
             for d in self.active().iter().filter(|d| d.format == "qcow2") {
                 if qemu_img::list(&d.source)?.iter().any(|s| s.tag == tag) {
@@ -685,7 +905,7 @@ impl Backend for QemuBackend {
     }
 
     fn delete_tag_in(&self, image: &Path, tag: &str) -> Result<bool> {
-        let open_in_qemu = self.is_up()
+        let open_in_qemu = self.is_up()?
             && self.with_qmp(|c| {
                 let live = self.live_disks(&mut c.qmp)?;
                 let want = canonical(image);
@@ -703,7 +923,7 @@ impl Backend for QemuBackend {
     }
 
     fn set_active_layers(&self, images: &[(String, PathBuf)]) -> Result<()> {
-        if self.is_up() {
+        if self.is_up()? {
             return Err(Error::io("QEMU runs: its disks cannot be switched offline"));
         }
         let changes = images
@@ -765,8 +985,18 @@ impl Backend for QemuBackend {
 
     fn stop_process(&self) -> Result<()> {
         let mut guard = self.conn.lock();
-        let Some(conn) = self.connect(&mut guard) else {
-            return Ok(());
+        let conn = match self.connect(&mut guard) {
+            Ok(c) => c,
+            Err(NoMonitor::Absent(why)) => {
+                return match self.absent(why) {
+                    DomainState::Shutoff => Ok(()),
+                    _ => Err(self.refusal()),
+                }
+            }
+            Err(NoMonitor::Unreachable(why)) => {
+                self.mark_unreachable(why);
+                return Err(self.refusal());
+            }
         };
         let pid = conn.pid;
         // QEMU may close the socket before it answers `quit`.
@@ -795,9 +1025,9 @@ impl Backend for QemuBackend {
         // A checkpoint needs about the guest's RAM; disk-only needs little.
         let ram = {
             let mut guard = self.conn.lock();
-            self.connect(&mut guard).and_then(|c| {
+            self.connect(&mut guard).ok().and_then(|c| {
                 c.qmp
-                    .execute_raw("query-memory-size-summary", json!({}))
+                    .execute_within("query-memory-size-summary", json!({}), STATUS_TIMEOUT)
                     .ok()
                     .and_then(|v| v["base-memory"].as_u64())
             })
@@ -816,8 +1046,12 @@ impl Backend for QemuBackend {
         })
     }
 
-    fn monitor_error(&self) -> Option<String> {
-        self.monitor_error.lock().clone()
+    fn unreachable(&self) -> Option<Unreachable> {
+        self.unreachable.lock().clone()
+    }
+
+    fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock())
     }
 
     fn qemu_warning(&self) -> Option<String> {
@@ -840,7 +1074,7 @@ impl Backend for QemuBackend {
     }
 
     fn can_load_memory(&self, format: MemoryFormat) -> Result<()> {
-        if !self.is_up() {
+        if !self.is_up()? {
             return Ok(());
         }
         self.with_qmp(|c| super::external::check_can_load(&c.caps, format))
@@ -861,7 +1095,7 @@ impl Backend for QemuBackend {
     fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {
         super::external::check_plan_paths(plan)?;
         if live == DomainState::Shutoff {
-            if self.is_up() {
+            if self.is_up()? {
                 return Err(Error::io(
                     "QEMU started while the snapshot was being prepared",
                 ));
@@ -912,16 +1146,16 @@ impl Backend for QemuBackend {
 
     fn images_inactive(&self) -> bool {
         let mut guard = self.conn.lock();
-        let Some(conn) = self.connect(&mut guard) else {
+        let Ok(conn) = self.connect(&mut guard) else {
             return false;
         };
         conn.qmp
-            .execute_raw("query-status", json!({}))
+            .execute_within("query-status", json!({}), STATUS_TIMEOUT)
             .is_ok_and(|v| v["status"] == "postmigrate")
     }
 
     fn settle_leftover_jobs(&self) -> Result<usize> {
-        if !self.is_up() {
+        if !self.is_up()? {
             return Ok(0);
         }
         self.with_qmp(|c| {

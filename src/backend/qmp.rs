@@ -26,9 +26,18 @@ pub enum QmpError {
     /// The socket could not be reached or broke.
     #[error("QMP socket: {0}")]
     Io(#[from] io::Error),
+    /// Nobody accepted the connection in time (the socket's backlog is
+    /// full: another client holds a one-client monitor, or QEMU is stopped).
+    #[error("connect timed out after {}", secs(*.0))]
+    ConnectTimeout(Duration),
     /// QEMU did not answer in time; the session is unusable afterwards.
-    #[error("QMP: no answer within {0:?}")]
-    Timeout(Duration),
+    #[error("{what} within {}", secs(*after))]
+    Timeout {
+        /// What was awaited: "no greeting", "no answer to query-status".
+        what: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
     /// QEMU sent something that is not QMP.
     #[error("QMP protocol: {0}")]
     Protocol(String),
@@ -56,9 +65,20 @@ pub struct Qmp {
 
 impl Qmp {
     /// Connects to a QMP socket and negotiates capabilities. Every later
-    /// exchange must finish within `timeout`.
+    /// exchange must finish within `timeout`, and so must the connect.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path)?;
+        Self::connect_within(path, timeout, timeout)
+    }
+
+    /// Connects within `connect_timeout` (a full backlog never blocks the
+    /// caller), then waits at most `timeout` for the greeting and for the
+    /// answer to `qmp_capabilities`; later exchanges get `timeout` too.
+    pub fn connect_within(
+        path: &Path,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, QmpError> {
+        let stream = connect_deadline(path, connect_timeout)?;
         stream.set_write_timeout(Some(timeout))?;
         let peer_pid = peer_pid(&stream);
         let mut qmp = Qmp {
@@ -70,7 +90,7 @@ impl Qmp {
             broken: false,
         };
         let deadline = Instant::now() + timeout;
-        let greeting = qmp.read_message(deadline)?;
+        let greeting = qmp.read_message(deadline, "no greeting", timeout)?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!(
                 "expected a greeting, got {greeting}"
@@ -78,6 +98,11 @@ impl Qmp {
         }
         qmp.execute_raw("qmp_capabilities", json!({}))?;
         Ok(qmp)
+    }
+
+    /// How long each exchange may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Changes how long each later exchange may take.
@@ -106,6 +131,17 @@ impl Qmp {
 
     /// Runs a command given by name with JSON arguments; returns `return`.
     pub fn execute_raw(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        self.execute_within(name, args, self.timeout)
+    }
+
+    /// Like [`Qmp::execute_raw`] with its own deadline (a state probe
+    /// that must not wait as long as a snapshot command may).
+    pub fn execute_within(
+        &mut self,
+        name: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         if self.broken {
             return Err(QmpError::Protocol(
                 "session broken by an earlier error".into(),
@@ -119,9 +155,17 @@ impl Qmp {
             self.broken = true;
             return Err(e.into());
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + timeout;
+        let what = format!("no answer to {name}");
         loop {
-            let msg = self.read_message(deadline)?;
+            let msg = match self.read_message(deadline, &what, timeout) {
+                Ok(m) => m,
+                Err(e) => {
+                    // The answer may still come: never match it to a later command.
+                    self.broken = true;
+                    return Err(e);
+                }
+            };
             if let Some(ret) = msg.get("return") {
                 return Ok(ret.clone());
             }
@@ -174,7 +218,7 @@ impl Qmp {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let msg = self.read_message(deadline)?;
+            let msg = self.read_message(deadline, "no event", timeout)?;
             if msg.get("event").is_none() {
                 self.broken = true;
                 return Err(QmpError::Protocol(format!("unexpected message {msg}")));
@@ -245,14 +289,17 @@ impl Qmp {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(QmpError::Timeout(timeout));
+                return Err(QmpError::Timeout {
+                    what: format!("job {job_id} not done"),
+                    after: timeout,
+                });
             }
             // Sleep until the next status change of this job, or 200 ms.
             let id = job_id.to_owned();
             match self.wait_event(left.min(Duration::from_millis(200)), |e| {
                 e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == id.as_str()
             }) {
-                Ok(_) | Err(QmpError::Timeout(_)) => {
+                Ok(_) | Err(QmpError::Timeout { .. }) => {
                     self.broken = false;
                 }
                 Err(e) => return Err(e),
@@ -260,15 +307,24 @@ impl Qmp {
         }
     }
 
-    /// Reads one JSON message, whole, before `deadline`.
-    fn read_message(&mut self, deadline: Instant) -> Result<Value, QmpError> {
+    /// Reads one JSON message, whole, before `deadline`; `what` names
+    /// what was awaited if it does not come.
+    fn read_message(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+        after: Duration,
+    ) -> Result<Value, QmpError> {
         let mut line = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // A partial line means the stream is out of step for good.
                 self.broken = !line.is_empty() || self.broken;
-                return Err(QmpError::Timeout(self.timeout));
+                return Err(QmpError::Timeout {
+                    what: what.to_owned(),
+                    after,
+                });
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
             let limit = (MAX_LINE - line.len()) as u64;
@@ -305,6 +361,134 @@ impl Qmp {
             QmpError::Protocol(format!("not JSON: {e}"))
         })
     }
+}
+
+/// `2s`, `0.2s`: a deadline as `.state` and `.log` show it.
+pub fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Connects to a Unix socket without ever blocking past `timeout`: the
+/// socket is non-blocking while connecting, and a full backlog (EAGAIN)
+/// is retried until the deadline.
+fn connect_deadline(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(QmpError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: raw is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        use std::os::fd::AsRawFd;
+        // SAFETY: addr is a valid sockaddr_un of `len` bytes.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Backlog full: nobody accepts, and a Unix socket does not
+            // queue the caller. Try again until the deadline.
+            Some(libc::EAGAIN) => {
+                if Instant::now() >= deadline {
+                    return Err(QmpError::ConnectTimeout(timeout));
+                }
+                std::thread::sleep(Duration::from_millis(20).min(timeout));
+            }
+            Some(libc::EINPROGRESS) => {
+                while !wait_writable(fd.as_raw_fd(), deadline)? {
+                    if Instant::now() >= deadline {
+                        return Err(QmpError::ConnectTimeout(timeout));
+                    }
+                }
+                match so_error(fd.as_raw_fd())? {
+                    0 => break,
+                    e => return Err(io::Error::from_raw_os_error(e).into()),
+                }
+            }
+            _ => return Err(err.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Polls `fd` for writability until `deadline`; true when writable.
+fn wait_writable(fd: libc::c_int, deadline: Instant) -> io::Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = left.as_millis().clamp(1, 20) as libc::c_int;
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0)
+}
+
+/// The pending error of a socket (`SO_ERROR`).
+fn so_error(fd: libc::c_int) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 /// The pid of the process at the other end of a Unix socket.
@@ -393,10 +577,12 @@ mod tests {
             drop(s);
         });
         let t = Instant::now();
-        assert!(matches!(
-            Qmp::connect(&path, Duration::from_millis(200)),
-            Err(QmpError::Timeout(_))
-        ));
+        match Qmp::connect(&path, Duration::from_millis(200)) {
+            Err(e @ QmpError::Timeout { .. }) => {
+                assert_eq!(e.to_string(), "no greeting within 0.2s")
+            }
+            other => panic!("{:?}", other.err()),
+        }
         assert!(t.elapsed() < Duration::from_millis(700));
     }
 

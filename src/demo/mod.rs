@@ -55,7 +55,6 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> Result<()> {
     vm.qemu_io("vda", "write -P 0x61 0 1M")?;
     vm.qemu_io("vdb", "write -P 0x62 1M 1M")?;
     let reg = Registry::open(&domains, &state)?;
-    reg.start_poller();
     let session = SnapFs::new(reg.clone(), MountConfig::default())
         .spawn(&mnt)
         .map_err(|e| Error::io(format!("mount {}: {e}", mnt.display())))?;

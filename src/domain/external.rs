@@ -88,6 +88,9 @@ impl Domain {
         };
         let state = match (live, &memory_file) {
             (DomainState::Shutoff, _) => SnapshotState::Shutoff,
+            (DomainState::Unreachable, _) => {
+                return Err(Error::io("the domain is unreachable; nothing was changed"))
+            }
             (DomainState::Running, Some(_)) => SnapshotState::Running,
             (DomainState::Paused, Some(_)) => SnapshotState::Paused,
             (_, None) => SnapshotState::DiskSnapshot,

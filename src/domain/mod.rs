@@ -16,9 +16,9 @@ pub mod revert;
 pub mod start;
 pub mod views;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -42,10 +42,18 @@ pub struct Domain {
     backend: Arc<dyn Backend>,
     forest: RwLock<Forest>,
     state: RwLock<DomainState>,
+    /// Why the domain is unreachable, as `.state` shows it.
+    unreachable: RwLock<Option<String>>,
     busy: Mutex<Option<String>>,
-    monitor_error: Mutex<Option<String>>,
     /// The backend's warning about its QEMU, as last logged.
     qemu_warning: Mutex<Option<String>>,
+    /// When the first look at the monitor began, once it has.
+    first_probe: Mutex<Option<Instant>>,
+    /// Whether the first look at the monitor has ended.
+    probed: AtomicBool,
+    /// Whether start-up recovery has run (it waits for a domain whose
+    /// monitor does not answer).
+    recovered: AtomicBool,
     views: views::DiskViews,
     jobs: jobs::Jobs,
     log: OpLog,
@@ -117,8 +125,9 @@ fn new_id() -> String {
 }
 
 impl Domain {
-    /// Opens a domain: loads its metadata and recovers interrupted
-    /// operations (see [`recovery`]).
+    /// Opens a domain: loads its metadata. Its monitor is not asked here
+    /// (nothing waits on a monitor); [`Domain::start_up`] does that and the
+    /// start-up recovery, from the domain's own thread.
     pub fn open(def: DomainDef, store: DomainStore, backend: Arc<dyn Backend>) -> Result<Self> {
         let journal = store.journal()?;
         let log = OpLog::open(store.log_path());
@@ -126,37 +135,72 @@ impl Domain {
         for w in &loaded.warnings {
             log.line(w);
         }
-        let state = backend.refresh_state();
-        let monitor_problem = backend.monitor_error();
-        if let Some(p) = &monitor_problem {
-            log.line(&format!("{p}; the domain is treated as stopped"));
-        }
-        let qemu_warning = backend.qemu_warning();
-        if let Some(w) = &qemu_warning {
-            log.line(&format!("warning: {w}"));
-        }
         let views = views::DiskViews::new(&store.dir().join("run"));
-        let dom = Domain {
+        Ok(Domain {
             def,
             store,
             journal,
             backend,
             forest: RwLock::new(loaded.forest),
-            state: RwLock::new(state),
+            state: RwLock::new(DomainState::Unreachable),
+            unreachable: RwLock::new(Some("its monitor has not been asked yet".into())),
             busy: Mutex::new(None),
-            monitor_error: Mutex::new(monitor_problem),
-            qemu_warning: Mutex::new(qemu_warning),
+            qemu_warning: Mutex::new(None),
+            first_probe: Mutex::new(None),
+            probed: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
             views,
             jobs: jobs::Jobs::default(),
             log,
             frozen: frozen::FrozenLocks::default(),
             commandline: start::CommandLine::default(),
+        })
+    }
+
+    /// The first look at the monitor, then start-up recovery once the
+    /// domain's state is known (up, or provably shut off). Runs on the
+    /// domain's own thread; the waits on the monitor have deadlines.
+    /// The frozen images are locked and checked at once (that needs no
+    /// monitor), and again after recovery.
+    pub fn start_up(&self) {
+        *self.first_probe.lock() = Some(Instant::now());
+        let s = self.backend.refresh_state();
+        self.note_state(s);
+        self.probed.store(true, Ordering::Release);
+        self.recover_when_known();
+        if !self.recovered.load(Ordering::Acquire) {
+            self.check_frozen();
+            self.sync_frozen();
+            self.refresh_commandline();
+        }
+    }
+
+    /// Runs start-up recovery if it has not run and the state is known.
+    fn recover_when_known(&self) {
+        if self.recovered.load(Ordering::Acquire) || self.state() == DomainState::Unreachable {
+            return;
+        }
+        let Ok(_busy) = self.begin_unchecked("start-up recovery") else {
+            return;
         };
-        recovery::recover(&dom);
-        dom.check_frozen();
-        dom.sync_frozen();
-        dom.refresh_commandline();
-        Ok(dom)
+        recovery::recover(self);
+        self.check_frozen();
+        self.sync_frozen();
+        self.refresh_commandline();
+        self.recovered.store(true, Ordering::Release);
+    }
+
+    /// True once start-up needs no more waiting for: recovered, found
+    /// unreachable, or still waiting for its monitor `grace` after its
+    /// first look began (or after `opened`, if that never began).
+    pub fn start_settled(&self, opened: Instant, grace: Duration) -> bool {
+        if self.recovered.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.probed.load(Ordering::Acquire) {
+            return self.state() == DomainState::Unreachable;
+        }
+        self.first_probe.lock().unwrap_or(opened).elapsed() >= grace
     }
 
     /// The domain's name.
@@ -174,34 +218,38 @@ impl Domain {
         *self.state.read()
     }
 
-    /// The `.state` text: the state, then a warning line about QEMU if
-    /// there is one (a QEMU outside the tested range).
+    /// The state, and for an unreachable domain why (one line, no newline).
+    pub fn state_line(&self) -> String {
+        let s = self.state();
+        match (s, self.unreachable.read().as_deref()) {
+            (DomainState::Unreachable, Some(why)) => format!("unreachable: {why}"),
+            _ => s.as_str().to_owned(),
+        }
+    }
+
+    /// The `.state` text: [`Domain::state_line`], then a warning line
+    /// about QEMU if there is one (a QEMU outside the tested range).
     pub fn state_text(&self) -> String {
-        let mut s = format!("{}\n", self.state().as_str());
+        let mut s = format!("{}\n", self.state_line());
         if let Some(w) = self.qemu_warning.lock().as_ref() {
             s.push_str(&format!("warning: {w}\n"));
         }
         s
     }
 
-    /// Re-reads the live state unless an operation holds the monitor.
+    /// Re-reads the live state unless an operation holds the monitor,
+    /// then runs start-up recovery if it waited for the state.
     pub fn poll_state(&self) {
         if let Some(s) = self.backend.try_refresh_state() {
             self.note_state(s);
         }
+        self.recover_when_known();
     }
 
     fn note_state(&self, s: DomainState) {
-        let problem = self.backend.monitor_error();
-        let mut last = self.monitor_error.lock();
-        if problem != *last {
-            if let Some(p) = &problem {
-                self.log
-                    .line(&format!("{p}; the domain is treated as stopped"));
-            }
-            *last = problem;
+        for n in self.backend.take_notes() {
+            self.log.line(&n);
         }
-        drop(last);
         let warning = self.backend.qemu_warning();
         let mut last = self.qemu_warning.lock();
         if warning != *last {
@@ -211,16 +259,62 @@ impl Domain {
             *last = warning;
         }
         drop(last);
+        let why = (s == DomainState::Unreachable)
+            .then(|| self.backend.unreachable().map(|u| u.reason))
+            .flatten();
+        let first = !self.probed.load(Ordering::Acquire);
         let old = std::mem::replace(&mut *self.state.write(), s);
-        if old != s {
-            self.log.line(&format!("domain is now {}", s.as_str()));
-            self.refresh_commandline();
-            self.check_frozen();
-            if s == DomainState::Shutoff {
+        let old_why = std::mem::replace(&mut *self.unreachable.write(), why.clone());
+        if old != s || old_why != why {
+            if first && s != DomainState::Unreachable {
+                // The first look: nothing changed, the state became known.
+                log::info!("{}: {}", self.def.name, s.as_str());
+            } else {
+                self.log
+                    .line(&format!("domain is now {}", self.state_line()));
+            }
+            if old != s && !first {
+                self.refresh_commandline();
+                self.check_frozen();
+            }
+            // Only when there is something to do: an operation that
+            // starts right after the state changed must not find the
+            // domain busy for nothing.
+            if s == DomainState::Shutoff && !first && !self.store.pending_tag_deletes().is_empty() {
                 if let Ok(_busy) = self.begin("deleting leftover tags") {
                     self.flush_pending_tag_deletes();
                 }
             }
+        }
+    }
+
+    /// The live state for an operation that needs it known: re-read
+    /// (with deadlines), or at once an error while the domain is
+    /// unreachable (EBUSY when a process holds its images, else EIO).
+    fn live_state(&self) -> Result<DomainState> {
+        if self.state() != DomainState::Unreachable {
+            let s = self.backend.refresh_state();
+            self.note_state(s);
+        }
+        if self.state() == DomainState::Unreachable {
+            return Err(self.unreachable_error());
+        }
+        Ok(self.state())
+    }
+
+    /// The refusal of an operation on an unreachable domain.
+    fn unreachable_error(&self) -> Error {
+        let u = self.backend.unreachable();
+        let why = u
+            .as_ref()
+            .map(|u| u.reason.clone())
+            .or_else(|| self.unreachable.read().clone())
+            .unwrap_or_else(|| "its monitor does not answer".into());
+        let text = format!("the domain is unreachable: {why}; nothing was changed");
+        if u.is_some_and(|u| u.held) {
+            Error::busy(text)
+        } else {
+            Error::io(text)
         }
     }
 
@@ -239,7 +333,7 @@ impl Domain {
         let errno = e.kind.errno_name();
         self.log
             .line(&format!("{what}: refused ({errno}): {}", e.message));
-        if e.kind == ErrorKind::Io {
+        if e.kind == ErrorKind::Io && self.state() != DomainState::Unreachable {
             // QEMU may be gone: re-read the domain's state.
             let s = self.backend.refresh_state();
             self.note_state(s);
@@ -247,7 +341,24 @@ impl Domain {
         Err(e)
     }
 
+    /// Marks the domain busy for `what`; EBUSY while another operation
+    /// runs or start-up recovery has not run yet.
     fn begin(&self, what: &str) -> Result<BusyGuard<'_>> {
+        if !self.recovered.load(Ordering::Acquire) {
+            if self.state() == DomainState::Unreachable {
+                return Err(self.unreachable_error());
+            }
+            return Err(Error::busy(format!(
+                "interrupted operations on {} are settled first, once its state is known \
+                 ({})",
+                self.def.name,
+                self.state_line()
+            )));
+        }
+        self.begin_unchecked(what)
+    }
+
+    fn begin_unchecked(&self, what: &str) -> Result<BusyGuard<'_>> {
         let mut busy = self.busy.lock();
         if let Some(other) = busy.as_ref() {
             return Err(Error::busy(format!(
@@ -331,8 +442,7 @@ impl Domain {
             }
             let t0 = Instant::now();
             let id = new_id();
-            let live = self.backend.refresh_state();
-            self.note_state(live);
+            let live = self.live_state()?;
             self.check_images_active(live)?;
             let external = match &request.kind {
                 CreateKind::Internal { .. } => None,
@@ -583,7 +693,8 @@ impl Domain {
         let name = &snap.name;
         let what = what.to_owned();
         {
-            self.check_images_active(self.state())?;
+            let live = self.live_state()?;
+            self.check_images_active(live)?;
             if !self.views.hold_for_delete(&snap.id) {
                 return Err(Error::busy(format!(
                     "a frozen view or the memory file of {name:?} is open; close it first"

@@ -1,11 +1,13 @@
-//! All domains of one mount: read from the definitions directory, their
-//! live state polled in the background.
+//! All domains of one mount: read from the definitions directory, each
+//! watched by its own thread (the state polled, start-up recovery, idle
+//! views released), so that a domain whose monitor does not answer
+//! delays no other domain and no FUSE call.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -19,18 +21,25 @@ use crate::xml::domain::parse_domain_def;
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an unused frozen view keeps its `qemu-nbd`.
 const VIEW_IDLE: Duration = Duration::from_secs(30);
+/// How long opening the registry waits for a domain's first look at its
+/// monitor before it goes on without it (the look goes on in the background).
+const START_GRACE: Duration = Duration::from_secs(1);
 
 /// The domains of one mount.
 pub struct Registry {
     domains_dir: PathBuf,
     state_dir: PathBuf,
     domains: RwLock<BTreeMap<String, Arc<Domain>>>,
-    stop: AtomicBool,
+    stop: Arc<AtomicBool>,
+    me: Weak<Registry>,
 }
 
 impl Registry {
     /// Reads every `*.xml` definition in `domains_dir`; metadata lives in
-    /// `state_dir`. A definition that cannot be used is skipped with a warning.
+    /// `state_dir`. A definition that cannot be used is skipped with a
+    /// warning. Each domain's thread starts at once; this waits until
+    /// each domain is recovered, found unreachable, or has waited
+    /// [`START_GRACE`] for its monitor.
     pub fn open(domains_dir: &Path, state_dir: &Path) -> Result<Arc<Self>> {
         if !domains_dir.is_dir() {
             return Err(Error::not_found(format!(
@@ -40,13 +49,22 @@ impl Registry {
         }
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::from(e).context(format!("state dir {}", state_dir.display())))?;
-        let reg = Arc::new(Registry {
+        let reg = Arc::new_cyclic(|me| Registry {
             domains_dir: domains_dir.to_owned(),
             state_dir: state_dir.to_owned(),
             domains: RwLock::new(BTreeMap::new()),
-            stop: AtomicBool::new(false),
+            stop: Arc::new(AtomicBool::new(false)),
+            me: me.clone(),
         });
+        let opened = Instant::now();
         reg.rescan();
+        while !reg
+            .all()
+            .iter()
+            .all(|d| d.start_settled(opened, START_GRACE))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(reg)
     }
 
@@ -82,13 +100,41 @@ impl Registry {
         let backend = Arc::new(QemuBackend::new(def.clone(), store.clone()));
         let name = def.name.clone();
         let dom = Arc::new(Domain::open(def, store, backend)?);
-        log::info!(
-            "domain {name}: {} snapshots, {}",
-            dom.forest().len(),
-            dom.state().as_str()
-        );
-        self.domains.write().entry(name).or_insert(dom);
+        log::info!("domain {name}: {} snapshots", dom.forest().len());
+        let mut domains = self.domains.write();
+        if domains.contains_key(&name) {
+            return Ok(());
+        }
+        domains.insert(name.clone(), dom.clone());
+        drop(domains);
+        self.watch(name, dom);
         Ok(())
+    }
+
+    /// Starts the thread of one domain: its first look at the monitor
+    /// and start-up recovery, then a state poll each [`POLL_INTERVAL`]
+    /// and the release of idle views, until [`Registry::shutdown`].
+    fn watch(&self, name: String, dom: Arc<Domain>) {
+        let stop = self.stop.clone();
+        let me = self.me.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{name}"))
+            .spawn(move || {
+                dom.start_up();
+                let mut next = Instant::now() + POLL_INTERVAL;
+                loop {
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    next = Instant::now() + POLL_INTERVAL;
+                    if stop.load(Ordering::Acquire) || me.strong_count() == 0 {
+                        return;
+                    }
+                    dom.poll_state();
+                    dom.views().release_idle(VIEW_IDLE);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("domain {name}: cannot start its thread: {e}");
+        }
     }
 
     /// The domain with this name.
@@ -101,26 +147,7 @@ impl Registry {
         self.domains.read().values().cloned().collect()
     }
 
-    /// Starts the background thread that re-reads every domain's state.
-    pub fn start_poller(self: &Arc<Self>) {
-        let reg = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("state-poller".into())
-            .spawn(move || loop {
-                std::thread::sleep(POLL_INTERVAL);
-                let Some(reg) = reg.upgrade() else { return };
-                if reg.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                for d in reg.all() {
-                    d.poll_state();
-                    d.views().release_idle(VIEW_IDLE);
-                }
-            })
-            .expect("spawn poller thread");
-    }
-
-    /// Stops the poller and every view server.
+    /// Stops the domains' threads and every view server.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         for d in self.all() {

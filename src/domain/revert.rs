@@ -113,8 +113,7 @@ impl Domain {
             let _busy = self.begin(&what)?;
             let snap = self.lookup(name)?;
             let t0 = Instant::now();
-            let live = self.backend.refresh_state();
-            self.note_state(live);
+            let live = self.live_state()?;
             let target = req.target.unwrap_or_else(|| default_target(&snap));
             // A revert that starts a new QEMU does not need the old one's images.
             let restarts = target == DomainState::Shutoff

@@ -58,8 +58,7 @@ impl Domain {
                 }
             };
             let _busy = self.begin(&what)?;
-            let live = self.backend.refresh_state();
-            self.note_state(live);
+            let live = self.live_state()?;
             if live != DomainState::Shutoff {
                 return Err(Error::busy(format!(
                     "the domain is already {}",

@@ -9,8 +9,13 @@ pub enum DomainState {
     Running,
     /// QEMU is up, the guest is stopped.
     Paused,
-    /// No QEMU answers on the monitor socket.
+    /// Nothing listens on the monitor socket and no process holds the
+    /// images (QEMU's image locks, the recorded QEMU process).
     Shutoff,
+    /// The monitor does not answer in time (taken by another client, a
+    /// stopped or stuck QEMU, not QMP), or nothing listens but a process
+    /// still holds the images: neither up nor provably shut off.
+    Unreachable,
 }
 
 impl DomainState {
@@ -20,6 +25,7 @@ impl DomainState {
             DomainState::Running => "running",
             DomainState::Paused => "paused",
             DomainState::Shutoff => "shutoff",
+            DomainState::Unreachable => "unreachable",
         }
     }
 }
