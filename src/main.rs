@@ -103,6 +103,47 @@ fn report(fd: Option<libc::c_int>, status: u8) {
     }
 }
 
+/// Where log lines go: the caller's terminal (standard error) and, for a
+/// daemon, its log file from the first line on.
+struct LogTee {
+    file: Option<std::fs::File>,
+}
+
+static LOG_TEE: std::sync::Mutex<LogTee> = std::sync::Mutex::new(LogTee { file: None });
+
+/// The writer env_logger writes to: standard error, and the daemon's log
+/// file while one is set (until standard error itself goes there).
+struct TeeWriter;
+
+impl std::io::Write for TeeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut tee = LOG_TEE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = tee.file.as_mut() {
+            let _ = f.write_all(buf);
+        }
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Sends log lines to `log` as well as to standard error, from now on.
+fn log_to_file(log: &std::path::Path) -> Result<(), String> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("cannot open the daemon log {}: {e}", log.display()))?;
+    LOG_TEE.lock().unwrap_or_else(|e| e.into_inner()).file = Some(f);
+    Ok(())
+}
+
 /// Sends the daemon's stdio to `log` once the mount is up.
 fn detach_stdio(log: &std::path::Path) {
     use std::os::fd::AsRawFd;
@@ -120,6 +161,8 @@ fn detach_stdio(log: &std::path::Path) {
         libc::dup2(f.as_raw_fd(), 1);
         libc::dup2(f.as_raw_fd(), 2);
     }
+    // Standard error is the log now: one copy of each line is enough.
+    LOG_TEE.lock().unwrap_or_else(|e| e.into_inner()).file = None;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +176,21 @@ fn mount(
     threads: usize,
 ) -> Result<(), String> {
     let group = group.as_deref().map(resolve_group).transpose()?;
+    // Every path absolute from here on: sockets of view servers, the
+    // daemon's log and anything handed to QEMU must not depend on the
+    // directory the daemon was started in.
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p).map_err(|e| format!("cannot make {} absolute: {e}", p.display()))
+    };
+    let (mountpoint, domains, state) = (
+        absolute(&mountpoint)?,
+        absolute(&domains)?,
+        absolute(&state)?,
+    );
+    if !foreground {
+        // The daemon's log has every line, the start-up ones included.
+        log_to_file(&state.join("daemon.log"))?;
+    }
     let ready = if foreground { None } else { Some(daemonize()?) };
     let result = (|| {
         let reg = Registry::open(&domains, &state).map_err(|e| e.to_string())?;
@@ -154,7 +212,7 @@ fn mount(
     let (reg, session) = match result {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmsnapfs: {e}");
+            log::error!("{e}");
             report(ready, 1);
             return Err(e);
         }
@@ -181,6 +239,7 @@ fn mount(
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_micros()
+        .target(env_logger::Target::Pipe(Box::new(TeeWriter)))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -96,6 +96,10 @@ fn mount_t_fstab_and_allow_other() {
         .unwrap();
     assert!(st.success());
     assert!(is_mounted(&mnt));
+    // The daemon's log has its start-up lines, not only what came after.
+    let log = fs::read_to_string(state.join("daemon.log")).unwrap();
+    assert!(log.contains("domain vm1: 0 snapshots"), "{log}");
+    assert!(log.contains("mounted at"), "{log}");
     fs::create_dir(mnt.join("vm1/through-mount-t")).unwrap();
     assert_eq!(
         fs::read_to_string(mnt.join("vm1/.state")).unwrap(),

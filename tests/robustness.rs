@@ -331,3 +331,85 @@ fn a_stopped_qemu_is_busy_not_shut_off() {
     fuse_calls_answer(&mnt, &all);
     drop(daemon);
 }
+
+/// A stopped domain with one raw disk of 64 MiB whose first MiB is
+/// `byte`, and no monitor.
+fn raw_domain(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    let img = dir.join("images").join(format!("{name}.img"));
+    fs::create_dir_all(img.parent().unwrap()).unwrap();
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![byte; 1 << 20], 0).unwrap();
+    fs::create_dir_all(dir.join("domains")).unwrap();
+    fs::write(
+        dir.join("domains").join(format!("{name}.xml")),
+        format!(
+            "<domain><name>{name}</name><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='raw'/><source file='{}'/><target dev='vda'/>\
+             </disk></devices></domain>",
+            img.display()
+        ),
+    )
+    .unwrap();
+    img
+}
+
+#[test]
+fn a_relative_state_dir_serves_raw_views_and_helper_errors_reach_the_log() {
+    let dir = TempDir::new("robust-relative");
+    let vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("vm1")).expect("start VM");
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    raw_domain(&dir.0, "rawvm", 0x5a);
+    let gone = raw_domain(&dir.0, "gone", 0x6b);
+    let daemon = Daemon::start_relative(&dir.0, &[]);
+    let mnt = daemon.mnt.clone();
+    let all = ["vm1", "rawvm", "gone"];
+    fuse_calls_answer(&mnt, &all);
+    for d in ["rawvm", "gone"] {
+        assert_eq!(state_of(&mnt, d), "shutoff");
+        // An external snapshot: a qcow2 overlay over the raw image, which
+        // is the snapshot's point, read through qemu-nbd.
+        fs::create_dir(mnt.join(d).join("s1")).unwrap();
+    }
+
+    // The guest's later writes go to the overlay, not into the view.
+    let overlay = fs::read_to_string(daemon.state.join("rawvm/layers")).unwrap();
+    let overlay = overlay
+        .lines()
+        .find_map(|l| l.strip_prefix("vda\t"))
+        .and_then(|l| l.split('\t').nth(1))
+        .map(PathBuf::from)
+        .expect("an active overlay for vda");
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x77 0 2M"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let view = timed("read rawvm/s1/disks/vda", || {
+        fs::read(mnt.join("rawvm/s1/disks/vda"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_text()));
+    assert_eq!(view.len(), 64 << 20);
+    assert!(all_bytes(&view, 0, 1 << 20, 0x5a));
+    assert!(all_bytes(&view, 1 << 20, 63 << 20, 0));
+    let log = fs::read_to_string(mnt.join("rawvm/.log")).unwrap();
+    assert!(!log.contains("view of"), "{log}");
+
+    // A view server that cannot start: its own words reach `.log`.
+    let mut f = fs::File::open(mnt.join("gone/s1/disks/vda")).unwrap();
+    fs::remove_file(&gone).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let r = timed("read gone/s1/disks/vda", || {
+        std::io::Read::read(&mut f, &mut buf)
+    });
+    assert!(r.is_err(), "a view of a removed image read {r:?}");
+    let log = fs::read_to_string(mnt.join("gone/.log")).unwrap();
+    assert!(
+        log.contains("qemu-nbd exited") && log.contains("No such file or directory"),
+        "{log}"
+    );
+    drop(f);
+    fuse_calls_answer(&mnt, &all);
+    drop(daemon);
+}

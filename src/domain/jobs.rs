@@ -42,23 +42,25 @@ impl Jobs {
         self.list.lock().retain(|j| j.label != label);
     }
 
-    /// The `.jobs` text: one line per job.
+    /// The `.jobs` text: one line per job. A job that has not reported
+    /// a size yet (a merge that qemu-img runs, or a block job that has
+    /// not started copying) says so instead of `0/0 bytes`.
     pub fn text(&self) -> String {
         self.list
             .lock()
             .iter()
             .map(|j| {
-                let pct = if j.total > 0 {
-                    j.done as f64 * 100.0 / j.total as f64
-                } else {
-                    0.0
-                };
+                let secs = j.started.elapsed().as_secs_f64();
+                if j.total == 0 {
+                    return format!(
+                        "{}: running, {secs:.1} s (no progress reported yet)\n",
+                        j.label
+                    );
+                }
+                let pct = j.done.min(j.total) as f64 * 100.0 / j.total as f64;
                 format!(
-                    "{}: {}/{} bytes ({pct:.0}%), {:.1} s\n",
-                    j.label,
-                    j.done,
-                    j.total,
-                    j.started.elapsed().as_secs_f64()
+                    "{}: {}/{} bytes ({pct:.0}%), {secs:.1} s\n",
+                    j.label, j.done, j.total
                 )
             })
             .collect()
@@ -74,6 +76,10 @@ mod tests {
         let j = Jobs::default();
         assert_eq!(j.text(), "");
         j.start("rmdir \"a\": commit disk vda");
+        assert!(j
+            .text()
+            .starts_with("rmdir \"a\": commit disk vda: running, "));
+        assert!(j.text().ends_with(" s (no progress reported yet)\n"));
         j.progress("rmdir \"a\": commit disk vda", 50, 200);
         assert!(j
             .text()

@@ -56,7 +56,7 @@ pub struct Domain {
     recovered: AtomicBool,
     views: views::DiskViews,
     jobs: jobs::Jobs,
-    log: OpLog,
+    log: Arc<OpLog>,
     frozen: frozen::FrozenLocks,
     commandline: start::CommandLine,
 }
@@ -130,12 +130,16 @@ impl Domain {
     /// start-up recovery, from the domain's own thread.
     pub fn open(def: DomainDef, store: DomainStore, backend: Arc<dyn Backend>) -> Result<Self> {
         let journal = store.journal()?;
-        let log = OpLog::open(store.log_path());
+        let log = Arc::new(OpLog::open(store.log_path()));
         let loaded = store.load()?;
         for w in &loaded.warnings {
             log.line(w);
         }
-        let views = views::DiskViews::new(&store.dir().join("run"));
+        let sink = {
+            let log = log.clone();
+            crate::views::ErrorSink(Arc::new(move |text: &str| log.line(text)))
+        };
+        let views = views::DiskViews::new(&store.dir().join("run"), Some(sink));
         Ok(Domain {
             def,
             store,

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
-use crate::views::{DirectView, FrozenView, LazyView, ViewOptions, ViewSource};
+use crate::views::{DirectView, ErrorSink, FrozenView, LazyView, ViewOptions, ViewSource};
 
 /// Views, their open counts, and the virtual sizes of images.
 pub struct DiskViews {
@@ -47,13 +47,15 @@ struct Holds {
 }
 
 impl DiskViews {
-    /// Views whose `qemu-nbd` sockets live in `runtime_dir`. Servers left
-    /// there by a daemon that died are stopped.
-    pub fn new(runtime_dir: &Path) -> Self {
+    /// Views whose `qemu-nbd` sockets live in `runtime_dir`; failures to
+    /// serve one are told to `on_error`. Servers left there by a daemon
+    /// that died are stopped.
+    pub fn new(runtime_dir: &Path, on_error: Option<ErrorSink>) -> Self {
         let _ = std::fs::create_dir_all(runtime_dir);
         stop_orphans(runtime_dir);
         let options = ViewOptions {
             runtime_dir: runtime_dir.to_owned(),
+            on_error,
             ..Default::default()
         };
         DiskViews {
@@ -134,7 +136,11 @@ impl DiskViews {
                 Ok(d) => d,
                 Err(e) => {
                     self.close(&snap.id);
-                    return Err(Error::io(format!("disk {target}: {e}")));
+                    let text = format!("view of disk {target} of {:?}: {e}", snap.name);
+                    if let Some(sink) = &self.options.on_error {
+                        (sink.0)(&text);
+                    }
+                    return Err(Error::io(text));
                 }
             },
             _ => None,

@@ -44,7 +44,9 @@ pub use nbd::{
     BlockSize, ExportInfo, Extent, NbdClient, NbdError, NbdOptions, NbdPool, NBD_STATE_HOLE,
     NBD_STATE_ZERO,
 };
-pub use source::{LazyView, NbdServer, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME};
+pub use source::{
+    ErrorSink, LazyView, NbdServer, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME,
+};
 
 /// What the tree needs of a frozen view, however it is served.
 pub trait FrozenView: Send + Sync {

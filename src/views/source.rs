@@ -222,6 +222,19 @@ pub struct ViewOptions {
     pub extent_chunk: u64,
     /// Answer reads of ranges the server reports as zero without asking it.
     pub zero_fill: bool,
+    /// Told each new failure to serve a view (with `qemu-nbd`'s own
+    /// words), so that it reaches the domain's `.log`.
+    pub on_error: Option<ErrorSink>,
+}
+
+/// Where the failures of views are told (the domain's `.log`).
+#[derive(Clone)]
+pub struct ErrorSink(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for ErrorSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ErrorSink")
+    }
 }
 
 impl Default for ViewOptions {
@@ -234,6 +247,7 @@ impl Default for ViewOptions {
             start_timeout: Duration::from_secs(10),
             extent_chunk: DEFAULT_CHUNK,
             zero_fill: true,
+            on_error: None,
         }
     }
 }
@@ -523,6 +537,8 @@ struct LazyState {
     view: Option<Arc<View>>,
     last_used: Instant,
     size: Option<u64>,
+    /// The last failure told to [`ViewOptions::on_error`] (told once).
+    last_error: Option<String>,
 }
 
 /// A view that starts its server on first use and can be released when
@@ -554,6 +570,7 @@ impl LazyView {
                 view: None,
                 last_used: Instant::now(),
                 size: None,
+                last_error: None,
             }),
         }
     }
@@ -571,7 +588,21 @@ impl LazyView {
         if let Some(v) = &st.view {
             return Ok(Arc::clone(v));
         }
-        let v = Arc::new(self.source.open(&self.options)?);
+        let v = match self.source.open(&self.options) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                let text = format!("view of {}: {e}", self.source.image.display());
+                if st.last_error.as_deref() != Some(text.as_str()) {
+                    log::warn!("{text}");
+                    if let Some(sink) = &self.options.on_error {
+                        (sink.0)(&text);
+                    }
+                    st.last_error = Some(text);
+                }
+                return Err(e);
+            }
+        };
+        st.last_error = None;
         st.size = Some(v.size());
         st.view = Some(Arc::clone(&v));
         Ok(v)

@@ -67,6 +67,16 @@ pub fn unmount(mnt: &Path) {
 impl Daemon {
     /// Starts `vmsnapfs mount --foreground` with extra env (failpoints).
     pub fn start(base: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::launch(base, env, false)
+    }
+
+    /// Like [`Daemon::start`], run in `base` with the mount point, the
+    /// definitions and the state directory given as relative paths.
+    pub fn start_relative(base: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::launch(base, env, true)
+    }
+
+    fn launch(base: &Path, env: &[(&str, &str)], relative: bool) -> Daemon {
         let mnt = base.join("mnt");
         let domains = base.join("domains");
         let state = base.join("state");
@@ -82,12 +92,22 @@ impl Daemon {
             .open(base.join("daemon.log"))
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnapfs"));
+        let arg = |p: &Path| {
+            if relative {
+                p.strip_prefix(base).unwrap().to_owned()
+            } else {
+                p.to_owned()
+            }
+        };
+        if relative {
+            cmd.current_dir(base);
+        }
         cmd.arg("mount")
-            .arg(&mnt)
+            .arg(arg(&mnt))
             .arg("--domains")
-            .arg(&domains)
+            .arg(arg(&domains))
             .arg("--state")
-            .arg(&state)
+            .arg(arg(&state))
             .arg("--foreground")
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
