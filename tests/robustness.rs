@@ -186,6 +186,7 @@ fn monitors_that_never_accept_or_never_answer_delay_nothing() {
     let t = Instant::now();
     let daemon = Daemon::start(&dir.0, &[]);
     let mount_took = t.elapsed();
+    eprintln!("mount with two stuck monitors: {mount_took:?}");
     assert!(
         mount_took < Duration::from_secs(10),
         "mount took {mount_took:?}"
@@ -243,6 +244,7 @@ fn monitors_that_never_accept_or_never_answer_delay_nothing() {
         state_of(&mnt, "vm1") == "shutoff"
     });
     let noticed = t.elapsed();
+    eprintln!("QEMU's exit seen in .state after {noticed:?}");
     assert!(
         noticed < Duration::from_secs(5),
         "QEMU's exit noticed after {noticed:?}"

@@ -114,6 +114,10 @@ impl Drop for DeleteHold<'_> {
     }
 }
 
+/// How long an operation waits for the domain's start-up (its first
+/// look at the monitor, then recovery) before it gives up with EBUSY.
+const START_WAIT: Duration = Duration::from_secs(60);
+
 /// Builds a fresh snapshot id (also the qcow2 tag of internal snapshots).
 fn new_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -284,8 +288,12 @@ impl Domain {
             // Only when there is something to do: an operation that
             // starts right after the state changed must not find the
             // domain busy for nothing.
-            if s == DomainState::Shutoff && !first && !self.store.pending_tag_deletes().is_empty() {
-                if let Ok(_busy) = self.begin("deleting leftover tags") {
+            if s == DomainState::Shutoff
+                && !first
+                && self.recovered.load(Ordering::Acquire)
+                && !self.store.pending_tag_deletes().is_empty()
+            {
+                if let Ok(_busy) = self.begin_unchecked("deleting leftover tags") {
                     self.flush_pending_tag_deletes();
                 }
             }
@@ -346,18 +354,24 @@ impl Domain {
     }
 
     /// Marks the domain busy for `what`; EBUSY while another operation
-    /// runs or start-up recovery has not run yet.
+    /// runs. Right after the mount, waits (on the operation's worker
+    /// thread, never a FUSE thread) for the domain's first look at its
+    /// monitor and start-up recovery; fails at once when that look found
+    /// the domain unreachable (see [`Domain::unreachable_error`]).
     fn begin(&self, what: &str) -> Result<BusyGuard<'_>> {
-        if !self.recovered.load(Ordering::Acquire) {
-            if self.state() == DomainState::Unreachable {
+        let deadline = Instant::now() + START_WAIT;
+        while !self.recovered.load(Ordering::Acquire) {
+            if self.probed.load(Ordering::Acquire) && self.state() == DomainState::Unreachable {
                 return Err(self.unreachable_error());
             }
-            return Err(Error::busy(format!(
-                "interrupted operations on {} are settled first, once its state is known \
-                 ({})",
-                self.def.name,
-                self.state_line()
-            )));
+            if Instant::now() >= deadline {
+                return Err(Error::busy(format!(
+                    "interrupted operations on {} are still being settled ({})",
+                    self.def.name,
+                    self.state_line()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         self.begin_unchecked(what)
     }

@@ -23,7 +23,7 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const VIEW_IDLE: Duration = Duration::from_secs(30);
 /// How long opening the registry waits for a domain's first look at its
 /// monitor before it goes on without it (the look goes on in the background).
-const START_GRACE: Duration = Duration::from_secs(1);
+const START_GRACE: Duration = Duration::from_secs(3);
 
 /// The domains of one mount.
 pub struct Registry {
