@@ -185,3 +185,62 @@ fn a_qemu_outside_the_tested_range_is_warned_about_and_keeps_working() {
     assert_eq!(fx.read("s1/state"), "running\n");
     assert_eq!(fx.ls(), vec!["s1".to_string()]);
 }
+
+#[test]
+fn a_mapped_ram_memory_file_is_refused_by_a_qemu_without_it() {
+    let q72 = qemu_binary("7.2");
+    let q10 = qemu_binary("10.");
+    let dir = TempDir::new("qv-nomapped");
+    let mut vm = Vm::start_with_qemu(
+        &VmSpec::small("vm1"),
+        &dir.0.join("images"),
+        &q10.to_string_lossy(),
+    )
+    .unwrap();
+    vm.policy = Some("external".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let mut fx = Fixture { daemon, vm, dir };
+    assert!(caps(&fx).has_parallel_memory_files());
+    fx.vm.fill_ram(8).unwrap();
+    control(&fx, "stop");
+    fx.wait_state("paused");
+    fs::create_dir(fx.path("p1")).unwrap();
+    let xml = fx.read("p1/snapshot.xml");
+    assert!(xml.contains("memory-format='mapped-ram'"), "{xml}");
+
+    // The domain now runs on QEMU 7.2, which has no mapped-ram.
+    let _ = fx
+        .vm
+        .control()
+        .unwrap()
+        .execute_raw("quit", serde_json::json!({}));
+    fx.wait_state("shutoff");
+    fx.vm.argv[0] = q72.to_string_lossy().into_owned();
+    fx.vm.write_definition(&fx.dir.0.join("domains")).unwrap();
+    fx.restart_daemon(&[]);
+    write_file(&fx.path(".start"), b"running").unwrap();
+    fx.wait_state("running");
+    assert_eq!(caps(&fx).version.0, 7);
+    let pid = fx.vm.current_pid();
+    let files = |fx: &Fixture| {
+        let mut v: Vec<_> = fs::read_dir(&fx.vm.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&fx);
+
+    assert_eq!(fx.revert("p1", "running"), Err(libc::EOPNOTSUPP));
+    let log = fx.read(".log");
+    assert!(
+        log.contains("refused (EOPNOTSUPP)") && log.contains("mapped-ram"),
+        "{log}"
+    );
+    assert_eq!(fx.read(".state"), "running\n");
+    assert_eq!(fx.vm.current_pid(), pid, "the same QEMU runs on");
+    assert_eq!(files(&fx), before, "nothing made");
+    assert_eq!(fx.ls(), vec!["p1".to_string()]);
+}
