@@ -37,7 +37,7 @@ if ! $check_only; then
 # Nothing may be using QEMU or FUSE while packages change under it.
 busy() {
     local procs mounts
-    procs=$(pgrep -a 'qemu-(system|nbd|storage)' || true)
+    procs=$(pgrep -a 'qemu-' || true)
     mounts=$(awk '$3 ~ /^fuse/ {print $2}' /proc/mounts)
     if [ -n "$procs$mounts" ]; then
         printf '%s\n%s\n' "$procs" "$mounts"
