@@ -18,6 +18,9 @@ pub enum ErrorKind {
     Busy,
     /// The action would throw away live state without `force` (`EPERM`).
     NotPermitted,
+    /// The caller may not do this, e.g. place a file where it cannot
+    /// write itself (`EACCES`).
+    Denied,
     /// No space left for the new data (`ENOSPC`).
     NoSpace,
     /// The action cannot be done on this domain as configured (`EOPNOTSUPP`).
@@ -36,6 +39,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "ENOENT",
             ErrorKind::Busy => "EBUSY",
             ErrorKind::NotPermitted => "EPERM",
+            ErrorKind::Denied => "EACCES",
             ErrorKind::NoSpace => "ENOSPC",
             ErrorKind::Unsupported => "EOPNOTSUPP",
             ErrorKind::Io => "EIO",
@@ -51,6 +55,7 @@ impl ErrorKind {
             ErrorKind::NotFound => libc::ENOENT,
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::NotPermitted => libc::EPERM,
+            ErrorKind::Denied => libc::EACCES,
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Unsupported => libc::EOPNOTSUPP,
             ErrorKind::Io => libc::EIO,
@@ -140,6 +145,8 @@ impl From<std::io::Error> for Error {
         let kind = match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::NoSpace,
             Some(libc::ENOENT) => ErrorKind::NotFound,
+            Some(libc::EEXIST) => ErrorKind::Exists,
+            Some(libc::ENAMETOOLONG) => ErrorKind::NameTooLong,
             _ => ErrorKind::Io,
         };
         Error::new(kind, e.to_string())

@@ -4,8 +4,7 @@
 //! runs), undo, and settling a create that a crash interrupted.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,17 +38,52 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
-    crate::store::atomic::remove_if_present(path)?;
-    Ok(())
+impl QemuBackend {
+    /// Creates an overlay (see [`qemu_img::create_overlay`]) and records
+    /// its inode as a file vmsnapfs made.
+    pub(super) fn make_overlay(&self, overlay: &Path, backing: &Path, format: &str) -> Result<()> {
+        let id = qemu_img::create_overlay(overlay, backing, format)?;
+        if let Err(e) = self.store.record_made(&[(overlay.to_owned(), id)]) {
+            let _ = crate::store::owned::remove(overlay, Some(id));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Removes a file vmsnapfs made (see [`crate::store::DomainStore::remove_made`]);
+    /// anything else found at the path is left alone and logged.
+    pub(super) fn remove_made(&self, path: &Path) -> Result<()> {
+        if let crate::store::owned::Removal::Refused(why) = self.store.remove_made(path, false)? {
+            log::warn!("{}: not removed: {why}", self.def.name);
+        }
+        Ok(())
+    }
 }
 
-/// Makes a complete memory file durable and read-only for root.
-fn seal_memory(part: &Path, memory: &Path) -> Result<()> {
-    let f = fs::File::open(part)?;
+/// Makes a complete memory file durable and read-only for root, once it
+/// is still the file vmsnapfs made (`id`), and renames it into place.
+fn seal_memory(part: &Path, memory: &Path, id: crate::store::owned::FileId) -> Result<()> {
+    let replaced = || {
+        Error::io(format!(
+            "{} was replaced while RAM was saved; the memory file is not used",
+            part.display()
+        ))
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(part)
+        .map_err(|_| replaced())?;
+    if crate::store::owned::id_of(&f)? != id {
+        return Err(replaced());
+    }
     f.sync_all()?;
-    fs::set_permissions(part, fs::Permissions::from_mode(0o400))?;
-    fs::rename(part, memory)?;
+    f.set_permissions(fs::Permissions::from_mode(0o400))?;
+    crate::store::owned::rename_noreplace(part, memory)?;
+    let m = fs::symlink_metadata(memory)?;
+    if (m.dev(), m.ino()) != id {
+        return Err(replaced());
+    }
     if let Some(dir) = memory.parent() {
         fs::File::open(dir)?.sync_all()?;
     }
@@ -79,7 +113,7 @@ impl QemuBackend {
                     .iter()
                     .find(|d| &d.target == target)
                     .ok_or_else(|| Error::invalid(format!("the domain has no disk {target}")))?;
-                qemu_img::create_overlay(overlay, &disk.source, &disk.format)?;
+                self.make_overlay(overlay, &disk.source, &disk.format)?;
                 made.push(overlay);
                 points.push((target.clone(), disk.source.clone()));
             }
@@ -88,7 +122,7 @@ impl QemuBackend {
         })();
         if let Err(e) = result {
             for m in made {
-                let _ = fs::remove_file(m);
+                let _ = self.remove_made(m);
             }
             return Err(e);
         }
@@ -127,18 +161,37 @@ impl QemuBackend {
             let disks = self.live_disks(&mut conn.qmp)?;
             let mut actions = Vec::new();
             let mut points = Vec::new();
+            let mut made: Vec<&Path> = Vec::new();
+            // vmsnapfs makes the overlay files itself (O_EXCL, the base's
+            // owner and mode); QEMU only opens them (mode "existing").
             for (target, overlay) in &plan.overlays {
-                let d = disks
+                let prepared = disks
                     .get(target)
-                    .ok_or_else(|| Error::invalid(format!("the domain has no disk {target}")))?;
-                let top = d.chain.first().map(|i| i.path.clone()).unwrap_or_default();
-                points.push((target.clone(), top));
+                    .ok_or_else(|| Error::invalid(format!("the domain has no disk {target}")))
+                    .and_then(|d| {
+                        let top = d.chain.first().cloned().ok_or_else(|| {
+                            Error::io(format!("disk {target} has no image in QEMU"))
+                        })?;
+                        self.make_overlay(overlay, &top.path, &top.format)?;
+                        Ok((d, top))
+                    });
+                let (d, top) = match prepared {
+                    Ok(x) => x,
+                    Err(e) => {
+                        for m in made {
+                            let _ = self.remove_made(m);
+                        }
+                        return Err(e);
+                    }
+                };
+                made.push(overlay);
+                points.push((target.clone(), top.path));
                 actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
                     "node-name": d.node,
                     "snapshot-file": overlay,
                     "snapshot-node-name": overlay_node(overlay),
                     "format": "qcow2",
-                    "mode": "absolute-paths"}}));
+                    "mode": "existing"}}));
             }
             let mut outcome = ExternalOutcome {
                 state: SnapshotState::DiskSnapshot,
@@ -179,9 +232,9 @@ impl QemuBackend {
             .qmp
             .execute_raw("transaction", json!({ "actions": actions }));
         if let Err(e) = r {
-            // A failed transaction rolls back, but created files stay.
+            // A failed transaction rolls back; the files made stay.
             for (_, overlay) in &plan.overlays {
-                let _ = fs::remove_file(overlay);
+                let _ = self.remove_made(overlay);
             }
             return Err(qmp_err(e));
         }
@@ -238,17 +291,37 @@ impl QemuBackend {
             check_can_load(&conn.caps, MemoryFormat::MappedRam)?;
         }
         let part = memory_part_path(memory);
-        remove_if_present(&part)?;
         // Guest RAM holds secrets: the file is never readable by others.
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&part)?
-            .flush()?;
+        // An existing file (or symlink) at either name is never replaced.
+        if fs::symlink_metadata(memory).is_ok() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!(
+                    "{} exists; vmsnapfs never overwrites a file",
+                    memory.display()
+                ),
+            ));
+        }
+        let file = crate::store::owned::create_new(&part, 0o600).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                Error::new(
+                    ErrorKind::Exists,
+                    format!(
+                        "{} exists; vmsnapfs never overwrites a file",
+                        part.display()
+                    ),
+                )
+            } else {
+                Error::from(e).context(part.display().to_string())
+            }
+        })?;
+        let id = crate::store::owned::id_of(&file)?;
+        drop(file);
+        self.store
+            .record_made(&[(part.clone(), id), (memory.to_owned(), id)])?;
         if mapped {
             if let Err(e) = set_migrate_capabilities(conn, PARALLEL_CAPS, true) {
-                let _ = fs::remove_file(&part);
+                let _ = self.remove_made(&part);
                 return Err(e);
             }
         }
@@ -262,7 +335,9 @@ impl QemuBackend {
             Self::set_max_bandwidth(conn, b);
         }
         result?;
-        seal_memory(&part, memory)
+        seal_memory(&part, memory, id)?;
+        // The name `.part` is gone; its record goes too.
+        self.remove_made(&part)
     }
 
     /// The save of [`Self::checkpoint`] into `part`.
@@ -299,7 +374,7 @@ impl QemuBackend {
             if running {
                 let _ = conn.qmp.execute_raw("cont", json!({}));
             }
-            let _ = fs::remove_file(part);
+            let _ = self.remove_made(part);
             e
         };
         if running {
@@ -315,10 +390,16 @@ impl QemuBackend {
             self.def.name,
             t0.elapsed()
         );
+        // dd opens the file with O_NOFOLLOW: a symlink swapped in is
+        // refused. (QEMU opens a mapped-ram file itself; the seal checks
+        // that it is still the inode vmsnapfs created.)
         let uri = if mapped {
             format!("file:{}", part.display())
         } else {
-            format!("exec:cat > {}", shell_quote(&part.to_string_lossy()))
+            format!(
+                "exec:dd of={} bs=1M oflag=nofollow conv=notrunc status=none",
+                shell_quote(&part.to_string_lossy())
+            )
         };
         let mut started = conn
             .qmp
@@ -464,7 +545,7 @@ impl QemuBackend {
                     ));
                 }
             }
-            remove_if_present(overlay)?;
+            self.remove_made(overlay)?;
         }
         conn.nodes = None;
         self.set_layers(&restored)
@@ -494,12 +575,12 @@ impl QemuBackend {
                         },
                     )])?;
                 }
-                remove_if_present(overlay)?;
+                self.remove_made(overlay)?;
             }
         }
         if let Some(m) = &plan.memory {
-            remove_if_present(&memory_part_path(m))?;
-            remove_if_present(m)?;
+            self.remove_made(&memory_part_path(m))?;
+            self.remove_made(m)?;
         }
         Ok(())
     }
@@ -535,14 +616,14 @@ impl QemuBackend {
             }
         }
         if let Some(m) = &plan.memory {
-            remove_if_present(&memory_part_path(m))?;
+            self.remove_made(&memory_part_path(m))?;
         }
         if !in_use {
             for (_, o) in &plan.overlays {
-                remove_if_present(o)?;
+                self.remove_made(o)?;
             }
             if let Some(m) = &plan.memory {
-                remove_if_present(m)?;
+                self.remove_made(m)?;
             }
         }
         Ok(in_use)
@@ -611,11 +692,11 @@ impl QemuBackend {
         let mut made: Vec<&Path> = Vec::new();
         let cleanup = |made: &[&Path]| {
             for m in made {
-                let _ = fs::remove_file(m);
+                let _ = self.remove_made(m);
             }
         };
         for (_, point, overlay) in &r.branches {
-            if overlay.exists() {
+            if self.store.made_id(overlay).is_some() {
                 // Made ahead by `prepare_overlays`.
                 made.push(overlay);
                 continue;
@@ -624,7 +705,7 @@ impl QemuBackend {
                 .ok()
                 .and_then(|c| c.first().map(|i| i.format.clone()))
                 .unwrap_or_else(|| "qcow2".into());
-            if let Err(e) = qemu_img::create_overlay(overlay, point, &format) {
+            if let Err(e) = self.make_overlay(overlay, point, &format) {
                 cleanup(&made);
                 return Err(e);
             }
@@ -753,14 +834,17 @@ impl QemuBackend {
     }
 }
 
-/// Refuses a plan whose files exist already (they are never overwritten).
+/// Refuses a plan whose files exist already, symlinks included (they are
+/// never overwritten, followed or removed).
 pub fn check_plan_paths(plan: &ExternalPlan) -> Result<()> {
+    let part = plan.memory.as_deref().map(memory_part_path);
     let taken = plan
         .overlays
         .iter()
         .map(|(_, o)| o)
         .chain(plan.memory.iter())
-        .find(|p| p.exists());
+        .chain(part.iter())
+        .find(|p| fs::symlink_metadata(p).is_ok());
     match taken {
         Some(p) => Err(Error::new(
             ErrorKind::Exists,

@@ -1118,7 +1118,7 @@ impl Backend for QemuBackend {
             let handles: Vec<_> = branches
                 .iter()
                 .map(|(_, point, overlay, format)| {
-                    scope.spawn(move || qemu_img::create_overlay(overlay, point, format))
+                    scope.spawn(move || self.make_overlay(overlay, point, format))
                 })
                 .collect();
             let results: Vec<Result<()>> = handles
@@ -1131,7 +1131,7 @@ impl Backend for QemuBackend {
             match results.into_iter().find(|r| r.is_err()) {
                 Some(e) => {
                     for (_, _, overlay, _) in branches {
-                        let _ = std::fs::remove_file(overlay);
+                        let _ = self.remove_made(overlay);
                     }
                     e
                 }

@@ -74,29 +74,54 @@ pub fn chain(image: &Path) -> Result<Vec<ChainImage>> {
         .collect())
 }
 
-/// Creates a qcow2 overlay at `overlay` whose backing file is `backing`
-/// (absolute path, format `backing_format`). Refuses an existing file.
-pub fn create_overlay(overlay: &Path, backing: &Path, backing_format: &str) -> Result<()> {
-    if overlay.exists() {
-        return Err(Error::new(
-            crate::error::ErrorKind::Exists,
-            format!("{} exists", overlay.display()),
-        ));
+/// Creates a qcow2 overlay at `overlay` over `backing` (format
+/// `backing_format`), with the backing image's owner, group and mode.
+/// Refuses anything already at `overlay` (`EEXIST`), a dangling symlink
+/// included; a failed create removes what it made. Returns the new file's
+/// device and inode.
+pub fn create_overlay(
+    overlay: &Path,
+    backing: &Path,
+    backing_format: &str,
+) -> Result<crate::store::owned::FileId> {
+    use crate::store::owned;
+    let file = owned::create_new(overlay, 0o600).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            Error::new(
+                crate::error::ErrorKind::Exists,
+                format!(
+                    "{} exists; vmsnapfs never overwrites a file",
+                    overlay.display()
+                ),
+            )
+        } else {
+            Error::from(e).context(overlay.display().to_string())
+        }
+    })?;
+    let id = owned::id_of(&file)?;
+    let made = owned::copy_owner_and_mode(&file, backing)
+        .map_err(|e| Error::from(e).context(format!("{}: owner and mode", overlay.display())))
+        .and_then(|_| create_overlay_in(&file, backing, backing_format));
+    if let Err(e) = made {
+        let _ = owned::remove(overlay, Some(id));
+        return Err(e);
     }
+    Ok(id)
+}
+
+/// Makes `file` (created empty by the caller, with `O_EXCL|O_NOFOLLOW`)
+/// a qcow2 overlay whose backing file is `backing` (absolute path, format
+/// `backing_format`). qemu-img writes through the open descriptor
+/// (`/proc/self/fd/N`), so a path swapped in the meantime is never touched.
+pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &str) -> Result<()> {
     let backing = std::fs::canonicalize(backing)
         .map_err(|e| Error::io(format!("{}: {e}", backing.display())))?;
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        backing_format,
-        "-b",
-        &backing.to_string_lossy(),
-        &overlay.to_string_lossy(),
-    ])
-    .map(drop)
+    let args: Vec<String> = ["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([backing.to_string_lossy().into_owned()])
+        .collect();
+    run_on(file, &args)
 }
 
 /// Bytes that `image` itself (not its backing chain) holds: data or zero
@@ -147,24 +172,81 @@ pub fn has_own_data(image: &Path) -> Result<bool> {
 
 /// Copies the current contents of `image` into a new qcow2 `target`
 /// that backs onto the same backing image, writing only what `image`
-/// itself holds (written to `<target>.part`, then renamed).
-pub fn copy_above_backing(image: &Path, target: &Path) -> Result<()> {
+/// itself holds. Written into `<target>.part` (created with `O_EXCL`,
+/// `image`'s owner and mode, written through its descriptor), then
+/// renamed to `target` unless something is there. `record` is told the
+/// new file's device and inode as soon as it exists (before any data).
+pub fn copy_above_backing(
+    image: &Path,
+    target: &Path,
+    record: &dyn Fn(crate::store::owned::FileId) -> Result<()>,
+) -> Result<()> {
+    use crate::store::owned;
     let chain = chain(image)?;
     let part = target.with_extension("qcow2.part");
-    let _ = std::fs::remove_file(&part);
-    let (src, dst) = (image.to_string_lossy(), part.to_string_lossy());
-    let mut args = vec!["convert", "-U", "-O", "qcow2"];
-    let backing;
-    let backing_format;
-    if let Some(b) = chain.get(1) {
-        backing = b.path.to_string_lossy().into_owned();
-        backing_format = b.format.clone();
-        args.extend(["-B", &backing, "-F", &backing_format]);
+    let file = owned::create_new(&part, 0o600)
+        .map_err(|e| Error::from(e).context(part.display().to_string()))?;
+    let id = owned::id_of(&file)?;
+    let done = (|| {
+        record(id)?;
+        owned::copy_owner_and_mode(&file, image)?;
+        let src = image.to_string_lossy();
+        let mut args: Vec<String> = ["convert", "-U", "-O", "qcow2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(b) = chain.get(1) {
+            args.extend([
+                "-B".into(),
+                b.path.to_string_lossy().into_owned(),
+                "-F".into(),
+                b.format.clone(),
+            ]);
+        }
+        args.push(src.into_owned());
+        run_on(&file, &args)?;
+        file.sync_all()?;
+        owned::rename_noreplace(&part, target)
+            .map_err(|e| Error::from(e).context(target.display().to_string()))
+    })();
+    if let Err(e) = done {
+        let _ = owned::remove(&part, Some(id));
+        return Err(e);
     }
-    args.extend([src.as_ref(), dst.as_ref()]);
-    run(&args)?;
-    std::fs::File::open(&part)?.sync_all()?;
-    std::fs::rename(&part, target)?;
+    Ok(())
+}
+
+/// Runs qemu-img with `args` and, as its last argument, `file` open in
+/// it (`/proc/self/fd/N`): qemu-img never opens a path someone could
+/// swap for a symlink.
+fn run_on(file: &std::fs::File, args: &[String]) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = file.as_raw_fd();
+    let target = format!("/proc/self/fd/{fd}");
+    log::debug!("qemu-img {} {target}", args.join(" "));
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args).arg(&target);
+    // SAFETY: only fcntl(2) runs between fork and exec; it clears
+    // close-on-exec on the descriptor qemu-img must inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| Error::io(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::io(format!(
+            "qemu-img {} failed: {}",
+            args.first().map(String::as_str).unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
     Ok(())
 }
 

@@ -51,7 +51,7 @@ fn branch_overlay(source: &Path, name: &str) -> PathBuf {
     let secs = now_secs();
     (1..)
         .map(|n| default_overlay(source, &format!("{name}.revert-{secs}-{n}")))
-        .find(|p| !p.exists())
+        .find(|p| std::fs::symlink_metadata(p).is_err())
         .expect("some free name")
 }
 
@@ -128,6 +128,8 @@ impl Domain {
                 }),
             }
         }
+        // The overlays' names fit, before anything is made.
+        super::paths::check_lengths(branches.iter().map(|(_, _, o, _)| o.as_path()))?;
         let left_images: Vec<PathBuf> =
             left_points.iter().filter_map(|p| p.image.clone()).collect();
         // Read before the guest stops: their snapshot tables do not change.
@@ -381,7 +383,9 @@ impl Domain {
             }
         }
         for f in discard {
-            crate::store::atomic::remove_if_present(f)?;
+            if let crate::store::owned::Removal::Refused(why) = self.store.remove_made(f, true)? {
+                self.log.line(&format!("revert: not removed: {why}"));
+            }
         }
         self.set_current(id)
     }

@@ -126,14 +126,27 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
 
 impl Domain {
     /// `cat spec.xml > .create`: takes the snapshot the spec describes.
-    pub fn create_from_spec(&self, xml: &[u8]) -> Result<String> {
+    /// Files a caller other than root names must go beside the domain's
+    /// disk images, where it could write itself (see [`super::paths`]).
+    pub fn create_from_spec(&self, xml: &[u8], caller: &super::Caller) -> Result<String> {
         let what = ".create".to_owned();
         let r = (|| {
             let text =
                 std::str::from_utf8(xml).map_err(|_| Error::invalid("the spec is not UTF-8"))?;
             let spec = parse_snapshot_xml(text).map_err(|e| Error::invalid(e.to_string()))?;
             let targets: Vec<&str> = self.def.disks.iter().map(|d| d.target.as_str()).collect();
-            check_spec(spec, &targets)
+            let checked = check_spec(spec, &targets)?;
+            if let CreateKind::External { disks, memory } = &checked.kind {
+                for (target, path) in disks {
+                    if let Some(p) = path {
+                        self.check_caller_path(caller, &format!("disk {target}: overlay"), p)?;
+                    }
+                }
+                if let Some(Some(p)) = memory {
+                    self.check_caller_path(caller, "memory file", p)?;
+                }
+            }
+            Ok(checked)
         })();
         let checked = match r {
             Ok(c) => c,

@@ -119,7 +119,27 @@ impl Domain {
             memory: memory_file,
             memory_format,
         };
+        // Every file this create makes: named once, names that fit, none
+        // in use, none there already; all checked before anything is made.
+        let part = plan
+            .memory
+            .as_deref()
+            .map(crate::backend::external::memory_part_path);
+        let files: Vec<&Path> = plan
+            .overlays
+            .iter()
+            .map(|(_, o)| o.as_path())
+            .chain(plan.memory.as_deref())
+            .chain(part.as_deref())
+            .collect();
+        super::paths::check_lengths(files.iter().copied())?;
+        super::paths::check_distinct(files.iter().copied())?;
         crate::backend::external::check_plan_paths(&plan)?;
+        let given = disks.iter().any(|(_, p)| p.is_some()) || matches!(memory, Some(Some(_)));
+        if given {
+            // A file a chain or a snapshot names, even if it is missing.
+            self.check_unused(&files)?;
+        }
         Ok((plan, snap))
     }
 

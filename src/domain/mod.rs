@@ -8,6 +8,7 @@ pub mod external;
 pub mod frozen;
 pub mod jobs;
 pub mod oplog;
+pub mod paths;
 pub mod prune;
 pub mod recovery;
 pub mod registry;
@@ -30,6 +31,7 @@ use crate::model::{
 };
 use crate::store::{DomainStore, Intent, IntentRecord, Journal};
 use oplog::{now_secs, OpLog};
+pub use paths::Caller;
 pub use registry::Registry;
 pub use revert::RevertRequest;
 
@@ -401,6 +403,50 @@ impl Domain {
         Ok(())
     }
 
+    /// Why snapshot `id` (`name`) is busy: who holds a view or its memory
+    /// file open, and how root breaks the hold.
+    fn held_open(&self, id: &str, name: &str) -> String {
+        format!(
+            "a frozen view or the memory file of {name:?} is open (held by {}); close it, \
+             or as root: echo force > {name}/release",
+            self.views.holders(id)
+        )
+    }
+
+    /// `echo force > NAME/release` (root only): breaks every hold on the
+    /// snapshot's views and memory file; their later reads fail with
+    /// `ESTALE`. `.log` names the holders.
+    pub fn release(&self, name: &str, request: &[u8], uid: u32) -> Result<()> {
+        let word = String::from_utf8_lossy(request).trim().to_owned();
+        let what = format!("release {name:?}");
+        let r = (|| {
+            if uid != 0 {
+                return Err(Error::new(
+                    ErrorKind::Denied,
+                    format!("only root breaks holds (uid {uid})"),
+                ));
+            }
+            if word != "force" {
+                return Err(Error::invalid(format!(
+                    "unknown release request {word:?}; write 'force'"
+                )));
+            }
+            let snap = self.lookup(name)?;
+            let broken = self.views.break_holds(&snap.id);
+            if broken.is_empty() {
+                self.log.line(&format!("{what}: nothing held it"));
+            } else {
+                self.log.line(&format!(
+                    "{what}: broke {} hold(s), their reads now fail (ESTALE): {}",
+                    broken.len(),
+                    broken.join(", ")
+                ));
+            }
+            Ok(())
+        })();
+        r.or_else(|e| self.refuse(&what, e))
+    }
+
     /// Frozen views of this domain's snapshots.
     pub fn views(&self) -> &views::DiskViews {
         &self.views
@@ -685,9 +731,7 @@ impl Domain {
             }
             if let Some(open) = ids.iter().find(|id| self.views.is_open(id)) {
                 let n = self.forest.read().name_of(open).unwrap_or("?").to_owned();
-                return Err(Error::busy(format!(
-                    "a frozen view or the memory file of {n:?} is open; close it first"
-                )));
+                return Err(Error::busy(self.held_open(open, &n)));
             }
             let t0 = Instant::now();
             for id in &ids {
@@ -714,9 +758,7 @@ impl Domain {
             let live = self.live_state()?;
             self.check_images_active(live)?;
             if !self.views.hold_for_delete(&snap.id) {
-                return Err(Error::busy(format!(
-                    "a frozen view or the memory file of {name:?} is open; close it first"
-                )));
+                return Err(Error::busy(self.held_open(&snap.id, name)));
             }
             let mut held = DeleteHold {
                 views: &self.views,

@@ -14,6 +14,7 @@ use crate::backend::qemu_img::{self, canonical};
 use crate::backend::{Merge, MergeKind};
 use crate::error::{Error, Result};
 use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
+use crate::store::owned::Removal;
 use crate::store::Intent;
 
 /// The images a domain needs, with their backing links.
@@ -25,6 +26,9 @@ pub(super) struct ImageGraph {
     needed: HashSet<PathBuf>,
     /// How many internal snapshots each image holds.
     tags: HashMap<PathBuf, usize>,
+    /// Each image's path as its chain names it (before symlinks are
+    /// resolved): the only path vmsnapfs ever removes.
+    named: HashMap<PathBuf, PathBuf>,
 }
 
 impl ImageGraph {
@@ -37,6 +41,9 @@ impl ImageGraph {
             let chain = qemu_img::chain(r)?;
             for (i, image) in chain.iter().enumerate() {
                 let path = canonical(&image.path);
+                g.named
+                    .entry(path.clone())
+                    .or_insert_with(|| image.path.clone());
                 g.tags.insert(path.clone(), image.snapshots.len());
                 if let Some(b) = chain.get(i + 1) {
                     g.backing.insert(path.clone(), canonical(&b.path));
@@ -56,6 +63,19 @@ impl ImageGraph {
             .collect();
         v.sort();
         v
+    }
+
+    /// Every image of the chains (canonical paths).
+    pub(super) fn images(&self) -> impl Iterator<Item = &PathBuf> {
+        self.needed.iter()
+    }
+
+    /// The path a chain names for the image whose canonical path is `image`.
+    pub(super) fn named(&self, image: &Path) -> PathBuf {
+        self.named
+            .get(image)
+            .cloned()
+            .unwrap_or_else(|| image.to_owned())
     }
 }
 
@@ -195,11 +215,11 @@ impl Domain {
         // the memory file.
         let g = ImageGraph::build(&self.roots(None))?;
         let mut candidates = Vec::new();
+        // Recorded paths, never their symlink-resolved targets.
         for d in &snap.disks {
             if let (DiskSnapshotKind::External, Some(p)) = (d.kind, &d.image) {
-                let p = canonical(p);
-                candidates.extend(g.children(&p));
-                candidates.push(p);
+                candidates.extend(g.children(&canonical(p)).iter().map(|c| g.named(c)));
+                candidates.push(p.clone());
             }
         }
         if let MemoryLocation::External(m) = &snap.memory {
@@ -233,7 +253,7 @@ impl Domain {
                 ));
             }
         };
-        let removed = self.remove_unneeded(&candidates)?;
+        let (removed, left) = self.remove_unneeded(&candidates)?;
         self.journal.complete(record)?;
         let mut line = format!("{what}: deleted in {:.3} s", t0.elapsed().as_secs_f64());
         for n in notes {
@@ -241,6 +261,9 @@ impl Domain {
         }
         if !removed.is_empty() {
             line += &format!("; removed {}", removed.join(", "));
+        }
+        for why in left {
+            line += &format!("; not removed: {why}");
         }
         self.log.line(&line);
         Ok(())
@@ -270,8 +293,7 @@ impl Domain {
                     self.views.forget_all();
                     if let Some(reader) = self.view_reading(&[&m.lower, &m.upper]) {
                         return Err(Error::busy(format!(
-                            "a view of {reader:?} is open and reads an image this delete \
-                             merges; close it first"
+                            "this delete merges an image that a view reads: {reader}"
                         )));
                     }
                     let t = Instant::now();
@@ -321,8 +343,8 @@ impl Domain {
         Ok(notes)
     }
 
-    /// The name of a snapshot with an open view or memory file whose
-    /// chain holds one of `images`.
+    /// Which snapshot has an open view or memory file whose chain holds
+    /// one of `images`, and who holds it (for `.log`).
     pub(super) fn view_reading(&self, images: &[&Path]) -> Option<String> {
         let open: Vec<Snapshot> = self
             .forest
@@ -338,7 +360,7 @@ impl Domain {
                     .iter()
                     .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))
             });
-            reads.then_some(s.name)
+            reads.then(|| self.held_open(&s.id, &s.name))
         })
     }
 
@@ -378,7 +400,10 @@ impl Domain {
     /// Removes the files among `candidates` that nothing needs: no chain
     /// of the live state or of a snapshot holds them, no snapshot names
     /// them as its memory file, and they are not the definition's images.
-    fn remove_unneeded(&self, candidates: &[PathBuf]) -> Result<Vec<String>> {
+    /// Each is removed at the path recorded, only if it is still the file
+    /// vmsnapfs made, never through a symlink. Returns the files removed
+    /// and, for each left alone, why.
+    fn remove_unneeded(&self, candidates: &[PathBuf]) -> Result<(Vec<String>, Vec<String>)> {
         let g = ImageGraph::build(&self.roots(None))?;
         let memory: HashSet<PathBuf> = self
             .forest
@@ -389,17 +414,21 @@ impl Domain {
                 _ => None,
             })
             .collect();
-        let mut removed = Vec::new();
+        let (mut removed, mut left) = (Vec::new(), Vec::new());
         for c in candidates {
             let p = canonical(c);
-            if g.needed.contains(&p) || memory.contains(&p) || self.is_defined_image(&p) {
+            let needed =
+                |p: &Path| g.needed.contains(p) || memory.contains(p) || self.is_defined_image(p);
+            if needed(&p) || needed(c) {
                 continue;
             }
-            if crate::store::atomic::remove_if_present(&p)? {
-                removed.push(p.display().to_string());
+            match self.store.remove_made(c, true)? {
+                Removal::Removed => removed.push(c.display().to_string()),
+                Removal::Absent => {}
+                Removal::Refused(why) => left.push(why),
             }
         }
-        Ok(removed)
+        Ok((removed, left))
     }
 
     /// Finishes an interrupted external delete (start-up).
@@ -422,7 +451,10 @@ impl Domain {
             self.delete_external_steps("recovery", &snap, &mut true)?;
             self.forget_snapshot(id)?;
         }
-        self.remove_unneeded(candidates)?;
+        let (_, left) = self.remove_unneeded(candidates)?;
+        for why in left {
+            self.log.line(&format!("recovery: not removed: {why}"));
+        }
         Ok("completed")
     }
 }

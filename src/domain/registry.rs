@@ -34,6 +34,42 @@ pub struct Registry {
     me: Weak<Registry>,
 }
 
+/// Largest definition file read.
+const MAX_DEFINITION: u64 = 1024 * 1024;
+
+/// Reads a definition file: a regular file (opened without following a
+/// symlink and without blocking, so a FIFO or a device is refused, never
+/// waited on), at most [`MAX_DEFINITION`] bytes.
+fn read_definition(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::invalid("a symlink; definitions must be regular files"),
+            _ => Error::from(e),
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::invalid(
+            "not a regular file (a FIFO, a device or a directory)",
+        ));
+    }
+    if meta.len() > MAX_DEFINITION {
+        return Err(Error::invalid("definition larger than 1 MiB"));
+    }
+    let mut text = String::new();
+    file.take(MAX_DEFINITION + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::invalid(format!("not readable as UTF-8 text: {e}")))?;
+    if text.len() as u64 > MAX_DEFINITION {
+        return Err(Error::invalid("definition larger than 1 MiB"));
+    }
+    Ok(text)
+}
+
 impl Registry {
     /// Reads every `*.xml` definition in `domains_dir`; metadata lives in
     /// `state_dir`. A definition that cannot be used is skipped with a
@@ -87,11 +123,7 @@ impl Registry {
     }
 
     fn load_one(&self, path: &Path) -> Result<()> {
-        let meta = std::fs::metadata(path)?;
-        if meta.len() > 1024 * 1024 {
-            return Err(Error::invalid("definition larger than 1 MiB"));
-        }
-        let text = std::fs::read_to_string(path)?;
+        let text = read_definition(path)?;
         let def = parse_domain_def(&text).map_err(|e| Error::invalid(e.to_string()))?;
         if self.domains.read().contains_key(&def.name) {
             return Ok(());

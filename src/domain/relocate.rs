@@ -92,8 +92,7 @@ impl Domain {
             self.view_reading(&images.iter().map(|(_, i)| i.as_path()).collect::<Vec<_>>())
         {
             return Err(Error::busy(format!(
-                "a view of {reader:?} is open and reads an image this revert changes; close \
-                 it first"
+                "this revert changes an image that a view reads: {reader}"
             )));
         }
         // QEMU reverts only root images: stop it (this flushes every image).
@@ -225,8 +224,17 @@ impl Domain {
         moved: &[(PathBuf, PathBuf)],
     ) -> Result<()> {
         for (img, copy) in moved {
-            if !copy.exists() {
-                qemu_img::copy_above_backing(img, copy)?;
+            let made = self.store.made_id(copy);
+            let whole = made.is_some() && std::fs::symlink_metadata(copy).is_ok();
+            if !whole {
+                // A copy interrupted before its rename: its part goes first.
+                let part = copy.with_extension("qcow2.part");
+                if let Some(id) = made {
+                    crate::store::owned::remove(&part, Some(id))?;
+                }
+                qemu_img::copy_above_backing(img, copy, &|id| {
+                    Ok(self.store.record_made(&[(copy.clone(), id)])?)
+                })?;
             }
             let g = ImageGraph::build(&self.roots(None))?;
             for child in g.children(&canonical(img)) {

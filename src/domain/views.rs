@@ -42,8 +42,64 @@ struct Served {
 
 #[derive(Default)]
 struct Holds {
-    open: HashMap<String, usize>,
+    /// Snapshot id -> the open views and memory files of it.
+    open: HashMap<String, Vec<Arc<Hold>>>,
     deleting: HashSet<String>,
+}
+
+/// The process that opened a view (from the FUSE request of the open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    /// Its process id.
+    pub pid: u32,
+    /// Its user id.
+    pub uid: u32,
+}
+
+/// One open view or memory file: it keeps its snapshot from being
+/// deleted until it is closed, or until root breaks it.
+pub struct Hold {
+    snapshot: String,
+    holder: Holder,
+    command: String,
+    broken: parking_lot::RwLock<bool>,
+}
+
+impl Hold {
+    /// Runs `read` unless root broke the hold (`ESTALE` then). A break
+    /// waits for reads in progress, so no read of a broken hold ever sees
+    /// an image a delete changes.
+    pub fn read<T>(&self, read: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        let broken = self.broken.read();
+        if *broken {
+            return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        read()
+    }
+
+    /// `pid 123 (cat /snaps/...) uid 1000`, for `.log`.
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} ({}) uid {}",
+            self.holder.pid, self.command, self.holder.uid
+        )
+    }
+}
+
+/// The command line of process `pid`, shortened, for `.log`.
+fn command_of(pid: u32) -> String {
+    let argv = crate::backend::process::read_argv(pid as i32).unwrap_or_default();
+    let mut line = argv.join(" ");
+    if line.is_empty() {
+        line = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_else(|_| "?".into());
+    }
+    if let Some((i, _)) = line.char_indices().nth(80) {
+        line.truncate(i);
+        line.push_str("...");
+    }
+    line
 }
 
 impl DiskViews {
@@ -95,7 +151,12 @@ impl DiskViews {
     /// [`DiskViews::close`]. EBUSY while the snapshot is being deleted.
     /// An internal snapshot is read directly from its qcow2 file when the
     /// image's layout allows it, else through `qemu-nbd`.
-    pub fn open(&self, snap: &Snapshot, target: &str) -> Result<Arc<dyn FrozenView>> {
+    pub fn open(
+        &self,
+        snap: &Snapshot,
+        target: &str,
+        holder: Holder,
+    ) -> Result<(Arc<dyn FrozenView>, Arc<Hold>)> {
         let in_snapshot = snap
             .disks
             .iter()
@@ -105,22 +166,14 @@ impl DiskViews {
                 "disk {target} is not in this snapshot"
             )));
         }
-        let mut holds = self.holds.lock();
-        if holds.deleting.contains(&snap.id) {
-            return Err(Error::busy(format!(
-                "snapshot {:?} is being deleted",
-                snap.name
-            )));
-        }
-        *holds.open.entry(snap.id.clone()).or_default() += 1;
-        drop(holds);
+        let hold = self.hold(snap, holder)?;
         let key = (snap.id.clone(), target.to_owned());
         if let Some(s) = self.views.lock().get(&key) {
-            return Ok(s.view.clone());
+            return Ok((s.view.clone(), hold));
         }
         // Only a view not served yet needs its chain (one qemu-img run).
         let Some(source) = Self::source(snap, target) else {
-            self.close(&snap.id);
+            self.close(&hold);
             return Err(Error::not_found(format!(
                 "disk {target} is not in this snapshot"
             )));
@@ -135,7 +188,7 @@ impl DiskViews {
             ) {
                 Ok(d) => d,
                 Err(e) => {
-                    self.close(&snap.id);
+                    self.close(&hold);
                     let text = format!("view of disk {target} of {:?}: {e}", snap.name);
                     if let Some(sink) = &self.options.on_error {
                         (sink.0)(&text);
@@ -155,15 +208,12 @@ impl DiskViews {
         };
         let served = Served { view, server };
         let view = self.views.lock().entry(key).or_insert(served).view.clone();
-        Ok(view)
+        Ok((view, hold))
     }
 
-    /// Opens the memory file of an external checkpoint, holding the
-    /// snapshot like a disk view until [`DiskViews::close`].
-    pub fn open_memory(&self, snap: &Snapshot) -> Result<Arc<dyn FrozenView>> {
-        let MemoryLocation::External(path) = &snap.memory else {
-            return Err(Error::not_found("the snapshot has no memory file"));
-        };
+    /// Records a new hold of `snap` unless it is being deleted (EBUSY).
+    fn hold(&self, snap: &Snapshot, holder: Holder) -> Result<Arc<Hold>> {
+        let command = command_of(holder.pid);
         let mut holds = self.holds.lock();
         if holds.deleting.contains(&snap.id) {
             return Err(Error::busy(format!(
@@ -171,21 +221,74 @@ impl DiskViews {
                 snap.name
             )));
         }
-        let file = crate::views::FileView::open(path)
-            .map_err(|e| Error::io(format!("{}: {e}", path.display())))?;
-        *holds.open.entry(snap.id.clone()).or_default() += 1;
-        Ok(Arc::new(file))
+        let hold = Arc::new(Hold {
+            snapshot: snap.id.clone(),
+            holder,
+            command,
+            broken: parking_lot::RwLock::new(false),
+        });
+        holds
+            .open
+            .entry(snap.id.clone())
+            .or_default()
+            .push(hold.clone());
+        Ok(hold)
     }
 
-    /// Ends one [`DiskViews::open`] of a view of snapshot `id`.
-    pub fn close(&self, id: &str) {
+    /// Opens the memory file of an external checkpoint, holding the
+    /// snapshot like a disk view until [`DiskViews::close`].
+    pub fn open_memory(
+        &self,
+        snap: &Snapshot,
+        holder: Holder,
+    ) -> Result<(Arc<dyn FrozenView>, Arc<Hold>)> {
+        let MemoryLocation::External(path) = &snap.memory else {
+            return Err(Error::not_found("the snapshot has no memory file"));
+        };
+        let file = crate::views::FileView::open(path)
+            .map_err(|e| Error::io(format!("{}: {e}", path.display())))?;
+        let hold = self.hold(snap, holder)?;
+        Ok((Arc::new(file), hold))
+    }
+
+    /// Ends one [`DiskViews::open`] (or [`DiskViews::open_memory`]).
+    pub fn close(&self, hold: &Arc<Hold>) {
         let mut holds = self.holds.lock();
-        if let Some(n) = holds.open.get_mut(id) {
-            *n -= 1;
-            if *n == 0 {
-                holds.open.remove(id);
+        if let Some(v) = holds.open.get_mut(&hold.snapshot) {
+            v.retain(|h| !Arc::ptr_eq(h, hold));
+            if v.is_empty() {
+                holds.open.remove(&hold.snapshot);
             }
         }
+    }
+
+    /// Who holds snapshot `id` open: `pid 123 (cat ...) uid 1000, ...`.
+    pub fn holders(&self, id: &str) -> String {
+        let holds = self.holds.lock();
+        holds
+            .open
+            .get(id)
+            .map(|v| {
+                v.iter()
+                    .map(|h| h.describe())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    }
+
+    /// Breaks every hold of snapshot `id` (root's `force`): later reads
+    /// through them fail with `ESTALE`. Returns who held it.
+    pub fn break_holds(&self, id: &str) -> Vec<String> {
+        let broken = self.holds.lock().open.remove(id).unwrap_or_default();
+        broken
+            .iter()
+            .map(|h| {
+                // Waits for a read in progress through this hold.
+                *h.broken.write() = true;
+                h.describe()
+            })
+            .collect()
     }
 
     /// True while a view or the memory file of snapshot `id` is open.

@@ -48,6 +48,7 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         SnapFile::Parent => parent_target(dom, id)?.into_bytes(),
         SnapFile::Revert
         | SnapFile::Delete
+        | SnapFile::Release
         | SnapFile::Disks
         | SnapFile::Images
         | SnapFile::Memory => Vec::new(),

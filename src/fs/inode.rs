@@ -64,6 +64,8 @@ pub enum SnapFile {
     Revert,
     /// `delete`: control file (`self`, `children` or `subtree`).
     Delete,
+    /// `release`: control file for root (`force` breaks every hold).
+    Release,
     /// `memory`: the saved state of an external checkpoint (root only).
     Memory,
     /// `disks/`: one frozen view per disk.
@@ -74,12 +76,13 @@ pub enum SnapFile {
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 8] = [
+    pub const ALL: [(SnapFile, &'static str); 9] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
         (SnapFile::Revert, "revert"),
         (SnapFile::Delete, "delete"),
+        (SnapFile::Release, "release"),
         (SnapFile::Memory, "memory"),
         (SnapFile::Disks, "disks"),
         (SnapFile::Images, "images"),

@@ -6,6 +6,7 @@
 pub mod content;
 pub mod inode;
 mod tree;
+pub mod xml_edit;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -25,6 +26,7 @@ use parking_lot::Mutex;
 use crate::domain::{Domain, Registry};
 use crate::error::Error;
 use inode::{DomainFile, InodeTable, Node, SnapFile};
+use xml_edit::{Step, XmlEdit, XmlTarget};
 
 /// Names and attributes that change only through this mount (the kernel
 /// updates its cache itself on mkdir, rmdir and rename).
@@ -71,25 +73,12 @@ enum Handle {
     View {
         view: Arc<dyn crate::views::FrozenView>,
         domain: Arc<Domain>,
-        id: String,
+        hold: Arc<crate::domain::views::Hold>,
     },
     /// An XML document being written to `snapshot.xml` or `.create`;
     /// applied as soon as it is whole (else when the file is closed).
-    XmlEdit {
-        domain: String,
-        target: XmlTarget,
-        buf: Vec<u8>,
-        applied: bool,
-    },
-}
-
-/// Where a written XML document goes.
-#[derive(Clone)]
-enum XmlTarget {
-    /// `<snapshot id>/snapshot.xml`: a new description.
-    Description(String),
-    /// `.create`: a new snapshot.
-    Create,
+    /// Its own lock: a long document never holds up other handles.
+    XmlEdit(Arc<Mutex<XmlEdit>>),
 }
 
 /// The vmsnapfs filesystem.
@@ -165,8 +154,15 @@ fn fuse_config(c: &MountConfig) -> fuser::Config {
     config
 }
 
-/// Answers a read of a frozen view, into a buffer kept per FUSE thread.
-fn read_view(view: &dyn crate::views::FrozenView, offset: u64, size: u32, reply: ReplyData) {
+/// Answers a read of a frozen view, into a buffer kept per FUSE thread;
+/// `ESTALE` once root broke the hold.
+fn read_view(
+    view: &dyn crate::views::FrozenView,
+    hold: &crate::domain::views::Hold,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
+) {
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -175,19 +171,38 @@ fn read_view(view: &dyn crate::views::FrozenView, offset: u64, size: u32, reply:
             buf.resize(size as usize, 0);
         }
         let buf = &mut buf[..size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match view.read_at(offset + done as u64, &mut buf[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) => {
-                    log::warn!("frozen view read at {offset}: {e}");
-                    return reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)));
+        let read = hold.read(|| {
+            let mut done = 0;
+            while done < buf.len() {
+                match view.read_at(offset + done as u64, &mut buf[done..])? {
+                    0 => break,
+                    n => done += n,
                 }
             }
+            Ok(done)
+        });
+        match read {
+            Ok(done) => reply.data(&buf[..done]),
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::ESTALE) {
+                    log::warn!("frozen view read at {offset}: {e}");
+                }
+                reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
         }
-        reply.data(&buf[..done]);
     });
+}
+
+/// The process (thread group) of the thread `tid` that made a request.
+fn process_of(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
 }
 
 /// Runs `f` on a worker thread: snapshot operations may take seconds.
@@ -254,7 +269,7 @@ impl Filesystem for SnapFs {
             Node::SnapshotFile(
                 _,
                 _,
-                SnapFile::Revert | SnapFile::Delete | SnapFile::SnapshotXml
+                SnapFile::Revert | SnapFile::Delete | SnapFile::Release | SnapFile::SnapshotXml
             ) | Node::DomainFile(_, DomainFile::Create | DomainFile::Start)
         );
         if !(control && size == Some(0)) {
@@ -376,8 +391,11 @@ impl Filesystem for SnapFs {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         if matches!(
             node,
-            Node::SnapshotFile(_, _, SnapFile::Revert | SnapFile::Delete)
-                | Node::DomainFile(_, DomainFile::Start)
+            Node::SnapshotFile(
+                _,
+                _,
+                SnapFile::Revert | SnapFile::Delete | SnapFile::Release
+            ) | Node::DomainFile(_, DomainFile::Start)
         ) {
             if !write {
                 return reply.error(Errno::EACCES);
@@ -400,22 +418,21 @@ impl Filesystem for SnapFs {
             let Some(snap) = domain.forest().get(id).cloned() else {
                 return reply.error(Errno::ENOENT);
             };
-            let opened = match target {
-                Some(target) => domain.views().open(&snap, target),
-                None => domain.views().open_memory(&snap),
+            let holder = crate::domain::views::Holder {
+                pid: req.pid(),
+                uid: req.uid(),
             };
-            let view = match opened {
+            let opened = match target {
+                Some(target) => domain.views().open(&snap, target, holder),
+                None => domain.views().open_memory(&snap, holder),
+            };
+            let (view, hold) = match opened {
                 Ok(v) => v,
                 Err(e) => return reply.error(errno(&e)),
             };
-            fs.handles.lock().insert(
-                fh,
-                Handle::View {
-                    view,
-                    domain,
-                    id: id.clone(),
-                },
-            );
+            fs.handles
+                .lock()
+                .insert(fh, Handle::View { view, domain, hold });
             // Requests as large as the reader's (not cut to read-ahead
             // pages): measured 1.5-2x faster than the page-cache path.
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
@@ -429,13 +446,15 @@ impl Filesystem for SnapFs {
                 Node::DomainFile(d, DomainFile::Create) => (d, XmlTarget::Create),
                 _ => return reply.error(Errno::EACCES),
             };
-            let edit = Handle::XmlEdit {
-                domain,
-                target,
-                buf: Vec::new(),
-                applied: false,
+            let caller = crate::domain::Caller {
+                uid: req.uid(),
+                gid: req.gid(),
+                pid: process_of(req.pid()),
             };
-            fs.handles.lock().insert(fh, edit);
+            let edit = XmlEdit::new(domain, target, caller);
+            fs.handles
+                .lock()
+                .insert(fh, Handle::XmlEdit(Arc::new(Mutex::new(edit))));
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
         }
         // The content is fixed at open, so a reader sees one consistent version.
@@ -459,16 +478,21 @@ impl Filesystem for SnapFs {
     ) {
         enum Source {
             Text(Arc<Vec<u8>>),
-            View(Arc<dyn crate::views::FrozenView>),
+            View(
+                Arc<dyn crate::views::FrozenView>,
+                Arc<crate::domain::views::Hold>,
+            ),
         }
         let source = match self.inner.handles.lock().get(&fh.0) {
             Some(Handle::Text(d)) => Source::Text(d.clone()),
-            Some(Handle::View { view, .. }) => Source::View(view.clone()),
+            Some(Handle::View { view, hold, .. }) => Source::View(view.clone(), hold.clone()),
             _ => return reply.error(Errno::EBADF),
         };
         let data = match source {
             Source::Text(d) => d,
-            Source::View(view) => return read_view(view.as_ref(), offset, size, reply),
+            Source::View(view, hold) => {
+                return read_view(view.as_ref(), &hold, offset, size, reply)
+            }
         };
         let start = (offset as usize).min(data.len());
         let end = start.saturating_add(size as usize).min(data.len());
@@ -477,7 +501,7 @@ impl Filesystem for SnapFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -488,41 +512,31 @@ impl Filesystem for SnapFs {
         reply: ReplyWrite,
     ) {
         let fs = &self.inner;
-        let mut handles = fs.handles.lock();
-        if let Some(Handle::XmlEdit {
-            domain,
-            target,
-            buf,
-            applied,
-        }) = handles.get_mut(&fh.0)
-        {
-            let end = offset as usize + data.len();
-            if end > crate::xml::MAX_INPUT_BYTES {
-                return reply.error(Errno::EFBIG);
-            }
-            if buf.len() < end {
-                buf.resize(end, 0);
-            }
-            buf[offset as usize..end].copy_from_slice(data);
-            // Once the document is whole, apply it, so that errors come
-            // back from write(2) (shells ignore errors of close(2)).
-            let whole = std::str::from_utf8(buf)
-                .is_ok_and(|t| crate::xml::snapshot::parse_snapshot_xml(t).is_ok());
-            if !whole {
-                return reply.written(data.len() as u32);
-            }
-            *applied = true;
-            let (domain, target, xml) = (domain.clone(), target.clone(), buf.clone());
-            drop(handles);
+        let edit = match fs.handles.lock().get(&fh.0) {
+            Some(Handle::XmlEdit(e)) => Some(e.clone()),
+            _ => None,
+        };
+        if let Some(edit) = edit {
+            let mut edit = edit.lock();
+            // Each byte is scanned once; the document is parsed once, when
+            // its root element ends, so errors come back from this write.
+            let xml = match edit.write(offset, data, crate::xml::MAX_INPUT_BYTES) {
+                Step::Written => return reply.written(data.len() as u32),
+                Step::Refused(e) => return reply.error(Errno::from_i32(e)),
+                Step::Apply(xml) => xml,
+            };
+            let (domain, target, caller) = (edit.domain.clone(), edit.target.clone(), edit.caller);
+            drop(edit);
             let n = data.len() as u32;
             let fs = self.inner.clone();
             // A create takes seconds: off the FUSE thread.
-            return off_thread(move || match fs.apply_xml(&domain, &target, &xml) {
-                Ok(()) => reply.written(n),
-                Err(e) => reply.error(e),
-            });
+            return off_thread(
+                move || match fs.apply_xml(&domain, &target, &xml, &caller) {
+                    Ok(()) => reply.written(n),
+                    Err(e) => reply.error(e),
+                },
+            );
         }
-        drop(handles);
         if let Ok(Node::DomainFile(d, DomainFile::Start)) = fs.node(ino) {
             let Ok(dom) = fs.domain(&d) else {
                 return reply.error(Errno::ENOENT);
@@ -534,8 +548,11 @@ impl Filesystem for SnapFs {
                 Err(e) => reply.error(errno(&e)),
             });
         }
-        let Ok(Node::SnapshotFile(d, id, file @ (SnapFile::Revert | SnapFile::Delete))) =
-            fs.node(ino)
+        let Ok(Node::SnapshotFile(
+            d,
+            id,
+            file @ (SnapFile::Revert | SnapFile::Delete | SnapFile::Release),
+        )) = fs.node(ino)
         else {
             return reply.error(Errno::EBADF);
         };
@@ -546,9 +563,12 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let data = data.to_vec();
+        let uid = req.uid();
+        // Breaking a hold waits for reads in progress: off the FUSE thread too.
         off_thread(move || {
             let done = match file {
                 SnapFile::Delete => dom.delete_tree(&name, &data),
+                SnapFile::Release => dom.release(&name, &data, uid),
                 _ => dom.revert(&name, &data),
             };
             match done {
@@ -569,8 +589,21 @@ impl Filesystem for SnapFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.inner.handles.lock().remove(&fh.0);
-        if let Some(Handle::View { domain, id, .. }) = handle {
-            domain.views().close(&id);
+        match handle {
+            Some(Handle::View { domain, hold, .. }) => domain.views().close(&hold),
+            Some(Handle::XmlEdit(edit)) => {
+                // Never flushed by its writer: applied now; a refusal
+                // reaches `.log` only.
+                let mut edit = edit.lock();
+                if let Some(xml) = edit.finish() {
+                    let (d, t, c) = (edit.domain.clone(), edit.target.clone(), edit.caller);
+                    let fs = self.inner.clone();
+                    off_thread(move || {
+                        let _ = fs.apply_xml(&d, &t, &xml, &c);
+                    });
+                }
+            }
+            _ => {}
         }
         reply.ok();
     }
@@ -584,8 +617,8 @@ impl Filesystem for SnapFs {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        let view = match self.inner.handles.lock().get(&fh.0) {
-            Some(Handle::View { view, .. }) => view.clone(),
+        let (view, hold) = match self.inner.handles.lock().get(&fh.0) {
+            Some(Handle::View { view, hold, .. }) => (view.clone(), hold.clone()),
             _ => return reply.error(Errno::EINVAL),
         };
         let Ok(offset) = u64::try_from(offset) else {
@@ -593,8 +626,8 @@ impl Filesystem for SnapFs {
         };
         // Holes come from the server's block status, never from reading zeros.
         let found = match whence {
-            libc::SEEK_DATA => view.seek_data(offset),
-            libc::SEEK_HOLE => view.seek_hole(offset),
+            libc::SEEK_DATA => hold.read(|| view.seek_data(offset)),
+            libc::SEEK_HOLE => hold.read(|| view.seek_hole(offset)),
             _ => return reply.error(Errno::EINVAL),
         };
         match found {
@@ -606,33 +639,38 @@ impl Filesystem for SnapFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = self.inner.clone();
-        // A document that never parsed whole is applied (and refused) at close.
-        let edit = match fs.handles.lock().get_mut(&fh.0) {
-            Some(Handle::XmlEdit {
-                domain,
-                target,
-                buf,
-                applied,
-            }) if !*applied && !buf.is_empty() => {
-                *applied = true;
-                Some((domain.clone(), target.clone(), std::mem::take(buf)))
-            }
+        // A document that never became whole is applied (and refused) at close.
+        let edit = match fs.handles.lock().get(&fh.0) {
+            Some(Handle::XmlEdit(e)) => Some(e.clone()),
             _ => None,
         };
-        let Some((domain, target, xml)) = edit else {
+        let Some(edit) = edit else {
             return reply.ok();
         };
-        off_thread(move || match fs.apply_xml(&domain, &target, &xml) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        });
+        let mut edit = edit.lock();
+        // Every close of a copy of the descriptor flushes, also in a child
+        // the writer forked (closed at its exec): only the writer's counts.
+        if process_of(req.pid()) != edit.caller.pid {
+            return reply.ok();
+        }
+        let Some(xml) = edit.finish() else {
+            return reply.ok();
+        };
+        let (domain, target, caller) = (edit.domain.clone(), edit.target.clone(), edit.caller);
+        drop(edit);
+        off_thread(
+            move || match fs.apply_xml(&domain, &target, &xml, &caller) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

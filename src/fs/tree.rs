@@ -10,8 +10,19 @@ use fuser::{Errno, FileAttr, FileType, Generation, INodeNo, ReplyEntry};
 
 use super::content;
 use super::inode::{DomainFile, Node, SnapFile};
-use super::{errno, secs, Inner, XmlTarget, LIVE_TTL, STABLE_TTL};
+use super::xml_edit::XmlTarget;
+use super::{errno, secs, Inner, LIVE_TTL, STABLE_TTL};
 use crate::domain::Domain;
+
+/// The owner, group and mode (less the write bits) of an image, read
+/// without following a symlink; root's and 0400 when it cannot be read.
+fn image_owner(image: &std::path::Path) -> ((u32, u32), u16) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(image) {
+        Ok(m) if m.is_file() => ((m.uid(), m.gid()), (m.mode() & 0o555) as u16),
+        _ => ((0, 0), 0o400),
+    }
+}
 
 impl Inner {
     pub(super) fn domain(&self, name: &str) -> Result<Arc<Domain>, Errno> {
@@ -21,6 +32,9 @@ impl Inner {
     pub(super) fn attr(&self, node: &Node, uid: u32) -> Option<(FileAttr, Duration)> {
         let gid = self.config.group.unwrap_or(0);
         let group_w = self.config.group.is_some();
+        // Files that come from an image (views, memory files) take its
+        // owner, group and mode, less the write bits; the rest is root's.
+        let mut owner = (0, gid);
         let (kind, perm, size, mtime, ttl) = match node {
             Node::Root => (FileType::Directory, 0o755, 0, self.mounted_at, STABLE_TTL),
             Node::RootJobs => {
@@ -82,7 +96,9 @@ impl Inner {
                 let t = secs(dom.forest().get(id)?.creation_time);
                 let image = content::image_of(&dom, id, target)?;
                 let size = dom.views().disk_size(&image).unwrap_or(0);
-                (FileType::RegularFile, 0o444, size, t, STABLE_TTL)
+                let (o, perm) = image_owner(&image);
+                owner = o;
+                (FileType::RegularFile, perm, size, t, STABLE_TTL)
             }
             Node::SnapshotImage(d, id, target) => {
                 let dom = self.reg.get(d)?;
@@ -108,10 +124,16 @@ impl Inner {
                         let perm = if group_w { 0o220 } else { 0o200 };
                         (FileType::RegularFile, perm, 0, t, STABLE_TTL)
                     }
+                    // Breaking another user's hold is root's alone.
+                    SnapFile::Release => (FileType::RegularFile, 0o200, 0, t, STABLE_TTL),
                     SnapFile::Memory => {
                         let file = content::memory_file(&dom, id)?;
-                        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-                        (FileType::RegularFile, 0o400, len, t, STABLE_TTL)
+                        let len = std::fs::symlink_metadata(&file)
+                            .map(|m| m.len())
+                            .unwrap_or(0);
+                        let (o, perm) = image_owner(&file);
+                        owner = o;
+                        (FileType::RegularFile, perm, len, t, STABLE_TTL)
                     }
                     _ => {
                         let len = content::snapshot_file(&dom, id, *f, uid)?.len() as u64;
@@ -151,8 +173,8 @@ impl Inner {
             kind,
             perm,
             nlink,
-            uid: 0,
-            gid,
+            uid: owner.0,
+            gid: owner.1,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -346,6 +368,7 @@ impl Inner {
         domain: &str,
         target: &XmlTarget,
         xml: &[u8],
+        caller: &crate::domain::Caller,
     ) -> Result<(), Errno> {
         let dom = self.domain(domain)?;
         match target {
@@ -357,7 +380,10 @@ impl Inner {
                     .ok_or(Errno::ENOENT)?;
                 dom.write_snapshot_xml(&name, xml).map_err(|e| errno(&e))
             }
-            XmlTarget::Create => dom.create_from_spec(xml).map(drop).map_err(|e| errno(&e)),
+            XmlTarget::Create => dom
+                .create_from_spec(xml, caller)
+                .map(drop)
+                .map_err(|e| errno(&e)),
         }
     }
 

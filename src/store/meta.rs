@@ -7,6 +7,7 @@
 //! <state>/<domain>/layers               each disk's active image (after external snapshots)
 //! <state>/<domain>/layers.history       images that were active layers before
 //! <state>/<domain>/pending-tag-deletes  tags of deleted snapshots left in backing images
+//! <state>/<domain>/made                 files vmsnapfs made beside the images: path, dev, inode
 //! <state>/<domain>/journal/             intent records (see `journal`)
 //! <state>/<domain>/log                  the domain's operation log
 //! ```
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use super::atomic::{clean_temp_files, remove_durable, write_atomic};
 use super::journal::Journal;
 use super::journal::{escape, unescape};
+use super::owned::{self, FileId, Removal};
 use crate::model::{Forest, Snapshot};
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
 
@@ -292,6 +294,84 @@ impl DomainStore {
                 Some((target, Layer { path, format }))
             })
             .collect()
+    }
+}
+
+/// Serialises the read-modify-write of every domain's `made` record.
+static MADE_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+impl DomainStore {
+    fn read_made(&self) -> Vec<(PathBuf, FileId)> {
+        let text = fs::read_to_string(self.dir.join("made")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t');
+                let path = PathBuf::from(unescape(f.next()?));
+                let dev = f.next()?.parse().ok()?;
+                let ino = f.next()?.parse().ok()?;
+                Some((path, (dev, ino)))
+            })
+            .collect()
+    }
+
+    fn write_made(&self, all: &[(PathBuf, FileId)]) -> io::Result<()> {
+        let path = self.dir.join("made");
+        if all.is_empty() {
+            return remove_durable(&path);
+        }
+        let text: String = all
+            .iter()
+            .map(|(p, (d, i))| format!("{}\t{d}\t{i}\n", escape(&p.to_string_lossy())))
+            .collect();
+        write_atomic(&path, text.as_bytes())
+    }
+
+    /// Durably records files vmsnapfs made (overlays, memory files, copies)
+    /// with their device and inode: only those inodes are ever removed.
+    pub fn record_made(&self, files: &[(PathBuf, FileId)]) -> io::Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let _g = MADE_LOCK.lock();
+        let mut all = self.read_made();
+        all.retain(|(p, _)| !files.iter().any(|(f, _)| f == p));
+        all.extend(files.iter().cloned());
+        self.write_made(&all)
+    }
+
+    /// The device and inode vmsnapfs recorded for a file it made at `path`.
+    pub fn made_id(&self, path: &Path) -> Option<FileId> {
+        let _g = MADE_LOCK.lock();
+        self.read_made()
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, id)| id)
+    }
+
+    /// Removes the file vmsnapfs made at `path` (see [`owned::remove`]):
+    /// only the recorded inode; never through a symlink. A path with no
+    /// record is left alone unless `unrecorded_ok` (images that snapshot
+    /// metadata names, made before inodes were recorded): then only a
+    /// regular file is removed.
+    pub fn remove_made(&self, path: &Path, unrecorded_ok: bool) -> io::Result<Removal> {
+        let id = self.made_id(path);
+        if id.is_none() && !unrecorded_ok {
+            return Ok(match fs::symlink_metadata(path) {
+                Err(_) => Removal::Absent,
+                Ok(_) => Removal::Refused(format!(
+                    "{} was not made by vmsnapfs; left alone",
+                    path.display()
+                )),
+            });
+        }
+        let r = owned::remove(path, id)?;
+        if id.is_some() && matches!(r, Removal::Removed | Removal::Absent) {
+            let _g = MADE_LOCK.lock();
+            let mut all = self.read_made();
+            all.retain(|(p, _)| p != path);
+            self.write_made(&all)?;
+        }
+        Ok(r)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod journal;
 pub mod meta;
+pub mod owned;
 
 pub use journal::{Intent, IntentRecord, Journal};
 pub use meta::{DomainStore, Layer, Loaded};

@@ -114,9 +114,16 @@ pub struct FileView {
 }
 
 impl FileView {
-    /// Opens `path` read-only.
+    /// Opens `path` read-only, never through a symlink.
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let len = file.metadata()?.len();
         Ok(FileView { file, len })
     }

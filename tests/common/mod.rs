@@ -67,16 +67,21 @@ pub fn unmount(mnt: &Path) {
 impl Daemon {
     /// Starts `vmsnapfs mount --foreground` with extra env (failpoints).
     pub fn start(base: &Path, env: &[(&str, &str)]) -> Daemon {
-        Self::launch(base, env, false)
+        Self::launch(base, env, false, &[])
     }
 
     /// Like [`Daemon::start`], run in `base` with the mount point, the
     /// definitions and the state directory given as relative paths.
     pub fn start_relative(base: &Path, env: &[(&str, &str)]) -> Daemon {
-        Self::launch(base, env, true)
+        Self::launch(base, env, true, &[])
     }
 
-    fn launch(base: &Path, env: &[(&str, &str)], relative: bool) -> Daemon {
+    /// Starts the daemon with extra mount options (`--allow-other`, `--group G`).
+    pub fn start_with_args(base: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Self::launch(base, env, false, args)
+    }
+
+    fn launch(base: &Path, env: &[(&str, &str)], relative: bool, args: &[&str]) -> Daemon {
         let mnt = base.join("mnt");
         let domains = base.join("domains");
         let state = base.join("state");
@@ -109,6 +114,7 @@ impl Daemon {
             .arg("--state")
             .arg(arg(&state))
             .arg("--foreground")
+            .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
@@ -408,4 +414,101 @@ pub fn check_no_orphans(fx: &Fixture) {
             .unwrap();
         assert!(st.success(), "qemu-img check {}", f.display());
     }
+}
+
+/// A user (and, if asked, a group it belongs to) made for one test with
+/// useradd/groupadd, removed on drop: the unprivileged attacker.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub group: Option<(String, u32)>,
+}
+
+impl TestUser {
+    /// `tag` keeps names unique across the tests of one run (<= 6 chars).
+    pub fn new(tag: &str, with_group: bool) -> TestUser {
+        let name = format!("vs{tag}{}", std::process::id() % 100000);
+        let group = with_group.then(|| {
+            let g = format!("{name}g");
+            let _ = Command::new("groupdel")
+                .arg(&g)
+                .stderr(Stdio::null())
+                .status();
+            let st = Command::new("groupadd").arg(&g).status().unwrap();
+            assert!(st.success(), "groupadd {g}");
+            let gid = id_of("getent", &["group", &g]);
+            (g, gid)
+        });
+        let _ = Command::new("userdel")
+            .arg(&name)
+            .stderr(Stdio::null())
+            .status();
+        let mut cmd = Command::new("useradd");
+        cmd.args(["-M", "-N", "-s", "/bin/sh"]);
+        if let Some((g, _)) = &group {
+            cmd.args(["-G", g]);
+        }
+        let st = cmd.arg(&name).status().unwrap();
+        assert!(st.success(), "useradd {name}");
+        let uid = id_of("getent", &["passwd", &name]);
+        TestUser { name, uid, group }
+    }
+
+    /// The group's gid (a user made with a group).
+    pub fn gid(&self) -> u32 {
+        self.group.as_ref().expect("a user with a group").1
+    }
+
+    /// Runs `sh -c script` as this user (with its groups), `stdin` fed in.
+    pub fn sh(&self, script: &str, stdin: &[u8]) -> std::process::Output {
+        let mut child = Command::new("runuser")
+            .args(["-u", &self.name, "--", "sh", "-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(stdin);
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// The third field of a getent line (uid or gid).
+fn id_of(cmd: &str, args: &[&str]) -> u32 {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{cmd} {args:?}"))
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+        if let Some((g, _)) = &self.group {
+            let _ = Command::new("groupdel").arg(g).status();
+        }
+    }
+}
+
+/// The text strerror(3) gives for `errno` (what a failing tool prints).
+pub fn strerror(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno)
+        .to_string()
+        .split(" (os error")
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Asserts that a command failed and printed the text of `errno`.
+pub fn assert_failed_with(out: &std::process::Output, errno: i32, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&strerror(errno)),
+        "{what}: wanted {}, got status {:?}, stderr {stderr}",
+        strerror(errno),
+        out.status
+    );
 }
