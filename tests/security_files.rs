@@ -106,12 +106,19 @@ fn views_keep_the_image_owner_and_mode_and_root_breaks_a_hold() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4096");
 
     // The owner holds the view open; so does root, here.
-    let mut holder = Command::new("runuser")
-        .args(["-u", &owner.name, "--", "sh", "-c"])
-        .arg(format!("exec 3< '{v}'; echo ready; exec sleep 60"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // The holder runs as the owner itself (no runuser in between), so the
+    // pid killed below is the process holding the view.
+    let mut holder = {
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3< '{v}'; echo ready; exec sleep 60"))
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     let mut ready = [0u8; 6];
     holder
         .stdout
