@@ -256,7 +256,12 @@ fn revert_bench() {
             vmsnapfs::backend::qemu_img::create_overlay(&overlay, &d.image, "qcow2").unwrap();
         }
         let log = fx.dir.0.join("restart.log");
-        vmsnapfs::backend::process::spawn_detached(&fx.vm.argv, &log).unwrap();
+        vmsnapfs::backend::process::spawn_detached(
+            &fx.vm.argv,
+            &vmsnapfs::backend::process::Credentials::root(),
+            &log,
+        )
+        .unwrap();
         wait_running(&fx.vm);
         restart.push(t.elapsed());
     }
@@ -285,6 +290,7 @@ fn big_disk_fixture(tag: &str) -> Fixture {
         name: "vm1".into(),
         disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
         memory_mb: 128,
+        raw: Vec::new(),
     };
     let vm = Vm::start(&spec, &dir.0.join("images")).expect("start VM");
     let def = vm.write_definition(&dir.0.join("domains")).unwrap();
@@ -324,6 +330,7 @@ fn rmdir_bench() {
             name: "vm1".into(),
             disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
             memory_mb: 128,
+            raw: Vec::new(),
         };
         let vm = Vm::start(&spec, &dir.0.join("images")).unwrap();
         let img = dir.0.join("images");

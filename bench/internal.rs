@@ -307,7 +307,12 @@ fn revert_vs_restart() {
         argv.push("-loadvm".into());
         argv.push(tag.clone());
         let log = fx.dir.0.join("restart.log");
-        vmsnapfs::backend::process::spawn_detached(&argv, &log).unwrap();
+        vmsnapfs::backend::process::spawn_detached(
+            &argv,
+            &vmsnapfs::backend::process::Credentials::root(),
+            &log,
+        )
+        .unwrap();
         loop {
             let running = fx
                 .vm

@@ -106,6 +106,7 @@ fn main() {
         name: "vm1".into(),
         disks: vec![("vda".into(), 1024)],
         memory_mb: 128,
+        raw: Vec::new(),
     };
     let mut fx = Fixture::with_spec("bench-views", &spec, &[("RUST_LOG", "info")]);
     // ~600 MiB of data in 100 MiB runs with gaps, different bytes each.

@@ -363,6 +363,7 @@ fn a_long_merge_shows_its_progress_in_jobs() {
         name: "vm1".into(),
         disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
         memory_mb: 128,
+        raw: Vec::new(),
     };
     let vm = Vm::start(&spec, &dir.0.join("images")).unwrap();
     let def = vm.write_definition(&dir.0.join("domains")).unwrap();

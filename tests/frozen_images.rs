@@ -23,6 +23,7 @@ fn big_fixture(tag: &str, policy: &str) -> Fixture {
         name: "vm1".into(),
         disks: vec![("vda".into(), 1024), ("vdb".into(), 32)],
         memory_mb: 128,
+        raw: Vec::new(),
     };
     fixture_of(tag, &spec, policy)
 }

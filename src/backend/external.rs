@@ -562,11 +562,11 @@ impl QemuBackend {
                     .get(target)
                     .is_some_and(|l| canonical(&l.path) == canonical(overlay));
                 if active {
-                    let chain = qemu_img::chain(overlay)?;
+                    let chain = qemu_img::chain(overlay, "qcow2")?;
                     let base = chain.get(1).ok_or_else(|| {
                         Error::io(format!("{} has no backing image", overlay.display()))
                     })?;
-                    qemu_img::run(&["commit", "-q", &overlay.to_string_lossy()])?;
+                    qemu_img::commit(overlay, false)?;
                     self.set_layers(&[(
                         target.clone(),
                         Layer {
@@ -600,7 +600,7 @@ impl QemuBackend {
             // A QEMU that died after switching leaves written overlays.
             let mut used = Vec::new();
             for (t, o) in &plan.overlays {
-                if o.exists() && qemu_img::has_own_data(o)? {
+                if o.exists() && qemu_img::has_own_data(o, "qcow2")? {
                     used.push((
                         t.clone(),
                         Layer {
@@ -701,10 +701,7 @@ impl QemuBackend {
                 made.push(overlay);
                 continue;
             }
-            let format = qemu_img::chain(point)
-                .ok()
-                .and_then(|c| c.first().map(|i| i.format.clone()))
-                .unwrap_or_else(|| "qcow2".into());
+            let format = self.format_of(point);
             if let Err(e) = self.make_overlay(overlay, point, &format) {
                 cleanup(&made);
                 return Err(e);

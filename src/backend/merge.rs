@@ -129,10 +129,7 @@ impl QemuBackend {
             )));
         }
         if m.kind == MergeKind::Commit && upper_is_top {
-            let format = qemu_img::chain(&m.lower)
-                .ok()
-                .and_then(|c| c.first().map(|i| i.format.clone()))
-                .unwrap_or_else(|| "qcow2".into());
+            let format = self.format_of(&m.lower);
             self.set_layers(&[(
                 m.target.clone(),
                 Layer {
@@ -145,7 +142,7 @@ impl QemuBackend {
     }
 
     fn merge_offline(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        let lower_chain = qemu_img::chain(&m.lower)?;
+        let lower_chain = qemu_img::chain(&m.lower, &self.format_of(&m.lower))?;
         let lower_format = lower_chain
             .first()
             .map(|i| i.format.clone())
@@ -153,7 +150,7 @@ impl QemuBackend {
         match m.kind {
             MergeKind::Commit => {
                 // Into the upper image's backing (which must be `lower`).
-                let upper_chain = qemu_img::chain(&m.upper)?;
+                let upper_chain = qemu_img::chain(&m.upper, "qcow2")?;
                 let backing = upper_chain.get(1).map(|i| canonical(&i.path));
                 if backing.as_ref() != Some(&canonical(&m.lower)) {
                     return Err(Error::io(format!(
@@ -163,7 +160,7 @@ impl QemuBackend {
                     )));
                 }
                 progress(0, 0);
-                qemu_img::run(&["commit", "-q", "-d", &m.upper.to_string_lossy()])?;
+                qemu_img::commit(&m.upper, true)?;
                 for a in &m.above {
                     qemu_img::rebase_unsafe(a, &m.lower, &lower_format)?;
                 }
@@ -180,7 +177,7 @@ impl QemuBackend {
                 Ok(())
             }
             MergeKind::Stream => {
-                let upper_chain = qemu_img::chain(&m.upper)?;
+                let upper_chain = qemu_img::chain(&m.upper, "qcow2")?;
                 let backing = upper_chain.get(1).map(|i| canonical(&i.path));
                 if backing.as_ref() != Some(&canonical(&m.lower)) {
                     // Already streamed.
@@ -191,13 +188,13 @@ impl QemuBackend {
                     None => (String::new(), String::new()),
                 };
                 let upper = m.upper.to_string_lossy();
-                let mut args = vec!["rebase"];
+                let mut args = vec!["rebase", "-f", "qcow2"];
                 if !base_format.is_empty() {
                     args.extend(["-F", &base_format]);
                 }
                 args.extend(["-b", &base, &upper]);
                 progress(0, 0);
-                qemu_img::run(&args).map(drop)
+                qemu_img::run_for(&args, qemu_img::DATA_TIMEOUT).map(drop)
             }
         }
     }

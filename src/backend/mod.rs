@@ -2,6 +2,7 @@
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
 pub mod capabilities;
+pub mod child;
 pub mod external;
 pub mod fingerprint;
 pub mod image_lock;
@@ -12,6 +13,7 @@ pub mod process;
 pub mod qemu;
 pub mod qemu_img;
 pub mod qmp;
+mod trust;
 
 pub use qemu::QemuBackend;
 

@@ -1,9 +1,11 @@
-//! QEMU processes: reading a running one's command line, starting one
-//! detached from the daemon, waiting for one to exit.
+//! QEMU processes: reading a running one's command line and checking
+//! that it may be run again, starting one detached from the daemon with
+//! the credentials it ran with, waiting for one to exit.
 
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,17 +77,29 @@ pub fn strip_start_options(argv: &[String]) -> Vec<String> {
 /// an older image path of the disk (bounded by `=`, `,`, `"`, `:` or the
 /// ends of the argument) becomes the active path. When a raw disk got a
 /// qcow2 overlay, `format=raw` / `driver=raw` in the same argument become
-/// qcow2. What this cannot rewrite is caught by checking the chains QEMU
-/// opened (see `QemuBackend::start_process`).
+/// qcow2. Paths are matched and written in the argument's own escape: a
+/// JSON argument (`{...}`) JSON-escapes them, a `key=value,...` one
+/// doubles its commas (a path of a snapshot named `pre,upgrade` stays
+/// one value). What this cannot rewrite is caught by checking the chains
+/// QEMU opened (see `QemuBackend::start_process`).
 pub fn point_at_layers(argv: &[String], swaps: &[(Vec<String>, String, bool)]) -> Vec<String> {
     argv.iter()
         .map(|arg| {
             let mut arg = arg.clone();
+            let json = arg.trim_start().starts_with('{');
+            let esc = |p: &str| {
+                if json {
+                    let quoted = serde_json::Value::from(p).to_string();
+                    quoted[1..quoted.len() - 1].to_owned()
+                } else {
+                    p.replace(',', ",,")
+                }
+            };
             for (olds, new, to_qcow2) in swaps {
                 let mut hit = false;
                 for old in olds {
                     if old != new {
-                        let (replaced, n) = replace_bounded(&arg, old, new);
+                        let (replaced, n) = replace_bounded(&arg, &esc(old), &esc(new));
                         arg = replaced;
                         hit |= n > 0;
                     }
@@ -105,7 +119,8 @@ pub fn point_at_layers(argv: &[String], swaps: &[(Vec<String>, String, bool)]) -
         .collect()
 }
 
-/// Replaces `old` in `s` where it stands alone between separators.
+/// Replaces `old` in `s` where it stands alone between separators (a
+/// doubled comma after it is an escaped comma inside the same value).
 fn replace_bounded(s: &str, old: &str, new: &str) -> (String, usize) {
     const SEP: &[char] = &['=', ',', '"', ':', '{'];
     let mut out = String::with_capacity(s.len());
@@ -119,7 +134,9 @@ fn replace_bounded(s: &str, old: &str, new: &str) -> (String, usize) {
                 .or_else(|| out.chars().last())
                 .is_some_and(|c| SEP.contains(&c));
         let after = &rest[i + old.len()..];
-        let after_ok = after.is_empty() || after.starts_with([',', '"']);
+        let after_ok = after.is_empty()
+            || after.starts_with('"')
+            || (after.starts_with(',') && !after.starts_with(",,"));
         out.push_str(&rest[..i]);
         if before_ok && after_ok {
             out.push_str(new);
@@ -133,22 +150,250 @@ fn replace_bounded(s: &str, old: &str, new: &str) -> (String, usize) {
     (out, count)
 }
 
+/// Who a recorded command line runs as: the credentials of the process
+/// it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User id (real, effective, saved and filesystem ids were all this).
+    pub uid: u32,
+    /// Group id (likewise).
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// The credentials of root.
+    pub fn root() -> Self {
+        Credentials {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    /// One line: `uid gid g1,g2,...`.
+    pub fn to_line(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{} {} {}", self.uid, self.gid, groups.join(","))
+    }
+
+    /// Parses [`Credentials::to_line`].
+    pub fn from_line(line: &str) -> Option<Self> {
+        let mut f = line.trim_end_matches('\n').splitn(3, ' ');
+        let uid = f.next()?.parse().ok()?;
+        let gid = f.next()?.parse().ok()?;
+        let groups = f
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(|g| g.parse().ok())
+            .collect::<Option<Vec<u32>>>()?;
+        Some(Credentials { uid, gid, groups })
+    }
+}
+
+/// A command line read from a running QEMU and found fit to run again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedArgv {
+    /// The argv, its first element the absolute path of the binary.
+    pub argv: Vec<String>,
+    /// Who ran it, and who runs it again.
+    pub creds: Credentials,
+}
+
+/// Reads the command line of process `pid` (the peer of a monitor
+/// socket, whose `SO_PEERCRED` said `peer_uid`/`peer_gid`) and checks
+/// that it may be run again:
+///
+/// - the process runs a QEMU system emulator (`qemu-system-*`), an
+///   executable that only root can change: a root-owned regular file,
+///   not writable by group or others, in directories with the same
+///   properties up to `/`;
+/// - its `argv[0]` names that same file (not another program behind a
+///   QEMU-looking name);
+/// - all its user and group ids are the ones the socket reported.
+///
+/// The argv returned starts with the binary's absolute path; it is run
+/// again with the process's credentials, never more.
+pub fn verify_qemu(pid: i32, peer_uid: u32, peer_gid: u32) -> Result<VerifiedArgv> {
+    let refuse = |why: String| Err(Error::new(crate::error::ErrorKind::NotPermitted, why));
+    let exe_link = format!("/proc/{pid}/exe");
+    let exe =
+        fs::read_link(&exe_link).map_err(|e| Error::io(format!("cannot read {exe_link}: {e}")))?;
+    let running = fs::metadata(&exe_link)?;
+    let mut argv = read_argv(pid).ok_or_else(|| Error::io(format!("pid {pid} has no argv")))?;
+    if let Err(e) = check_binary(&exe) {
+        return refuse(format!("pid {pid}: {}", e.message));
+    }
+    match fs::symlink_metadata(&exe) {
+        Ok(m) if m.dev() == running.dev() && m.ino() == running.ino() => {}
+        _ => {
+            return refuse(format!(
+                "{} is no longer the binary pid {pid} runs",
+                exe.display()
+            ))
+        }
+    }
+    match resolve_argv0(pid, &argv[0]) {
+        Some(m) if m.dev() == running.dev() && m.ino() == running.ino() => {}
+        _ => {
+            return refuse(format!(
+                "argv[0] {:?} of pid {pid} is not the binary it runs ({})",
+                argv[0],
+                exe.display()
+            ))
+        }
+    }
+    let creds = credentials(pid)?;
+    if creds.uid != peer_uid || creds.gid != peer_gid {
+        return refuse(format!(
+            "pid {pid} runs as {}:{}, the monitor socket says {peer_uid}:{peer_gid}",
+            creds.uid, creds.gid
+        ));
+    }
+    argv[0] = exe.to_string_lossy().into_owned();
+    Ok(VerifiedArgv { argv, creds })
+}
+
+/// Checks that `exe` is a QEMU system emulator (`qemu-system-*`) that
+/// only root can change: a root-owned regular file, not writable by group
+/// or others, in directories with the same properties up to `/` (EPERM
+/// otherwise).
+pub fn check_binary(exe: &Path) -> Result<()> {
+    let refuse = |why: String| Err(Error::new(crate::error::ErrorKind::NotPermitted, why));
+    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned());
+    if !exe.is_absolute()
+        || !name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("qemu-system-"))
+    {
+        return refuse(format!("{} is not a QEMU system emulator", exe.display()));
+    }
+    let m = fs::symlink_metadata(exe).map_err(|e| Error::io(format!("{}: {e}", exe.display())))?;
+    if !m.is_file() {
+        return refuse(format!("{} is not a regular file", exe.display()));
+    }
+    if let Some(why) = not_root_only(&m) {
+        return refuse(format!("{}: {why}", exe.display()));
+    }
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let m = fs::symlink_metadata(d)?;
+        if let Some(why) = not_root_only(&m) {
+            return refuse(format!("{}: {why}", d.display()));
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// Why a file or directory with metadata `m` is not something only root can change.
+fn not_root_only(m: &fs::Metadata) -> Option<&'static str> {
+    if m.file_type().is_symlink() {
+        Some("a symbolic link")
+    } else if m.uid() != 0 {
+        Some("not owned by root")
+    } else if m.mode() & 0o022 != 0 {
+        Some("writable by group or others")
+    } else {
+        None
+    }
+}
+
+/// The file `argv0` of process `pid` names: a path (relative ones from
+/// the process's working directory) or a name looked up in its `PATH`.
+fn resolve_argv0(pid: i32, argv0: &str) -> Option<fs::Metadata> {
+    if argv0.contains('/') {
+        let p = Path::new(argv0);
+        let p = if p.is_absolute() {
+            p.to_owned()
+        } else {
+            PathBuf::from(format!("/proc/{pid}/cwd")).join(p)
+        };
+        return fs::metadata(p).ok();
+    }
+    let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let path = env
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"PATH="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .find_map(|d| {
+            fs::metadata(Path::new(d).join(argv0))
+                .ok()
+                .filter(|m| m.is_file())
+        })
+}
+
+/// The credentials of process `pid`, from `/proc/PID/status`; refused
+/// unless its real, effective, saved and filesystem ids agree.
+pub fn credentials(pid: i32) -> Result<Credentials> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let ids = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (uids, gids, groups) = (ids("Uid:"), ids("Gid:"), ids("Groups:"));
+    let same = |v: &[u32]| v.len() == 4 && v.iter().all(|x| *x == v[0]);
+    if !same(&uids) || !same(&gids) {
+        return Err(Error::new(
+            crate::error::ErrorKind::NotPermitted,
+            format!("pid {pid} has mixed user or group ids ({uids:?} / {gids:?})"),
+        ));
+    }
+    Ok(Credentials {
+        uid: uids[0],
+        gid: gids[0],
+        groups,
+    })
+}
+
 /// Starts QEMU from `argv` in a session of its own (it outlives the
-/// daemon), output appended to `log`. Reaps it when it exits.
-pub fn spawn_detached(argv: &[String], log: &Path) -> Result<u32> {
+/// daemon) with credentials `creds`, output appended to `log`. Reaps it
+/// when it exits.
+pub fn spawn_detached(argv: &[String], creds: &Credentials, log: &Path) -> Result<u32> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| Error::invalid("empty QEMU command line"))?;
-    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(crate::store::atomic::FILE_MODE)
+        .open(log)?;
     let mut cmd = Command::new(prog);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    let Credentials { uid, gid, groups } = creds.clone();
+    let drop_privileges = uid != 0 || gid != 0;
+    // SAFETY: only async-signal-safe calls (setsid, setgroups, setgid,
+    // setuid) on memory allocated before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if drop_privileges {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getuid() != uid || libc::geteuid() != uid {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
             Ok(())
         });
     }
@@ -206,6 +451,51 @@ mod tests {
         assert_eq!(
             out[8],
             r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/b.s1.qcow2"}}"#
+        );
+    }
+
+    #[test]
+    fn escapes_commas_in_option_strings_and_json() {
+        let argv: Vec<String> = [
+            "qemu",
+            "-drive",
+            "file=/i/a.qcow2,format=qcow2,if=virtio",
+            "-blockdev",
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/a.qcow2"}}"#,
+            "-drive",
+            "file=/i/a.qcow2,,old,format=qcow2",
+        ]
+        .map(String::from)
+        .to_vec();
+        let swaps = vec![(
+            vec!["/i/a.qcow2".to_owned()],
+            "/i/a.pre,upgrade\"x.qcow2".to_owned(),
+            false,
+        )];
+        let out = point_at_layers(&argv, &swaps);
+        assert_eq!(
+            out[2],
+            "file=/i/a.pre,,upgrade\"x.qcow2,format=qcow2,if=virtio"
+        );
+        assert_eq!(
+            out[4],
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/a.pre,upgrade\"x.qcow2"}}"#
+        );
+        assert_eq!(
+            out[6], "file=/i/a.qcow2,,old,format=qcow2",
+            "a path with an escaped comma is another file"
+        );
+        // And back: an escaped path in the argument is matched escaped.
+        let back = vec![(
+            vec!["/i/a.pre,upgrade\"x.qcow2".to_owned()],
+            "/i/b.qcow2".to_owned(),
+            false,
+        )];
+        let again = point_at_layers(&out, &back);
+        assert_eq!(again[2], "file=/i/b.qcow2,format=qcow2,if=virtio");
+        assert_eq!(
+            again[4],
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"/i/b.qcow2"}}"#
         );
     }
 

@@ -90,6 +90,8 @@ pub struct QemuBackend {
     qemu: Mutex<Option<QemuProcess>>,
     /// Lines for the domain's `.log`, taken by [`Backend::take_notes`].
     notes: Mutex<Vec<String>>,
+    /// Images known to be the domain's (see `trust`), canonical.
+    pub(super) known_images: Mutex<std::collections::HashSet<PathBuf>>,
     /// Each disk's active layer, by target (persisted in the store).
     pub(super) layers: Mutex<BTreeMap<String, Layer>>,
 }
@@ -141,14 +143,26 @@ impl QemuBackend {
             last_unreachable: Mutex::new(None),
             qemu: Mutex::new(qemu),
             notes: Mutex::new(Vec::new()),
+            known_images: Mutex::new(Default::default()),
             layers: Mutex::new(layers),
         }
     }
 
     /// A line for the domain's `.log`.
-    fn note(&self, line: String) {
+    pub(super) fn note(&self, line: String) {
         log::info!("{}: {line}", self.def.name);
         self.notes.lock().push(line);
+    }
+
+    /// The format `image` must be opened with: its recorded layer's, the
+    /// defined disk's, else qcow2 (see [`qemu_img::expected_format`]).
+    pub(super) fn format_of(&self, image: &Path) -> String {
+        let want = canonical(image);
+        let layers = self.layers.lock();
+        match layers.values().find(|l| canonical(&l.path) == want) {
+            Some(l) => l.format.clone(),
+            None => qemu_img::expected_format(&self.def.disks, image),
+        }
     }
 
     /// The disks as they are now: the definition's, each with its active layer.
@@ -252,7 +266,7 @@ impl QemuBackend {
             // Never silently: a record that goes back to an image below
             // the recorded layer means QEMU kept writing to an image the
             // daemon took as frozen.
-            let below = qemu_img::chain(&old.path).is_ok_and(|c| {
+            let below = qemu_img::chain(&old.path, &old.format).is_ok_and(|c| {
                 c.iter()
                     .skip(1)
                     .any(|i| canonical(&i.path) == canonical(&l.path))
@@ -298,10 +312,8 @@ impl QemuBackend {
                 Ok(mut qmp) => {
                     qmp.set_timeout(QMP_TIMEOUT);
                     let pid = qmp.peer_pid();
-                    if let Some(argv) = pid.and_then(process::read_argv) {
-                        if let Err(e) = self.store.save_argv(&argv) {
-                            log::warn!("{}: cannot record QEMU's argv: {e}", self.def.name);
-                        }
+                    if self.def.commandline.is_none() {
+                        self.record_argv(pid, qmp.peer_ids());
                     }
                     self.record_process(pid.and_then(QemuProcess::of));
                     let caps = Capabilities::read(&mut qmp).unwrap_or_else(|e| {
@@ -348,6 +360,59 @@ impl QemuBackend {
             }
         }
         Ok(guard.as_mut().expect("connected"))
+    }
+
+    /// Records the command line of the monitor's peer when it is a QEMU
+    /// that may be run again (see [`process::verify_qemu`]), with the
+    /// credentials it runs with; forgets any earlier one otherwise, and
+    /// says why in the domain's log.
+    fn record_argv(&self, pid: Option<i32>, ids: Option<(u32, u32)>) {
+        let verified = match (pid, ids) {
+            (Some(pid), Some((uid, gid))) => process::verify_qemu(pid, uid, gid),
+            _ => Err(Error::io("the monitor socket gives no peer credentials")),
+        };
+        let r = match verified {
+            Ok(v) => self.store.save_argv(&v.argv, &v.creds.to_line()),
+            Err(e) => {
+                let had = self.store.load_argv().is_some();
+                self.note(format!(
+                    "the command line of the monitor's peer (pid {}) is not recorded: {}; \
+                     a revert that must start QEMU needs <commandline> in the definition{}",
+                    pid.map_or("?".into(), |p| p.to_string()),
+                    e.message,
+                    if had {
+                        " (the earlier record is dropped)"
+                    } else {
+                        ""
+                    }
+                ));
+                self.store.forget_argv()
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("{}: cannot record QEMU's argv: {e}", self.def.name);
+        }
+    }
+
+    /// The command line that starts the domain and who runs it: the
+    /// definition's (run as root: the administrator wrote it), else the
+    /// recorded one, run with the credentials of the process it was read
+    /// from, once its binary is checked again.
+    fn start_command(&self) -> Result<(Vec<String>, process::Credentials)> {
+        if let Some(argv) = &self.def.commandline {
+            return Ok((argv.clone(), process::Credentials::root()));
+        }
+        let (argv, owner) = self.store.load_argv().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "no QEMU command line known: add <commandline> to the definition \
+                 or start the VM once while vmsnapfs runs",
+            )
+        })?;
+        let creds = process::Credentials::from_line(&owner)
+            .ok_or_else(|| Error::io("the recorded command line has no valid owner"))?;
+        process::check_binary(Path::new(&argv[0]))?;
+        Ok((argv, creds))
     }
 
     /// Records the QEMU process seen on the monitor (none: forgets it).
@@ -555,6 +620,7 @@ impl QemuBackend {
                     disk.source.display()
                 )));
             };
+            self.check_reported_chain(&disk.target, chain)?;
             out.insert(
                 disk.target.clone(),
                 LiveDisk {
@@ -591,7 +657,7 @@ impl QemuBackend {
         }
         self.active()
             .iter()
-            .map(|d| qemu_img::chain(&d.source))
+            .map(|d| qemu_img::chain(&d.source, &d.format))
             .collect()
     }
 
@@ -656,7 +722,7 @@ impl QemuBackend {
         incoming: Option<&Incoming<'_>>,
         paused: bool,
     ) -> Result<()> {
-        let mut argv = self.layered_argv()?;
+        let (mut argv, creds) = self.layered_argv()?;
         if let Some(machine) = incoming.and_then(|i| i.machine) {
             argv = super::machine::pin(&argv, machine);
         }
@@ -669,8 +735,13 @@ impl QemuBackend {
             argv.push("-incoming".into());
             argv.push("defer".into());
         }
-        let pid = process::spawn_detached(&argv, &self.store.dir().join("qemu.log"))?;
-        log::info!("{}: started QEMU pid {pid}", self.def.name);
+        let pid = process::spawn_detached(&argv, &creds, &self.store.dir().join("qemu.log"))?;
+        log::info!(
+            "{}: started QEMU pid {pid} as uid {} gid {}",
+            self.def.name,
+            creds.uid,
+            creds.gid
+        );
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             {
@@ -706,23 +777,13 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// The domain's command line pointed at the active layers.
-    fn layered_argv(&self) -> Result<Vec<String>> {
-        let argv = self
-            .def
-            .commandline
-            .clone()
-            .or_else(|| self.store.load_argv())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    "no QEMU command line known: add <commandline> to the definition \
-                     or start the VM once while vmsnapfs runs",
-                )
-            })?;
-        Ok(process::point_at_layers(
-            &process::strip_start_options(&argv),
-            &self.swaps(),
+    /// The domain's command line pointed at the active layers, and who
+    /// runs it (see `start_command`).
+    fn layered_argv(&self) -> Result<(Vec<String>, process::Credentials)> {
+        let (argv, creds) = self.start_command()?;
+        Ok((
+            process::point_at_layers(&process::strip_start_options(&argv), &self.swaps()),
+            creds,
         ))
     }
 
@@ -737,7 +798,7 @@ impl QemuBackend {
             .zip(self.active())
             .map(|(def, now)| {
                 let mut olds = vec![def.source.to_string_lossy().into_owned()];
-                if let Ok(chain) = qemu_img::chain(&now.source) {
+                if let Ok(chain) = qemu_img::chain(&now.source, &now.format) {
                     olds.extend(chain.iter().map(|i| i.path.to_string_lossy().into_owned()));
                 }
                 olds.extend(
@@ -761,7 +822,7 @@ impl QemuBackend {
             .active()
             .iter()
             .map(|d| {
-                let chain = qemu_img::chain(&d.source)?;
+                let chain = qemu_img::chain(&d.source, &d.format)?;
                 Ok((
                     d.target.clone(),
                     chain.iter().map(|i| canonical(&i.path)).collect(),
@@ -929,10 +990,8 @@ impl Backend for QemuBackend {
         let changes = images
             .iter()
             .map(|(t, p)| {
-                let format = qemu_img::chain(p)?
-                    .first()
-                    .map(|i| i.format.clone())
-                    .unwrap_or_else(|| "qcow2".into());
+                let format = self.format_of(p);
+                qemu_img::chain(p, &format)?;
                 Ok((
                     t.clone(),
                     Layer {
@@ -1089,7 +1148,7 @@ impl Backend for QemuBackend {
     }
 
     fn start_argv(&self) -> Result<Vec<String>> {
-        self.layered_argv()
+        self.layered_argv().map(|(argv, _)| argv)
     }
 
     fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {

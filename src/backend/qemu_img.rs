@@ -3,19 +3,34 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::ImageSnapshot;
 use crate::error::{Error, Result};
 
-/// Runs qemu-img with `args`, returning stdout; a failure carries stderr.
+/// How long a `qemu-img` that reads or writes metadata only may take.
+pub const META_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a `qemu-img` that copies data (commit, convert) may take.
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// The longest backing chain vmsnapfs follows.
+const MAX_CHAIN: usize = 256;
+/// The image formats vmsnapfs opens.
+pub const FORMATS: &[&str] = &["qcow2", "raw"];
+
+/// Runs qemu-img with `args` (metadata work: killed after
+/// [`META_TIMEOUT`]), returning stdout; a failure carries stderr.
 pub fn run(args: &[&str]) -> Result<String> {
+    run_for(args, META_TIMEOUT)
+}
+
+/// Runs qemu-img with `args`, killed after `timeout`.
+pub fn run_for(args: &[&str], timeout: Duration) -> Result<String> {
     log::debug!("qemu-img {}", args.join(" "));
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| Error::io(format!("cannot run qemu-img: {e}")))?;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    let out = super::child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(Error::io(format!(
@@ -27,14 +42,52 @@ pub fn run(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Refuses a format vmsnapfs does not open (it never lets QEMU probe).
+pub fn check_format(format: &str) -> Result<()> {
+    if FORMATS.contains(&format) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            crate::error::ErrorKind::Unsupported,
+            format!("image format {format:?} is not one vmsnapfs opens (qcow2, raw)"),
+        ))
+    }
+}
+
+/// `qemu-img info` of one image opened with the format it must have,
+/// without its backing chain.
+pub fn info(image: &Path, format: &str) -> Result<Value> {
+    check_format(format)?;
+    check_plain_file(image)?;
+    let path = image.to_string_lossy();
+    let json = run(&["info", "-U", "-f", format, "--output=json", &path])?;
+    serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))
+}
+
+/// Refuses anything but a regular file (a FIFO would hang whoever opens
+/// it, a device is no image).
+fn check_plain_file(image: &Path) -> Result<()> {
+    match std::fs::metadata(image) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::io(format!(
+            "{} is not a regular file; refused as an image",
+            image.display()
+        ))),
+        Err(e) => Err(Error::io(format!("{}: {e}", image.display()))),
+    }
+}
+
+/// The virtual size of `image` opened as `format`.
+pub fn virtual_size(image: &Path, format: &str) -> Result<u64> {
+    info(image, format)?["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| Error::io(format!("{}: no virtual size", image.display())))
+}
+
 /// The internal snapshots of one image (read with `-U`, so it works while
 /// a QEMU holds the image; use QMP for an authoritative view then).
 pub fn list(image: &Path) -> Result<Vec<ImageSnapshot>> {
-    let path = image.to_string_lossy();
-    let json = run(&["info", "-U", "--output=json", &path])?;
-    let info: Value =
-        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))?;
-    Ok(parse_snapshot_table(&info["snapshots"]))
+    Ok(parse_snapshot_table(&info(image, "qcow2")?["snapshots"]))
 }
 
 /// `path` with symlinks and `..` resolved, or as given when it does not
@@ -54,24 +107,142 @@ pub struct ChainImage {
     pub snapshots: Vec<ImageSnapshot>,
 }
 
-/// The backing chain of `image`, top first (read with `-U`).
-pub fn chain(image: &Path) -> Result<Vec<ChainImage>> {
-    let path = image.to_string_lossy();
-    let json = run(&["info", "-U", "--backing-chain", "--output=json", &path])?;
-    let infos: Value =
-        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))?;
-    Ok(infos
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| {
-            Some(ChainImage {
-                path: PathBuf::from(i["filename"].as_str()?),
-                format: i["format"].as_str().unwrap_or("raw").to_owned(),
-                snapshots: parse_snapshot_table(&i["snapshots"]),
-            })
-        })
-        .collect())
+/// The backing chain of `image` opened as `format`, top first (read
+/// with `-U`). Nothing is probed: each image is opened with the format
+/// its user states (the caller for the top, the qcow2 header for each
+/// backing file), one image at a time. A raw image has no backing file
+/// whatever its bytes say. A backing file without an explicit format, or
+/// that is not a plain path to a regular file (`json:`, a protocol such
+/// as `nbd:`, a FIFO, a device), or a qcow2 image with an external data
+/// file, is refused (EIO) before anything opens it.
+pub fn chain(image: &Path, format: &str) -> Result<Vec<ChainImage>> {
+    let mut out: Vec<ChainImage> = Vec::new();
+    let mut path = image.to_owned();
+    let mut format = format.to_owned();
+    loop {
+        let info = info(&path, &format)?;
+        if !info["format-specific"]["data"]["data-file"].is_null() {
+            return Err(Error::io(format!(
+                "{} has an external data file; refused",
+                path.display()
+            )));
+        }
+        let next = if format == "qcow2" {
+            backing_of(&path, &info)?
+        } else {
+            None
+        };
+        out.push(ChainImage {
+            path: path.clone(),
+            format: format.clone(),
+            snapshots: parse_snapshot_table(&info["snapshots"]),
+        });
+        let Some((p, f)) = next else {
+            return Ok(out);
+        };
+        if out.len() >= MAX_CHAIN || out.iter().any(|i| canonical(&i.path) == canonical(&p)) {
+            return Err(Error::io(format!(
+                "the backing chain of {} loops or is longer than {MAX_CHAIN} images; refused",
+                image.display()
+            )));
+        }
+        path = p;
+        format = f;
+    }
+}
+
+/// The backing file and format a qcow2 image's header names, checked:
+/// the format must be stated and be one vmsnapfs opens, the file a plain
+/// path (relative paths are taken from the image's directory).
+fn backing_of(image: &Path, info: &Value) -> Result<Option<(PathBuf, String)>> {
+    let Some(name) = info["backing-filename"].as_str() else {
+        return Ok(None);
+    };
+    let refuse = |why: &str| {
+        Err(Error::io(format!(
+            "{} names backing file {name:?}, {why}; refused (vmsnapfs opens only \
+             plain files with a stated format)",
+            image.display()
+        )))
+    };
+    let Some(format) = info["backing-filename-format"].as_str() else {
+        return refuse("without a backing format");
+    };
+    if !FORMATS.contains(&format) {
+        return refuse(&format!("of format {format:?}"));
+    }
+    if name.is_empty() || name.starts_with("json:") || has_protocol(name) {
+        return refuse("which is not a plain file path");
+    }
+    let p = Path::new(name);
+    let path = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        image.parent().unwrap_or(Path::new("/")).join(p)
+    };
+    if let Err(e) = check_plain_file(&path) {
+        return refuse(&e.to_string());
+    }
+    Ok(Some((path, format.to_owned())))
+}
+
+/// True when QEMU would read `name` as `protocol:...` rather than a file
+/// (a `:` before any `/`).
+fn has_protocol(name: &str) -> bool {
+    match name.find(':') {
+        Some(c) => !name[..c].contains('/'),
+        None => false,
+    }
+}
+
+/// The format an image of a domain must be opened with: that of the
+/// defined disk it is, else qcow2 (every other image vmsnapfs opens as a
+/// top is an overlay or copy it made, all qcow2). Never probed.
+pub fn expected_format(disks: &[crate::model::DiskDef], image: &Path) -> String {
+    let want = canonical(image);
+    disks
+        .iter()
+        .find(|d| d.source == image || canonical(&d.source) == want)
+        .map(|d| d.format.clone())
+        .unwrap_or_else(|| "qcow2".into())
+}
+
+/// `--image-opts` of `chain` (top first) opened read-only with every
+/// image named: QEMU follows nothing the chain does not list.
+pub fn image_opts(chain: &[ChainImage]) -> String {
+    let mut opts = String::new();
+    let mut prefix = String::new();
+    for (i, c) in chain.iter().enumerate() {
+        if i > 0 {
+            opts.push(',');
+            prefix.push_str("backing.");
+        }
+        opts += &format!(
+            "{prefix}driver={},{prefix}file.driver=file,{prefix}file.filename={},\
+             {prefix}force-share=on,{prefix}read-only=on",
+            c.format,
+            opt_escape(&c.path.to_string_lossy())
+        );
+        if i + 1 == chain.len() && c.format == "qcow2" {
+            opts += &format!(",{prefix}backing=");
+        }
+    }
+    opts
+}
+
+/// `--image-opts` of the qcow2 image `image` alone, writable, its
+/// backing file not opened: for work inside the image (internal
+/// snapshots), which never needs it.
+fn qcow2_alone(image: &Path) -> String {
+    format!(
+        "driver=qcow2,file.driver=file,file.filename={},backing=",
+        opt_escape(&image.to_string_lossy())
+    )
+}
+
+/// Doubles commas, the escape of QEMU's `key=value,...` option strings.
+pub fn opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
 }
 
 /// Creates a qcow2 overlay at `overlay` over `backing` (format
@@ -116,18 +287,36 @@ pub fn create_overlay(
 pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &str) -> Result<()> {
     let backing = std::fs::canonicalize(backing)
         .map_err(|e| Error::io(format!("{}: {e}", backing.display())))?;
-    let args: Vec<String> = ["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([backing.to_string_lossy().into_owned()])
-        .collect();
-    run_on(file, &args)
+    let size = virtual_size(&backing, backing_format)?.to_string();
+    let args: Vec<String> = [
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([backing.to_string_lossy().into_owned()])
+    .collect();
+    run_on(file, &args, &[size])
 }
 
-/// Bytes that `image` itself (not its backing chain) holds: data or zero
-/// clusters a guest wrote.
-pub fn own_bytes(image: &Path) -> Result<u64> {
-    let json = run(&["map", "-U", "--output=json", &image.to_string_lossy()])?;
+/// Bytes that `image` (opened as `format`) itself holds, not its backing
+/// chain: data or zero clusters a guest wrote. Only that image is opened.
+pub fn own_bytes(image: &Path, format: &str) -> Result<u64> {
+    let top = ChainImage {
+        path: image.to_owned(),
+        format: format.to_owned(),
+        snapshots: Vec::new(),
+    };
+    check_format(format)?;
+    check_plain_file(image)?;
+    let opts = image_opts(&[top]);
+    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
     let map: Value =
         serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
     Ok(map
@@ -143,17 +332,11 @@ pub fn own_bytes(image: &Path) -> Result<u64> {
         .sum())
 }
 
-/// Bytes of the disk `image` shows (down its backing chain) that hold
-/// data, per `qemu-img map` of format `format`.
-pub fn allocated_bytes(image: &Path, format: &str) -> Result<u64> {
-    let json = run(&[
-        "map",
-        "-U",
-        "-f",
-        format,
-        "--output=json",
-        &image.to_string_lossy(),
-    ])?;
+/// Bytes of the disk `chain` shows (top first, as [`chain`] read it)
+/// that hold data, per `qemu-img map` of that chain spelled out.
+pub fn allocated_bytes(chain: &[ChainImage]) -> Result<u64> {
+    let opts = image_opts(chain);
+    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
     let map: Value =
         serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
     Ok(map
@@ -166,8 +349,8 @@ pub fn allocated_bytes(image: &Path, format: &str) -> Result<u64> {
 }
 
 /// True when `image` itself holds any data (see [`own_bytes`]).
-pub fn has_own_data(image: &Path) -> Result<bool> {
-    Ok(own_bytes(image)? > 0)
+pub fn has_own_data(image: &Path, format: &str) -> Result<bool> {
+    Ok(own_bytes(image, format)? > 0)
 }
 
 /// Copies the current contents of `image` into a new qcow2 `target`
@@ -182,7 +365,7 @@ pub fn copy_above_backing(
     record: &dyn Fn(crate::store::owned::FileId) -> Result<()>,
 ) -> Result<()> {
     use crate::store::owned;
-    let chain = chain(image)?;
+    let chain = chain(image, "qcow2")?;
     let part = target.with_extension("qcow2.part");
     let file = owned::create_new(&part, 0o600)
         .map_err(|e| Error::from(e).context(part.display().to_string()))?;
@@ -190,8 +373,7 @@ pub fn copy_above_backing(
     let done = (|| {
         record(id)?;
         owned::copy_owner_and_mode(&file, image)?;
-        let src = image.to_string_lossy();
-        let mut args: Vec<String> = ["convert", "-U", "-O", "qcow2"]
+        let mut args: Vec<String> = ["convert", "--image-opts", "-O", "qcow2"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -203,8 +385,8 @@ pub fn copy_above_backing(
                 b.format.clone(),
             ]);
         }
-        args.push(src.into_owned());
-        run_on(&file, &args)?;
+        args.push(image_opts(&chain));
+        run_on(&file, &args, &[])?;
         file.sync_all()?;
         owned::rename_noreplace(&part, target)
             .map_err(|e| Error::from(e).context(target.display().to_string()))
@@ -219,14 +401,14 @@ pub fn copy_above_backing(
 /// Runs qemu-img with `args` and, as its last argument, `file` open in
 /// it (`/proc/self/fd/N`): qemu-img never opens a path someone could
 /// swap for a symlink.
-fn run_on(file: &std::fs::File, args: &[String]) -> Result<()> {
+fn run_on(file: &std::fs::File, args: &[String], tail: &[String]) -> Result<()> {
     use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fd = file.as_raw_fd();
     let target = format!("/proc/self/fd/{fd}");
     log::debug!("qemu-img {} {target}", args.join(" "));
     let mut cmd = Command::new("qemu-img");
-    cmd.args(args).arg(&target);
+    cmd.args(args).arg(&target).args(tail);
     // SAFETY: only fcntl(2) runs between fork and exec; it clears
     // close-on-exec on the descriptor qemu-img must inherit.
     unsafe {
@@ -237,9 +419,7 @@ fn run_on(file: &std::fs::File, args: &[String]) -> Result<()> {
             Ok(())
         });
     }
-    let out = cmd
-        .output()
-        .map_err(|e| Error::io(format!("cannot run qemu-img: {e}")))?;
+    let out = super::child::output(cmd, DATA_TIMEOUT).map_err(|e| Error::io(e.to_string()))?;
     if !out.status.success() {
         return Err(Error::io(format!(
             "qemu-img {} failed: {}",
@@ -250,12 +430,15 @@ fn run_on(file: &std::fs::File, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Points `image` at backing file `backing` without copying data (the
-/// two must hold the same bytes).
+/// Points qcow2 `image` at backing file `backing` without copying data
+/// (the two must hold the same bytes).
 pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
+    check_format(backing_format)?;
     run(&[
         "rebase",
         "-u",
+        "-f",
+        "qcow2",
         "-F",
         backing_format,
         "-b",
@@ -263,6 +446,19 @@ pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Resu
         &image.to_string_lossy(),
     ])
     .map(drop)
+}
+
+/// `qemu-img commit` of qcow2 `image` into its backing file, after its
+/// chain was checked ([`chain`]); `drop` empties it (`-d`).
+pub fn commit(image: &Path, drop_after: bool) -> Result<()> {
+    chain(image, "qcow2")?;
+    let path = image.to_string_lossy();
+    let mut args = vec!["commit", "-q", "-f", "qcow2"];
+    if drop_after {
+        args.push("-d");
+    }
+    args.push(&path);
+    run_for(&args, DATA_TIMEOUT).map(drop)
 }
 
 /// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's
@@ -293,17 +489,44 @@ pub fn create(image: &Path, tag: &str) -> Result<()> {
             format!("{} already has a snapshot tagged {tag}", image.display()),
         ));
     }
-    run(&["snapshot", "-c", tag, &image.to_string_lossy()]).map(drop)
+    run(&[
+        "snapshot",
+        "-q",
+        "-c",
+        tag,
+        "--image-opts",
+        &qcow2_alone(image),
+    ])
+    .map(drop)
 }
 
 /// Reverts a stopped image to internal snapshot `tag`.
 pub fn apply(image: &Path, tag: &str) -> Result<()> {
-    run(&["snapshot", "-a", tag, &image.to_string_lossy()]).map(drop)
+    run_for(
+        &[
+            "snapshot",
+            "-q",
+            "-a",
+            tag,
+            "--image-opts",
+            &qcow2_alone(image),
+        ],
+        DATA_TIMEOUT,
+    )
+    .map(drop)
 }
 
 /// Deletes internal snapshot `tag` from a stopped image.
 pub fn delete(image: &Path, tag: &str) -> Result<()> {
-    run(&["snapshot", "-d", tag, &image.to_string_lossy()]).map(drop)
+    run(&[
+        "snapshot",
+        "-q",
+        "-d",
+        tag,
+        "--image-opts",
+        &qcow2_alone(image),
+    ])
+    .map(drop)
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     events: VecDeque<Value>,
     timeout: Duration,
-    peer_pid: Option<i32>,
+    peer: Option<libc::ucred>,
     broken: bool,
 }
 
@@ -80,13 +80,13 @@ impl Qmp {
     ) -> Result<Self, QmpError> {
         let stream = connect_deadline(path, connect_timeout)?;
         stream.set_write_timeout(Some(timeout))?;
-        let peer_pid = peer_pid(&stream);
+        let peer = peer_cred(&stream);
         let mut qmp = Qmp {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),
             events: VecDeque::new(),
             timeout,
-            peer_pid,
+            peer,
             broken: false,
         };
         let deadline = Instant::now() + timeout;
@@ -113,7 +113,13 @@ impl Qmp {
 
     /// The pid of the QEMU process on the other end (`SO_PEERCRED`).
     pub fn peer_pid(&self) -> Option<i32> {
-        self.peer_pid
+        self.peer.map(|c| c.pid)
+    }
+
+    /// The user and group ids of the process on the other end, as the
+    /// kernel gives them (`SO_PEERCRED`).
+    pub fn peer_ids(&self) -> Option<(u32, u32)> {
+        self.peer.map(|c| (c.uid, c.gid))
     }
 
     /// False once a timeout or protocol error left the stream in an unknown state.
@@ -491,8 +497,8 @@ fn so_error(fd: libc::c_int) -> io::Result<i32> {
     Ok(v)
 }
 
-/// The pid of the process at the other end of a Unix socket.
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
+/// The credentials of the process at the other end of a Unix socket.
+fn peer_cred(stream: &UnixStream) -> Option<libc::ucred> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -510,7 +516,7 @@ fn peer_pid(stream: &UnixStream) -> Option<i32> {
             &mut len,
         )
     };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+    (rc == 0 && cred.pid > 0).then_some(cred)
 }
 
 #[cfg(test)]

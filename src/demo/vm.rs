@@ -20,6 +20,8 @@ pub struct VmSpec {
     pub disks: Vec<(String, u64)>,
     /// Guest RAM in MiB.
     pub memory_mb: u64,
+    /// Targets of the disks made as raw images (the others are qcow2).
+    pub raw: Vec<String>,
 }
 
 impl VmSpec {
@@ -29,6 +31,7 @@ impl VmSpec {
             name: name.into(),
             disks: vec![("vda".into(), 64), ("vdb".into(), 32)],
             memory_mb: 128,
+            raw: Vec::new(),
         }
     }
 }
@@ -42,6 +45,8 @@ pub struct VmDisk {
     pub image: PathBuf,
     /// The virtio-blk device id (`qemu-io -d <id>/virtio-backend`).
     pub device: String,
+    /// Image format: `qcow2` or `raw`.
+    pub format: String,
 }
 
 /// A running QEMU started by [`Vm::start`]; killed (by pid) on drop.
@@ -87,12 +92,17 @@ impl Vm {
         fs::create_dir_all(dir)?;
         let mut disks = Vec::new();
         for (target, mb) in &spec.disks {
-            let image = dir.join(format!("{}-{target}.qcow2", spec.name));
+            let format = if spec.raw.contains(target) {
+                "raw"
+            } else {
+                "qcow2"
+            };
+            let image = dir.join(format!("{}-{target}.{format}", spec.name));
             qemu_img::run(&[
                 "create",
                 "-q",
                 "-f",
-                "qcow2",
+                format,
                 &image.to_string_lossy(),
                 &format!("{mb}M"),
             ])?;
@@ -100,6 +110,7 @@ impl Vm {
                 target: target.clone(),
                 image,
                 device: format!("{target}-dev"),
+                format: format.into(),
             });
         }
         let mut vm = Vm {
@@ -144,8 +155,9 @@ impl Vm {
         for d in &self.disks {
             a.push("-drive".into());
             a.push(format!(
-                "file={},format=qcow2,if=none,id={},node-name={}-fmt,cache=writeback",
+                "file={},format={},if=none,id={},node-name={}-fmt,cache=writeback",
                 d.image.display(),
+                d.format,
                 d.target,
                 d.target
             ));
@@ -278,7 +290,7 @@ impl Vm {
             Err(_) => Some(disk.image.to_string_lossy().into_owned()),
         };
         if let Some(image) = src {
-            return read_image(Path::new(&image));
+            return read_image_as(Path::new(&image), &disk.format);
         }
         let data = fs::read(&out)?;
         let _ = fs::remove_file(&out);
@@ -333,8 +345,9 @@ impl Vm {
         );
         for d in &self.disks {
             x.push_str(&format!(
-                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      \
                  <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+                d.format,
                 d.image.display(),
                 d.target
             ));
@@ -378,13 +391,20 @@ impl Vm {
     }
 }
 
-/// The guest-visible content of an image file (with its backing chain),
-/// read with `-U`: for a stopped VM, or a frozen image.
+/// The guest-visible content of a qcow2 image file (with its backing
+/// chain), read with `-U`: for a stopped VM, or a frozen image.
 pub fn read_image(image: &Path) -> Result<Vec<u8>> {
+    read_image_as(image, "qcow2")
+}
+
+/// [`read_image`] of an image of format `format`.
+pub fn read_image_as(image: &Path, format: &str) -> Result<Vec<u8>> {
     let out = image.with_extension(format!("read-{}.raw", std::process::id()));
     qemu_img::run(&[
         "convert",
         "-U",
+        "-f",
+        format,
         "-O",
         "raw",
         &image.to_string_lossy(),

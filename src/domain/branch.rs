@@ -333,11 +333,11 @@ impl Domain {
             })
         };
         let empty_over_point = |img: &PathBuf| {
-            let chain = qemu_img::chain(img).unwrap_or_default();
+            let chain = qemu_img::chain(img, &self.format_of(img)).unwrap_or_default();
             let backing = chain.get(1).map(|b| b.path.clone());
             backing.is_some_and(|b| is_point(&b))
                 && chain.first().is_some_and(|top| top.snapshots.is_empty())
-                && qemu_img::has_own_data(img).is_ok_and(|d| !d)
+                && qemu_img::has_own_data(img, &self.format_of(img)).is_ok_and(|d| !d)
         };
         // One qemu-img pair per disk, side by side: the guest is paused.
         !images.is_empty()

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,7 @@ impl OpLog {
         match OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(crate::store::atomic::FILE_MODE)
             .open(&self.file)
         {
             Ok(mut f) => {

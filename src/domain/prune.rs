@@ -32,13 +32,13 @@ pub(super) struct ImageGraph {
 }
 
 impl ImageGraph {
-    pub(super) fn build(roots: &[PathBuf]) -> Result<Self> {
+    pub(super) fn build(roots: &[(PathBuf, String)]) -> Result<Self> {
         let mut g = ImageGraph::default();
-        for r in roots {
+        for (r, format) in roots {
             if g.needed.contains(&canonical(r)) {
                 continue;
             }
-            let chain = qemu_img::chain(r)?;
+            let chain = qemu_img::chain(r, format)?;
             for (i, image) in chain.iter().enumerate() {
                 let path = canonical(&image.path);
                 g.named
@@ -88,8 +88,17 @@ enum DiskPlan {
 }
 
 impl Domain {
-    /// The images every snapshot but `except` and the live state need.
-    pub(super) fn roots(&self, except: Option<&str>) -> Vec<PathBuf> {
+    /// The format `image` must be opened with (never probed): the active
+    /// layer's or the defined disk's it is, else qcow2.
+    pub(super) fn format_of(&self, image: &Path) -> String {
+        let mut disks = self.backend.active_disks();
+        disks.extend(self.def.disks.iter().cloned());
+        qemu_img::expected_format(&disks, image)
+    }
+
+    /// The images every snapshot but `except` and the live state need,
+    /// each with the format it is opened with.
+    pub(super) fn roots(&self, except: Option<&str>) -> Vec<(PathBuf, String)> {
         let mut roots: Vec<PathBuf> = self
             .backend
             .active_disks()
@@ -108,6 +117,12 @@ impl Domain {
             );
         }
         roots
+            .into_iter()
+            .map(|r| {
+                let f = self.format_of(&r);
+                (r, f)
+            })
+            .collect()
     }
 
     fn is_defined_image(&self, p: &Path) -> bool {
@@ -176,8 +191,8 @@ impl Domain {
             (false, true) => MergeKind::Stream,
             (true, true) => {
                 // Copy the smaller side.
-                let up = qemu_img::own_bytes(upper).unwrap_or(u64::MAX);
-                let down = qemu_img::own_bytes(&point).unwrap_or(u64::MAX);
+                let up = qemu_img::own_bytes(upper, &self.format_of(upper)).unwrap_or(u64::MAX);
+                let down = qemu_img::own_bytes(&point, &self.format_of(&point)).unwrap_or(u64::MAX);
                 if up <= down {
                     MergeKind::Commit
                 } else {
@@ -355,7 +370,7 @@ impl Domain {
             .collect();
         open.into_iter().find_map(|s| {
             let reads = s.disks.iter().filter_map(|d| d.image.as_ref()).any(|p| {
-                qemu_img::chain(p)
+                qemu_img::chain(p, &self.format_of(p))
                     .unwrap_or_default()
                     .iter()
                     .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))

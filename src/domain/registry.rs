@@ -83,7 +83,7 @@ impl Registry {
                 domains_dir.display()
             )));
         }
-        std::fs::create_dir_all(state_dir)
+        crate::store::atomic::private_dir(state_dir)
             .map_err(|e| Error::from(e).context(format!("state dir {}", state_dir.display())))?;
         let reg = Arc::new_cyclic(|me| Registry {
             domains_dir: domains_dir.to_owned(),

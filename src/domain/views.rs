@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::backend::qemu_img;
 use crate::error::{Error, Result};
-use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
+use crate::model::{DiskDef, DiskSnapshotKind, MemoryLocation, Snapshot};
 use crate::views::{DirectView, ErrorSink, FrozenView, LazyView, ViewOptions, ViewSource};
 
 /// Views, their open counts, and the virtual sizes of images.
@@ -21,6 +22,9 @@ pub struct DiskViews {
     holds: Mutex<Holds>,
     sizes: Mutex<HashMap<PathBuf, u64>>,
     allocation: Arc<Mutex<Allocation>>,
+    /// The domain's defined disks: an image that is one of them is opened
+    /// with its format, any other as qcow2 (never probed).
+    disks: Vec<DiskDef>,
 }
 
 /// Allocated bytes of each view (snapshot id, target), computed off the
@@ -105,9 +109,10 @@ fn command_of(pid: u32) -> String {
 impl DiskViews {
     /// Views whose `qemu-nbd` sockets live in `runtime_dir`; failures to
     /// serve one are told to `on_error`. Servers left there by a daemon
-    /// that died are stopped.
-    pub fn new(runtime_dir: &Path, on_error: Option<ErrorSink>) -> Self {
-        let _ = std::fs::create_dir_all(runtime_dir);
+    /// that died are stopped. `disks` are the domain's defined disks (an
+    /// image that is one of them is opened with its format).
+    pub fn new(runtime_dir: &Path, on_error: Option<ErrorSink>, disks: Vec<DiskDef>) -> Self {
+        let _ = crate::store::atomic::private_dir(runtime_dir);
         stop_orphans(runtime_dir);
         let options = ViewOptions {
             runtime_dir: runtime_dir.to_owned(),
@@ -120,16 +125,27 @@ impl DiskViews {
             holds: Mutex::new(Holds::default()),
             sizes: Mutex::new(HashMap::new()),
             allocation: Arc::default(),
+            disks,
         }
     }
 
-    /// The image a snapshot's disk can be viewed from, if it has one.
-    fn source(snap: &Snapshot, target: &str) -> Option<ViewSource> {
-        let d = snap.disks.iter().find(|d| d.target == target)?;
-        let image = d.image.clone()?;
-        // The chain below, spelled out so that the server takes no lock.
-        let chain = crate::backend::qemu_img::chain(&image).unwrap_or_default();
-        let format = chain.first().map(|i| i.format.clone());
+    /// The image a snapshot's disk can be viewed from, if it has one
+    /// (`Ok(None)`), with its checked backing chain spelled out: a chain
+    /// that names a backing file vmsnapfs refuses to open is an error.
+    fn source(disks: &[DiskDef], snap: &Snapshot, target: &str) -> Result<Option<ViewSource>> {
+        let Some(d) = snap.disks.iter().find(|d| d.target == target) else {
+            return Ok(None);
+        };
+        let Some(image) = d.image.clone() else {
+            return Ok(None);
+        };
+        let format = match d.kind {
+            DiskSnapshotKind::Internal => "qcow2".to_owned(),
+            _ => qemu_img::expected_format(disks, &image),
+        };
+        // The chain below, spelled out so that the server takes no lock
+        // and follows nothing else.
+        let chain = qemu_img::chain(&image, &format)?;
         let backing = chain
             .iter()
             .skip(1)
@@ -138,13 +154,9 @@ impl DiskViews {
         let source = match d.kind {
             DiskSnapshotKind::Internal => ViewSource::internal_snapshot(image, &snap.id),
             DiskSnapshotKind::External => ViewSource::image(image),
-            DiskSnapshotKind::No => return None,
+            DiskSnapshotKind::No => return Ok(None),
         };
-        let source = match format {
-            Some(f) => source.with_format(f),
-            None => source,
-        };
-        Some(source.with_backing(backing))
+        Ok(Some(source.with_format(format).with_backing(backing)))
     }
 
     /// Opens a view of `target` at `snap`, holding the snapshot until
@@ -172,11 +184,22 @@ impl DiskViews {
             return Ok((s.view.clone(), hold));
         }
         // Only a view not served yet needs its chain (one qemu-img run).
-        let Some(source) = Self::source(snap, target) else {
-            self.close(&hold);
-            return Err(Error::not_found(format!(
-                "disk {target} is not in this snapshot"
-            )));
+        let source = match Self::source(&self.disks, snap, target) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.close(&hold);
+                return Err(Error::not_found(format!(
+                    "disk {target} is not in this snapshot"
+                )));
+            }
+            Err(e) => {
+                self.close(&hold);
+                let e = e.context(format!("view of disk {target} of {:?}", snap.name));
+                if let Some(sink) = &self.options.on_error {
+                    (sink.0)(&format!("refused (EIO): {}", e.message));
+                }
+                return Err(e);
+            }
         };
         // Internal snapshots and external points alike are frozen: read
         // directly when the layout allows, else through qemu-nbd.
@@ -373,15 +396,14 @@ impl DiskViews {
         }
     }
 
-    /// The virtual size of an image, read once with `qemu-img info`.
+    /// The virtual size of an image, read once with `qemu-img info`
+    /// (opened with the format it must have).
     pub fn disk_size(&self, image: &Path) -> Option<u64> {
         if let Some(s) = self.sizes.lock().get(image) {
             return Some(*s);
         }
-        let path = image.to_string_lossy();
-        let json = crate::backend::qemu_img::run(&["info", "-U", "--output=json", &path]).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&json).ok()?;
-        let size = v["virtual-size"].as_u64()?;
+        let format = qemu_img::expected_format(&self.disks, image);
+        let size = qemu_img::virtual_size(image, &format).ok()?;
         self.sizes.lock().insert(image.to_owned(), size);
         Some(size)
     }
@@ -406,10 +428,14 @@ impl DiskViews {
         let cache = self.allocation.clone();
         let snap = snap.clone();
         let job = key.clone();
+        let disks = self.disks.clone();
         let spawned = std::thread::Builder::new()
             .name("view-allocation".into())
             .spawn(move || {
-                let bytes = Self::source(&snap, &job.1).and_then(|s| allocated_bytes(&s));
+                let bytes = Self::source(&disks, &snap, &job.1)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| allocated_bytes(&s));
                 let mut a = cache.lock();
                 a.running.remove(&job);
                 if let (Some(b), true) = (bytes, a.generation == generation) {
@@ -442,7 +468,15 @@ fn allocated_bytes(source: &ViewSource) -> Option<u64> {
     if source.snapshot.is_some() {
         return None;
     }
-    crate::backend::qemu_img::allocated_bytes(&source.image, &source.format).ok()
+    let chain: Vec<qemu_img::ChainImage> = std::iter::once((&source.image, &source.format))
+        .chain(source.backing.iter().map(|(p, f)| (p, f)))
+        .map(|(p, f)| qemu_img::ChainImage {
+            path: p.clone(),
+            format: f.clone(),
+            snapshots: Vec::new(),
+        })
+        .collect();
+    qemu_img::allocated_bytes(&chain).ok()
 }
 
 /// Stops `qemu-nbd` processes serving sockets in `dir` (left by a daemon

@@ -3,7 +3,44 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+/// Mode of every file vmsnapfs writes in its state directory: it holds
+/// unredacted definitions and command lines.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory of the state directory.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (and its parents) and makes it root's alone ([`DIR_MODE`]).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// Makes everything under `dir` private: directories [`DIR_MODE`],
+/// files [`FILE_MODE`] (a state directory written by an earlier version
+/// with 0755/0644). Symbolic links are left alone, never followed.
+pub fn tighten(dir: &Path) -> io::Result<()> {
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Ok(());
+    }
+    if m.permissions().mode() & 0o7777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let m = fs::symlink_metadata(&path)?;
+        if m.is_dir() {
+            tighten(&path)?;
+        } else if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+            let mode = m.permissions().mode() & 0o700 | 0o600;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -19,7 +56,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;

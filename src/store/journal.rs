@@ -296,7 +296,7 @@ pub struct IntentRecord {
 impl Journal {
     /// Opens (creating) the journal directory.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        super::atomic::private_dir(dir)?;
         Ok(Journal {
             dir: dir.to_owned(),
         })

@@ -3,7 +3,7 @@
 //! ```text
 //! <state>/<domain>/snapshots/<id>.xml   one <domainsnapshot> per snapshot
 //! <state>/<domain>/current              the id of the current snapshot
-//! <state>/<domain>/argv                 QEMU's last seen command line, NUL-separated
+//! <state>/<domain>/argv                 QEMU's last verified command line: owner line, argv NUL-separated
 //! <state>/<domain>/layers               each disk's active image (after external snapshots)
 //! <state>/<domain>/layers.history       images that were active layers before
 //! <state>/<domain>/pending-tag-deletes  tags of deleted snapshots left in backing images
@@ -43,10 +43,13 @@ pub struct Loaded {
 }
 
 impl DomainStore {
-    /// Opens (creating) `<state_root>/<domain>`.
+    /// Opens (creating) `<state_root>/<domain>`, root's alone: 0700
+    /// directories, 0600 files (tightened if an earlier run left them
+    /// open to others).
     pub fn open(state_root: &Path, domain: &str) -> io::Result<Self> {
         let dir = state_root.join(domain);
-        fs::create_dir_all(dir.join("snapshots"))?;
+        super::atomic::private_dir(&dir.join("snapshots"))?;
+        super::atomic::tighten(&dir)?;
         clean_temp_files(&dir.join("snapshots"))?;
         clean_temp_files(&dir)?;
         Ok(DomainStore { dir })
@@ -180,16 +183,27 @@ impl DomainStore {
         }
     }
 
-    /// Records QEMU's command line, to start the domain again later.
-    pub fn save_argv(&self, argv: &[String]) -> io::Result<()> {
-        write_atomic(&self.dir.join("argv"), argv.join("\0").as_bytes())
+    /// Records a verified QEMU command line and who ran it, to start the
+    /// domain again later (first line `uid gid groups`, then the argv
+    /// NUL-separated).
+    pub fn save_argv(&self, argv: &[String], owner: &str) -> io::Result<()> {
+        let text = format!("{owner}\n{}", argv.join("\0"));
+        write_atomic(&self.dir.join("argv"), text.as_bytes())
     }
 
-    /// The last recorded QEMU command line.
-    pub fn load_argv(&self) -> Option<Vec<String>> {
+    /// Forgets the recorded command line.
+    pub fn forget_argv(&self) -> io::Result<()> {
+        remove_durable(&self.dir.join("argv"))
+    }
+
+    /// The last recorded QEMU command line and its owner line. A file
+    /// without an owner line (written before command lines were
+    /// verified) is not returned.
+    pub fn load_argv(&self) -> Option<(Vec<String>, String)> {
         let text = fs::read_to_string(self.dir.join("argv")).ok()?;
-        let argv: Vec<String> = text.split('\0').map(str::to_owned).collect();
-        (!argv.is_empty() && !argv[0].is_empty()).then_some(argv)
+        let (owner, rest) = text.split_once('\n')?;
+        let argv: Vec<String> = rest.split('\0').map(str::to_owned).collect();
+        (!argv.is_empty() && !argv[0].is_empty()).then(|| (argv, owner.to_owned()))
     }
 
     /// Durably records each disk's active layer: target, format, image.

@@ -90,8 +90,12 @@ pub struct ViewSource {
     pub snapshot: Option<String>,
     /// The image's backing chain below it (file, format), opened with
     /// `force-share` too, so that no lock of a view ever stops QEMU from
-    /// merging images. Empty: QEMU opens the chain the image names.
+    /// merging images. Empty: QEMU opens the chain the image names,
+    /// unless `pinned`.
     pub backing: Vec<(PathBuf, String)>,
+    /// True when `backing` is the whole chain: QEMU opens nothing below
+    /// its last image (`backing=` null there), whatever a header says.
+    pub pinned: bool,
 }
 
 /// Doubles commas, the escape of QEMU's `key=value,...` option strings.
@@ -107,6 +111,7 @@ impl ViewSource {
             format: "qcow2".into(),
             backing: Vec::new(),
             snapshot: Some(tag.into()),
+            pinned: false,
         }
     }
 
@@ -117,6 +122,7 @@ impl ViewSource {
             format: "qcow2".into(),
             snapshot: None,
             backing: Vec::new(),
+            pinned: false,
         }
     }
 
@@ -126,10 +132,11 @@ impl ViewSource {
         self
     }
 
-    /// The same source with its backing chain spelled out (see
-    /// [`ViewSource::backing`]).
+    /// The same source with its whole backing chain spelled out (see
+    /// [`ViewSource::backing`]): QEMU follows nothing else.
     pub fn with_backing(mut self, backing: Vec<(PathBuf, String)>) -> Self {
         self.backing = backing;
+        self.pinned = true;
         self
     }
 
@@ -182,7 +189,9 @@ impl ViewSource {
             opt_escape(image)
         );
         let mut prefix = String::new();
+        let mut bottom = self.format.as_str();
         for (file, format) in &self.backing {
+            bottom = format.as_str();
             prefix.push_str("backing.");
             let file = file
                 .to_str()
@@ -192,6 +201,9 @@ impl ViewSource {
                  {prefix}file.filename={},{prefix}force-share=on,{prefix}read-only=on",
                 opt_escape(file)
             );
+        }
+        if self.pinned && bottom == "qcow2" {
+            opts += &format!(",{prefix}backing=");
         }
         args.push(opts.into());
         Ok(args)

@@ -189,8 +189,15 @@ fn path_attr(
     }
 }
 
-/// Returns `xml` with the value of every attribute named `passwd` (as in
-/// libvirt's `<graphics passwd='...'>`) replaced by `***`.
+/// Returns `xml` with every secret replaced by `***`: the value of each
+/// attribute whose name says it holds one (`passwd`, `password`, any
+/// `*secret*`, `*cookie*`, `*token*`, as libvirt's `<graphics passwd>`),
+/// the text of `<cookie>` and `<secret>` elements, the value of an
+/// `<env>` whose name says it holds one, and inside each command line
+/// argument (`<arg value>`, `<qemu:arg value>`) the secret-bearing
+/// options (see [`super::secrets::redact_arg`]: `-object
+/// secret,data=...`, `password=` in `-drive`/`-blockdev`/`-vnc`, JSON
+/// `"password"`, `user:password@` in URLs).
 ///
 /// Everything else is kept byte for byte, so a well-formed input gives a
 /// well-formed output with the same structure. Where the input stops being
@@ -208,12 +215,29 @@ pub fn redact_secrets(xml: &str) -> String {
     let mut reader = Reader::from_str(xml.get(base..).unwrap_or_default());
     let mut out = String::with_capacity(xml.len());
     let mut copied = 0;
+    let mut secret_text = false;
     loop {
         let start =
             base.saturating_add(usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX));
         let values = match reader.read_event() {
             Ok(Event::Eof) => break,
-            Ok(Event::Start(tag) | Event::Empty(tag)) => passwd_values(xml, &tag),
+            Ok(Event::Start(tag)) => {
+                secret_text = super::secrets::is_secret_element(tag.local_name().as_ref());
+                secret_values(xml, &tag)
+            }
+            Ok(Event::Empty(tag)) => secret_values(xml, &tag),
+            Ok(Event::Text(t)) if secret_text => match range_within(xml, &t) {
+                Some(r) if !r.is_empty() => Some(vec![(r, REDACTED.to_owned())]),
+                _ => Some(Vec::new()),
+            },
+            Ok(Event::CData(t)) if secret_text => match range_within(xml, &t) {
+                Some(r) if !r.is_empty() => Some(vec![(r, REDACTED.to_owned())]),
+                _ => Some(Vec::new()),
+            },
+            Ok(Event::End(_)) => {
+                secret_text = false;
+                Some(Vec::new())
+            }
             Ok(Event::DocType(_)) | Err(_) => None,
             Ok(_) => Some(Vec::new()),
         };
@@ -222,9 +246,9 @@ pub fn redact_secrets(xml: &str) -> String {
             out.push_str(NOT_SHOWN);
             return out;
         };
-        for value in values {
+        for (value, with) in values {
             out.push_str(xml.get(copied..value.start).unwrap_or_default());
-            out.push_str(REDACTED);
+            out.push_str(&with);
             copied = value.end;
         }
     }
@@ -235,20 +259,41 @@ pub fn redact_secrets(xml: &str) -> String {
 /// What [`redact_secrets`] puts in place of input it cannot read.
 const NOT_SHOWN: &str = "<!-- vmsnapfs: the rest is not well-formed XML and is not shown -->";
 
-/// Byte ranges in `xml` of the values of the `passwd` attributes of `tag`
-/// (a tag read from `xml`), quotes excluded; `None` if any attribute of the
-/// tag is malformed or repeated.
-fn passwd_values(xml: &str, tag: &BytesStart<'_>) -> Option<Vec<Range<usize>>> {
+/// Byte ranges in `xml` of the secret attribute values of `tag` (a tag
+/// read from `xml`), quotes excluded, each with what replaces it; `None`
+/// if any attribute of the tag is malformed or repeated.
+fn secret_values(xml: &str, tag: &BytesStart<'_>) -> Option<Vec<(Range<usize>, String)>> {
+    use super::secrets;
+    let element = tag.local_name();
+    let element = element.as_ref();
     let mut found = Vec::new();
+    let mut env_secret = false;
+    let mut env_value = None;
     for attr in tag.attributes() {
         let attr = attr.ok()?;
-        if attr.key.as_ref() == "passwd" {
-            // Read from `xml` itself, the raw value is a slice of it.
-            let Cow::Borrowed(value) = attr.value else {
-                return None;
-            };
-            found.push(range_within(xml, value)?);
+        // Read from `xml` itself, the raw value is a slice of it.
+        let Cow::Borrowed(raw) = attr.value else {
+            return None;
+        };
+        let key = attr.key.local_name();
+        let key: &str = key.as_ref();
+        if secrets::is_secret_key(key) {
+            found.push((range_within(xml, raw)?, REDACTED.to_owned()));
+        } else if element == "arg" && key == "value" {
+            let value = quick_xml::escape::unescape(raw).ok()?;
+            let redacted = secrets::redact_arg(&value);
+            if redacted != value {
+                let escaped = quick_xml::escape::escape(redacted.as_str()).replace('\'', "&apos;");
+                found.push((range_within(xml, raw)?, escaped));
+            }
+        } else if element == "env" && key == "name" {
+            env_secret = secrets::is_secret_key(raw);
+        } else if element == "env" && key == "value" {
+            env_value = Some(range_within(xml, raw)?);
         }
+    }
+    if let (true, Some(r)) = (env_secret, env_value) {
+        found.push((r, REDACTED.to_owned()));
     }
     Some(found)
 }
@@ -515,12 +560,16 @@ mod tests {
 
         let xml = "<domain><graphics passwd=\"a'b&amp;c\" type='spice'/>\
                    <graphics type='vnc' passwd = 'x\"y' keymap='en'></graphics>\
-                   <note>passwd is the attribute</note><x mypasswd='keep' passwd_x='keep'/></domain>";
+                   <note>passwd is the attribute</note><x mypasswd='a' passwd_x='b' \
+                   mode='keep' keymap='keep'/></domain>";
+        // Any attribute whose name says it holds a password is hidden,
+        // every other one is kept.
         assert_eq!(
             redact_secrets(xml),
             "<domain><graphics passwd=\"***\" type='spice'/>\
              <graphics type='vnc' passwd = '***' keymap='en'></graphics>\
-             <note>passwd is the attribute</note><x mypasswd='keep' passwd_x='keep'/></domain>"
+             <note>passwd is the attribute</note><x mypasswd='***' passwd_x='***' \
+             mode='keep' keymap='keep'/></domain>"
         );
         // Text that merely looks like an attribute stays when the XML is well-formed.
         let text = "<a>passwd='not an attribute'</a>";

@@ -24,6 +24,7 @@
 
 pub mod domain;
 mod limits;
+pub mod secrets;
 pub mod snapshot;
 mod tree;
 

@@ -334,7 +334,7 @@ pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 /// The internal snapshot tags of an image (`qemu-img snapshot -l -U`).
 pub fn image_tags(image: &Path) -> Vec<String> {
     let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
+        .args(["info", "-U", "-f", "qcow2", "--output=json"])
         .arg(image)
         .output()
         .unwrap();
@@ -391,7 +391,7 @@ pub fn check_no_orphans(fx: &Fixture) {
         }
     }
     for r in roots {
-        for img in vmsnapfs::backend::qemu_img::chain(&r).unwrap() {
+        for img in vmsnapfs::backend::qemu_img::chain(&r, "qcow2").unwrap() {
             needed.insert(fs::canonicalize(&img.path).unwrap());
         }
     }
