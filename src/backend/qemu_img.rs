@@ -315,14 +315,8 @@ pub fn own_bytes(image: &Path, format: &str) -> Result<u64> {
     };
     check_format(format)?;
     check_plain_file(image)?;
-    let opts = image_opts(&[top]);
-    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
-    let map: Value =
-        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
-    Ok(map
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(map_entries(&[top])?
+        .iter()
         .filter(|e| {
             e["depth"].as_u64() == Some(0)
                 && (e["data"] == true || e["zero"] == true)
@@ -335,17 +329,18 @@ pub fn own_bytes(image: &Path, format: &str) -> Result<u64> {
 /// Bytes of the disk `chain` shows (top first, as [`chain`] read it)
 /// that hold data, per `qemu-img map` of that chain spelled out.
 pub fn allocated_bytes(chain: &[ChainImage]) -> Result<u64> {
-    let opts = image_opts(chain);
-    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
-    let map: Value =
-        serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))?;
-    Ok(map
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(map_entries(chain)?
+        .iter()
         .filter(|e| e["data"] == true)
         .filter_map(|e| e["length"].as_u64())
         .sum())
+}
+
+/// The extents `qemu-img map --output=json` lists for `chain` spelled out.
+fn map_entries(chain: &[ChainImage]) -> Result<Vec<Value>> {
+    let opts = image_opts(chain);
+    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
+    serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))
 }
 
 /// True when `image` itself holds any data (see [`own_bytes`]).
