@@ -456,3 +456,83 @@ fn a_spec_written_in_small_pieces_is_parsed_once() {
     assert_eq!(log.matches(".create: refused (EINVAL)").count(), 2, "{log}");
     assert_eq!(fx.ls(), vec!["big"]);
 }
+
+/// A checkpoint of a running (RAM streamed by a helper process) or
+/// paused (RAM written by QEMU itself, at fixed offsets where QEMU has
+/// mapped-ram) VM while the owner of the image directory swaps the memory
+/// file for a symlink to a root-only file.
+fn swap_memory_file_during_save(paused: bool) {
+    let owner = TestUser::new("mem", false);
+    let uid = owner.uid;
+    let dir = TempDir::new(if paused {
+        "sec-memswap-p"
+    } else {
+        "sec-memswap-r"
+    });
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("external".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, uid, 100, 0o700, 0o600);
+    let daemon = Daemon::start_with_args(
+        &dir.0,
+        &[("VMSNAPFS_FAILPOINTS", "checkpoint.part-made=sleep:3000")],
+        &[],
+    );
+    let fx = Fixture { daemon, vm, dir };
+    if paused {
+        fx.vm
+            .control()
+            .unwrap()
+            .execute_raw("stop", serde_json::json!({}))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fx.read(".state").starts_with("paused") {
+            assert!(Instant::now() < deadline, "{}", fx.read(".state"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let images = images_dir(&fx.vm);
+    let (_, secret) = root_only(&fx.dir.0);
+    let part = images.join("vm1.c1.memory.part");
+    let target = fx.path("c1");
+    let mkdir = std::thread::spawn(move || fs::create_dir(target));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::symlink_metadata(&part).is_err() {
+        assert!(Instant::now() < deadline, "no {} appeared", part.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // While root is about to write guest RAM into the file it made, the
+    // owner of the image directory moves it away and puts a symlink to a
+    // root-only file in its place.
+    let out = owner.sh(
+        &format!(
+            "mv '{p}' '{p}.moved' && ln -s '{s}' '{p}'",
+            p = part.display(),
+            s = secret.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let r = mkdir.join().unwrap();
+    assert!(
+        fs::read(&secret).unwrap() == b"root's secret",
+        "guest RAM was written through the symlink into a root-only file"
+    );
+    assert!(fs::symlink_metadata(&part)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // The RAM went into the file vmsnapfs made (now under the owner's new
+    // name); the snapshot is refused, since its memory file is not where
+    // it was made.
+    assert!(r.is_err(), "mkdir succeeded over a swapped memory file");
+    let log = fx.read(".log");
+    assert!(log.contains("c1"), "{log}");
+    assert!(fx.ls().is_empty(), "{:?}", fx.ls());
+}
+
+#[test]
+fn a_memory_file_swapped_for_a_symlink_during_the_save_is_never_written_through() {
+    swap_memory_file_during_save(false);
+    swap_memory_file_during_save(true);
+}

@@ -316,9 +316,12 @@ impl QemuBackend {
             }
         })?;
         let id = crate::store::owned::id_of(&file)?;
-        drop(file);
         self.store
             .record_made(&[(part.clone(), id), (memory.to_owned(), id)])?;
+        if let Err(e) = crate::failpoint::hit("checkpoint.part-made") {
+            let _ = self.remove_made(&part);
+            return Err(e);
+        }
         if mapped {
             if let Err(e) = set_migrate_capabilities(conn, PARALLEL_CAPS, true) {
                 let _ = self.remove_made(&part);
@@ -327,7 +330,8 @@ impl QemuBackend {
         }
         outcome.machine = Self::machine_type(conn);
         let old_bandwidth = Self::set_max_bandwidth(conn, UNTHROTTLED);
-        let result = self.checkpoint_save(conn, actions, plan, &part, live, outcome);
+        let result = self.checkpoint_save(conn, actions, plan, (&part, &file), live, outcome);
+        drop(file);
         if mapped {
             let _ = set_migrate_capabilities(conn, PARALLEL_CAPS, false);
         }
@@ -346,7 +350,7 @@ impl QemuBackend {
         conn: &mut Conn,
         actions: &[Value],
         plan: &ExternalPlan,
-        part: &Path,
+        (part, held): (&Path, &fs::File),
         live: DomainState,
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
@@ -390,16 +394,14 @@ impl QemuBackend {
             self.def.name,
             t0.elapsed()
         );
-        // dd opens the file with O_NOFOLLOW: a symlink swapped in is
-        // refused. (QEMU opens a mapped-ram file itself; the seal checks
-        // that it is still the inode vmsnapfs created.)
+        // QEMU (or dd) opens the file vmsnapfs created and holds open,
+        // through its /proc link: whatever the image directory's owner
+        // renames or swaps in at `part` meanwhile is never written.
+        let inode = held_file_path(held);
         let uri = if mapped {
-            format!("file:{}", part.display())
+            format!("file:{inode}")
         } else {
-            format!(
-                "exec:dd of={} bs=1M oflag=nofollow conv=notrunc status=none",
-                shell_quote(&part.to_string_lossy())
-            )
+            format!("exec:dd of={inode} bs=1M conv=notrunc status=none")
         };
         let mut started = conn
             .qmp
@@ -660,6 +662,14 @@ pub(super) fn check_can_load(caps: &Capabilities, format: MemoryFormat) -> Resul
         ));
     }
     Ok(())
+}
+
+/// The path through which another process opens exactly the file this
+/// process holds open as `file` (`/proc/<pid>/fd/<n>`), never a name in a
+/// directory someone else may change.
+fn held_file_path(file: &fs::File) -> String {
+    use std::os::fd::AsRawFd;
+    format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())
 }
 
 /// Loads RAM from a memory file into a QEMU started with `-incoming
