@@ -135,15 +135,7 @@ fn silent_after_greeting(path: &Path) {
 fn fake_domain(dir: &Path, name: &str, sock: &Path, policy: &str) -> PathBuf {
     let img = dir.join("images").join(format!("{name}.qcow2"));
     fs::create_dir_all(img.parent().unwrap()).unwrap();
-    vmsnapfs::backend::qemu_img::run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-        "16M",
-    ])
-    .unwrap();
+    create_qcow2(&img, "16M");
     fs::create_dir_all(dir.join("domains")).unwrap();
     fs::write(
         dir.join("domains").join(format!("{name}.xml")),

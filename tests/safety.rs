@@ -349,15 +349,7 @@ fn a_monitor_that_speaks_garbage_or_hangs_is_unreachable_not_shut_off() {
     let mut keep = Vec::new();
     for (name, garbage) in [("garbage", true), ("silent", false)] {
         let img = dir.0.join(format!("{name}.qcow2"));
-        vmsnapfs::backend::qemu_img::run(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            img.to_str().unwrap(),
-            "16M",
-        ])
-        .unwrap();
+        create_qcow2(&img, "16M");
         let sock = dir.0.join(format!("{name}.qmp"));
         let listener = UnixListener::bind(&sock).unwrap();
         std::thread::spawn(move || {

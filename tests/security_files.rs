@@ -312,15 +312,7 @@ fn a_fifo_or_a_device_link_among_the_definitions_is_skipped() {
     let domains = dir.0.join("domains");
     fs::create_dir_all(&domains).unwrap();
     let img = dir.0.join("vm1.qcow2");
-    vmsnapfs::backend::qemu_img::run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-        "16M",
-    ])
-    .unwrap();
+    create_qcow2(&img, "16M");
     fs::write(
         domains.join("vm1.xml"),
         format!(

@@ -512,3 +512,16 @@ pub fn assert_failed_with(out: &std::process::Output, errno: i32, what: &str) {
         out.status
     );
 }
+
+/// Creates an empty qcow2 image of `size` (qemu-img's spelling, e.g. "16M").
+pub fn create_qcow2(path: &Path, size: &str) {
+    vmsnapfs::backend::qemu_img::run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path.to_str().unwrap(),
+        size,
+    ])
+    .unwrap();
+}
