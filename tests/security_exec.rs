@@ -338,7 +338,7 @@ impl User {
 
 impl Drop for User {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
+        remove_user(&self.name);
     }
 }
 

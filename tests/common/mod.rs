@@ -485,7 +485,7 @@ fn id_of(cmd: &str, args: &[&str]) -> u32 {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).status();
+        remove_user(&self.name);
         if let Some((g, _)) = &self.group {
             let _ = Command::new("groupdel").arg(g).status();
         }
@@ -524,4 +524,26 @@ pub fn create_qcow2(path: &Path, size: &str) {
         size,
     ])
     .unwrap();
+}
+
+/// Removes a test user. `userdel` refuses while a process of the user
+/// still exits (killed by its test, not reaped yet): retry for a few
+/// seconds, then force, so no test user is left behind.
+pub fn remove_user(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("userdel").arg(name).output();
+        let gone = Command::new("id")
+            .arg(name)
+            .output()
+            .is_ok_and(|o| !o.status.success());
+        if gone || out.is_err() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let _ = Command::new("userdel").arg("-f").arg(name).output();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
