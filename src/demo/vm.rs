@@ -193,7 +193,9 @@ impl Vm {
                 return Ok(());
             }
             if !process::is_alive(pid, None) {
-                return Err(Error::io("QEMU exited at start (see its .qemu.log)"));
+                let said = fs::read_to_string(self.dir.join(format!("{}.qemu.log", self.name)))
+                    .unwrap_or_default();
+                return Err(Error::io(format!("QEMU exited at start: {}", said.trim())));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -386,8 +388,34 @@ impl Vm {
                 libc::kill(pid, libc::SIGKILL);
             }
             process::wait_exit(pid, Duration::from_secs(10));
+            wait_threads_gone(pid, Duration::from_secs(10));
+            // The last thread closes the images: wait for their locks too.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline
+                && self
+                    .disks
+                    .iter()
+                    .any(|d| crate::backend::liveness::write_locked(&d.image).unwrap_or(false))
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         self.pid = None;
+    }
+}
+
+/// Waits until every thread of process `pid` has ended: its main thread
+/// may already be a zombie while other threads still close its images
+/// (and release their locks).
+fn wait_threads_gone(pid: i32, timeout: Duration) {
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let threads = fs::read_dir(&tasks).map_or(0, |e| e.count());
+        if threads <= 1 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
