@@ -20,7 +20,7 @@ fn browse_create_revert_delete_rename_on_a_running_vm() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(top, vec![".jobs", "vm1"]);
+    assert_eq!(top, vec![".jobs", ".stats", "vm1"]);
     assert_eq!(fs::read_to_string(fx.daemon.mnt.join(".jobs")).unwrap(), "");
     assert!(fx.ls().is_empty());
     assert_eq!(fx.read(".state"), "running\n");

@@ -1,5 +1,6 @@
 //! What each inode is, and the table that numbers them. Snapshots are
-//! keyed by id, so an inode survives a rename.
+//! keyed by id, so an inode survives a rename; the kernel's lookup
+//! counts are kept, so a forgotten inode leaves the table.
 
 use std::collections::HashMap;
 
@@ -110,6 +111,8 @@ pub enum Node {
     /// `/.jobs`: the long operations of every domain (readable while a
     /// domain directory is locked by an rmdir).
     RootJobs,
+    /// `/.stats`: counters of the daemon (inode numbers held, open files).
+    RootStats,
     /// `<domain>/`.
     Domain(String),
     /// `<domain>/.<file>`.
@@ -127,39 +130,209 @@ pub enum Node {
 /// The inode number of the mount point.
 pub const ROOT_INO: u64 = 1;
 
-/// Inode numbers for nodes: stable for the life of the mount.
+/// One numbered node: what it is, the name the kernel last got for it,
+/// and how many lookups the kernel holds on it.
+struct Entry {
+    node: Node,
+    name: Vec<u8>,
+    lookups: u64,
+}
+
 #[derive(Default)]
+struct Table {
+    by_node: HashMap<Node, u64>,
+    by_ino: HashMap<u64, Entry>,
+    last: u64,
+}
+
+/// A node the kernel may hold, as seen by the cache invalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// Its inode number.
+    pub ino: u64,
+    /// What it is.
+    pub node: Node,
+    /// The name the kernel got for it last (empty if never looked up).
+    pub name: Vec<u8>,
+    /// Lookups the kernel holds (0: only a readdir gave its number).
+    pub lookups: u64,
+}
+
+/// Inode numbers for nodes. A number is never reused; it stays the same
+/// for a node while the kernel holds a lookup on it (and while the node
+/// exists, once listed), and is dropped when the kernel forgets it.
 pub struct InodeTable {
-    inner: RwLock<(HashMap<Node, u64>, Vec<Node>)>,
+    inner: RwLock<Table>,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl InodeTable {
     /// A table holding only the root.
     pub fn new() -> Self {
-        let t = InodeTable::default();
+        let t = InodeTable {
+            inner: RwLock::new(Table::default()),
+        };
         t.ino(&Node::Root);
         t
     }
 
-    /// The inode number of a node, assigned on first use.
+    /// The inode number of a node, assigned on first use (a readdir
+    /// entry: no lookup is counted).
     pub fn ino(&self, node: &Node) -> u64 {
-        if let Some(i) = self.inner.read().0.get(node) {
+        if let Some(i) = self.inner.read().by_node.get(node) {
             return *i;
         }
         let mut w = self.inner.write();
-        if let Some(i) = w.0.get(node) {
+        Self::assign(&mut w, node, b"")
+    }
+
+    fn assign(t: &mut Table, node: &Node, name: &[u8]) -> u64 {
+        if let Some(i) = t.by_node.get(node) {
             return *i;
         }
-        w.1.push(node.clone());
-        let ino = w.1.len() as u64;
-        w.0.insert(node.clone(), ino);
+        t.last += 1;
+        let ino = t.last;
+        t.by_node.insert(node.clone(), ino);
+        t.by_ino.insert(
+            ino,
+            Entry {
+                node: node.clone(),
+                name: name.to_vec(),
+                lookups: 0,
+            },
+        );
         ino
+    }
+
+    /// The inode number of a node the kernel is told about under `name`
+    /// (a lookup, mkdir or readdirplus entry): counts one lookup.
+    pub fn lookup(&self, node: &Node, name: &[u8]) -> u64 {
+        let mut w = self.inner.write();
+        let ino = Self::assign(&mut w, node, name);
+        if let Some(e) = w.by_ino.get_mut(&ino) {
+            e.lookups += 1;
+            if e.name != name {
+                e.name = name.to_vec();
+            }
+        }
+        ino
+    }
+
+    /// The kernel dropped `n` lookups of `ino`; a number with none left
+    /// is forgotten (the root never is).
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut w = self.inner.write();
+        Self::forget_locked(&mut w, ino, n);
+    }
+
+    fn forget_locked(t: &mut Table, ino: u64, n: u64) {
+        let Some(e) = t.by_ino.get_mut(&ino) else {
+            return;
+        };
+        e.lookups = e.lookups.saturating_sub(n);
+        if e.lookups == 0 && ino != ROOT_INO {
+            if let Some(e) = t.by_ino.remove(&ino) {
+                t.by_node.remove(&e.node);
+            }
+        }
+    }
+
+    /// Drops a number the kernel holds no lookup on (its node is gone).
+    pub fn drop_unheld(&self, ino: u64) {
+        let mut w = self.inner.write();
+        if ino != ROOT_INO && w.by_ino.get(&ino).is_some_and(|e| e.lookups == 0) {
+            if let Some(e) = w.by_ino.remove(&ino) {
+                w.by_node.remove(&e.node);
+            }
+        }
+    }
+
+    /// Records the name the kernel now has for `ino` (after a rename).
+    pub fn set_name(&self, ino: u64, name: &[u8]) {
+        if let Some(e) = self.inner.write().by_ino.get_mut(&ino) {
+            e.name = name.to_vec();
+        }
     }
 
     /// The node of an inode number.
     pub fn node(&self, ino: u64) -> Option<Node> {
-        let r = self.inner.read();
-        r.1.get(ino.checked_sub(1)? as usize).cloned()
+        self.inner.read().by_ino.get(&ino).map(|e| e.node.clone())
+    }
+
+    /// The inode number of a node, if it has one.
+    pub fn known_ino(&self, node: &Node) -> Option<u64> {
+        self.inner.read().by_node.get(node).copied()
+    }
+
+    /// How many numbers are held.
+    pub fn len(&self) -> usize {
+        self.inner.read().by_ino.len()
+    }
+
+    /// Never true: the root always has its number.
+    pub fn is_empty(&self) -> bool {
+        self.inner.read().by_ino.is_empty()
+    }
+
+    /// Every numbered node of domain `d`.
+    pub fn known_in(&self, d: &str) -> Vec<Known> {
+        self.inner
+            .read()
+            .by_ino
+            .iter()
+            .filter(|(_, e)| e.node.domain() == Some(d))
+            .map(|(ino, e)| Known {
+                ino: *ino,
+                node: e.node.clone(),
+                name: e.name.clone(),
+                lookups: e.lookups,
+            })
+            .collect()
+    }
+}
+
+impl Node {
+    /// The domain this node belongs to (none for the root's own nodes).
+    pub fn domain(&self) -> Option<&str> {
+        match self {
+            Node::Root | Node::RootJobs | Node::RootStats => None,
+            Node::Domain(d)
+            | Node::DomainFile(d, _)
+            | Node::Snapshot(d, _)
+            | Node::SnapshotFile(d, _, _)
+            | Node::SnapshotDisk(d, _, _)
+            | Node::SnapshotImage(d, _, _) => Some(d),
+        }
+    }
+
+    /// The one name this node can have (a snapshot's name can change:
+    /// none; the root has none).
+    pub fn fixed_name(&self) -> Option<&[u8]> {
+        Some(match self {
+            Node::Root | Node::Snapshot(..) => return None,
+            Node::RootJobs => b".jobs",
+            Node::RootStats => b".stats",
+            Node::Domain(d) => d.as_bytes(),
+            Node::DomainFile(_, f) => DomainFile::ALL.iter().find(|(x, _)| x == f)?.1.as_bytes(),
+            Node::SnapshotFile(_, _, f) => SnapFile::ALL.iter().find(|(x, _)| x == f)?.1.as_bytes(),
+            Node::SnapshotDisk(_, _, t) | Node::SnapshotImage(_, _, t) => t.as_bytes(),
+        })
+    }
+
+    /// How deep below the mount point it is (the root is 0).
+    pub fn depth(&self) -> usize {
+        match self {
+            Node::Root => 0,
+            Node::RootJobs | Node::RootStats | Node::Domain(_) => 1,
+            Node::DomainFile(..) | Node::Snapshot(..) => 2,
+            Node::SnapshotFile(..) => 3,
+            Node::SnapshotDisk(..) | Node::SnapshotImage(..) => 4,
+        }
     }
 }
 
@@ -176,5 +349,44 @@ mod tests {
         assert_eq!(t.node(a), Some(Node::Domain("vm1".into())));
         assert_eq!(t.node(0), None);
         assert_eq!(t.node(999), None);
+    }
+
+    #[test]
+    fn forgotten_numbers_leave_and_are_never_reused() {
+        let t = InodeTable::new();
+        let snap = Node::Snapshot("vm1".into(), "id1".into());
+        let a = t.lookup(&snap, b"a");
+        assert_eq!(t.lookup(&snap, b"a"), a);
+        assert_eq!(t.len(), 2);
+        t.forget(a, 1);
+        assert_eq!(t.node(a), Some(snap.clone()), "one lookup still held");
+        t.forget(a, 1);
+        assert_eq!(t.node(a), None);
+        assert_eq!(t.len(), 1);
+        let b = t.lookup(&snap, b"a");
+        assert_ne!(a, b, "a number is never given to another inode");
+        t.forget(b, 5);
+        t.forget(ROOT_INO, 9);
+        assert_eq!(t.len(), 1, "the root stays");
+        assert_eq!(t.node(ROOT_INO), Some(Node::Root));
+    }
+
+    #[test]
+    fn listed_numbers_go_only_when_unheld() {
+        let t = InodeTable::new();
+        let listed = t.ino(&Node::Snapshot("vm1".into(), "x".into()));
+        let held = t.lookup(&Node::Snapshot("vm1".into(), "y".into()), b"y");
+        t.drop_unheld(held);
+        t.drop_unheld(listed);
+        assert_eq!(t.node(listed), None);
+        assert!(t.node(held).is_some());
+        t.set_name(held, b"y2");
+        let known = t.known_in("vm1");
+        assert_eq!(known.len(), 1);
+        assert_eq!(
+            (known[0].name.as_slice(), known[0].lookups),
+            (&b"y2"[..], 1)
+        );
+        assert!(t.known_in("vm2").is_empty());
     }
 }

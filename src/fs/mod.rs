@@ -5,6 +5,7 @@
 
 pub mod content;
 pub mod inode;
+mod invalidate;
 mod tree;
 pub mod xml_edit;
 
@@ -28,8 +29,8 @@ use crate::error::Error;
 use inode::{DomainFile, InodeTable, Node, SnapFile};
 use xml_edit::{Step, XmlEdit, XmlTarget};
 
-/// Names and attributes that change only through this mount (the kernel
-/// updates its cache itself on mkdir, rmdir and rename).
+/// Names and attributes that change only through this mount or by
+/// operations that tell the kernel (see `invalidate.rs`).
 const STABLE_TTL: Duration = Duration::from_secs(60);
 /// Attributes of things that change by themselves (`.state`, `.log`), and
 /// entries that come and go with other changes (`.current`, `parent`).
@@ -63,6 +64,7 @@ struct Inner {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     mounted_at: SystemTime,
+    invalidator: Arc<invalidate::Invalidator>,
 }
 
 /// What an open file handle reads from or writes to.
@@ -105,6 +107,7 @@ impl SnapFs {
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 mounted_at: SystemTime::now(),
+                invalidator: Arc::default(),
             }),
         }
     }
@@ -112,7 +115,11 @@ impl SnapFs {
     /// Mounts at `mountpoint` and serves from background threads.
     pub fn spawn(self, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
         let config = fuse_config(&self.inner.config);
+        let inner = self.inner.clone();
         let session = fuser::spawn_mount(self, mountpoint, &config)?;
+        inner
+            .invalidator
+            .start(session.notifier(), Arc::downgrade(&inner));
         raise_readahead(mountpoint);
         Ok(session)
     }
@@ -228,9 +235,15 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         match fs.child(&p, name) {
-            Some(node) => fs.reply_entry(&node, req.uid(), reply),
+            Some(node) => fs.reply_entry(&node, name.as_bytes(), req.uid(), reply),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    // fuser's default `batch_forget` calls this for each inode (its
+    // `ForgetOne` is not public, so it cannot be overridden).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -322,9 +335,13 @@ impl Filesystem for SnapFs {
         };
         let name = name.as_bytes().to_vec();
         let uid = req.uid();
-        off_thread(move || match dom.create(&name) {
-            Ok(id) => fs.reply_entry(&Node::Snapshot(d, id), uid, reply),
-            Err(e) => reply.error(errno(&e)),
+        off_thread(move || {
+            match dom.create(&name) {
+                Ok(id) => fs.reply_entry(&Node::Snapshot(d, id), &name, uid, reply),
+                Err(e) => reply.error(errno(&e)),
+            }
+            // The kernel holds the directory's lock until the reply: ask only.
+            fs.invalidator.kick();
         });
     }
 
@@ -339,9 +356,13 @@ impl Filesystem for SnapFs {
         let Ok(name) = std::str::from_utf8(name.as_bytes()).map(str::to_owned) else {
             return reply.error(Errno::ENOENT);
         };
-        off_thread(move || match dom.delete(&name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        let fs = fs.clone();
+        off_thread(move || {
+            match dom.delete(&name) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+            fs.invalidator.kick();
         });
     }
 
@@ -373,9 +394,13 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let new = newname.as_bytes().to_vec();
-        off_thread(move || match dom.rename(&old, &new) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        let fs = fs.clone();
+        off_thread(move || {
+            match dom.rename(&old, &new) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+            fs.invalidator.kick();
         });
     }
 
@@ -530,22 +555,29 @@ impl Filesystem for SnapFs {
             let n = data.len() as u32;
             let fs = self.inner.clone();
             // A create takes seconds: off the FUSE thread.
-            return off_thread(
-                move || match fs.apply_xml(&domain, &target, &xml, &caller) {
+            return off_thread(move || {
+                let applied = fs.apply_xml(&domain, &target, &xml, &caller);
+                fs.invalidator.sync();
+                match applied {
                     Ok(()) => reply.written(n),
                     Err(e) => reply.error(e),
-                },
-            );
+                }
+            });
         }
         if let Ok(Node::DomainFile(d, DomainFile::Start)) = fs.node(ino) {
             let Ok(dom) = fs.domain(&d) else {
                 return reply.error(Errno::ENOENT);
             };
             let data = data.to_vec();
+            let fs = self.inner.clone();
             // A start waits for QEMU: off the FUSE thread.
-            return off_thread(move || match dom.start(&data) {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(errno(&e)),
+            return off_thread(move || {
+                let started = dom.start(&data);
+                fs.invalidator.sync();
+                match started {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(e) => reply.error(errno(&e)),
+                }
             });
         }
         let Ok(Node::SnapshotFile(
@@ -564,6 +596,7 @@ impl Filesystem for SnapFs {
         };
         let data = data.to_vec();
         let uid = req.uid();
+        let fs = self.inner.clone();
         // Breaking a hold waits for reads in progress: off the FUSE thread too.
         off_thread(move || {
             let done = match file {
@@ -571,6 +604,9 @@ impl Filesystem for SnapFs {
                 SnapFile::Release => dom.release(&name, &data, uid),
                 _ => dom.revert(&name, &data),
             };
+            // Names this removed or added are known to the kernel before
+            // the write returns (it holds no directory lock now).
+            fs.invalidator.sync();
             match done {
                 Ok(()) => reply.written(data.len() as u32),
                 Err(e) => reply.error(errno(&e)),
@@ -600,6 +636,7 @@ impl Filesystem for SnapFs {
                     let fs = self.inner.clone();
                     off_thread(move || {
                         let _ = fs.apply_xml(&d, &t, &xml, &c);
+                        fs.invalidator.kick();
                     });
                 }
             }
@@ -665,12 +702,14 @@ impl Filesystem for SnapFs {
         };
         let (domain, target, caller) = (edit.domain.clone(), edit.target.clone(), edit.caller);
         drop(edit);
-        off_thread(
-            move || match fs.apply_xml(&domain, &target, &xml, &caller) {
+        off_thread(move || {
+            let applied = fs.apply_xml(&domain, &target, &xml, &caller);
+            fs.invalidator.sync();
+            match applied {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
-            },
-        );
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -719,10 +758,23 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         for (i, (node, _, name)) in listing.iter().enumerate().skip(offset as usize) {
+            // Every entry but `.` and `..` counts as a lookup in the kernel.
+            let counted = i >= 2;
+            let ino = if counted {
+                fs.inodes.lookup(node, name.as_bytes())
+            } else {
+                fs.inodes.ino(node)
+            };
             let Some((attr, ttl)) = fs.attr(node, req.uid()) else {
+                if counted {
+                    fs.inodes.forget(ino, 1);
+                }
                 continue;
             };
             if reply.add(attr.ino, (i + 1) as u64, name, &ttl, &attr, Generation(0)) {
+                if counted {
+                    fs.inodes.forget(ino, 1);
+                }
                 break;
             }
         }

@@ -47,6 +47,16 @@ impl Inner {
                     LIVE_TTL,
                 )
             }
+            Node::RootStats => {
+                let len = self.stats().len() as u64;
+                (
+                    FileType::RegularFile,
+                    0o444,
+                    len,
+                    SystemTime::now(),
+                    LIVE_TTL,
+                )
+            }
             Node::Domain(d) => {
                 self.reg.get(d)?;
                 let perm = if group_w { 0o775 } else { 0o755 };
@@ -189,6 +199,9 @@ impl Inner {
                 if name == b".jobs" {
                     return Some(Node::RootJobs);
                 }
+                if name == b".stats" {
+                    return Some(Node::RootStats);
+                }
                 let d = std::str::from_utf8(name).ok()?;
                 self.reg.get(d).map(|_| Node::Domain(d.to_owned()))
             }
@@ -242,6 +255,7 @@ impl Inner {
                     })
                     .collect();
                 v.insert(0, (Node::RootJobs, FileType::RegularFile, ".jobs".into()));
+                v.insert(1, (Node::RootStats, FileType::RegularFile, ".stats".into()));
                 v
             }
             Node::Domain(d) => {
@@ -312,7 +326,7 @@ impl Inner {
 
     pub(super) fn parent_of(&self, node: &Node) -> Node {
         match node {
-            Node::Root | Node::RootJobs | Node::Domain(_) => Node::Root,
+            Node::Root | Node::RootJobs | Node::RootStats | Node::Domain(_) => Node::Root,
             Node::DomainFile(d, _) | Node::Snapshot(d, _) => Node::Domain(d.clone()),
             Node::SnapshotFile(d, id, _) => Node::Snapshot(d.clone(), id.clone()),
             Node::SnapshotDisk(d, id, _) => {
@@ -353,9 +367,20 @@ impl Inner {
             .collect()
     }
 
+    /// `/.stats`: inode numbers held (they go when the kernel forgets
+    /// them) and open files.
+    fn stats(&self) -> String {
+        format!(
+            "inodes {}\nopen-files {}\n",
+            self.inodes.len(),
+            self.handles.lock().len()
+        )
+    }
+
     pub(super) fn generated(&self, node: &Node, uid: u32) -> Option<Vec<u8>> {
         match node {
             Node::RootJobs => Some(self.all_jobs().into_bytes()),
+            Node::RootStats => Some(self.stats().into_bytes()),
             Node::DomainFile(d, f) => Some(content::domain_file(&*self.reg.get(d)?, *f, uid)),
             Node::SnapshotFile(d, id, f) => content::snapshot_file(&*self.reg.get(d)?, id, *f, uid),
             _ => None,
@@ -387,8 +412,12 @@ impl Inner {
         }
     }
 
-    pub(super) fn reply_entry(&self, node: &Node, uid: u32, reply: ReplyEntry) {
+    /// Answers a lookup (or mkdir) of `node` under `name`: one more
+    /// lookup the kernel holds on its number.
+    pub(super) fn reply_entry(&self, node: &Node, name: &[u8], uid: u32, reply: ReplyEntry) {
+        let ino = self.inodes.lookup(node, name);
         let Some((attr, attr_ttl)) = self.attr(node, uid) else {
+            self.inodes.forget(ino, 1);
             return reply.error(Errno::ENOENT);
         };
         // Symlinks that exist only while there is a current snapshot or a

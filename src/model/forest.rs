@@ -34,12 +34,19 @@ pub struct Forest {
     by_id: BTreeMap<String, Snapshot>,
     id_by_name: HashMap<String, String>,
     current: Option<String>,
+    generation: u64,
 }
 
 impl Forest {
     /// An empty forest.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A number that changes with every change of the forest (names,
+    /// parents, images, current), so a cache of it knows when to look again.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of snapshots.
@@ -55,6 +62,7 @@ impl Forest {
     /// Adds a snapshot. A parent id that is not in the forest is dropped
     /// (the snapshot becomes a root). Fails if the name or id is taken.
     pub fn insert(&mut self, mut snap: Snapshot) -> Result<(), ForestError> {
+        self.generation += 1;
         if self.id_by_name.contains_key(&snap.name) {
             return Err(ForestError::NameTaken(snap.name));
         }
@@ -80,6 +88,7 @@ impl Forest {
 
     /// The snapshot with this id, to change it in place (not its name or id).
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Snapshot> {
+        self.generation += 1;
         self.by_id.get_mut(id)
     }
 
@@ -123,6 +132,7 @@ impl Forest {
 
     /// Sets the current snapshot; an unknown id clears it.
     pub fn set_current(&mut self, id: Option<&str>) {
+        self.generation += 1;
         self.current = id
             .filter(|i| self.by_id.contains_key(*i))
             .map(str::to_owned);
@@ -132,6 +142,7 @@ impl Forest {
     /// `current` to the parent when it pointed here. Returns the removed
     /// snapshot and the ids of the reparented children.
     pub fn remove(&mut self, id: &str) -> Option<(Snapshot, Vec<String>)> {
+        self.generation += 1;
         let snap = self.by_id.remove(id)?;
         self.id_by_name.remove(&snap.name);
         let mut moved = Vec::new();
@@ -149,6 +160,7 @@ impl Forest {
 
     /// Renames a snapshot. Fails if the new name is taken by another one.
     pub fn rename(&mut self, id: &str, new_name: &str) -> Result<(), ForestError> {
+        self.generation += 1;
         if let Some(other) = self.id_by_name.get(new_name) {
             return if other == id {
                 Ok(())
