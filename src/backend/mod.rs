@@ -3,6 +3,7 @@
 
 pub mod capabilities;
 pub mod child;
+pub mod cmdline;
 pub mod external;
 pub mod fingerprint;
 pub mod image_lock;

@@ -782,7 +782,10 @@ impl QemuBackend {
     fn layered_argv(&self) -> Result<(Vec<String>, process::Credentials)> {
         let (argv, creds) = self.start_command()?;
         Ok((
-            process::point_at_layers(&process::strip_start_options(&argv), &self.swaps()),
+            super::cmdline::point_at_layers(
+                &super::cmdline::strip_start_options(&argv),
+                &self.swaps(),
+            ),
             creds,
         ))
     }
