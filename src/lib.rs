@@ -18,6 +18,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fs;
 pub mod model;
+pub mod signals;
 pub mod store;
 pub mod views;
 pub mod xml;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use vmsnapfs::demo;
 use vmsnapfs::domain::Registry;
 use vmsnapfs::fs::{MountConfig, SnapFs};
+use vmsnapfs::signals::StopSignals;
 
 #[derive(Parser)]
 #[command(
@@ -57,49 +58,41 @@ fn resolve_group(g: &str) -> Result<u32, String> {
     if let Ok(gid) = g.parse::<u32>() {
         return Ok(gid);
     }
-    let name = std::ffi::CString::new(g).map_err(|_| format!("bad group name {g:?}"))?;
-    // SAFETY: getgrnam with a valid C string; the result is read at once.
-    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-    if gr.is_null() {
-        return Err(format!("no group named {g:?}"));
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {g:?}")),
+        Err(e) => Err(format!("cannot look up group {g:?}: {e}")),
     }
-    // SAFETY: gr is non-null and points to libc's static group record.
-    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// Forks; the parent waits until the child reports the mount is up (or
 /// failed) and exits with that status. Returns the pipe to report on.
-fn daemonize() -> Result<libc::c_int, String> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe/fork/setsid are used as in any daemon, before any thread starts.
-    unsafe {
-        if libc::pipe(fds.as_mut_ptr()) != 0 {
-            return Err("pipe failed".into());
+fn daemonize() -> Result<std::fs::File, String> {
+    use std::io::Read;
+    let (read_end, write_end) = nix::unistd::pipe().map_err(|e| format!("pipe failed: {e}"))?;
+    // SAFETY: called before any thread of this process starts (the
+    // registry and the mount come after), so the child is a copy of a
+    // single-threaded process; nix has no safe fork.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(format!("fork failed: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(read_end);
+            let _ = nix::unistd::setsid();
+            Ok(std::fs::File::from(write_end))
         }
-        match libc::fork() {
-            -1 => Err("fork failed".into()),
-            0 => {
-                libc::close(fds[0]);
-                libc::setsid();
-                Ok(fds[1])
-            }
-            _ => {
-                libc::close(fds[1]);
-                let mut b = [1u8];
-                let n = libc::read(fds[0], b.as_mut_ptr().cast(), 1);
-                libc::_exit(if n == 1 { i32::from(b[0]) } else { 1 });
-            }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(write_end);
+            let mut b = [1u8];
+            let n = std::fs::File::from(read_end).read(&mut b).unwrap_or(0);
+            std::process::exit(if n == 1 { i32::from(b[0]) } else { 1 });
         }
     }
 }
 
-fn report(fd: Option<libc::c_int>, status: u8) {
-    if let Some(fd) = fd {
-        // SAFETY: fd is the write end of the daemonize pipe.
-        unsafe {
-            libc::write(fd, [status].as_ptr().cast(), 1);
-            libc::close(fd);
-        }
+fn report(pipe: Option<std::fs::File>, status: u8) {
+    use std::io::Write;
+    if let Some(mut pipe) = pipe {
+        let _ = pipe.write_all(&[status]);
     }
 }
 
@@ -146,7 +139,6 @@ fn log_to_file(log: &std::path::Path) -> Result<(), String> {
 
 /// Sends the daemon's stdio to `log` once the mount is up.
 fn detach_stdio(log: &std::path::Path) {
-    use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -154,13 +146,11 @@ fn detach_stdio(log: &std::path::Path) {
     else {
         return;
     };
-    // SAFETY: dup2 onto the standard descriptors.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-        libc::dup2(null, 0);
-        libc::dup2(f.as_raw_fd(), 1);
-        libc::dup2(f.as_raw_fd(), 2);
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
     }
+    let _ = nix::unistd::dup2_stdout(&f);
+    let _ = nix::unistd::dup2_stderr(&f);
     // Standard error is the log now: one copy of each line is enough.
     LOG_TEE.lock().unwrap_or_else(|e| e.into_inner()).file = None;
 }
@@ -191,7 +181,9 @@ fn mount(
         // The daemon's log has every line, the start-up ones included.
         log_to_file(&state.join("daemon.log"))?;
     }
-    let ready = if foreground { None } else { Some(daemonize()?) };
+    let mut ready = if foreground { None } else { Some(daemonize()?) };
+    // Installed before the mount: a stop asked while it comes up is seen.
+    let stop = StopSignals::install().map_err(|e| format!("signal handlers: {e}"))?;
     let result = (|| {
         let reg = Registry::open(&domains, &state).map_err(|e| e.to_string())?;
         let config = MountConfig {
@@ -213,7 +205,7 @@ fn mount(
         Ok(x) => x,
         Err(e) => {
             log::error!("{e}");
-            report(ready, 1);
+            report(ready.take(), 1);
             return Err(e);
         }
     };
@@ -221,8 +213,7 @@ fn mount(
         detach_stdio(&state.join("daemon.log"));
     }
     report(ready, 0);
-    demo::install_stop_handlers();
-    while !demo::stop_requested() && !session.guard.is_finished() {
+    while !stop.requested() && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
     }
     reg.shutdown();

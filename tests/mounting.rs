@@ -218,3 +218,21 @@ fn demo_runs_a_vm_and_cleans_up_on_ctrl_c() {
     let work = std::env::temp_dir().join(format!("vmsnapfs-demo-{}", child.id()));
     assert!(!work.exists(), "demo left {}", work.display());
 }
+
+#[test]
+fn sigterm_unmounts_and_ends_the_daemon() {
+    let mut fx = Fixture::new("sigterm");
+    fs::create_dir(fx.path("before-stop")).unwrap();
+    let pid = fx.daemon.pid().unwrap();
+    // SAFETY: signalling the daemon this test started, by pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    assert!(
+        fx.daemon.wait_exit(Duration::from_secs(30)),
+        "the daemon ignored SIGTERM"
+    );
+    assert!(!is_mounted(&fx.daemon.mnt), "SIGTERM left the mount behind");
+    assert!(fx.daemon.log_text().contains("signal: unmounting"));
+    // The snapshot made before is still there for the next daemon.
+    fx.restart_daemon(&[]);
+    assert_eq!(fx.ls(), vec!["before-stop"]);
+}

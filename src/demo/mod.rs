@@ -3,45 +3,25 @@
 pub mod vm;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::domain::Registry;
 use crate::error::{Error, Result};
 use crate::fs::{MountConfig, SnapFs};
+use crate::signals::StopSignals;
 use vm::{Vm, VmSpec};
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGINT and SIGTERM set the flag that [`stop_requested`] reads.
-pub fn install_stop_handlers() {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-}
-
-/// True once SIGINT or SIGTERM arrived.
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
 
 /// Runs the demo: VM up, tree mounted at `mountpoint` (or a temp dir),
 /// until Ctrl-C; then everything is taken down.
 pub fn run(mountpoint: Option<PathBuf>) -> Result<()> {
-    install_stop_handlers();
+    let stop = StopSignals::install()?;
     let work = std::env::temp_dir().join(format!("vmsnapfs-demo-{}", std::process::id()));
-    let result = run_in(&work, mountpoint);
+    let result = run_in(&work, mountpoint, &stop);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> Result<()> {
+fn run_in(work: &Path, mountpoint: Option<PathBuf>, stop: &StopSignals) -> Result<()> {
     let images = work.join("images");
     let domains = work.join("domains");
     let state = work.join("state");
@@ -72,7 +52,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> Result<()> {
          cat {m}/demo/.log\n\nCtrl-C ends the demo and removes everything.",
         if vm::kvm_usable() { "KVM" } else { "TCG" }
     );
-    while !stop_requested() && !session.guard.is_finished() {
+    while !stop.requested() && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("\nvmsnapfs demo: unmounting and stopping the VM");

@@ -383,10 +383,11 @@ impl Vm {
     pub fn kill(&mut self) {
         let pid = self.current_pid().or(self.pid.take());
         if let Some(pid) = pid {
-            // SAFETY: plain kill(2) on a pid this handle started or found on its socket.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            // A pid this handle started or found on its socket.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             process::wait_exit(pid, Duration::from_secs(10));
             wait_threads_gone(pid, Duration::from_secs(10));
             // The last thread closes the images: wait for their locks too.
