@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::external::default_overlay;
 use super::oplog::now_secs;
 use super::revert::RevertRequest;
+use super::revert_rule::{RevertCase, RevertPlace};
 use super::Domain;
 use crate::backend::{qemu_img, ExternalPlan, ExternalRevert};
 use crate::error::{Error, ErrorKind, Result};
@@ -71,7 +72,7 @@ impl Domain {
             MemoryLocation::External(p) => Some(p.clone()),
             _ => None,
         };
-        self.check_external_revert(snap, memory.as_deref(), live, target, req.force)?;
+        self.check_external_revert(snap, memory.as_deref(), live, target, req)?;
         let was_running = live == DomainState::Running;
         let r = self.revert_external_steps(what, snap, memory, live, target, req, t0);
         if r.is_err() && was_running && self.backend.refresh_state() == DomainState::Paused {
@@ -257,7 +258,7 @@ impl Domain {
         memory: Option<&Path>,
         live: DomainState,
         target: DomainState,
-        force: bool,
+        req: &RevertRequest,
     ) -> Result<()> {
         if let Some(d) = snap
             .disks
@@ -293,30 +294,14 @@ impl Domain {
                 )));
             }
         }
-        let up = live != DomainState::Shutoff;
-        if up && target == DomainState::Shutoff && !force {
-            return Err(super::revert::would_stop());
-        }
-        if up && target != DomainState::Shutoff && memory.is_none() && !force {
-            return Err(Error::new(
-                ErrorKind::NotPermitted,
-                format!(
-                    "snapshot {:?} has no saved state: the guest is reset onto the \
-                     snapshot's disks and its live state (RAM) is lost; write '{} force' \
-                     to do it anyway (its disks are kept as a snapshot unless you add \
-                     'discard')",
-                    snap.name,
-                    target.as_str()
-                ),
-            ));
-        }
         if memory.is_some() && target != DomainState::Shutoff {
             self.backend.can_load_memory(snap.memory_format)?;
         }
-        let needs_start = target != DomainState::Shutoff && (!up || memory.is_some());
-        if needs_start && !self.backend.can_start() {
-            return Err(super::revert::no_command_line());
-        }
+        let case = RevertCase {
+            memory: memory.is_some(),
+            ..self.revert_case(snap, RevertPlace::External, live, target, req)
+        };
+        self.revert_rule(snap, &case)?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod recovery;
 pub mod registry;
 pub mod relocate;
 pub mod revert;
+pub mod revert_rule;
 pub mod start;
 pub mod views;
 

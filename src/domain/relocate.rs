@@ -13,6 +13,7 @@ use super::branch::left_name;
 use super::oplog::now_secs;
 use super::prune::ImageGraph;
 use super::revert::RevertRequest;
+use super::revert_rule::RevertPlace;
 use super::Domain;
 use crate::backend::qemu_img::{self, canonical};
 use crate::error::{Error, ErrorKind, Result};
@@ -60,16 +61,8 @@ impl Domain {
         req: &RevertRequest,
     ) -> Result<()> {
         let t0 = Instant::now();
-        let up = live != DomainState::Shutoff;
-        if up && target == DomainState::Shutoff && !req.force {
-            return Err(super::revert::would_stop());
-        }
-        if up && target != DomainState::Shutoff && !snap.has_memory() && !req.force {
-            return Err(super::revert::no_saved_state(snap, target));
-        }
-        if target != DomainState::Shutoff && !self.backend.can_start() {
-            return Err(super::revert::no_command_line());
-        }
+        let case = self.revert_case(snap, RevertPlace::Backing, live, target, req);
+        let plan = self.revert_rule(snap, &case)?;
         let mut images = Vec::new();
         for d in &snap.disks {
             let (DiskSnapshotKind::Internal, Some(img)) = (d.kind, &d.image) else {
@@ -96,7 +89,7 @@ impl Domain {
             )));
         }
         // QEMU reverts only root images: stop it (this flushes every image).
-        if up {
+        if plan.stops_qemu {
             self.backend.stop_process()?;
         }
         let active = self.backend.active_disks();
@@ -191,9 +184,9 @@ impl Domain {
             })?;
         self.journal.complete(record)?;
         let disks_time = t1.elapsed();
-        let start = match target {
-            DomainState::Shutoff => Ok(()),
-            _ => self.backend.start_process(
+        let start = match plan.starts_qemu {
+            false => Ok(()),
+            true => self.backend.start_process(
                 snap.has_memory().then_some(snap.id.as_str()),
                 target == DomainState::Paused,
             ),

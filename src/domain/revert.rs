@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::revert_rule::{self, Refusal, RevertCase, RevertPlace, RevertPlan};
 use super::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DomainState, Snapshot, SnapshotState};
@@ -61,7 +62,7 @@ impl RevertRequest {
 }
 
 /// EPERM: reverting the running domain to a snapshot without RAM.
-pub(super) fn no_saved_state(snap: &Snapshot, target: DomainState) -> Error {
+fn no_saved_state(snap: &Snapshot, target: DomainState) -> Error {
     Error::new(
         ErrorKind::NotPermitted,
         format!(
@@ -75,7 +76,7 @@ pub(super) fn no_saved_state(snap: &Snapshot, target: DomainState) -> Error {
 }
 
 /// EOPNOTSUPP: the revert would start QEMU without a command line.
-pub(super) fn no_command_line() -> Error {
+fn no_command_line() -> Error {
     Error::new(
         ErrorKind::Unsupported,
         "the revert must start QEMU but no command line is known: add <commandline> \
@@ -84,7 +85,7 @@ pub(super) fn no_command_line() -> Error {
 }
 
 /// EPERM: a revert that would stop the running domain.
-pub(super) fn would_stop() -> Error {
+fn would_stop() -> Error {
     Error::new(
         ErrorKind::NotPermitted,
         "the domain is running and the revert would stop it, losing its live state; \
@@ -115,20 +116,29 @@ impl Domain {
             let t0 = Instant::now();
             let live = self.live_state()?;
             let target = req.target.unwrap_or_else(|| default_target(&snap));
+            let place = if super::branch::is_external(&snap) {
+                RevertPlace::External
+            } else if self.needs_relocation(&snap) {
+                RevertPlace::Backing
+            } else {
+                RevertPlace::Active
+            };
+            let case = self.revert_case(&snap, place, live, target, &req);
             // A revert that starts a new QEMU does not need the old one's images.
-            let restarts = target == DomainState::Shutoff
-                || matches!(snap.memory, crate::model::MemoryLocation::External(_));
-            if !restarts {
+            if revert_rule::plan(&case).needs_active_images {
                 self.check_images_active(live)?;
             }
-            if super::branch::is_external(&snap) {
-                return self.revert_to_external(&what, &snap, live, target, &req);
-            }
-            if self.needs_relocation(&snap) {
-                return self.revert_relocating(&what, &snap, live, target, &req);
+            match place {
+                RevertPlace::External => {
+                    return self.revert_to_external(&what, &snap, live, target, &req)
+                }
+                RevertPlace::Backing => {
+                    return self.revert_relocating(&what, &snap, live, target, &req)
+                }
+                RevertPlace::Active => {}
             }
             self.check_internal_only(&snap, "revert to")?;
-            self.check_revert(&snap, live, target, req.force)?;
+            self.check_revert(&snap, live, target, &req)?;
             // The state this revert leaves behind is kept, unless discarded.
             let left = match req.discard {
                 true => None,
@@ -178,21 +188,58 @@ impl Domain {
         r.or_else(|e| self.refuse(&what, e))
     }
 
-    /// The safety rules of a revert, checked before anything changes.
+    /// What the rule looks at for a revert to `snap` (see [`revert_rule`]).
+    pub(super) fn revert_case(
+        &self,
+        snap: &Snapshot,
+        place: RevertPlace,
+        live: DomainState,
+        target: DomainState,
+        req: &RevertRequest,
+    ) -> RevertCase {
+        RevertCase {
+            live,
+            target,
+            memory: snap.has_memory(),
+            place,
+            force: req.force,
+            discard: req.discard,
+            can_start: self.backend.can_start(),
+        }
+    }
+
+    /// Applies the revert rule ([`revert_rule::decide`]): the plan, or
+    /// the refusal as an error for `.log`.
+    pub(super) fn revert_rule(&self, snap: &Snapshot, case: &RevertCase) -> Result<RevertPlan> {
+        revert_rule::decide(case).map_err(|r| match r {
+            Refusal::WouldStop => would_stop(),
+            Refusal::NoSavedState if case.place == RevertPlace::External => Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "snapshot {:?} has no saved state: the guest is reset onto the \
+                     snapshot's disks and its live state (RAM) is lost; write '{} force' \
+                     to do it anyway (its disks are kept as a snapshot unless you add \
+                     'discard')",
+                    snap.name,
+                    case.target.as_str()
+                ),
+            ),
+            Refusal::NoSavedState => no_saved_state(snap, case.target),
+            Refusal::NoCommandLine => no_command_line(),
+        })
+    }
+
+    /// The safety rules of a revert in the active layers, checked before
+    /// anything changes.
     fn check_revert(
         &self,
         snap: &Snapshot,
         live: DomainState,
         target: DomainState,
-        force: bool,
+        req: &RevertRequest,
     ) -> Result<()> {
-        let up = live != DomainState::Shutoff;
-        if up && target == DomainState::Shutoff && !force {
-            return Err(would_stop());
-        }
-        if up && target != DomainState::Shutoff && !snap.has_memory() && !force {
-            return Err(no_saved_state(snap, target));
-        }
+        let case = self.revert_case(snap, RevertPlace::Active, live, target, req);
+        self.revert_rule(snap, &case)?;
         // A snapshot on only some disks (made by another tool) cannot be
         // reverted to: refuse before anything changes.
         let (present, total) = self.backend.tag_presence(&snap.id)?;
@@ -201,10 +248,6 @@ impl Domain {
                 "snapshot {:?} is on {present} of {total} disks; it cannot be reverted to",
                 snap.name
             )));
-        }
-        let needs_start = target != DomainState::Shutoff && !(up && snap.has_memory());
-        if needs_start && !self.backend.can_start() {
-            return Err(no_command_line());
         }
         Ok(())
     }
