@@ -2,15 +2,23 @@
 //! records what it is about to do; the record is removed when the
 //! operation is complete. Records found at start-up are replayed or rolled
 //! back by the domain (see `domain::recovery`).
+//!
+//! A record is one JSON object (see [`super::record`]: paths keep their
+//! exact bytes); records in the line format of earlier versions are
+//! still read, so an intent pending across an upgrade is recovered.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use super::atomic::{remove_durable, write_atomic};
+use super::record::{self, unescape};
 
 /// What an interrupted operation was doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Intent {
     /// Creating snapshot `id` named `name` (internal tag = id).
     Create {
@@ -28,6 +36,7 @@ pub enum Intent {
         /// Its name in the tree.
         name: String,
         /// The overlay each external disk gets, by target.
+        #[serde(with = "record::targets")]
         overlays: Vec<(String, PathBuf)>,
         /// The `<domainsnapshot>` XML to record.
         plan: String,
@@ -41,10 +50,12 @@ pub enum Intent {
         /// `running`, `paused` or `shutoff`.
         target: String,
         /// The new overlay of each switched disk, by target.
+        #[serde(with = "record::targets")]
         overlays: Vec<(String, PathBuf)>,
         /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
         left: Option<String>,
         /// Files of the state left behind, removed as asked (`discard`).
+        #[serde(with = "record::paths")]
         discard: Vec<PathBuf>,
     },
     /// Reverting to internal snapshot `id` whose tags live in images that
@@ -57,10 +68,12 @@ pub enum Intent {
         /// `running`, `paused` or `shutoff`.
         target: String,
         /// (image, copy of its current contents).
+        #[serde(with = "record::path_pairs")]
         moved: Vec<(PathBuf, PathBuf)>,
         /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
         left: Option<String>,
         /// Files of the state left behind, removed as asked (`discard`).
+        #[serde(with = "record::paths")]
         discard: Vec<PathBuf>,
     },
     /// Deleting external snapshot `id`: images merged, then the files in
@@ -69,6 +82,7 @@ pub enum Intent {
         /// Snapshot id.
         id: String,
         /// Images and the memory file that may become unused.
+        #[serde(with = "record::paths")]
         candidates: Vec<PathBuf>,
     },
     /// Deleting snapshot `id`.
@@ -105,72 +119,28 @@ impl Intent {
         }
     }
 
-    fn encode(&self) -> String {
-        match self {
-            Intent::Create { id, name } => format!("op=create\nid={id}\nname={}\n", escape(name)),
-            Intent::CreateExternal {
-                id,
-                name,
-                overlays,
-                plan,
-            } => {
-                let mut text = format!("op=create-external\nid={id}\nname={}\n", escape(name));
-                text += &encode_overlays(overlays);
-                text + &format!("plan={}\n", escape(plan))
-            }
-            Intent::RevertExternal {
-                id,
-                target,
-                overlays,
-                left,
-                discard,
-            } => {
-                let mut text = format!("op=revert-external\nid={id}\ntarget={target}\n");
-                text += &encode_overlays(overlays);
-                for d in discard {
-                    text += &format!("discard={}\n", escape(&d.to_string_lossy()));
-                }
-                if let Some(l) = left {
-                    text += &format!("left={}\n", escape(l));
-                }
-                text
-            }
-            Intent::RevertRelocate {
-                id,
-                target,
-                moved,
-                left,
-                discard,
-            } => {
-                let mut text = format!("op=revert-relocate\nid={id}\ntarget={target}\n");
-                for (a, b) in moved {
-                    text += &format!(
-                        "moved={}\t{}\n",
-                        escape(&a.to_string_lossy()),
-                        escape(&b.to_string_lossy())
-                    );
-                }
-                for d in discard {
-                    text += &format!("discard={}\n", escape(&d.to_string_lossy()));
-                }
-                if let Some(l) = left {
-                    text += &format!("left={}\n", escape(l));
-                }
-                text
-            }
-            Intent::DeleteExternal { id, candidates } => {
-                let mut text = format!("op=delete-external\nid={id}\n");
-                for c in candidates {
-                    text += &format!("candidate={}\n", escape(&c.to_string_lossy()));
-                }
-                text
-            }
-            Intent::Delete { id } => format!("op=delete\nid={id}\n"),
-            Intent::Revert { id, target } => format!("op=revert\nid={id}\ntarget={target}\n"),
-        }
+    /// The bytes of the record of this intent.
+    pub fn to_record(&self) -> Vec<u8> {
+        record::encode(self)
     }
 
-    fn decode(text: &str) -> Option<Intent> {
+    /// Reads a record: JSON, or the line format of earlier versions.
+    /// `None` when it is neither (a damaged or foreign file).
+    pub fn from_record(bytes: &[u8]) -> Option<Intent> {
+        if record::is_legacy(bytes) {
+            return legacy::decode(std::str::from_utf8(bytes).ok()?);
+        }
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The line format of earlier versions (`op=...`, `id=...`, one field a
+/// line, backslash escapes), read only.
+mod legacy {
+    use super::*;
+
+    /// Decodes an old record.
+    pub(super) fn decode(text: &str) -> Option<Intent> {
         let get = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -185,15 +155,15 @@ impl Intent {
             "create-external" => Intent::CreateExternal {
                 id,
                 name: unescape(&get("name")?),
-                overlays: decode_overlays(text)?,
+                overlays: overlays(text)?,
                 plan: unescape(&get("plan")?),
             },
             "revert-external" => Intent::RevertExternal {
                 id,
                 target: get("target")?,
-                overlays: decode_overlays(text)?,
+                overlays: overlays(text)?,
                 left: get("left").map(|l| unescape(&l)),
-                discard: decode_paths(text, "discard="),
+                discard: paths(text, "discard="),
             },
             "revert-relocate" => Intent::RevertRelocate {
                 id,
@@ -207,11 +177,11 @@ impl Intent {
                     })
                     .collect::<Option<Vec<_>>>()?,
                 left: get("left").map(|l| unescape(&l)),
-                discard: decode_paths(text, "discard="),
+                discard: paths(text, "discard="),
             },
             "delete-external" => Intent::DeleteExternal {
                 id,
-                candidates: decode_paths(text, "candidate="),
+                candidates: paths(text, "candidate="),
             },
             "delete" => Intent::Delete { id },
             "revert" => Intent::Revert {
@@ -221,62 +191,23 @@ impl Intent {
             _ => return None,
         })
     }
-}
 
-fn encode_overlays(overlays: &[(String, PathBuf)]) -> String {
-    overlays
-        .iter()
-        .map(|(target, path)| {
-            format!(
-                "overlay={}\t{}\n",
-                escape(target),
-                escape(&path.to_string_lossy())
-            )
-        })
-        .collect()
-}
-
-fn decode_paths(text: &str, key: &str) -> Vec<PathBuf> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(key))
-        .map(|p| PathBuf::from(unescape(p)))
-        .collect()
-}
-
-fn decode_overlays(text: &str) -> Option<Vec<(String, PathBuf)>> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("overlay="))
-        .map(|l| {
-            let (t, p) = l.split_once('\t')?;
-            Some((unescape(t), PathBuf::from(unescape(p))))
-        })
-        .collect()
-}
-
-/// Names may hold any character but '/', NUL and control characters; the
-/// record is line-based, so backslash and newline are escaped anyway.
-pub(crate) fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('\n', "\\n")
-        .replace('\t', "\\t")
-}
-
-pub(crate) fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            match chars.next() {
-                Some('n') => out.push('\n'),
-                Some('t') => out.push('\t'),
-                Some(other) => out.push(other),
-                None => out.push('\\'),
-            }
-        } else {
-            out.push(c);
-        }
+    fn paths(text: &str, key: &str) -> Vec<PathBuf> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(|p| PathBuf::from(unescape(p)))
+            .collect()
     }
-    out
+
+    fn overlays(text: &str) -> Option<Vec<(String, PathBuf)>> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("overlay="))
+            .map(|l| {
+                let (t, p) = l.split_once('\t')?;
+                Some((unescape(t), PathBuf::from(unescape(p))))
+            })
+            .collect()
+    }
 }
 
 /// The journal directory of one domain.
@@ -309,7 +240,7 @@ impl Journal {
             .unwrap_or_default()
             .as_nanos();
         let path = self.dir.join(format!("{stamp:032}.intent"));
-        write_atomic(&path, intent.encode().as_bytes())?;
+        write_atomic(&path, &intent.to_record())?;
         Ok(IntentRecord { path, intent })
     }
 
@@ -329,8 +260,8 @@ impl Journal {
         Ok(paths
             .into_iter()
             .map(|path| {
-                let text = fs::read_to_string(&path).map_err(|_| path.clone())?;
-                match Intent::decode(&text) {
+                let bytes = fs::read(&path).map_err(|_| path.clone())?;
+                match Intent::from_record(&bytes) {
                     Some(intent) => Ok(IntentRecord { path, intent }),
                     None => Err(path),
                 }
@@ -381,5 +312,100 @@ mod tests {
             .collect();
         assert_eq!(left, vec![a, c, d]);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Records as the line format of earlier versions wrote them: an
+    /// intent pending across an upgrade is still recovered.
+    #[test]
+    fn reads_records_of_the_old_format() {
+        let read = |t: &str| Intent::from_record(t.as_bytes());
+        assert_eq!(
+            read("op=create\nid=s1\nname=we\\\\ird\\nname\n"),
+            Some(Intent::Create {
+                id: "s1".into(),
+                name: "we\\ird\nname".into()
+            })
+        );
+        assert_eq!(
+            read(
+                "op=create-external\nid=s3\nname=ext\noverlay=vda\t/img/a\\tb.qcow2\n\
+                 plan=<domainsnapshot>\\n  <name>ext</name>\\n</domainsnapshot>\n"
+            ),
+            Some(Intent::CreateExternal {
+                id: "s3".into(),
+                name: "ext".into(),
+                overlays: vec![("vda".into(), "/img/a\tb.qcow2".into())],
+                plan: "<domainsnapshot>\n  <name>ext</name>\n</domainsnapshot>".into(),
+            })
+        );
+        assert_eq!(
+            read(
+                "op=revert-external\nid=s4\ntarget=running\noverlay=vda\t/img/a.r.qcow2\n\
+                 discard=/img/old.qcow2\nleft=<domainsnapshot/>\n"
+            ),
+            Some(Intent::RevertExternal {
+                id: "s4".into(),
+                target: "running".into(),
+                overlays: vec![("vda".into(), "/img/a.r.qcow2".into())],
+                left: Some("<domainsnapshot/>".into()),
+                discard: vec!["/img/old.qcow2".into()],
+            })
+        );
+        assert_eq!(
+            read(
+                "op=revert-relocate\nid=s5\ntarget=shutoff\nmoved=/i/a.qcow2\t/i/a.moved.qcow2\n\
+                 discard=/i/x\n"
+            ),
+            Some(Intent::RevertRelocate {
+                id: "s5".into(),
+                target: "shutoff".into(),
+                moved: vec![("/i/a.qcow2".into(), "/i/a.moved.qcow2".into())],
+                left: None,
+                discard: vec!["/i/x".into()],
+            })
+        );
+        assert_eq!(
+            read("op=delete-external\nid=s6\ncandidate=/i/p.qcow2\ncandidate=/i/m.memory\n"),
+            Some(Intent::DeleteExternal {
+                id: "s6".into(),
+                candidates: vec!["/i/p.qcow2".into(), "/i/m.memory".into()],
+            })
+        );
+        assert_eq!(
+            read("op=delete\nid=s7\n"),
+            Some(Intent::Delete { id: "s7".into() })
+        );
+        assert_eq!(
+            read("op=revert\nid=s8\ntarget=paused\n"),
+            Some(Intent::Revert {
+                id: "s8".into(),
+                target: "paused".into()
+            })
+        );
+        assert_eq!(read("op=unknown\nid=x\n"), None);
+        assert_eq!(read("op=revert\nid=x\n"), None);
+        assert_eq!(read("{\"op\":\"delete\"}"), None);
+    }
+
+    /// A path with a byte that is not UTF-8 comes back as the same bytes.
+    #[test]
+    fn non_utf8_paths_round_trip() {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let odd = PathBuf::from(std::ffi::OsString::from_vec(
+            b"/img/caf\xe9/vda.x.qcow2".to_vec(),
+        ));
+        let i = Intent::DeleteExternal {
+            id: "s".into(),
+            candidates: vec![odd.clone()],
+        };
+        let back = Intent::from_record(&i.to_record()).unwrap();
+        let Intent::DeleteExternal { candidates, .. } = &back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(
+            candidates[0].as_os_str().as_bytes(),
+            odd.as_os_str().as_bytes()
+        );
+        assert_eq!(back, i);
     }
 }

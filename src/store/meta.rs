@@ -13,7 +13,10 @@
 //! ```
 //!
 //! Files are named by snapshot id, never by name, so a rename rewrites one
-//! file and any name fits.
+//! file and any name fits. `layers`, `layers.history`,
+//! `pending-tag-deletes`, `frozen` and `made` are JSON records whose paths
+//! keep their exact bytes (see [`super::record`]); the tab-separated lines
+//! of earlier versions are still read.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -22,10 +25,11 @@ use std::path::{Path, PathBuf};
 
 use super::atomic::{clean_temp_files, remove_durable, write_atomic};
 use super::journal::Journal;
-use super::journal::{escape, unescape};
 use super::owned::{self, FileId, Removal};
+use super::record::{self, unescape};
 use crate::model::{Forest, Snapshot};
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The metadata directory of one domain.
 #[derive(Debug, Clone)]
@@ -208,16 +212,7 @@ impl DomainStore {
 
     /// Durably records each disk's active layer: target, format, image.
     pub fn save_layers(&self, layers: &BTreeMap<String, Layer>) -> io::Result<()> {
-        let mut text = String::new();
-        for (target, l) in layers {
-            text += &format!(
-                "{}\t{}\t{}\n",
-                escape(target),
-                escape(&l.format),
-                escape(&l.path.to_string_lossy())
-            );
-        }
-        write_atomic(&self.dir.join("layers"), text.as_bytes())
+        write_atomic(&self.dir.join("layers"), &encode_layers(layers))
     }
 
     /// Durably adds images that were a disk's active layer: a command line
@@ -233,34 +228,20 @@ impl DomainStore {
         if all.len() == known {
             return Ok(());
         }
-        let text: String = all
-            .iter()
-            .map(|(t, p)| format!("{}\t{}\n", escape(t), escape(&p.to_string_lossy())))
-            .collect();
-        write_atomic(&self.dir.join("layers.history"), text.as_bytes())
+        write_atomic(&self.dir.join("layers.history"), &encode_history(&all))
     }
 
     /// Every image recorded by [`DomainStore::add_layer_history`].
     pub fn layer_history(&self) -> Vec<(String, PathBuf)> {
-        let text = fs::read_to_string(self.dir.join("layers.history")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let (t, p) = l.split_once('\t')?;
-                Some((unescape(t), PathBuf::from(unescape(p))))
-            })
-            .collect()
+        let bytes = self.read_bytes("layers.history");
+        parse_history(&bytes).unwrap_or_default()
     }
 
     /// Internal snapshots deleted from the tree whose tags are still in
     /// an image (a backing image of the running QEMU): (image, tag).
     pub fn pending_tag_deletes(&self) -> Vec<(PathBuf, String)> {
-        let text = fs::read_to_string(self.dir.join("pending-tag-deletes")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let (p, t) = l.split_once('\t')?;
-                Some((PathBuf::from(unescape(p)), unescape(t)))
-            })
-            .collect()
+        let bytes = self.read_bytes("pending-tag-deletes");
+        parse_pending_tag_deletes(&bytes).unwrap_or_default()
     }
 
     /// Durably records the list of [`DomainStore::pending_tag_deletes`].
@@ -269,36 +250,44 @@ impl DomainStore {
         if list.is_empty() {
             return remove_durable(&path);
         }
-        let text: String = list
-            .iter()
-            .map(|(p, t)| format!("{}\t{}\n", escape(&p.to_string_lossy()), escape(t)))
-            .collect();
-        write_atomic(&path, text.as_bytes())
+        write_atomic(&path, &encode_pending_tag_deletes(list))
     }
 
     /// The fingerprints recorded for frozen images (image, opaque text).
     pub fn frozen_fingerprints(&self) -> BTreeMap<PathBuf, String> {
-        let text = fs::read_to_string(self.dir.join("frozen")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let (p, f) = l.split_once('\t')?;
-                Some((PathBuf::from(unescape(p)), unescape(f)))
-            })
-            .collect()
+        let bytes = self.read_bytes("frozen");
+        parse_frozen(&bytes).unwrap_or_default()
     }
 
     /// Durably records the fingerprints of the frozen images.
     pub fn save_frozen_fingerprints(&self, all: &BTreeMap<PathBuf, String>) -> io::Result<()> {
-        let text: String = all
-            .iter()
-            .map(|(p, f)| format!("{}\t{}\n", escape(&p.to_string_lossy()), escape(f)))
-            .collect();
-        write_atomic(&self.dir.join("frozen"), text.as_bytes())
+        write_atomic(&self.dir.join("frozen"), &encode_frozen(all))
     }
 
     /// The recorded active layers (empty when none were recorded).
     pub fn load_layers(&self) -> BTreeMap<String, Layer> {
-        let text = fs::read_to_string(self.dir.join("layers")).unwrap_or_default();
+        parse_layers(&self.read_bytes("layers")).unwrap_or_default()
+    }
+
+    /// The bytes of record `name`; a missing one reads as empty (which
+    /// every record reads as no entries).
+    fn read_bytes(&self, name: &str) -> Vec<u8> {
+        fs::read(self.dir.join(name)).unwrap_or_default()
+    }
+}
+
+/// Reads a record: JSON, or through `legacy` when it is in the line format
+/// of earlier versions. `None` when it is neither.
+fn parse_record<T: DeserializeOwned>(bytes: &[u8], legacy: impl FnOnce(&str) -> T) -> Option<T> {
+    if record::is_legacy(bytes) {
+        return std::str::from_utf8(bytes).ok().map(legacy);
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
+/// Reads a `layers` record: each disk's active layer by target.
+pub fn parse_layers(bytes: &[u8]) -> Option<BTreeMap<String, Layer>> {
+    parse_record(bytes, |text| {
         text.lines()
             .filter_map(|l| {
                 let mut f = l.splitn(3, '\t');
@@ -308,7 +297,158 @@ impl DomainStore {
                 Some((target, Layer { path, format }))
             })
             .collect()
-    }
+    })
+}
+
+/// Encodes a `layers` record.
+pub fn encode_layers(layers: &BTreeMap<String, Layer>) -> Vec<u8> {
+    record::encode(layers)
+}
+
+/// Reads a `layers.history` record: (target, image).
+pub fn parse_history(bytes: &[u8]) -> Option<Vec<(String, PathBuf)>> {
+    let list: Vec<HistoryEntry> = parse_record(bytes, |text| {
+        text.lines()
+            .filter_map(|l| {
+                let (t, p) = l.split_once('\t')?;
+                Some(HistoryEntry {
+                    target: unescape(t),
+                    image: PathBuf::from(unescape(p)),
+                })
+            })
+            .collect()
+    })?;
+    Some(list.into_iter().map(|e| (e.target, e.image)).collect())
+}
+
+/// Encodes a `layers.history` record.
+pub fn encode_history(list: &[(String, PathBuf)]) -> Vec<u8> {
+    let list: Vec<HistoryEntry> = list
+        .iter()
+        .map(|(target, image)| HistoryEntry {
+            target: target.clone(),
+            image: image.clone(),
+        })
+        .collect();
+    record::encode(&list)
+}
+
+/// Reads a `pending-tag-deletes` record: (image, tag).
+pub fn parse_pending_tag_deletes(bytes: &[u8]) -> Option<Vec<(PathBuf, String)>> {
+    let list: Vec<PendingTag> = parse_record(bytes, |text| {
+        text.lines()
+            .filter_map(|l| {
+                let (p, t) = l.split_once('\t')?;
+                Some(PendingTag {
+                    image: PathBuf::from(unescape(p)),
+                    tag: unescape(t),
+                })
+            })
+            .collect()
+    })?;
+    Some(list.into_iter().map(|e| (e.image, e.tag)).collect())
+}
+
+/// Encodes a `pending-tag-deletes` record.
+pub fn encode_pending_tag_deletes(list: &[(PathBuf, String)]) -> Vec<u8> {
+    let list: Vec<PendingTag> = list
+        .iter()
+        .map(|(image, tag)| PendingTag {
+            image: image.clone(),
+            tag: tag.clone(),
+        })
+        .collect();
+    record::encode(&list)
+}
+
+/// Reads a `frozen` record: image -> fingerprint.
+pub fn parse_frozen(bytes: &[u8]) -> Option<BTreeMap<PathBuf, String>> {
+    let list: Vec<Fingerprint> = parse_record(bytes, |text| {
+        text.lines()
+            .filter_map(|l| {
+                let (p, f) = l.split_once('\t')?;
+                Some(Fingerprint {
+                    image: PathBuf::from(unescape(p)),
+                    fingerprint: unescape(f),
+                })
+            })
+            .collect()
+    })?;
+    Some(list.into_iter().map(|e| (e.image, e.fingerprint)).collect())
+}
+
+/// Encodes a `frozen` record.
+pub fn encode_frozen(all: &BTreeMap<PathBuf, String>) -> Vec<u8> {
+    let list: Vec<Fingerprint> = all
+        .iter()
+        .map(|(image, f)| Fingerprint {
+            image: image.clone(),
+            fingerprint: f.clone(),
+        })
+        .collect();
+    record::encode(&list)
+}
+
+/// Reads a `made` record: (path, (device, inode)).
+pub fn parse_made(bytes: &[u8]) -> Option<Vec<(PathBuf, FileId)>> {
+    let list: Vec<Made> = parse_record(bytes, |text| {
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t');
+                let path = PathBuf::from(unescape(f.next()?));
+                let dev = f.next()?.parse().ok()?;
+                let ino = f.next()?.parse().ok()?;
+                Some(Made { path, dev, ino })
+            })
+            .collect()
+    })?;
+    Some(list.into_iter().map(|m| (m.path, (m.dev, m.ino))).collect())
+}
+
+/// Encodes a `made` record.
+pub fn encode_made(all: &[(PathBuf, FileId)]) -> Vec<u8> {
+    let list: Vec<Made> = all
+        .iter()
+        .map(|(p, (dev, ino))| Made {
+            path: p.clone(),
+            dev: *dev,
+            ino: *ino,
+        })
+        .collect();
+    record::encode(&list)
+}
+
+/// One entry of `layers.history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HistoryEntry {
+    target: String,
+    #[serde(with = "record::path")]
+    image: PathBuf,
+}
+
+/// One entry of `pending-tag-deletes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingTag {
+    #[serde(with = "record::path")]
+    image: PathBuf,
+    tag: String,
+}
+
+/// One entry of `frozen`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Fingerprint {
+    #[serde(with = "record::path")]
+    image: PathBuf,
+    fingerprint: String,
+}
+
+/// One entry of `made`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Made {
+    #[serde(with = "record::path")]
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
 }
 
 /// Serialises the read-modify-write of every domain's `made` record.
@@ -316,16 +456,7 @@ static MADE_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 impl DomainStore {
     fn read_made(&self) -> Vec<(PathBuf, FileId)> {
-        let text = fs::read_to_string(self.dir.join("made")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let mut f = l.splitn(3, '\t');
-                let path = PathBuf::from(unescape(f.next()?));
-                let dev = f.next()?.parse().ok()?;
-                let ino = f.next()?.parse().ok()?;
-                Some((path, (dev, ino)))
-            })
-            .collect()
+        parse_made(&self.read_bytes("made")).unwrap_or_default()
     }
 
     fn write_made(&self, all: &[(PathBuf, FileId)]) -> io::Result<()> {
@@ -333,11 +464,7 @@ impl DomainStore {
         if all.is_empty() {
             return remove_durable(&path);
         }
-        let text: String = all
-            .iter()
-            .map(|(p, (d, i))| format!("{}\t{d}\t{i}\n", escape(&p.to_string_lossy())))
-            .collect();
-        write_atomic(&path, text.as_bytes())
+        write_atomic(&path, &encode_made(all))
     }
 
     /// Durably records files vmsnapfs made (overlays, memory files, copies)
@@ -390,10 +517,91 @@ impl DomainStore {
 }
 
 /// The image a disk's guest writes go to now (its active layer).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
     /// The image file.
+    #[serde(with = "record::path")]
     pub path: PathBuf,
     /// Its format (`qcow2` for every overlay vmsnapfs makes).
     pub format: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+    fn store(tag: &str) -> (PathBuf, DomainStore) {
+        let root = std::env::temp_dir().join(format!("vmsnapfs-meta-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let s = DomainStore::open(&root, "vm").unwrap();
+        (root, s)
+    }
+
+    /// The tab-separated lines of earlier versions are still read.
+    #[test]
+    fn reads_records_of_the_old_format() {
+        let (root, s) = store("old");
+        let dir = s.dir().to_owned();
+        fs::write(
+            dir.join("layers"),
+            "vda\tqcow2\t/i/a\\tb.qcow2\nvdb\traw\t/i/b\n",
+        )
+        .unwrap();
+        fs::write(dir.join("layers.history"), "vda\t/i/old.qcow2\n").unwrap();
+        fs::write(dir.join("pending-tag-deletes"), "/i/base.qcow2\tvs-1\n").unwrap();
+        fs::write(dir.join("frozen"), "/i/p.qcow2\t10 20 abc\n").unwrap();
+        fs::write(dir.join("made"), "/i/o.qcow2\t5\t77\n").unwrap();
+        let layers = s.load_layers();
+        assert_eq!(layers["vda"].path, PathBuf::from("/i/a\tb.qcow2"));
+        assert_eq!(layers["vda"].format, "qcow2");
+        assert_eq!(layers["vdb"].path, PathBuf::from("/i/b"));
+        assert_eq!(
+            s.layer_history(),
+            vec![("vda".to_owned(), PathBuf::from("/i/old.qcow2"))]
+        );
+        assert_eq!(
+            s.pending_tag_deletes(),
+            vec![(PathBuf::from("/i/base.qcow2"), "vs-1".to_owned())]
+        );
+        assert_eq!(
+            s.frozen_fingerprints().into_iter().collect::<Vec<_>>(),
+            vec![(PathBuf::from("/i/p.qcow2"), "10 20 abc".to_owned())]
+        );
+        assert_eq!(s.made_id(Path::new("/i/o.qcow2")), Some((5, 77)));
+        // A rewrite is in the new format and reads back the same.
+        s.save_layers(&layers).unwrap();
+        assert!(fs::read(dir.join("layers")).unwrap().starts_with(b"{"));
+        assert_eq!(s.load_layers(), layers);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Every record keeps a path's exact bytes.
+    #[test]
+    fn records_keep_non_utf8_paths() {
+        let (root, s) = store("bytes");
+        let odd = PathBuf::from(OsString::from_vec(b"/img/caf\xe9/vda.qcow2".to_vec()));
+        let layers = BTreeMap::from([(
+            "vda".to_owned(),
+            Layer {
+                path: odd.clone(),
+                format: "qcow2".into(),
+            },
+        )]);
+        s.save_layers(&layers).unwrap();
+        s.add_layer_history(&[("vda".into(), odd.clone())]).unwrap();
+        s.save_pending_tag_deletes(&[(odd.clone(), "t".into())])
+            .unwrap();
+        s.save_frozen_fingerprints(&BTreeMap::from([(odd.clone(), "f".into())]))
+            .unwrap();
+        s.record_made(&[(odd.clone(), (1, 2))]).unwrap();
+        let same = |p: &Path| assert_eq!(p.as_os_str().as_bytes(), odd.as_os_str().as_bytes());
+        same(&s.load_layers()["vda"].path);
+        same(&s.layer_history()[0].1);
+        same(&s.pending_tag_deletes()[0].0);
+        same(s.frozen_fingerprints().keys().next().unwrap());
+        assert_eq!(s.made_id(&odd), Some((1, 2)));
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
