@@ -367,12 +367,10 @@ fn a_relative_state_dir_serves_raw_views_and_helper_errors_reach_the_log() {
     }
 
     // The guest's later writes go to the overlay, not into the view.
-    let overlay = fs::read_to_string(daemon.state.join("rawvm/layers")).unwrap();
-    let overlay = overlay
-        .lines()
-        .find_map(|l| l.strip_prefix("vda\t"))
-        .and_then(|l| l.split('\t').nth(1))
-        .map(PathBuf::from)
+    let layers = fs::read(daemon.state.join("rawvm/layers")).unwrap();
+    let overlay = vmsnapfs::store::meta::parse_layers(&layers)
+        .and_then(|mut l| l.remove("vda"))
+        .map(|l| l.path)
         .expect("an active overlay for vda");
     let st = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x77 0 2M"])

@@ -7,6 +7,7 @@ pub mod cmdline;
 pub mod external;
 pub mod fingerprint;
 pub mod image_lock;
+pub mod images;
 pub mod liveness;
 pub mod machine;
 pub mod merge;
@@ -16,6 +17,7 @@ pub mod qemu_img;
 pub mod qmp;
 mod trust;
 
+pub use images::{Images, QemuImg};
 pub use qemu::QemuBackend;
 
 use std::path::PathBuf;
@@ -234,10 +236,11 @@ pub trait Backend: Send + Sync {
     /// overlay, point format), side by side, while the guest still runs.
     fn prepare_overlays(&self, branches: &[(String, PathBuf, PathBuf, String)]) -> Result<()>;
 
-    /// True when the running QEMU keeps its images inactive: after saving
-    /// the RAM of a paused guest (`postmigrate`), QEMU 7.2 reactivates
-    /// them only when the guest resumes. Block operations fail until then.
-    fn images_inactive(&self) -> bool;
+    /// Why the running hypervisor cannot change its disks now, when it
+    /// cannot (QEMU 7.2 keeps its images inactive after saving the RAM of
+    /// a paused guest, until the guest resumes): snapshot operations that
+    /// work on the live disks are refused (EBUSY) with this sentence.
+    fn disks_unavailable(&self) -> Option<String>;
 
     /// After a restart: finishes the block jobs an earlier daemon left in
     /// the running QEMU (an active commit waiting for `job-complete`, a

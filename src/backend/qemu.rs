@@ -1206,14 +1206,19 @@ impl Backend for QemuBackend {
         self.revert_external_impl(revert)
     }
 
-    fn images_inactive(&self) -> bool {
+    fn disks_unavailable(&self) -> Option<String> {
         let mut guard = self.conn.lock();
-        let Ok(conn) = self.connect(&mut guard) else {
-            return false;
-        };
-        conn.qmp
+        let conn = self.connect(&mut guard).ok()?;
+        let inactive = conn
+            .qmp
             .execute_within("query-status", json!({}), STATUS_TIMEOUT)
-            .is_ok_and(|v| v["status"] == "postmigrate")
+            .is_ok_and(|v| v["status"] == "postmigrate");
+        inactive.then(|| {
+            "QEMU keeps the disks inactive since the RAM of the paused guest was saved \
+             (QEMU 7.2 reactivates them when the guest resumes): resume the guest first, \
+             or revert to a checkpoint"
+                .to_owned()
+        })
     }
 
     fn settle_leftover_jobs(&self) -> Result<usize> {

@@ -11,7 +11,7 @@ use super::oplog::now_secs;
 use super::revert::RevertRequest;
 use super::revert_rule::{RevertCase, RevertPlace};
 use super::Domain;
-use crate::backend::{qemu_img, ExternalPlan, ExternalRevert};
+use crate::backend::{ExternalPlan, ExternalRevert};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
     DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
@@ -318,11 +318,17 @@ impl Domain {
             })
         };
         let empty_over_point = |img: &PathBuf| {
-            let chain = qemu_img::chain(img, &self.format_of(img)).unwrap_or_default();
+            let chain = self
+                .images
+                .chain(img, &self.format_of(img))
+                .unwrap_or_default();
             let backing = chain.get(1).map(|b| b.path.clone());
             backing.is_some_and(|b| is_point(&b))
                 && chain.first().is_some_and(|top| top.snapshots.is_empty())
-                && qemu_img::has_own_data(img, &self.format_of(img)).is_ok_and(|d| !d)
+                && self
+                    .images
+                    .has_own_data(img, &self.format_of(img))
+                    .is_ok_and(|d| !d)
         };
         // One qemu-img pair per disk, side by side: the guest is paused.
         !images.is_empty()
@@ -347,7 +353,7 @@ impl Domain {
                 let point = forest
                     .iter()
                     .any(|s| s.disks.iter().any(|d| d.image.as_ref() == Some(*img)));
-                let tags = qemu_img::list(img).map(|t| !t.is_empty()).unwrap_or(true);
+                let tags = self.images.tags(img).map(|t| !t.is_empty()).unwrap_or(true);
                 !named && !point && !tags
             })
             .cloned()

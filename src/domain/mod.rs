@@ -18,13 +18,18 @@ pub mod revert_rule;
 pub mod start;
 pub mod views;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tables;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Images};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
     validate_name_bytes, DiskPoint, DiskSnapshotKind, DomainDef, DomainState, Forest,
@@ -43,6 +48,8 @@ pub struct Domain {
     store: DomainStore,
     journal: Journal,
     backend: Arc<dyn Backend>,
+    /// The disk images outside the running hypervisor.
+    images: Arc<dyn Images>,
     forest: RwLock<Forest>,
     state: RwLock<DomainState>,
     /// Why the domain is unreachable, as `.state` shows it.
@@ -135,7 +142,12 @@ impl Domain {
     /// Opens a domain: loads its metadata. Its monitor is not asked here
     /// (nothing waits on a monitor); [`Domain::start_up`] does that and the
     /// start-up recovery, from the domain's own thread.
-    pub fn open(def: DomainDef, store: DomainStore, backend: Arc<dyn Backend>) -> Result<Self> {
+    pub fn open(
+        def: DomainDef,
+        store: DomainStore,
+        backend: Arc<dyn Backend>,
+        images: Arc<dyn Images>,
+    ) -> Result<Self> {
         let journal = store.journal()?;
         let log = Arc::new(OpLog::open(store.log_path()));
         let loaded = store.load()?;
@@ -152,6 +164,7 @@ impl Domain {
             store,
             journal,
             backend,
+            images,
             forest: RwLock::new(loaded.forest),
             state: RwLock::new(DomainState::Unreachable),
             unreachable: RwLock::new(Some("its monitor has not been asked yet".into())),
@@ -391,17 +404,16 @@ impl Domain {
         Ok(BusyGuard(self))
     }
 
-    /// EBUSY while QEMU keeps its images inactive (see
-    /// [`Backend::images_inactive`]), before anything changes.
+    /// EBUSY while the hypervisor cannot change its disks (see
+    /// [`Backend::disks_unavailable`]), before anything changes.
     fn check_images_active(&self, live: DomainState) -> Result<()> {
-        if live != DomainState::Shutoff && self.backend.images_inactive() {
-            return Err(Error::busy(
-                "QEMU keeps the disks inactive since the RAM of the paused guest was saved \
-                 (QEMU 7.2 reactivates them when the guest resumes): resume the guest first, \
-                 or revert to a checkpoint",
-            ));
+        if live == DomainState::Shutoff {
+            return Ok(());
         }
-        Ok(())
+        match self.backend.disks_unavailable() {
+            Some(why) => Err(Error::busy(why)),
+            None => Ok(()),
+        }
     }
 
     /// Why snapshot `id` (`name`) is busy: who holds a view or its memory

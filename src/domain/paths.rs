@@ -188,7 +188,7 @@ impl Domain {
     /// `EINVAL` when one of `paths` is an image of any chain (of the live
     /// state or of a snapshot), a snapshot's memory file, or a defined image.
     pub(super) fn check_unused(&self, paths: &[&Path]) -> Result<()> {
-        let graph = super::prune::ImageGraph::build(&self.roots(None))?;
+        let graph = super::prune::ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
         let mut used: HashSet<PathBuf> = graph.images().map(|p| key(p)).collect();
         used.extend(self.def.disks.iter().map(|d| key(&d.source)));
         for s in self.forest.read().iter() {

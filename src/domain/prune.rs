@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::Domain;
 use crate::backend::qemu_img::{self, canonical};
+use crate::backend::Images;
 use crate::backend::{Merge, MergeKind};
 use crate::error::{Error, Result};
 use crate::model::{DiskSnapshotKind, MemoryLocation, Snapshot};
@@ -32,13 +33,13 @@ pub(super) struct ImageGraph {
 }
 
 impl ImageGraph {
-    pub(super) fn build(roots: &[(PathBuf, String)]) -> Result<Self> {
+    pub(super) fn build(images: &dyn Images, roots: &[(PathBuf, String)]) -> Result<Self> {
         let mut g = ImageGraph::default();
         for (r, format) in roots {
             if g.needed.contains(&canonical(r)) {
                 continue;
             }
-            let chain = qemu_img::chain(r, format)?;
+            let chain = images.chain(r, format)?;
             for (i, image) in chain.iter().enumerate() {
                 let path = canonical(&image.path);
                 g.named
@@ -191,8 +192,14 @@ impl Domain {
             (false, true) => MergeKind::Stream,
             (true, true) => {
                 // Copy the smaller side.
-                let up = qemu_img::own_bytes(upper, &self.format_of(upper)).unwrap_or(u64::MAX);
-                let down = qemu_img::own_bytes(&point, &self.format_of(&point)).unwrap_or(u64::MAX);
+                let up = self
+                    .images
+                    .own_bytes(upper, &self.format_of(upper))
+                    .unwrap_or(u64::MAX);
+                let down = self
+                    .images
+                    .own_bytes(&point, &self.format_of(&point))
+                    .unwrap_or(u64::MAX);
                 if up <= down {
                     MergeKind::Commit
                 } else {
@@ -228,7 +235,7 @@ impl Domain {
         }
         // Everything that may become unused: the points, their children,
         // the memory file.
-        let g = ImageGraph::build(&self.roots(None))?;
+        let g = ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
         let mut candidates = Vec::new();
         // Recorded paths, never their symlink-resolved targets.
         for d in &snap.disks {
@@ -298,7 +305,7 @@ impl Domain {
             let (DiskSnapshotKind::External, Some(point)) = (d.kind, &d.image) else {
                 continue;
             };
-            let g = ImageGraph::build(&self.roots(Some(&snap.id)))?;
+            let g = ImageGraph::build(self.images.as_ref(), &self.roots(Some(&snap.id)))?;
             match self.plan_disk(&g, &snap.id, &d.target, point)? {
                 DiskPlan::Unneeded => {}
                 DiskPlan::Keep(why) => notes.push(format!("disk {}: {why}", d.target)),
@@ -370,7 +377,8 @@ impl Domain {
             .collect();
         open.into_iter().find_map(|s| {
             let reads = s.disks.iter().filter_map(|d| d.image.as_ref()).any(|p| {
-                qemu_img::chain(p, &self.format_of(p))
+                self.images
+                    .chain(p, &self.format_of(p))
                     .unwrap_or_default()
                     .iter()
                     .any(|i| images.iter().any(|x| canonical(&i.path) == canonical(x)))
@@ -419,7 +427,7 @@ impl Domain {
     /// vmsnapfs made, never through a symlink. Returns the files removed
     /// and, for each left alone, why.
     fn remove_unneeded(&self, candidates: &[PathBuf]) -> Result<(Vec<String>, Vec<String>)> {
-        let g = ImageGraph::build(&self.roots(None))?;
+        let g = ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
         let memory: HashSet<PathBuf> = self
             .forest
             .read()
@@ -455,7 +463,7 @@ impl Domain {
         // A merge an earlier daemon started may have written the candidates
         // and rebased their children: fingerprinted again, not damage.
         let mut written: Vec<PathBuf> = candidates.to_vec();
-        if let Ok(g) = ImageGraph::build(&self.roots(None)) {
+        if let Ok(g) = ImageGraph::build(self.images.as_ref(), &self.roots(None)) {
             for c in candidates {
                 written.extend(g.children(&canonical(c)));
             }

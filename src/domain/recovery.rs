@@ -146,7 +146,8 @@ fn reconcile(dom: &Domain, tags: &[ImageSnapshot]) {
                 .filter(|d| d.kind == DiskSnapshotKind::Internal)
                 .filter_map(|d| d.image.as_ref())
                 .any(|img| {
-                    crate::backend::qemu_img::list(img)
+                    dom.images
+                        .tags(img)
                         .map(|t| t.iter().any(|t| t.tag == s.id))
                         .unwrap_or(false)
                 })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use super::Domain;
-use crate::backend::QemuBackend;
+use crate::backend::{QemuBackend, QemuImg};
 use crate::error::{Error, Result};
 use crate::store::DomainStore;
 use crate::xml::domain::parse_domain_def;
@@ -131,7 +131,7 @@ impl Registry {
         let store = DomainStore::open(&self.state_dir, &def.name)?;
         let backend = Arc::new(QemuBackend::new(def.clone(), store.clone()));
         let name = def.name.clone();
-        let dom = Arc::new(Domain::open(def, store, backend)?);
+        let dom = Arc::new(Domain::open(def, store, backend, Arc::new(QemuImg))?);
         log::info!("domain {name}: {} snapshots", dom.forest().len());
         let mut domains = self.domains.write();
         if domains.contains_key(&name) {

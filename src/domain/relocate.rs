@@ -15,7 +15,7 @@ use super::prune::ImageGraph;
 use super::revert::RevertRequest;
 use super::revert_rule::RevertPlace;
 use super::Domain;
-use crate::backend::qemu_img::{self, canonical};
+use crate::backend::qemu_img::canonical;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
     DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
@@ -71,7 +71,7 @@ impl Domain {
                     format!("snapshot {:?}: disk {} is not in it", snap.name, d.target),
                 ));
             };
-            if !qemu_img::list(img)?.iter().any(|t| t.tag == snap.id) {
+            if !self.images.tags(img)?.iter().any(|t| t.tag == snap.id) {
                 return Err(Error::not_found(format!(
                     "disk {}: {} does not hold snapshot {:?}; nothing was reverted",
                     d.target,
@@ -93,7 +93,7 @@ impl Domain {
             self.backend.stop_process()?;
         }
         let active = self.backend.active_disks();
-        let g = ImageGraph::build(&self.roots(None))?;
+        let g = ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
         let mut moved = Vec::new();
         let mut left_points = Vec::new();
         let mut left_images = Vec::new();
@@ -225,20 +225,20 @@ impl Domain {
                 if let Some(id) = made {
                     crate::store::owned::remove(&part, Some(id))?;
                 }
-                qemu_img::copy_above_backing(img, copy, &|id| {
+                self.images.copy_above_backing(img, copy, &|id| {
                     Ok(self.store.record_made(&[(copy.clone(), id)])?)
                 })?;
             }
-            let g = ImageGraph::build(&self.roots(None))?;
+            let g = ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
             for child in g.children(&canonical(img)) {
                 self.release_frozen(&[&child]);
-                qemu_img::rebase_unsafe(&child, copy, "qcow2")?;
+                self.images.rebase_unsafe(&child, copy, "qcow2")?;
             }
             self.repoint(&canonical(img), copy)?;
         }
         for (_, img) in images {
             self.release_frozen(&[img]);
-            qemu_img::apply(img, &snap.id)?;
+            self.images.apply_tag(img, &snap.id)?;
         }
         self.backend.set_active_layers(images)?;
         self.views.forget_all();

@@ -357,15 +357,11 @@ pub fn all_bytes(data: &[u8], off: usize, len: usize, byte: u8) -> bool {
 /// The recorded active layer of disk `d` of vm1 (the defined image while
 /// no external snapshot changed it).
 pub fn active_layer(fx: &Fixture, d: &str) -> PathBuf {
-    let text = fs::read_to_string(fx.daemon.state.join("vm1/layers")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, '\t');
-            (f.next()? == d).then(|| {
-                f.next();
-                PathBuf::from(f.next().unwrap())
-            })
-        })
+    let bytes = fs::read(fx.daemon.state.join("vm1/layers")).unwrap_or_default();
+    vmsnapfs::store::meta::parse_layers(&bytes)
+        .expect("a readable layers record")
+        .remove(d)
+        .map(|l| l.path)
         .unwrap_or_else(|| {
             fx.vm
                 .disks
