@@ -1,14 +1,20 @@
 //! Named points in multi-step operations where tests inject faults.
 //!
-//! `VMSNAPFS_FAILPOINTS="create.after-backend=crash,delete.before-meta=sleep:2000"`
+//! `VMSNAPFS_FAILPOINTS="create.after-backend=crash,delete.before-meta=wait:/tmp/go"`
 //! makes the daemon exit at once (`crash`, like `kill -9`: no cleanup, no
-//! unmount), sleep N milliseconds (`sleep:N`), or fail the operation with
-//! EIO (`error`) when it reaches that point. Unset, a point costs one
-//! lookup in an empty list.
+//! unmount), wait at the point until a file exists (`wait:PATH`: a
+//! barrier the test opens when it has done what it does meanwhile; at
+//! most [`WAIT_CAP`]), sleep N milliseconds (`sleep:N`), or fail the
+//! operation with EIO (`error`) when it reaches that point. Unset, a
+//! point costs one lookup in an empty list.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+
+/// The longest a `wait:PATH` point waits (a test that died never opens it).
+pub const WAIT_CAP: Duration = Duration::from_secs(120);
 
 fn points() -> &'static Vec<(String, String)> {
     static POINTS: OnceLock<Vec<(String, String)>> = OnceLock::new();
@@ -33,7 +39,18 @@ pub fn hit(name: &str) -> Result<()> {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
     if let Some(ms) = action.strip_prefix("sleep:").and_then(|m| m.parse().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        std::thread::sleep(Duration::from_millis(ms));
+        return Ok(());
+    }
+    if let Some(path) = action.strip_prefix("wait:") {
+        let deadline = Instant::now() + WAIT_CAP;
+        while !std::path::Path::new(path).exists() {
+            if Instant::now() >= deadline {
+                log::warn!("failpoint {name}: {path} never appeared; going on");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         return Ok(());
     }
     if action == "error" {

@@ -1,6 +1,8 @@
 //! Many processes on several domains at once: mkdir, rmdir, mv, revert,
-//! ls, cat, stat. No deadlock, no torn metadata, one winner per name, and
-//! afterwards the tree, the metadata and the images agree.
+//! ls, cat, stat. No deadlock, no torn metadata, one operation at a time
+//! per domain and one winner per name (decided by the daemon, not by the
+//! kernel's directory lock), and afterwards the tree, the metadata and
+//! the images agree.
 
 mod common;
 
@@ -32,6 +34,12 @@ fn names(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn names_sorted(dir: &Path) -> Vec<String> {
+    let mut v = names(dir);
+    v.sort();
+    v
 }
 
 fn worker(dom: PathBuf, id: usize, rounds: usize) {
@@ -73,7 +81,19 @@ fn many_processes_on_two_domains() {
             vm
         })
         .collect();
-    let daemon = Daemon::start(&dir.0, &[("RUST_LOG", "info")]);
+    // Every create waits at a gate until this test opens it (once open,
+    // creates go on at once).
+    let gate = Gate::new("concurrency");
+    let daemon = Daemon::start(
+        &dir.0,
+        &[
+            ("RUST_LOG", "info"),
+            (
+                "VMSNAPFS_FAILPOINTS",
+                &format!("create.begin={}", gate.action()),
+            ),
+        ],
+    );
     let done = Arc::new(AtomicBool::new(false));
     // A watchdog: on a deadlock, unmount lazily so that stuck calls fail.
     let watchdog = {
@@ -91,20 +111,61 @@ fn many_processes_on_two_domains() {
         })
     };
 
-    // Exactly one winner for the same name.
+    // Exactly one winner for the same name, decided by the daemon: a
+    // mkdir holds the directory's lock in the kernel, but `.create` and
+    // the control files of other snapshots are other inodes, which the
+    // kernel lets through at the same time. The mkdir is held inside the
+    // daemon (after its name check) while the others try.
     let vm1 = daemon.mnt.join("vm1");
-    let racers: Vec<_> = (0..6)
-        .map(|_| {
-            let p = vm1.join("contested");
-            std::thread::spawn(move || fs::create_dir(p).is_ok())
+    let spec = b"<domainsnapshot><name>contested</name></domainsnapshot>";
+    gate.open();
+    fs::create_dir(vm1.join("base")).unwrap();
+    fs::remove_file(&gate.0).unwrap();
+    // Names looked up before: while the mkdir runs the kernel holds the
+    // directory's lock, and a first lookup in it would wait for that.
+    for n in [".create", ".log", "base/revert", "base/delete"] {
+        fs::metadata(vm1.join(n)).unwrap();
+    }
+    let mkdir = {
+        let p = vm1.join("contested");
+        std::thread::spawn(move || fs::create_dir(p))
+    };
+    // The second create (base was the first) is at its gate.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.log_text().matches("failpoint create.begin").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the mkdir never reached its gate"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let contenders: Vec<_> = (0..6)
+        .map(|i| {
+            let vm1 = vm1.clone();
+            std::thread::spawn(move || match i % 3 {
+                0 => write_file(&vm1.join(".create"), spec),
+                1 => write_file(&vm1.join("base/revert"), b"running"),
+                _ => write_file(&vm1.join("base/delete"), b"self"),
+            })
         })
         .collect();
-    let winners = racers
-        .into_iter()
-        .map(|t| t.join().unwrap())
-        .filter(|won| *won)
-        .count();
-    assert_eq!(winners, 1);
+    let lost: Vec<Result<(), i32>> = contenders.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        lost.iter().all(|r| *r == Err(libc::EBUSY)),
+        "while one operation runs, every other one on the domain is refused: {lost:?}\n{}",
+        fs::read_to_string(vm1.join(".log")).unwrap_or_default()
+    );
+    gate.open();
+    mkdir
+        .join()
+        .unwrap()
+        .expect("the operation that came first wins");
+    assert_eq!(names_sorted(&vm1), vec!["base", "contested"]);
+    // Afterwards the daemon's name check refuses what the kernel did not see.
+    assert_eq!(write_file(&vm1.join(".create"), spec), Err(libc::EEXIST));
+    let log = fs::read_to_string(vm1.join(".log")).unwrap();
+    assert!(log.contains("refused (EBUSY)"), "{log}");
+    assert!(log.contains("refused (EEXIST)"), "{log}");
 
     // Workers on both domains, readers everywhere.
     let mut threads = Vec::new();

@@ -465,9 +465,13 @@ fn swap_memory_file_during_save(paused: bool) {
     vm.policy = Some("external".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
     own_images(&vm, uid, 100, 0o700, 0o600);
+    let gate = Gate::new(if paused { "memswap-p" } else { "memswap-r" });
     let daemon = Daemon::start_with_args(
         &dir.0,
-        &[("VMSNAPFS_FAILPOINTS", "checkpoint.part-made=sleep:3000")],
+        &[(
+            "VMSNAPFS_FAILPOINTS",
+            &format!("checkpoint.part-made={}", gate.action()),
+        )],
         &[],
     );
     let fx = Fixture { daemon, vm, dir };
@@ -505,6 +509,7 @@ fn swap_memory_file_during_save(paused: bool) {
         b"",
     );
     assert!(out.status.success(), "{out:?}");
+    gate.open();
     let r = mkdir.join().unwrap();
     assert!(
         fs::read(&secret).unwrap() == b"root's secret",

@@ -30,6 +30,34 @@ impl Drop for TempDir {
     }
 }
 
+/// A barrier for a `wait:PATH` failpoint: the daemon waits at the point
+/// until the test opens it (the file appears); removed on drop.
+pub struct Gate(pub PathBuf);
+
+impl Gate {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmsnapfs-gate-{tag}-{}", std::process::id()));
+        let _ = fs::remove_file(&p);
+        Gate(p)
+    }
+
+    /// The failpoint action: `wait:PATH`.
+    pub fn action(&self) -> String {
+        format!("wait:{}", self.0.display())
+    }
+
+    /// Lets the waiting operation go on.
+    pub fn open(&self) {
+        fs::write(&self.0, b"").unwrap();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// A vmsnapfs daemon process serving a mount point.
 pub struct Daemon {
     child: Option<Child>,
