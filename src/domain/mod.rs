@@ -158,7 +158,7 @@ impl Domain {
             let log = log.clone();
             crate::views::ErrorSink(Arc::new(move |text: &str| log.line(text)))
         };
-        let views = views::DiskViews::new(&store.dir().join("run"), Some(sink), def.disks.clone());
+        let views = views::DiskViews::new(Some(sink), def.disks.clone());
         Ok(Domain {
             def,
             store,

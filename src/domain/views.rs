@@ -1,23 +1,25 @@
-//! The frozen views of one domain's snapshots (`disks/<target>`): one
-//! lazily started read-only `qemu-nbd` per snapshot and disk, released
-//! when idle. Open views hold their snapshot: it cannot be deleted while
-//! one is open.
+//! The frozen views of one domain's snapshots (`disks/<target>`): each
+//! read directly from its image files ([`crate::views::Chain`]), opened
+//! on first use and kept while in use. Opening reads a few headers and
+//! tables with `pread`; nothing here runs a child process, so FUSE
+//! threads never wait on one. Open views hold their snapshot: it cannot
+//! be deleted while one is open.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::backend::qemu_img;
 use crate::error::{Error, Result};
 use crate::model::{DiskDef, DiskSnapshotKind, MemoryLocation, Snapshot};
-use crate::views::{DirectView, ErrorSink, FrozenView, LazyView, ViewOptions, ViewSource};
+use crate::views::{Chain, ErrorSink, FrozenView};
 
 /// Views, their open counts, and the virtual sizes of images.
 pub struct DiskViews {
-    options: ViewOptions,
+    on_error: Option<ErrorSink>,
     views: Mutex<HashMap<(String, String), Served>>,
     holds: Mutex<Holds>,
     sizes: Mutex<HashMap<PathBuf, u64>>,
@@ -37,11 +39,64 @@ struct Allocation {
     generation: u64,
 }
 
-/// One view and, when it has one, its server-backed part.
+/// One opened view and when it was last opened.
 #[derive(Clone)]
 struct Served {
     view: Arc<dyn FrozenView>,
-    server: Arc<LazyView>,
+    opened: Instant,
+}
+
+/// What a view reads: the top image, its format, and the internal
+/// snapshot tag (`None`: the image's current contents, frozen).
+#[derive(Debug, Clone)]
+struct ViewSource {
+    image: PathBuf,
+    format: String,
+    tag: Option<String>,
+}
+
+impl ViewSource {
+    fn open(&self) -> std::io::Result<Chain> {
+        Chain::open_file(&self.image, &self.format, self.tag.as_deref())
+    }
+}
+
+/// A view whose read failures are told to the domain's `.log` (once per
+/// distinct cause in a row) and answered with `EIO`.
+struct LoggedView {
+    chain: Chain,
+    what: String,
+    sink: Option<ErrorSink>,
+    last: Mutex<String>,
+}
+
+impl LoggedView {
+    fn tell<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        r.map_err(|e| {
+            let text = e.to_string();
+            let mut last = self.last.lock();
+            if *last != text {
+                log::warn!("{}: {text}", self.what);
+                if let Some(sink) = &self.sink {
+                    (sink.0)(&format!("read failed (EIO): {}: {text}", self.what));
+                }
+                *last = text;
+            }
+            std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+        })
+    }
+}
+
+impl FrozenView for LoggedView {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tell(self.chain.read_at(offset, buf))
+    }
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        self.tell(self.chain.seek_data(offset))
+    }
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        self.tell(self.chain.seek_hole(offset))
+    }
 }
 
 #[derive(Default)]
@@ -107,20 +162,12 @@ fn command_of(pid: u32) -> String {
 }
 
 impl DiskViews {
-    /// Views whose `qemu-nbd` sockets live in `runtime_dir`; failures to
-    /// serve one are told to `on_error`. Servers left there by a daemon
-    /// that died are stopped. `disks` are the domain's defined disks (an
-    /// image that is one of them is opened with its format).
-    pub fn new(runtime_dir: &Path, on_error: Option<ErrorSink>, disks: Vec<DiskDef>) -> Self {
-        let _ = crate::store::atomic::private_dir(runtime_dir);
-        stop_orphans(runtime_dir);
-        let options = ViewOptions {
-            runtime_dir: runtime_dir.to_owned(),
-            on_error,
-            ..Default::default()
-        };
+    /// Views whose failures are told to `on_error`. `disks` are the
+    /// domain's defined disks (an image that is one of them is opened
+    /// with its format).
+    pub fn new(on_error: Option<ErrorSink>, disks: Vec<DiskDef>) -> Self {
         DiskViews {
-            options,
+            on_error,
             views: Mutex::new(HashMap::new()),
             holds: Mutex::new(Holds::default()),
             sizes: Mutex::new(HashMap::new()),
@@ -129,107 +176,69 @@ impl DiskViews {
         }
     }
 
-    /// The image a snapshot's disk can be viewed from, if it has one
-    /// (`Ok(None)`), with its checked backing chain spelled out: a chain
-    /// that names a backing file vmsnapfs refuses to open is an error.
-    fn source(disks: &[DiskDef], snap: &Snapshot, target: &str) -> Result<Option<ViewSource>> {
-        let Some(d) = snap.disks.iter().find(|d| d.target == target) else {
-            return Ok(None);
+    /// What the view of `target` at `snap` reads, if the snapshot has
+    /// that disk: the top image with the format it must have (an internal
+    /// snapshot's image is qcow2; a point image has its defined disk's
+    /// format, else qcow2 as every image vmsnapfs makes). The chain below
+    /// is what the images record.
+    fn source(disks: &[DiskDef], snap: &Snapshot, target: &str) -> Option<ViewSource> {
+        let d = snap.disks.iter().find(|d| d.target == target)?;
+        let image = d.image.clone()?;
+        let (format, tag) = match d.kind {
+            DiskSnapshotKind::Internal => ("qcow2".to_owned(), Some(snap.id.clone())),
+            DiskSnapshotKind::External => (qemu_img::expected_format(disks, &image), None),
+            DiskSnapshotKind::No => return None,
         };
-        let Some(image) = d.image.clone() else {
-            return Ok(None);
-        };
-        let format = match d.kind {
-            DiskSnapshotKind::Internal => "qcow2".to_owned(),
-            _ => qemu_img::expected_format(disks, &image),
-        };
-        // The chain below, spelled out so that the server takes no lock
-        // and follows nothing else.
-        let chain = qemu_img::chain(&image, &format)?;
-        let backing = chain
-            .iter()
-            .skip(1)
-            .map(|i| (i.path.clone(), i.format.clone()))
-            .collect();
-        let source = match d.kind {
-            DiskSnapshotKind::Internal => ViewSource::internal_snapshot(image, &snap.id),
-            DiskSnapshotKind::External => ViewSource::image(image),
-            DiskSnapshotKind::No => return Ok(None),
-        };
-        Ok(Some(source.with_format(format).with_backing(backing)))
+        Some(ViewSource { image, format, tag })
+    }
+
+    fn tell(&self, text: &str) {
+        log::warn!("{text}");
+        if let Some(sink) = &self.on_error {
+            (sink.0)(text);
+        }
     }
 
     /// Opens a view of `target` at `snap`, holding the snapshot until
-    /// [`DiskViews::close`]. EBUSY while the snapshot is being deleted.
-    /// An internal snapshot is read directly from its qcow2 file when the
-    /// image's layout allows it, else through `qemu-nbd`.
+    /// [`DiskViews::close`]. EBUSY while the snapshot is being deleted;
+    /// EIO (and a `.log` line saying why) when its images cannot be read.
     pub fn open(
         &self,
         snap: &Snapshot,
         target: &str,
         holder: Holder,
     ) -> Result<(Arc<dyn FrozenView>, Arc<Hold>)> {
-        let in_snapshot = snap
-            .disks
-            .iter()
-            .any(|d| d.target == target && d.kind != DiskSnapshotKind::No && d.image.is_some());
-        if !in_snapshot {
+        let Some(source) = Self::source(&self.disks, snap, target) else {
             return Err(Error::not_found(format!(
                 "disk {target} is not in this snapshot"
             )));
-        }
+        };
         let hold = self.hold(snap, holder)?;
         let key = (snap.id.clone(), target.to_owned());
-        if let Some(s) = self.views.lock().get(&key) {
+        if let Some(s) = self.views.lock().get_mut(&key) {
+            s.opened = Instant::now();
             return Ok((s.view.clone(), hold));
         }
-        // Only a view not served yet needs its chain (one qemu-img run).
-        let source = match Self::source(&self.disks, snap, target) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                self.close(&hold);
-                return Err(Error::not_found(format!(
-                    "disk {target} is not in this snapshot"
-                )));
-            }
+        let what = format!("view of disk {target} of {:?}", snap.name);
+        let chain = match source.open() {
+            Ok(c) => c,
             Err(e) => {
                 self.close(&hold);
-                let e = e.context(format!("view of disk {target} of {:?}", snap.name));
-                if let Some(sink) = &self.options.on_error {
-                    (sink.0)(&format!("refused (EIO): {}", e.message));
-                }
-                return Err(e);
+                let text = format!("refused (EIO): {what}: {}: {e}", source.image.display());
+                self.tell(&text);
+                return Err(Error::io(text));
             }
         };
-        // Internal snapshots and external points alike are frozen: read
-        // directly when the layout allows, else through qemu-nbd.
-        let direct = match source.format.as_str() {
-            "qcow2" => match crate::views::qcow2::Qcow2Snapshot::open_chain(
-                &source.image,
-                source.snapshot.as_deref(),
-                &source.backing,
-            ) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.close(&hold);
-                    let text = format!("view of disk {target} of {:?}: {e}", snap.name);
-                    if let Some(sink) = &self.options.on_error {
-                        (sink.0)(&text);
-                    }
-                    return Err(Error::io(text));
-                }
-            },
-            _ => None,
+        let view: Arc<dyn FrozenView> = Arc::new(LoggedView {
+            chain,
+            what,
+            sink: self.on_error.clone(),
+            last: Mutex::default(),
+        });
+        let served = Served {
+            view,
+            opened: Instant::now(),
         };
-        let server = Arc::new(LazyView::new(source, self.options.clone()));
-        let view: Arc<dyn FrozenView> = match direct {
-            Some(direct) => Arc::new(DirectView {
-                direct,
-                fallback: server.clone(),
-            }),
-            None => server.clone(),
-        };
-        let served = Served { view, server };
         let view = self.views.lock().entry(key).or_insert(served).view.clone();
         Ok((view, hold))
     }
@@ -319,38 +328,27 @@ impl DiskViews {
         self.holds.lock().open.contains_key(id)
     }
 
-    /// Drops the cached (unopened) views of snapshot `id`, whose images
-    /// changed: the next open starts from the snapshot's new metadata.
+    /// Drops the cached views of snapshot `id`, whose images changed:
+    /// the next open starts from the snapshot's new metadata. Views open
+    /// now keep their files until closed.
     pub fn forget(&self, id: &str) {
         {
             let mut a = self.allocation.lock();
             a.generation += 1;
             a.bytes.retain(|(sid, _), _| sid != id);
         }
-        self.views.lock().retain(|(sid, _), s| {
-            if sid == id {
-                s.server.close();
-            }
-            sid != id
-        });
+        self.views.lock().retain(|(sid, _), _| sid != id);
     }
 
     /// Drops every cached view after images were merged: the next open
-    /// reads the new chains. Views open now keep their server until closed.
+    /// reads the new chains. Views open now keep their files until closed.
     pub fn forget_all(&self) {
         {
             let mut a = self.allocation.lock();
             a.generation += 1;
             a.bytes.clear();
         }
-        let open: HashSet<String> = self.holds.lock().open.keys().cloned().collect();
-        let mut views = self.views.lock();
-        for ((sid, _), s) in views.iter() {
-            if !open.contains(sid) {
-                s.server.close();
-            }
-        }
-        views.clear();
+        self.views.lock().clear();
     }
 
     /// Marks snapshot `id` as being deleted unless a view of it is open.
@@ -367,43 +365,32 @@ impl DiskViews {
     pub fn end_delete(&self, id: &str, gone: bool) {
         self.holds.lock().deleting.remove(id);
         if gone {
-            self.views.lock().retain(|(sid, _), s| {
-                if sid == id {
-                    s.server.close();
-                }
-                sid != id
-            });
+            self.views.lock().retain(|(sid, _), _| sid != id);
         }
     }
 
-    /// Stops the servers of views unused for `after`.
+    /// Closes the files of views not opened for `after` and not open now.
     pub fn release_idle(&self, after: Duration) {
-        let servers: Vec<Arc<LazyView>> = self
-            .views
+        let open: HashSet<String> = self.holds.lock().open.keys().cloned().collect();
+        self.views
             .lock()
-            .values()
-            .map(|s| s.server.clone())
-            .collect();
-        for v in servers {
-            v.close_if_idle(after);
-        }
+            .retain(|(sid, _), s| open.contains(sid) || s.opened.elapsed() < after);
     }
 
-    /// Stops every server (at unmount).
+    /// Closes the files of every cached view (at unmount).
     pub fn close_all(&self) {
-        for s in self.views.lock().values() {
-            s.server.close();
-        }
+        self.views.lock().clear();
     }
 
-    /// The virtual size of an image, read once with `qemu-img info`
-    /// (opened with the format it must have).
+    /// The virtual size of an image, read once from its header (qcow2)
+    /// or its length (raw), with the format it must have: no child
+    /// process, so a FUSE thread may ask.
     pub fn disk_size(&self, image: &Path) -> Option<u64> {
         if let Some(s) = self.sizes.lock().get(image) {
             return Some(*s);
         }
         let format = qemu_img::expected_format(&self.disks, image);
-        let size = qemu_img::virtual_size(image, &format).ok()?;
+        let size = crate::views::chain::virtual_size(image, &format).ok()?;
         self.sizes.lock().insert(image.to_owned(), size);
         Some(size)
     }
@@ -412,8 +399,7 @@ impl DiskViews {
 impl DiskViews {
     /// Bytes the view of `target` at `snap` holds (data, not holes or
     /// zeroes), for `st_blocks`. Never waits: `None` while a background
-    /// thread computes it (from the qcow2 tables, or `qemu-img map` for
-    /// what the direct reader does not handle).
+    /// thread counts it in the images' tables.
     pub fn allocated(&self, snap: &Snapshot, target: &str) -> Option<u64> {
         let key = (snap.id.clone(), target.to_owned());
         let mut a = self.allocation.lock();
@@ -433,9 +419,8 @@ impl DiskViews {
             .name("view-allocation".into())
             .spawn(move || {
                 let bytes = Self::source(&disks, &snap, &job.1)
-                    .ok()
-                    .flatten()
-                    .and_then(|s| allocated_bytes(&s));
+                    .and_then(|s| s.open().ok())
+                    .and_then(|c| c.allocated_bytes().ok());
                 let mut a = cache.lock();
                 a.running.remove(&job);
                 if let (Some(b), true) = (bytes, a.generation == generation) {
@@ -446,61 +431,5 @@ impl DiskViews {
             self.allocation.lock().running.remove(&key);
         }
         None
-    }
-}
-
-/// Allocated bytes of a view's source: counted in the qcow2 tables down
-/// the chain, else (an external point the direct reader does not handle)
-/// the data extents `qemu-img map` reports.
-fn allocated_bytes(source: &ViewSource) -> Option<u64> {
-    if source.format == "qcow2" {
-        let direct = crate::views::qcow2::Qcow2Snapshot::open_chain(
-            &source.image,
-            source.snapshot.as_deref(),
-            &source.backing,
-        );
-        if let Ok(Some(d)) = direct {
-            if let Ok(b) = d.allocated_bytes() {
-                return Some(b);
-            }
-        }
-    }
-    if source.snapshot.is_some() {
-        return None;
-    }
-    let chain: Vec<qemu_img::ChainImage> = std::iter::once((&source.image, &source.format))
-        .chain(source.backing.iter().map(|(p, f)| (p, f)))
-        .map(|(p, f)| qemu_img::ChainImage {
-            path: p.clone(),
-            format: f.clone(),
-            snapshots: Vec::new(),
-        })
-        .collect();
-    qemu_img::allocated_bytes(&chain).ok()
-}
-
-/// Stops `qemu-nbd` processes serving sockets in `dir` (left by a daemon
-/// that was killed): found by their command line, stopped by pid.
-fn stop_orphans(dir: &Path) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    let dir = format!("{}/", dir.to_string_lossy());
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Some(argv) = crate::backend::process::read_argv(pid) else {
-            continue;
-        };
-        let is_nbd = argv.first().is_some_and(|a| a.ends_with("qemu-nbd"));
-        let ours = argv.iter().any(|a| a.starts_with(&dir));
-        if is_nbd && ours {
-            log::info!("stopping qemu-nbd pid {pid} left by an earlier daemon");
-            // SAFETY: kill(2) of a pid whose command line names our runtime dir.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
     }
 }

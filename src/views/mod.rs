@@ -1,52 +1,40 @@
 //! Frozen views: read-only raw views of a disk at a snapshot, the bytes
-//! behind `<domain>/<snapshot>/disks/<target>`.
+//! behind `<domain>/<snapshot>/disks/<target>`, read directly from the
+//! image files with `pread` (no server, no child process).
 //!
-//! A view is served over NBD, never by parsing qcow2 here: QEMU's own block
-//! layer reads the image, so every byte is what QEMU itself would read.
+//! - [`image`]: the bytes of one image ([`Storage`]: a file opened once,
+//!   never through a symlink, or a buffer in memory).
+//! - [`qcow2`]: one qcow2 image at a fixed L1 table (an internal
+//!   snapshot's, or the active one of an image nobody writes any more):
+//!   the header, the snapshot table, L1/L2 lookups (extended L2 entries
+//!   included), every field checked.
+//! - [`compressed`]: compressed clusters (deflate, zstd).
+//! - [`chain`]: a frozen disk, the top image over the backing chain its
+//!   headers record (qcow2 and raw): reads, `SEEK_DATA`/`SEEK_HOLE`,
+//!   allocated bytes; [`check_image`] is the fuzzing entry point.
 //!
-//! - [`source`]: *what* is exported and *who* serves it. A [`ViewSource`]
-//!   is an image (an external snapshot's point, a backing file) or an
-//!   internal snapshot inside a qcow2 image. [`NbdServer`] runs
-//!   `qemu-nbd --image-opts -r -t -e 0 -k SOCK -x view [-l snapshot.name=TAG]
-//!   driver=qcow2,file.driver=file,file.filename=IMG,force-share=on,read-only=on`
-//!   as a child (read-only and `force-share`, so images a running QEMU
-//!   holds can be read), stopped by pid when dropped. [`View`] is an open
-//!   view: `read_at` (pread semantics, zero-filled holes), `seek_data`,
-//!   `seek_hole`. [`LazyView`] opens on first use and is released by
-//!   `close_if_idle`, reopening on the next read.
-//! - [`nbd`]: the protocol. [`NbdClient`] is one synchronous connection
-//!   over a Unix socket (fixed newstyle, structured replies,
-//!   `base:allocation`, `NBD_OPT_GO` with block size constraints,
-//!   READ, BLOCK_STATUS, DISC on drop, socket timeouts). Malformed server
-//!   data is an [`NbdError`], never a panic. [`NbdPool`] spreads parallel
-//!   reads over several connections, reconnecting after a failure.
-//! - [`extents`]: the allocation map of a view, loaded lazily from
-//!   BLOCK_STATUS one chunk (1 GiB) at a time and cached, answering
-//!   `lseek(2)` questions. `NBD_STATE_HOLE` makes a hole for
-//!   SEEK_DATA/SEEK_HOLE; only `NBD_STATE_ZERO` lets a read be answered
-//!   with zeroes without asking the server.
-//!
-//! Views of an export that someone else serves (QEMU's built-in NBD server
-//! for a backing node of a running VM, `block-export-add`) use
-//! [`View::connect`] on that socket instead of starting `qemu-nbd`.
-//!
-//! Errors convert to `std::io::Error` with the errno FUSE should return
-//! (`EIO` for protocol and connection failures, `ETIMEDOUT` for timeouts,
-//! the server's errno for its errors).
+//! Malformed metadata is an `InvalidData` error (`EIO`); layouts read only
+//! by QEMU by design (encryption, external data files, unknown
+//! incompatible features) are `Unsupported` errors (`EIO` too). The
+//! domain's `.log` gets a line saying why.
 
-pub mod extents;
-pub mod nbd;
+pub mod chain;
+pub mod compressed;
+pub mod image;
 pub mod qcow2;
-pub mod source;
 
-pub use extents::{ExtentMap, ExtentSource, Run};
-pub use nbd::{
-    BlockSize, ExportInfo, Extent, NbdClient, NbdError, NbdOptions, NbdPool, NBD_STATE_HOLE,
-    NBD_STATE_ZERO,
-};
-pub use source::{
-    ErrorSink, LazyView, NbdServer, View, ViewError, ViewOptions, ViewSource, EXPORT_NAME,
-};
+pub use chain::{check_image, Chain};
+pub use image::Storage;
+
+/// Where the failures of views are told (the domain's `.log`).
+#[derive(Clone)]
+pub struct ErrorSink(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for ErrorSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ErrorSink")
+    }
+}
 
 /// What the tree needs of a frozen view, however it is served.
 pub trait FrozenView: Send + Sync {
@@ -56,55 +44,6 @@ pub trait FrozenView: Send + Sync {
     fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>>;
     /// `lseek(SEEK_HOLE)`: `None` means `ENXIO`.
     fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>>;
-}
-
-impl FrozenView for LazyView {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        LazyView::read_at(self, offset, buf)
-    }
-    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
-        LazyView::seek_data(self, offset)
-    }
-    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
-        LazyView::seek_hole(self, offset)
-    }
-}
-
-/// An internal snapshot read directly from its qcow2 file, falling back
-/// to a `qemu-nbd` view for what the direct reader does not handle
-/// (compressed clusters).
-pub struct DirectView {
-    /// The direct reader.
-    pub direct: qcow2::Qcow2Snapshot,
-    /// The server-backed view, started only if ever needed.
-    pub fallback: std::sync::Arc<LazyView>,
-}
-
-impl FrozenView for DirectView {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.direct.read_at(offset, buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                self.fallback.read_at(offset, buf)
-            }
-            other => other,
-        }
-    }
-    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
-        match self.direct.seek_data(offset) {
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                self.fallback.seek_data(offset)
-            }
-            other => other,
-        }
-    }
-    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
-        match self.direct.seek_hole(offset) {
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                self.fallback.seek_hole(offset)
-            }
-            other => other,
-        }
-    }
 }
 
 /// A plain file served as is (the memory file of a checkpoint): no holes.
