@@ -427,21 +427,32 @@ impl super::FrozenView for Chain {
     }
 }
 
-/// Opens `bytes` as a qcow2 image (at internal snapshot `tag`, or its
-/// active table) and reads it the way a view's reader would, bounded:
-/// up to 64 runs of data found by `SEEK_DATA`, each read up to 64 KiB.
-/// Returns the number of data bytes read. The entry point of the fuzz
-/// target and the corpus test: malformed images are errors, never panics.
-pub fn check_image(bytes: &[u8], tag: Option<&str>) -> io::Result<u64> {
-    let chain = Chain::open(&BytesOpener(bytes.to_vec()), "qcow2", tag)?;
+/// Opens `bytes` as a qcow2 image and reads it the way a view's reader
+/// would, bounded: at its active table and at each internal snapshot (at
+/// most 4), up to 16 runs of data found by `SEEK_DATA`, each read up to
+/// 64 KiB, and the last bytes of the disk. Returns the data bytes read.
+/// The entry point of the fuzz target and the corpus test: a malformed
+/// image is an error, never a panic, a hang or an unbounded allocation.
+pub fn check_image(bytes: &[u8]) -> io::Result<u64> {
+    let opener = BytesOpener(bytes.to_vec());
+    let header = Header::read(&opener.0)?;
+    let mut total = check_chain(&Chain::open(&opener, "qcow2", None)?)?;
+    let table = super::qcow2::snapshot_table(&opener.0, &header)?;
+    for s in table.iter().take(4) {
+        let tag = std::str::from_utf8(&s.name).map_err(|_| malformed("tag not UTF-8"))?;
+        total += check_chain(&Chain::open(&opener, "qcow2", Some(tag))?)?;
+    }
+    Ok(total)
+}
+
+fn check_chain(chain: &Chain) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 << 10];
     let (mut pos, mut total) = (0u64, 0u64);
-    for _ in 0..64 {
+    for _ in 0..16 {
         let Some(at) = chain.seek_data(pos)? else {
             break;
         };
-        let n = chain.read_at(at, &mut buf)?;
-        total += n as u64;
+        total += chain.read_at(at, &mut buf)? as u64;
         let Some(hole) = chain.seek_hole(at)? else {
             break;
         };
@@ -450,6 +461,7 @@ pub fn check_image(bytes: &[u8], tag: Option<&str>) -> io::Result<u64> {
     // The last bytes, and a read across the end.
     let end = chain.size();
     chain.read_at(end.saturating_sub(100), &mut buf[..4096])?;
+    chain.allocated_bytes()?;
     Ok(total)
 }
 

@@ -346,6 +346,9 @@ impl Qcow2Layer {
         if !l1.0.is_multiple_of(1 << cb) {
             return Err(malformed("L1 table not aligned to a cluster"));
         }
+        if l1.0.saturating_add(load * 8) > storage.len() {
+            return Err(malformed("the L1 table lies past the end of the image"));
+        }
         let mut raw = vec![0u8; load as usize * 8];
         storage.read_exact_in(&mut raw, l1.0, "L1 table")?;
         let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();

@@ -1,0 +1,41 @@
+//! Runs the seed corpus of the `qcow2_image` fuzz target as a test: every
+//! file in `tests/corpus/qcow2/` goes through `views::check_image`, the
+//! reader's fuzzing entry point. Files named `ok-*` must read (and hold
+//! data, except `ok-empty*`), files named `bad-*` must be refused; any
+//! other file (one a fuzzer found) only must not panic.
+//! `scripts/make-qcow2-corpus.py` makes the seed files.
+
+use std::fs;
+use std::path::Path;
+
+#[test]
+fn every_corpus_image_reads_or_is_refused_as_named() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/qcow2");
+    let mut paths: Vec<_> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    let (mut ok, mut bad) = (0, 0);
+    for path in &paths {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let bytes = fs::read(path).unwrap();
+        let result = std::panic::catch_unwind(|| vmsnapfs::views::check_image(&bytes))
+            .unwrap_or_else(|_| panic!("{name}: the reader panicked"));
+        if name.starts_with("ok-") {
+            let read = result.unwrap_or_else(|e| panic!("{name}: refused: {e}"));
+            assert_eq!(
+                read == 0,
+                name.starts_with("ok-empty"),
+                "{name}: {read} bytes"
+            );
+            ok += 1;
+        } else if name.starts_with("bad-") {
+            let e = result.expect_err(name);
+            eprintln!("{name}: {e}");
+            assert_eq!(e.raw_os_error(), None, "{name}: {e}");
+            bad += 1;
+        }
+    }
+    assert!(ok >= 5 && bad >= 10, "{ok} ok, {bad} bad files");
+}
