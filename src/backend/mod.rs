@@ -15,6 +15,7 @@ pub mod process;
 pub mod qemu;
 pub mod qemu_img;
 pub mod qmp;
+pub mod qmp_message;
 mod trust;
 
 pub use images::{Images, QemuImg};

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::qmp_message::{decode, Message};
+
 /// Longest line accepted from QEMU (a `query-block` of many disks is a few KiB).
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// Events kept for a later `wait_event`; older ones are dropped.
@@ -91,9 +93,10 @@ impl Qmp {
         };
         let deadline = Instant::now() + timeout;
         let greeting = qmp.read_message(deadline, "no greeting", timeout)?;
-        if greeting.get("QMP").is_none() {
+        if !matches!(greeting, Message::Greeting(_)) {
             return Err(QmpError::Protocol(format!(
-                "expected a greeting, got {greeting}"
+                "expected a greeting, got {}",
+                greeting.kind()
             )));
         }
         qmp.execute_raw("qmp_capabilities", json!({}))?;
@@ -172,23 +175,24 @@ impl Qmp {
                     return Err(e);
                 }
             };
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
+            match msg {
+                Message::Return(ret) => return Ok(ret),
+                Message::Error { class, desc } => {
+                    return Err(QmpError::Command {
+                        command: name.to_owned(),
+                        class,
+                        desc,
+                    })
+                }
+                Message::Event(e) => self.queue_event(e),
+                other => {
+                    self.broken = true;
+                    return Err(QmpError::Protocol(format!(
+                        "unexpected message: {}",
+                        other.kind()
+                    )));
+                }
             }
-            if let Some(err) = msg.get("error") {
-                let text = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-                return Err(QmpError::Command {
-                    command: name.to_owned(),
-                    class: text("class"),
-                    desc: text("desc"),
-                });
-            }
-            if msg.get("event").is_some() {
-                self.queue_event(msg);
-                continue;
-            }
-            self.broken = true;
-            return Err(QmpError::Protocol(format!("unexpected message {msg}")));
         }
     }
 
@@ -224,11 +228,16 @@ impl Qmp {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let msg = self.read_message(deadline, "no event", timeout)?;
-            if msg.get("event").is_none() {
-                self.broken = true;
-                return Err(QmpError::Protocol(format!("unexpected message {msg}")));
-            }
+            let msg = match self.read_message(deadline, "no event", timeout)? {
+                Message::Event(e) => e,
+                other => {
+                    self.broken = true;
+                    return Err(QmpError::Protocol(format!(
+                        "unexpected message: {}",
+                        other.kind()
+                    )));
+                }
+            };
             if pred(&msg) {
                 return Ok(msg);
             }
@@ -320,7 +329,7 @@ impl Qmp {
         deadline: Instant,
         what: &str,
         after: Duration,
-    ) -> Result<Value, QmpError> {
+    ) -> Result<Message, QmpError> {
         let mut line = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -362,10 +371,7 @@ impl Qmp {
             }
         }
         log::trace!("qmp <- {}", String::from_utf8_lossy(&line).trim_end());
-        serde_json::from_slice(&line).map_err(|e| {
-            self.broken = true;
-            QmpError::Protocol(format!("not JSON: {e}"))
-        })
+        decode(&line).inspect_err(|_| self.broken = true)
     }
 }
 
