@@ -443,7 +443,7 @@ impl Qcow2Layer {
             for (k, &next) in l2[index + 1..].iter().enumerate() {
                 let same = match m {
                     Mapping::Data(_) => {
-                        next == entry + (k as u64 + 1) * cs
+                        entry.checked_add((k as u64 + 1) * cs) == Some(next)
                             && (next & OFFSET_MASK) < self.storage.len()
                     }
                     _ => next == entry,
