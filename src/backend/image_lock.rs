@@ -17,9 +17,9 @@
 //! locks can open it writable or resize it. Verified with QEMU 7.2 and
 //! 10.0. Closing the lock's file releases it (also when the daemon dies).
 
+use nix::fcntl::{fcntl, FcntlArg};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -51,7 +51,7 @@ impl WriterLock {
         }
         let start = SHARED_BASE + DENIED_BITS.start();
         let len = DENIED_BITS.end() - DENIED_BITS.start() + 1;
-        ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK as i16, start, len)?;
+        ofd_lock(&file, libc::F_RDLCK as i16, start, len)?;
         Ok(WriterLock { file })
     }
 
@@ -63,13 +63,7 @@ impl WriterLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(image)?;
         // A write lock would conflict with any read lock on the byte.
-        let mut fl = flock(libc::F_WRLCK as i16, 101, 1);
-        // SAFETY: F_OFD_GETLK on an open descriptor with a valid flock.
-        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fl.l_type != libc::F_UNLCK as i16)
+        Ok(ofd_conflict(&file, libc::F_WRLCK as i16, 101, 1)? != libc::F_UNLCK as i16)
     }
 
     /// The locked file's device and inode, to tell whether a path still
@@ -81,24 +75,30 @@ impl WriterLock {
 }
 
 fn flock(kind: i16, start: i64, len: i64) -> libc::flock {
-    // SAFETY: flock is plain old data; zero is a valid value for each field.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = start;
-    fl.l_len = len;
-    fl.l_pid = 0;
-    fl
+    libc::flock {
+        l_type: kind,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
 }
 
-fn ofd_lock(file: &File, cmd: i32, kind: i16, start: i64, len: i64) -> io::Result<()> {
+/// Takes (or with `F_UNLCK` drops) an OFD lock of `kind` on `len` bytes
+/// at `start`, without waiting.
+fn ofd_lock(file: &File, kind: i16, start: i64, len: i64) -> io::Result<()> {
     let fl = flock(kind, start, len);
-    // SAFETY: an OFD lock command on an open descriptor with a valid flock.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &fl) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    fcntl(file, FcntlArg::F_OFD_SETLK(&fl))?;
     Ok(())
+}
+
+/// `F_OFD_GETLK`: the type of a lock someone else holds that would
+/// conflict with a lock of `kind` on `len` bytes at `start`
+/// (`F_UNLCK` when none would).
+pub fn ofd_conflict(file: &File, kind: i16, start: i64, len: i64) -> io::Result<i16> {
+    let mut fl = flock(kind, start, len);
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl))?;
+    Ok(fl.l_type)
 }
 
 #[cfg(test)]
@@ -115,23 +115,27 @@ mod tests {
         let lock = WriterLock::deny_writers(&img).unwrap();
         // What QEMU tests before it takes WRITE: byte 201, as a write lock.
         let probe = File::open(&img).unwrap();
-        let mut fl = flock(libc::F_WRLCK as i16, 201, 1);
-        // SAFETY: F_OFD_GETLK with a valid flock.
-        unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-        assert_eq!(fl.l_type, libc::F_RDLCK as i16, "byte 201 is held");
+        let wr = libc::F_WRLCK as i16;
+        assert_eq!(
+            ofd_conflict(&probe, wr, 201, 1).unwrap(),
+            libc::F_RDLCK as i16,
+            "byte 201 is held"
+        );
         // Reading (byte 200) and writers' bytes (101) are free.
         for byte in [200, 101] {
-            let mut fl = flock(libc::F_WRLCK as i16, byte, 1);
-            // SAFETY: as above.
-            unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-            assert_eq!(fl.l_type, libc::F_UNLCK as i16, "byte {byte} is free");
+            assert_eq!(
+                ofd_conflict(&probe, wr, byte, 1).unwrap(),
+                libc::F_UNLCK as i16,
+                "byte {byte} is free"
+            );
         }
         assert!(!WriterLock::has_writer(&img).unwrap());
         drop(lock);
-        let mut fl = flock(libc::F_WRLCK as i16, 201, 1);
-        // SAFETY: as above.
-        unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-        assert_eq!(fl.l_type, libc::F_UNLCK as i16, "released on close");
+        assert_eq!(
+            ofd_conflict(&probe, wr, 201, 1).unwrap(),
+            libc::F_UNLCK as i16,
+            "released on close"
+        );
         let link = dir.join("link");
         std::os::unix::fs::symlink(&img, &link).unwrap();
         assert!(WriterLock::deny_writers(&link).is_err(), "no symlink");

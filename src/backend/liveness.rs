@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -31,19 +30,8 @@ pub fn write_locked(image: &Path) -> io::Result<bool> {
 
 /// `F_OFD_GETLK` for a write lock on one byte: true if it would conflict.
 fn byte_locked(f: &File, byte: i64) -> io::Result<bool> {
-    // SAFETY: a zeroed flock is valid; the kernel fills it in.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    fl.l_pid = 0;
-    // SAFETY: fcntl on an open descriptor with a valid flock.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    let kind = super::image_lock::ofd_conflict(f, libc::F_WRLCK as libc::c_short, byte, 1)?;
+    Ok(kind != libc::F_UNLCK as libc::c_short)
 }
 
 /// A QEMU process as the daemon last saw it on the monitor: its pid and
@@ -135,17 +123,14 @@ mod tests {
         drop(denied);
         // Lock byte 101 the way QEMU does (a shared lock, OFD).
         let f = File::options().read(true).open(&img).unwrap();
-        // SAFETY: zeroed flock is valid.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_RDLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = 101;
-        fl.l_len = 1;
-        // SAFETY: fcntl on an open descriptor with a valid flock.
-        assert_eq!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) },
-            0
-        );
+        let fl = libc::flock {
+            l_type: libc::F_RDLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 101,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).unwrap();
         assert!(write_locked(&img).unwrap());
         assert!(holder(std::slice::from_ref(&img), None).is_some());
         drop(f);

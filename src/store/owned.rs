@@ -3,12 +3,9 @@
 //! through a symlink), known by device and inode, and removed only while
 //! the recorded path still names that inode, without following symlinks.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 /// A file's device and inode numbers.
@@ -36,36 +33,22 @@ pub fn id_of(file: &File) -> io::Result<FileId> {
 /// it is made from), as a copy keeps them.
 pub fn copy_owner_and_mode(file: &File, like: &Path) -> io::Result<()> {
     let m = std::fs::metadata(like)?;
-    let fd = file.as_raw_fd();
-    // SAFETY: fchown/fchmod on a descriptor this function borrows.
-    let r = unsafe { libc::fchown(fd, m.uid(), m.gid()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    let r = unsafe { libc::fchmod(fd, m.mode() & 0o777) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::unistd::fchown(
+        file,
+        Some(nix::unistd::Uid::from_raw(m.uid())),
+        Some(nix::unistd::Gid::from_raw(m.gid())),
+    )?;
+    nix::sys::stat::fchmod(
+        file,
+        nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o777),
+    )?;
     Ok(())
 }
 
 /// Renames `from` to `to`, failing with `EEXIST` if anything is at `to`.
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let (a, b) = (c_name(from.as_os_str())?, c_name(to.as_os_str())?);
-    // SAFETY: renameat2(2) of two NUL-terminated paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)?;
     Ok(())
 }
 
@@ -80,10 +63,6 @@ pub enum Removal {
     Refused(String),
 }
 
-fn c_name(name: &std::ffi::OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 /// Unlinks `path` itself (never what a symlink there points to), only
 /// when it is a regular file and, if `expected` is given, still the inode
 /// vmsnapfs made. The directory is opened with `O_NOFOLLOW`, the entry
@@ -95,45 +74,25 @@ pub fn remove(path: &Path, expected: Option<FileId>) -> io::Result<Removal> {
             path.display()
         )));
     };
-    let cdir = c_name(dir.as_os_str())?;
-    // SAFETY: open(2) of a NUL-terminated path; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            cdir.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOENT) => Ok(Removal::Absent),
-            Some(libc::ELOOP) | Some(libc::ENOTDIR) => Ok(Removal::Refused(format!(
+    use nix::errno::Errno;
+    use nix::fcntl::{AtFlags, OFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dirfd = match nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(Removal::Absent),
+        Err(Errno::ELOOP | Errno::ENOTDIR) => {
+            return Ok(Removal::Refused(format!(
                 "{} is not a directory (a symlink?)",
                 dir.display()
-            ))),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: fd was just opened and is owned from here on.
-    let dirfd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let cname = c_name(name)?;
-    // SAFETY: fstatat into a zeroed stat buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::fstatat(
-            dirfd.as_raw_fd(),
-            cname.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+            )))
+        }
+        Err(e) => return Err(e.into()),
     };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOENT) => Ok(Removal::Absent),
-            _ => Err(e),
-        };
-    }
+    let st = match nix::sys::stat::fstatat(&dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(Removal::Absent),
+        Err(e) => return Err(e.into()),
+    };
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Ok(Removal::Refused(format!(
             "{} is not a regular file (a symlink?); vmsnapfs removes only files it made",
@@ -148,14 +107,10 @@ pub fn remove(path: &Path, expected: Option<FileId>) -> io::Result<Removal> {
             )));
         }
     }
-    // SAFETY: unlinkat of a name in a directory fd we hold.
-    let r = unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), 0) };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOENT) => Ok(Removal::Absent),
-            _ => Err(e),
-        };
+    match nix::unistd::unlinkat(&dirfd, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => {}
+        Err(Errno::ENOENT) => return Ok(Removal::Absent),
+        Err(e) => return Err(e.into()),
     }
     Ok(Removal::Removed)
 }
