@@ -62,10 +62,11 @@ pub fn output(mut cmd: Command, timeout: Duration) -> Result<Output, ChildError>
     match rx.recv_timeout(timeout) {
         Ok(r) => r.map_err(|e| ChildError::Wait(name, e)),
         Err(_) => {
-            // SAFETY: kill(2) of our own child, not reaped yet (see above).
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            // Our own child, not reaped yet (see above).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             // Reaped by the waiter; its pipes close with the process
             // (a grandchild holding them is not waited for).
             let _ = rx.recv_timeout(Duration::from_secs(5));
