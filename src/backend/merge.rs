@@ -184,15 +184,15 @@ impl QemuBackend {
                     return Ok(());
                 }
                 let (base, base_format) = match lower_chain.get(1) {
-                    Some(b) => (b.path.to_string_lossy().into_owned(), b.format.clone()),
-                    None => (String::new(), String::new()),
+                    Some(b) => (b.path.clone().into_os_string(), b.format.clone()),
+                    None => (Default::default(), String::new()),
                 };
-                let upper = m.upper.to_string_lossy();
-                let mut args = vec!["rebase", "-f", "qcow2"];
+                use std::ffi::OsStr;
+                let mut args: Vec<&OsStr> = ["rebase", "-f", "qcow2"].map(OsStr::new).to_vec();
                 if !base_format.is_empty() {
-                    args.extend(["-F", &base_format]);
+                    args.extend([OsStr::new("-F"), OsStr::new(&base_format)]);
                 }
-                args.extend(["-b", &base, &upper]);
+                args.extend([OsStr::new("-b"), base.as_os_str(), m.upper.as_os_str()]);
                 progress(0, 0);
                 qemu_img::run_for(&args, qemu_img::DATA_TIMEOUT).map(drop)
             }

@@ -1,6 +1,8 @@
 //! `qemu-img` on the images of a stopped domain: internal snapshots,
 //! backing chains and overlays.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -20,14 +22,16 @@ const MAX_CHAIN: usize = 256;
 pub const FORMATS: &[&str] = &["qcow2", "raw"];
 
 /// Runs qemu-img with `args` (metadata work: killed after
-/// [`META_TIMEOUT`]), returning stdout; a failure carries stderr.
-pub fn run(args: &[&str]) -> Result<String> {
+/// [`META_TIMEOUT`]), returning stdout; a failure carries stderr. Paths
+/// are passed as their bytes.
+pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Result<String> {
     run_for(args, META_TIMEOUT)
 }
 
 /// Runs qemu-img with `args`, killed after `timeout`.
-pub fn run_for(args: &[&str], timeout: Duration) -> Result<String> {
-    log::debug!("qemu-img {}", args.join(" "));
+pub fn run_for<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Result<String> {
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    log::debug!("qemu-img {}", shown.join(" "));
     let mut cmd = Command::new("qemu-img");
     cmd.args(args);
     let out = super::child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
@@ -35,7 +39,7 @@ pub fn run_for(args: &[&str], timeout: Duration) -> Result<String> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(Error::io(format!(
             "qemu-img {} failed: {}",
-            args.first().unwrap_or(&""),
+            shown.first().map(|a| a.as_ref()).unwrap_or(""),
             stderr.trim()
         )));
     }
@@ -59,8 +63,15 @@ pub fn check_format(format: &str) -> Result<()> {
 pub fn info(image: &Path, format: &str) -> Result<Value> {
     check_format(format)?;
     check_plain_file(image)?;
-    let path = image.to_string_lossy();
-    let json = run(&["info", "-U", "-f", format, "--output=json", &path])?;
+    let args: [&OsStr; 6] = [
+        "info".as_ref(),
+        "-U".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        "--output=json".as_ref(),
+        image.as_os_str(),
+    ];
+    let json = run(&args)?;
     serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))
 }
 
@@ -209,22 +220,22 @@ pub fn expected_format(disks: &[crate::model::DiskDef], image: &Path) -> String 
 
 /// `--image-opts` of `chain` (top first) opened read-only with every
 /// image named: QEMU follows nothing the chain does not list.
-pub fn image_opts(chain: &[ChainImage]) -> String {
-    let mut opts = String::new();
+pub fn image_opts(chain: &[ChainImage]) -> OsString {
+    let mut opts = OsString::new();
     let mut prefix = String::new();
     for (i, c) in chain.iter().enumerate() {
         if i > 0 {
-            opts.push(',');
+            opts.push(",");
             prefix.push_str("backing.");
         }
-        opts += &format!(
-            "{prefix}driver={},{prefix}file.driver=file,{prefix}file.filename={},\
-             {prefix}force-share=on,{prefix}read-only=on",
-            c.format,
-            opt_escape(&c.path.to_string_lossy())
-        );
+        opts.push(format!(
+            "{prefix}driver={},{prefix}file.driver=file,{prefix}file.filename=",
+            c.format
+        ));
+        opts.push(opt_escape_os(c.path.as_os_str()));
+        opts.push(format!(",{prefix}force-share=on,{prefix}read-only=on"));
         if i + 1 == chain.len() && c.format == "qcow2" {
-            opts += &format!(",{prefix}backing=");
+            opts.push(format!(",{prefix}backing="));
         }
     }
     opts
@@ -233,16 +244,28 @@ pub fn image_opts(chain: &[ChainImage]) -> String {
 /// `--image-opts` of the qcow2 image `image` alone, writable, its
 /// backing file not opened: for work inside the image (internal
 /// snapshots), which never needs it.
-fn qcow2_alone(image: &Path) -> String {
-    format!(
-        "driver=qcow2,file.driver=file,file.filename={},backing=",
-        opt_escape(&image.to_string_lossy())
-    )
+fn qcow2_alone(image: &Path) -> OsString {
+    let mut opts = OsString::from("driver=qcow2,file.driver=file,file.filename=");
+    opts.push(opt_escape_os(image.as_os_str()));
+    opts.push(",backing=");
+    opts
 }
 
 /// Doubles commas, the escape of QEMU's `key=value,...` option strings.
 pub fn opt_escape(s: &str) -> String {
     s.replace(',', ",,")
+}
+
+/// [`opt_escape`] of a path's bytes (any bytes, not only UTF-8).
+pub fn opt_escape_os(s: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
 }
 
 /// Creates a qcow2 overlay at `overlay` over `backing` (format
@@ -285,10 +308,13 @@ pub fn create_overlay(
 /// `backing_format`). qemu-img writes through the open descriptor
 /// (`/proc/self/fd/N`), so a path swapped in the meantime is never touched.
 pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &str) -> Result<()> {
-    let backing = std::fs::canonicalize(backing)
+    // Absolute (qemu-img runs on /proc/self/fd/N), but as named: the
+    // header must hold the path QEMU opened the backing image by, or
+    // QEMU reports the overlay by a json: description instead of its name.
+    let backing = std::path::absolute(backing)
         .map_err(|e| Error::io(format!("{}: {e}", backing.display())))?;
     let size = virtual_size(&backing, backing_format)?.to_string();
-    let args: Vec<String> = [
+    let args: Vec<OsString> = [
         "create",
         "-q",
         "-u",
@@ -299,10 +325,10 @@ pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &
         "-b",
     ]
     .iter()
-    .map(|s| s.to_string())
-    .chain([backing.to_string_lossy().into_owned()])
+    .map(OsString::from)
+    .chain([backing.into_os_string()])
     .collect();
-    run_on(file, &args, &[size])
+    run_on(file, &args, &[size.into()])
 }
 
 /// Bytes that `image` (opened as `format`) itself holds, not its backing
@@ -339,7 +365,13 @@ pub fn allocated_bytes(chain: &[ChainImage]) -> Result<u64> {
 /// The extents `qemu-img map --output=json` lists for `chain` spelled out.
 fn map_entries(chain: &[ChainImage]) -> Result<Vec<Value>> {
     let opts = image_opts(chain);
-    let json = run(&["map", "--output=json", "--image-opts", &opts])?;
+    let args: [&OsStr; 4] = [
+        "map".as_ref(),
+        "--output=json".as_ref(),
+        "--image-opts".as_ref(),
+        &opts,
+    ];
+    let json = run(&args)?;
     serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))
 }
 
@@ -368,16 +400,16 @@ pub fn copy_above_backing(
     let done = (|| {
         record(id)?;
         owned::copy_owner_and_mode(&file, image)?;
-        let mut args: Vec<String> = ["convert", "--image-opts", "-O", "qcow2"]
+        let mut args: Vec<OsString> = ["convert", "--image-opts", "-O", "qcow2"]
             .iter()
-            .map(|s| s.to_string())
+            .map(OsString::from)
             .collect();
         if let Some(b) = chain.get(1) {
             args.extend([
                 "-B".into(),
-                b.path.to_string_lossy().into_owned(),
+                b.path.clone().into_os_string(),
                 "-F".into(),
-                b.format.clone(),
+                b.format.clone().into(),
             ]);
         }
         args.push(image_opts(&chain));
@@ -396,12 +428,13 @@ pub fn copy_above_backing(
 /// Runs qemu-img with `args` and, as its last argument, `file` open in
 /// it (`/proc/self/fd/N`): qemu-img never opens a path someone could
 /// swap for a symlink.
-fn run_on(file: &std::fs::File, args: &[String], tail: &[String]) -> Result<()> {
+fn run_on(file: &std::fs::File, args: &[OsString], tail: &[OsString]) -> Result<()> {
     use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fd = file.as_raw_fd();
     let target = format!("/proc/self/fd/{fd}");
-    log::debug!("qemu-img {} {target}", args.join(" "));
+    let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+    log::debug!("qemu-img {} {target}", shown.join(" "));
     let mut cmd = Command::new("qemu-img");
     cmd.args(args).arg(&target).args(tail);
     // SAFETY: only fcntl(2) runs between fork and exec; it clears
@@ -418,7 +451,7 @@ fn run_on(file: &std::fs::File, args: &[String], tail: &[String]) -> Result<()> 
     if !out.status.success() {
         return Err(Error::io(format!(
             "qemu-img {} failed: {}",
-            args.first().map(String::as_str).unwrap_or(""),
+            shown.first().map(|a| a.as_ref()).unwrap_or(""),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
@@ -429,30 +462,32 @@ fn run_on(file: &std::fs::File, args: &[String], tail: &[String]) -> Result<()> 
 /// (the two must hold the same bytes).
 pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
     check_format(backing_format)?;
-    run(&[
-        "rebase",
-        "-u",
-        "-f",
-        "qcow2",
-        "-F",
-        backing_format,
-        "-b",
-        &backing.to_string_lossy(),
-        &image.to_string_lossy(),
-    ])
-    .map(drop)
+    let args: [&OsStr; 9] = [
+        "rebase".as_ref(),
+        "-u".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        backing_format.as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        image.as_os_str(),
+    ];
+    run(&args).map(drop)
 }
 
 /// `qemu-img commit` of qcow2 `image` into its backing file, after its
 /// chain was checked ([`chain`]); `drop` empties it (`-d`).
 pub fn commit(image: &Path, drop_after: bool) -> Result<()> {
     chain(image, "qcow2")?;
-    let path = image.to_string_lossy();
-    let mut args = vec!["commit", "-q", "-f", "qcow2"];
+    let mut args: Vec<&OsStr> = ["commit", "-q", "-f", "qcow2"]
+        .iter()
+        .map(OsStr::new)
+        .collect();
     if drop_after {
-        args.push("-d");
+        args.push(OsStr::new("-d"));
     }
-    args.push(&path);
+    args.push(image.as_os_str());
     run_for(&args, DATA_TIMEOUT).map(drop)
 }
 
@@ -484,44 +519,44 @@ pub fn create(image: &Path, tag: &str) -> Result<()> {
             format!("{} already has a snapshot tagged {tag}", image.display()),
         ));
     }
-    run(&[
-        "snapshot",
-        "-q",
-        "-c",
-        tag,
-        "--image-opts",
-        &qcow2_alone(image),
-    ])
-    .map(drop)
+    let opts = qcow2_alone(image);
+    let args: [&OsStr; 6] = [
+        "snapshot".as_ref(),
+        "-q".as_ref(),
+        "-c".as_ref(),
+        tag.as_ref(),
+        "--image-opts".as_ref(),
+        &opts,
+    ];
+    run(&args).map(drop)
 }
 
 /// Reverts a stopped image to internal snapshot `tag`.
 pub fn apply(image: &Path, tag: &str) -> Result<()> {
-    run_for(
-        &[
-            "snapshot",
-            "-q",
-            "-a",
-            tag,
-            "--image-opts",
-            &qcow2_alone(image),
-        ],
-        DATA_TIMEOUT,
-    )
-    .map(drop)
+    let opts = qcow2_alone(image);
+    let args: [&OsStr; 6] = [
+        "snapshot".as_ref(),
+        "-q".as_ref(),
+        "-a".as_ref(),
+        tag.as_ref(),
+        "--image-opts".as_ref(),
+        &opts,
+    ];
+    run_for(&args, DATA_TIMEOUT).map(drop)
 }
 
 /// Deletes internal snapshot `tag` from a stopped image.
 pub fn delete(image: &Path, tag: &str) -> Result<()> {
-    run(&[
-        "snapshot",
-        "-q",
-        "-d",
-        tag,
-        "--image-opts",
-        &qcow2_alone(image),
-    ])
-    .map(drop)
+    let opts = qcow2_alone(image);
+    let args: [&OsStr; 6] = [
+        "snapshot".as_ref(),
+        "-q".as_ref(),
+        "-d".as_ref(),
+        tag.as_ref(),
+        "--image-opts".as_ref(),
+        &opts,
+    ];
+    run(&args).map(drop)
 }
 
 #[cfg(test)]

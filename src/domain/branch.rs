@@ -131,6 +131,15 @@ impl Domain {
         }
         // The overlays' names fit, before anything is made.
         super::paths::check_lengths(branches.iter().map(|(_, _, o, _)| o.as_path()))?;
+        // The new layers record and the left-* snapshot's XML (unless
+        // discarded) name the overlays and the previous active layers.
+        let kept = left_points.iter().filter(|_| !req.discard);
+        super::paths::check_utf8(
+            branches
+                .iter()
+                .map(|(_, _, o, _)| o.as_path())
+                .chain(kept.filter_map(|p| p.image.as_deref())),
+        )?;
         let left_images: Vec<PathBuf> =
             left_points.iter().filter_map(|p| p.image.clone()).collect();
         // Read before the guest stops: their snapshot tables do not change.

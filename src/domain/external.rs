@@ -134,6 +134,13 @@ impl Domain {
             .collect();
         super::paths::check_lengths(files.iter().copied())?;
         super::paths::check_distinct(files.iter().copied())?;
+        // The new files and the images that become the points.
+        let active = self.backend.active_disks();
+        let becoming_points = active
+            .iter()
+            .filter(|a| plan.overlays.iter().any(|(t, _)| t == &a.target))
+            .map(|a| a.source.as_path());
+        super::paths::check_utf8(files.iter().copied().chain(becoming_points))?;
         crate::backend::external::check_plan_paths(&plan)?;
         let given = disks.iter().any(|(_, p)| p.is_some()) || matches!(memory, Some(Some(_)));
         if given {

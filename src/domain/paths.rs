@@ -90,6 +90,20 @@ fn short(p: &Path) -> String {
     }
 }
 
+/// `EINVAL` if one of `paths` is not UTF-8: snapshot.xml names every
+/// file of a snapshot, and XML holds only UTF-8 text (a byte of another
+/// encoding would name another file). Checked before anything is made.
+pub fn check_utf8<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    match paths.into_iter().find(|p| p.to_str().is_none()) {
+        Some(p) => Err(Error::invalid(format!(
+            "{} is not UTF-8 text: snapshot.xml (XML) cannot name it; nothing was made \
+             (name the images by a path in UTF-8, e.g. through a link to their directory)",
+            p.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// How two paths are compared: the directory with symlinks resolved,
 /// then the file name as written.
 fn key(p: &Path) -> PathBuf {

@@ -207,12 +207,16 @@ impl Domain {
                 }
             }
         };
+        // The paths the chains name, not their resolved forms: those are
+        // what the backend, the records and snapshot.xml are given (a
+        // resolved path may pass through a directory whose name is not
+        // UTF-8, which XML and qemu-img's command line cannot carry).
         Ok(DiskPlan::Merge(Merge {
             target: target.to_owned(),
             kind,
-            lower: point,
-            upper: upper.clone(),
-            above: g.children(upper),
+            lower: g.named(&point),
+            upper: g.named(upper),
+            above: g.children(upper).iter().map(|a| g.named(a)).collect(),
         }))
     }
 
@@ -344,7 +348,7 @@ impl Domain {
                     r?;
                     crate::failpoint::hit("delete.after-backend")?;
                     if m.kind == MergeKind::Commit {
-                        self.repoint(&m.upper, &m.lower)?;
+                        self.repoint(&canonical(&m.upper), &m.lower)?;
                     }
                     notes.push(format!(
                         "disk {}: {} {} in {:.3} s",

@@ -231,6 +231,7 @@ impl Domain {
             }
             let g = ImageGraph::build(self.images.as_ref(), &self.roots(None))?;
             for child in g.children(&canonical(img)) {
+                let child = g.named(&child);
                 self.release_frozen(&[&child]);
                 self.images.rebase_unsafe(&child, copy, "qcow2")?;
             }

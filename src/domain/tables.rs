@@ -494,3 +494,43 @@ fn backing_revert_table() {
         }
     }
 }
+
+/// An image path that is not UTF-8 (a layer QEMU reported, say) cannot be
+/// named in snapshot.xml: an external snapshot or revert that would have
+/// to is refused (EINVAL, .log says why) before anything is made.
+#[test]
+fn paths_xml_cannot_name_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let w = world("utf8", "external-disk-only", Running, true);
+    w.snap("e1", Running);
+    let odd = w
+        .dir
+        .join("img")
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.qcow2"));
+    w.images.add(
+        &odd,
+        FakeImage {
+            backing: Some(w.image("vm-vda.e1.qcow2")),
+            format: "qcow2".into(),
+            ..Default::default()
+        },
+    );
+    crate::backend::Backend::set_active_layers(w.backend.as_ref(), &[("vda".into(), odd)]).unwrap();
+    let files = |w: &World| std::fs::read_dir(w.dir.join("img")).unwrap().count();
+    let before = files(&w);
+    assert_eq!(
+        w.calls_of(|| w.dom.create(b"e2").map(drop)),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        w.calls_of(|| w.dom.revert("e1", b"running force")),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(files(&w), before, "nothing made");
+    assert_eq!(w.dom.forest().len(), 1);
+    let log = w.dom.log_text();
+    assert!(
+        log.contains("refused (EINVAL)") && log.contains("is not UTF-8"),
+        "{log}"
+    );
+}
