@@ -8,7 +8,7 @@ mod common;
 
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -671,97 +671,170 @@ fn uid_of(pid: i32) -> u32 {
         .unwrap()
 }
 
-/// A real QEMU that an unprivileged user started (no `<commandline>` in
-/// the definition) is recorded with its credentials, and a revert that
-/// starts QEMU again runs it as that user, not as root.
+/// A real QEMU that an unprivileged user started from a directory of
+/// theirs (no `<commandline>` in the definition), with a daemon mounted
+/// over it under `policy`.
+struct UserVm {
+    daemon: Daemon,
+    first: Killed,
+    control: PathBuf,
+    home: PathBuf,
+    user: User,
+    _dir: TempDir,
+}
+
+impl UserVm {
+    fn start(tag: &str, policy: &str) -> UserVm {
+        let dir = TempDir::new(tag);
+        let user = User::new("qemu");
+        let home = user.dir(&dir.0.join("user"));
+        let mut xml = String::from("<domain type='kvm'>\n  <name>vm1</name>\n");
+        let monitor = home.join("vm1.qmp");
+        let control = home.join("vm1.control.qmp");
+        xml += &format!("  <monitor path='{}'/>\n  <devices>\n", monitor.display());
+        let mut argv: Vec<String> = [
+            "/usr/bin/qemu-system-x86_64",
+            "-name",
+            "vm1",
+            "-accel",
+            "tcg",
+            "-machine",
+            "q35",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+        ]
+        .map(String::from)
+        .to_vec();
+        for t in ["vda", "vdb"] {
+            let img = home.join(format!("{t}.qcow2"));
+            create_qcow2(&img, "16M");
+            std::os::unix::fs::chown(&img, Some(user.uid), Some(user.gid)).unwrap();
+            xml += &format!(
+                "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='{t}' bus='virtio'/></disk>\n",
+                img.display()
+            );
+            argv.push("-drive".into());
+            argv.push(format!(
+                "file={},format=qcow2,if=none,id={t},node-name={t}-fmt",
+                img.display()
+            ));
+            argv.push("-device".into());
+            argv.push(format!("virtio-blk-pci,drive={t},id={t}-dev"));
+        }
+        for s in [&monitor, &control] {
+            argv.push("-qmp".into());
+            argv.push(format!("unix:{},server=on,wait=off", s.display()));
+        }
+        xml += &format!("  </devices>\n  <snapshot policy='{policy}'/>\n</domain>\n");
+        fs::create_dir_all(dir.0.join("domains")).unwrap();
+        fs::write(dir.0.join("domains/vm1.xml"), xml).unwrap();
+        let mut c = user.command(&argv[0]);
+        c.args(&argv[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let first = Killed(c.spawn().unwrap());
+        let daemon = Daemon::start(&dir.0, &[]);
+        wait_for(&daemon.mnt.join("vm1/.state"), "running");
+        UserVm {
+            daemon,
+            first,
+            control,
+            home,
+            user,
+            _dir: dir,
+        }
+    }
+
+    fn vm(&self) -> PathBuf {
+        self.daemon.mnt.join("vm1")
+    }
+
+    /// Reverts to `snap` (errno and `.log` on failure) and returns the
+    /// QEMU that runs afterwards, killed on drop.
+    fn revert(&self, snap: &str, request: &str) -> Killed2 {
+        let vm = self.vm();
+        common::write_file(&vm.join(snap).join("revert"), request.as_bytes()).unwrap_or_else(|e| {
+            panic!(
+                "revert: errno {e}\n{}",
+                fs::read_to_string(vm.join(".log")).unwrap()
+            )
+        });
+        wait_for(&vm.join(".state"), "running");
+        let q =
+            vmsnapfs::backend::qmp::Qmp::connect(&self.control, Duration::from_secs(10)).unwrap();
+        let pid = q.peer_pid().unwrap();
+        Killed2(pid)
+    }
+}
+
+/// A real QEMU that an unprivileged user started is recorded with its
+/// credentials, and a revert that starts QEMU again runs it as that
+/// user, not as root.
 #[test]
 fn a_users_qemu_is_restarted_as_that_user() {
-    let dir = TempDir::new("sec-userqemu");
-    let user = User::new("qemu");
-    let home = user.dir(&dir.0.join("user"));
-    let mut xml = String::from("<domain type='kvm'>\n  <name>vm1</name>\n");
-    let monitor = home.join("vm1.qmp");
-    let control = home.join("vm1.control.qmp");
-    xml += &format!("  <monitor path='{}'/>\n  <devices>\n", monitor.display());
-    let mut argv: Vec<String> = [
-        "/usr/bin/qemu-system-x86_64",
-        "-name",
-        "vm1",
-        "-accel",
-        "tcg",
-        "-machine",
-        "q35",
-        "-m",
-        "64",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "none",
-    ]
-    .map(String::from)
-    .to_vec();
-    for t in ["vda", "vdb"] {
-        let img = home.join(format!("{t}.qcow2"));
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("16M")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        std::os::unix::fs::chown(&img, Some(user.uid), Some(user.gid)).unwrap();
-        xml += &format!(
-            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='{t}' bus='virtio'/></disk>\n",
-            img.display()
-        );
-        argv.push("-drive".into());
-        argv.push(format!(
-            "file={},format=qcow2,if=none,id={t},node-name={t}-fmt",
-            img.display()
-        ));
-        argv.push("-device".into());
-        argv.push(format!("virtio-blk-pci,drive={t},id={t}-dev"));
-    }
-    for s in [&monitor, &control] {
-        argv.push("-qmp".into());
-        argv.push(format!("unix:{},server=on,wait=off", s.display()));
-    }
-    xml += "  </devices>\n  <snapshot policy='disk-only'/>\n</domain>\n";
-    fs::create_dir_all(dir.0.join("domains")).unwrap();
-    fs::write(dir.0.join("domains/vm1.xml"), xml).unwrap();
-    let mut c = user.command(&argv[0]);
-    c.args(&argv[1..])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let first = Killed(c.spawn().unwrap());
-    let daemon = Daemon::start(&dir.0, &[]);
-    let vm = daemon.mnt.join("vm1");
-    wait_for(&vm.join(".state"), "running");
-    fs::create_dir(vm.join("s1")).unwrap();
-    let recorded = fs::read_to_string(daemon.state.join("vm1/argv")).unwrap();
+    let u = UserVm::start("sec-userqemu", "disk-only");
+    fs::create_dir(u.vm().join("s1")).unwrap();
+    let recorded = fs::read_to_string(u.daemon.state.join("vm1/argv")).unwrap();
     assert!(
-        recorded.starts_with(&format!("{} {} ", user.uid, user.gid)),
+        recorded.starts_with(&format!("{} {} ", u.user.uid, u.user.gid)),
         "recorded owner: {recorded:?}"
     );
-    common::write_file(&vm.join("s1/revert"), b"running force discard").unwrap_or_else(|e| {
+    let restarted = u.revert("s1", "running force discard");
+    assert_ne!(restarted.0 as u32, u.first.0.id(), "a new QEMU process");
+    assert_eq!(
+        uid_of(restarted.0),
+        u.user.uid,
+        "QEMU was restarted as root"
+    );
+    drop(restarted);
+}
+
+/// A user's QEMU (not root) saves the RAM of a live checkpoint into the
+/// root-only memory file vmsnapfs made, and a revert to it loads that
+/// file into a new QEMU of the same user: both through descriptors
+/// vmsnapfs hands over, since that user may not open the file by name.
+#[test]
+fn a_users_qemu_saves_and_loads_a_root_only_memory_file() {
+    let u = UserVm::start("sec-usermem", "external");
+    fs::create_dir(u.vm().join("c1")).unwrap_or_else(|e| {
         panic!(
-            "revert: errno {e}\n{}",
-            fs::read_to_string(vm.join(".log")).unwrap()
+            "mkdir: {e}\n{}",
+            fs::read_to_string(u.vm().join(".log")).unwrap()
         )
     });
-    wait_for(&vm.join(".state"), "running");
-    let q = vmsnapfs::backend::qmp::Qmp::connect(&control, Duration::from_secs(10)).unwrap();
-    let pid = q.peer_pid().unwrap();
-    drop(q);
-    let restarted = Killed2(pid);
-    assert_ne!(pid as u32, first.0.id(), "a new QEMU process");
-    assert_eq!(uid_of(pid), user.uid, "QEMU was restarted as root");
-    drop(daemon);
+    assert_eq!(
+        fs::read_to_string(u.vm().join("c1/state")).unwrap().trim(),
+        "running"
+    );
+    let memory = u.home.join("vm1.c1.memory");
+    let m = fs::symlink_metadata(&memory).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (0, 0o400),
+        "memory file owner/mode"
+    );
+    // A 64 MiB guest without an OS is mostly zero pages: under 1 MiB.
+    assert!(
+        m.len() > 100_000,
+        "memory file holds RAM: {} bytes",
+        m.len()
+    );
+    let restarted = u.revert("c1", "running force discard");
+    assert_eq!(
+        uid_of(restarted.0),
+        u.user.uid,
+        "QEMU was restarted as root"
+    );
+    let log = fs::read_to_string(u.vm().join(".log")).unwrap();
+    assert!(log.contains("revert \"c1\""), "{log}");
     drop(restarted);
-    drop(first);
 }
 
 /// A process (not our child) killed by pid on drop.

@@ -533,3 +533,44 @@ fn a_memory_file_swapped_for_a_symlink_during_the_save_is_never_written_through(
     swap_memory_file_during_save(false);
     swap_memory_file_during_save(true);
 }
+
+/// The owner of a directory on the way to the images swaps the image
+/// directory for a symlink to a root-only directory: root must not make
+/// the snapshot's overlays there (a symlink is followed only where only
+/// root can have made it).
+#[test]
+fn a_directory_swapped_for_a_symlink_on_the_way_is_never_followed() {
+    let owner = TestUser::new("dir", false);
+    let dir = TempDir::new("sec-dirswap");
+    let home = dir.0.join("home");
+    fs::create_dir_all(&home).unwrap();
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &home.join("imgs")).expect("start VM");
+    vm.policy = Some("external-disk-only".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, owner.uid, 100, 0o700, 0o600);
+    std::os::unix::fs::chown(&home, Some(owner.uid), Some(100)).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let fx = Fixture { daemon, vm, dir };
+    fx.wait_state("running");
+    let (rootonly, _) = root_only(&fx.dir.0);
+    let before = names(&rootonly);
+    let out = owner.sh(
+        &format!(
+            "cd '{h}' && mv imgs imgs.real && ln -s '{r}' imgs",
+            h = home.display(),
+            r = rootonly.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let r = fs::create_dir(fx.path("s1"));
+    let log = fx.read(".log");
+    assert!(r.is_err(), "mkdir went through a swapped directory\n{log}");
+    assert_eq!(
+        names(&rootonly),
+        before,
+        "files were made in a root-only directory"
+    );
+    assert!(log.contains("does not follow"), "{log}");
+    assert!(fx.ls().is_empty(), "{:?}", fx.ls());
+}

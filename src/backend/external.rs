@@ -30,12 +30,7 @@ fn overlay_node(overlay: &Path) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     overlay.hash(&mut h);
     SystemTime::now().hash(&mut h);
-    format!("vso-{:016x}", h.finish())
-}
-
-/// Quotes `s` for `/bin/sh` (QEMU's `exec:` migration runs a shell).
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+    format!("{}{:016x}", super::fdset::NODE_PREFIX, h.finish())
 }
 
 impl QemuBackend {
@@ -48,6 +43,28 @@ impl QemuBackend {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Opens a file vmsnapfs made (read-write when `write`), without
+    /// following a symlink, and only while `path` still names the inode
+    /// recorded when it was made: what QEMU is then handed is that file.
+    pub(super) fn open_made(&self, path: &Path, write: bool) -> Result<fs::File> {
+        let replaced = || {
+            Error::io(format!(
+                "{} is no longer the file vmsnapfs made (it was replaced); it is not used",
+                path.display()
+            ))
+        };
+        let f = crate::store::owned::open_existing(path, write).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ELOOP) => replaced(),
+                _ => Error::from(e).context(path.display().to_string()),
+            }
+        })?;
+        match self.store.made_id(path) {
+            Some(id) if crate::store::owned::id_of(&f)? == id => Ok(f),
+            _ => Err(replaced()),
+        }
     }
 
     /// Removes a file vmsnapfs made (see [`crate::store::DomainStore::remove_made`]);
@@ -233,6 +250,7 @@ impl QemuBackend {
             .execute_raw("transaction", json!({ "actions": actions }));
         if let Err(e) = r {
             // A failed transaction rolls back; the files made stay.
+            let _ = super::fdset::release_unused(&mut conn.qmp);
             for (_, overlay) in &plan.overlays {
                 let _ = self.remove_made(overlay);
             }
@@ -333,6 +351,8 @@ impl QemuBackend {
         let result = self.checkpoint_save(conn, actions, plan, (&part, &file), live, outcome);
         drop(file);
         if mapped {
+            // The memory file's fd set goes once the save ended.
+            let _ = super::fdset::release_unused(&mut conn.qmp);
             let _ = set_migrate_capabilities(conn, PARALLEL_CAPS, false);
         }
         if let Some(b) = old_bandwidth {
@@ -394,14 +414,19 @@ impl QemuBackend {
             self.def.name,
             t0.elapsed()
         );
-        // QEMU (or dd) opens the file vmsnapfs created and holds open,
-        // through its /proc link: whatever the image directory's owner
+        // QEMU writes the file vmsnapfs created and holds open, handed
+        // over as a descriptor: whatever the image directory's owner
         // renames or swaps in at `part` meanwhile is never written.
-        let inode = held_file_path(held);
-        let uri = if mapped {
-            format!("file:{inode}")
-        } else {
-            format!("exec:dd of={inode} bs=1M conv=notrunc status=none")
+        let uri = match Self::hand_over_memory(conn, part, held, mapped) {
+            Ok(uri) => uri,
+            Err(e) => {
+                let undone = self.undo_live_overlays(conn, plan);
+                let e = match undone {
+                    Ok(()) => e,
+                    Err(u) => e.context(format!("and merging the overlays back failed: {u}")),
+                };
+                return Err(fail(conn, background, e));
+            }
         };
         let mut started = conn
             .qmp
@@ -448,6 +473,29 @@ impl QemuBackend {
             outcome.paused_for = Some(t0.elapsed());
         }
         Ok(())
+    }
+
+    /// Hands QEMU the memory file being written: a stream as a named
+    /// descriptor (`fd:`), a mapped-ram file as a write-only fd set
+    /// (`file:/dev/fdset/N`: multifd channels each open it). Returns the
+    /// migration URI.
+    fn hand_over_memory(
+        conn: &mut Conn,
+        part: &Path,
+        held: &fs::File,
+        mapped: bool,
+    ) -> Result<String> {
+        if !mapped {
+            super::fdset::add_named(&mut conn.qmp, held, MEMORY_FD).map_err(qmp_err)?;
+            return Ok(format!("fd:{MEMORY_FD}"));
+        }
+        // QEMU opens an fd set's file write-only for an outgoing file
+        // migration: hand over a write-only descriptor of the same file.
+        let write_only = fs::OpenOptions::new()
+            .write(true)
+            .open(held_file_path(held))?;
+        let set = super::fdset::add(&mut conn.qmp, &write_only, part).map_err(qmp_err)?;
+        Ok(format!("file:/dev/fdset/{set}"))
     }
 
     /// Polls `query-migrate` until the save completed or failed.
@@ -550,6 +598,7 @@ impl QemuBackend {
             self.remove_made(overlay)?;
         }
         conn.nodes = None;
+        let _ = super::fdset::release_unused(&mut conn.qmp);
         self.set_layers(&restored)
     }
 
@@ -664,36 +713,65 @@ pub(super) fn check_can_load(caps: &Capabilities, format: MemoryFormat) -> Resul
     Ok(())
 }
 
-/// The path through which another process opens exactly the file this
-/// process holds open as `file` (`/proc/<pid>/fd/<n>`), never a name in a
+/// The name under which a memory file's descriptor is handed to QEMU.
+const MEMORY_FD: &str = "vmsnapfs-memory";
+
+/// The path through which this process opens again exactly the file it
+/// holds open as `file` (`/proc/self/fd/<n>`), never a name in a
 /// directory someone else may change.
 fn held_file_path(file: &fs::File) -> String {
     use std::os::fd::AsRawFd;
-    format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())
+    format!("/proc/self/fd/{}", file.as_raw_fd())
 }
 
 /// Loads RAM from a memory file into a QEMU started with `-incoming
-/// defer`: a mapped-ram file in parallel (`file:` with mapped-ram and
-/// multifd), a stream from a `file:` URI where QEMU has one (it reads
-/// faster than through a pipe), else through `exec:cat`.
-pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>) -> Result<()> {
-    let memory = incoming.file;
+/// defer`, from `held`, the file vmsnapfs opened (see
+/// [`QemuBackend::open_memory`]), handed over as a descriptor: a
+/// mapped-ram file as a read-only fd set, loaded in parallel (`file:`
+/// with mapped-ram and multifd), a stream as a named descriptor (`fd:`).
+/// QEMU needs no right to open the root-only file by name, whatever uid
+/// it runs as.
+pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>, held: &fs::File) -> Result<()> {
     check_can_load(&conn.caps, incoming.format)?;
-    let plain_path = !memory.to_string_lossy().contains(',');
     let uri = match incoming.format {
         MemoryFormat::MappedRam => {
             set_migrate_capabilities(conn, PARALLEL_CAPS, true)?;
-            format!("file:{}", memory.display())
+            let set = super::fdset::add(&mut conn.qmp, held, incoming.file).map_err(qmp_err)?;
+            format!("file:/dev/fdset/{set}")
         }
-        MemoryFormat::Stream if plain_path && conn.caps.has_file_migration() => {
-            format!("file:{}", memory.display())
+        MemoryFormat::Stream => {
+            super::fdset::add_named(&mut conn.qmp, held, MEMORY_FD).map_err(qmp_err)?;
+            format!("fd:{MEMORY_FD}")
         }
-        MemoryFormat::Stream => format!("exec:cat {}", shell_quote(&memory.to_string_lossy())),
     };
     conn.qmp
         .execute_raw("migrate-incoming", json!({ "uri": uri }))
         .map_err(qmp_err)?;
-    QemuBackend::wait_migration(conn)
+    let loaded = QemuBackend::wait_migration(conn);
+    let _ = super::fdset::release_unused(&mut conn.qmp);
+    loaded
+}
+
+impl QemuBackend {
+    /// Opens a memory file to load, without following a symlink: the
+    /// file vmsnapfs recorded making at that path, or, for files made
+    /// before such records, a regular root-only file with one link (what
+    /// vmsnapfs writes): never a file someone linked or swapped in.
+    pub(super) fn open_memory(&self, memory: &Path) -> Result<fs::File> {
+        if self.store.made_id(memory).is_some() {
+            return self.open_made(memory, false);
+        }
+        let f = crate::store::owned::open_existing(memory, false)
+            .map_err(|e| Error::from(e).context(memory.display().to_string()))?;
+        let m = f.metadata()?;
+        if !m.is_file() || m.uid() != 0 || m.nlink() != 1 {
+            return Err(Error::io(format!(
+                "{} is not a memory file vmsnapfs wrote (a regular root-owned file with one link); it is not loaded",
+                memory.display()
+            )));
+        }
+        Ok(f)
+    }
 }
 
 impl QemuBackend {
@@ -814,6 +892,7 @@ impl QemuBackend {
                         .qmp
                         .execute_raw("blockdev-del", json!({ "node-name": node }));
                 }
+                let _ = super::fdset::release_unused(&mut conn.qmp);
                 if was_running {
                     let _ = conn.qmp.execute_raw("cont", json!({}));
                 }
@@ -828,6 +907,7 @@ impl QemuBackend {
                         .execute_raw("blockdev-del", json!({ "node-name": old.node }));
                 }
             }
+            let _ = super::fdset::release_unused(&mut conn.qmp);
             // The guest's RAM does not match the reverted disks: it boots
             // from them, as after a power cycle.
             conn.qmp
@@ -864,11 +944,6 @@ pub fn check_plan_paths(plan: &ExternalPlan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quotes_for_the_shell() {
-        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
-    }
 
     #[test]
     fn part_path_sits_beside() {

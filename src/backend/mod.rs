@@ -5,6 +5,7 @@ pub mod capabilities;
 pub mod child;
 pub mod cmdline;
 pub mod external;
+pub mod fdset;
 pub mod fingerprint;
 pub mod image_lock;
 pub mod images;

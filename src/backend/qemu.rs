@@ -103,13 +103,17 @@ pub(super) fn qmp_err(e: QmpError) -> Error {
     Error::io(e.to_string())
 }
 
-/// The chain of one `query-block` entry's image, top first.
-fn chain_of(inserted: &Value) -> Vec<qemu_img::ChainImage> {
+/// The chain of one `query-block` entry's image, top first, with the
+/// names of files handed over as descriptors read back to their paths.
+fn chain_of(
+    inserted: &Value,
+    sets: &std::collections::HashMap<i64, PathBuf>,
+) -> Vec<qemu_img::ChainImage> {
     let mut out = Vec::new();
     let mut image = &inserted["image"];
     while let Some(file) = image["filename"].as_str() {
         out.push(qemu_img::ChainImage {
-            path: PathBuf::from(file),
+            path: super::fdset::real_path(file, sets),
             format: image["format"].as_str().unwrap_or("raw").to_owned(),
             snapshots: qemu_img::parse_snapshot_table(&image["snapshots"]),
         });
@@ -328,6 +332,9 @@ impl QemuBackend {
                     );
                     *self.qemu_warning.lock() = caps.range_warning();
                     self.sync_layers(&mut qmp);
+                    // Descriptors handed over by an operation that was
+                    // cut short (a daemon crash) are released.
+                    let _ = super::fdset::release_unused(&mut qmp);
                     *guard = Some(Conn {
                         qmp,
                         pid,
@@ -575,8 +582,10 @@ impl QemuBackend {
     /// block device whose chain holds the disk's active layer (or, failing
     /// that, the image the definition names).
     pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
+        let sets = super::fdset::ours(qmp).map_err(qmp_err)?;
         let blocks = qmp.execute_raw("query-block", json!({})).map_err(qmp_err)?;
-        let chains: Vec<(String, Option<String>, Vec<qemu_img::ChainImage>)> = blocks
+        type Found = (String, Option<String>, Vec<qemu_img::ChainImage>);
+        let chains: Vec<Found> = blocks
             .as_array()
             .into_iter()
             .flatten()
@@ -588,7 +597,7 @@ impl QemuBackend {
                 let device = b["qdev"]
                     .as_str()
                     .map(|q| q.strip_suffix("/virtio-backend").unwrap_or(q).to_owned());
-                (node, device, chain_of(&b["inserted"]))
+                (node, device, chain_of(&b["inserted"], &sets))
             })
             .collect();
         let layers = self.layers.lock().clone();
@@ -723,6 +732,8 @@ impl QemuBackend {
         paused: bool,
     ) -> Result<()> {
         let (mut argv, creds) = self.layered_argv()?;
+        // The memory file is checked and held before QEMU starts.
+        let held = incoming.map(|i| self.open_memory(i.file)).transpose()?;
         if let Some(machine) = incoming.and_then(|i| i.machine) {
             argv = super::machine::pin(&argv, machine);
         }
@@ -765,8 +776,8 @@ impl QemuBackend {
             let _ = self.stop_process();
             return Err(e);
         }
-        if let Some(memory) = incoming {
-            if let Err(e) = self.with_qmp(|c| super::external::load_memory(c, memory)) {
+        if let (Some(memory), Some(held)) = (incoming, &held) {
+            if let Err(e) = self.with_qmp(|c| super::external::load_memory(c, memory, held)) {
                 let _ = self.stop_process();
                 return Err(e);
             }

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -156,14 +157,60 @@ impl Qmp {
                 "session broken by an earlier error".into(),
             ));
         }
+        self.send_command(name, args, &[])?;
+        self.await_reply(name, timeout)
+    }
+
+    /// Runs a typed command with open descriptors attached to it
+    /// (`SCM_RIGHTS`), as `getfd` and `add-fd` expect: QEMU then uses the
+    /// very files vmsnapfs opened, never a name someone could swap.
+    pub fn execute_with_fds<C: qapi::Command>(
+        &mut self,
+        cmd: &C,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<C::Ok, QmpError> {
+        if self.broken {
+            return Err(QmpError::Protocol(
+                "session broken by an earlier error".into(),
+            ));
+        }
+        let args = serde_json::to_value(cmd).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        self.send_command(C::NAME, args, fds)?;
+        let ret = self.await_reply(C::NAME, self.timeout)?;
+        serde_json::from_value(ret)
+            .map_err(|e| QmpError::Protocol(format!("{}: cannot decode the answer: {e}", C::NAME)))
+    }
+
+    /// Writes one command line, with `fds` attached to its first byte.
+    fn send_command(
+        &mut self,
+        name: &str,
+        args: Value,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), QmpError> {
         let mut line = serde_json::to_vec(&json!({"execute": name, "arguments": args}))
             .map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
         log::trace!("qmp -> {}", String::from_utf8_lossy(&line).trim_end());
-        if let Err(e) = self.writer.write_all(&line) {
+        let mut sent = 0;
+        if !fds.is_empty() {
+            match send_with_fds(&self.writer, &line, fds) {
+                Ok(n) => sent = n,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Err(e) = self.writer.write_all(&line[sent..]) {
             self.broken = true;
             return Err(e.into());
         }
+        Ok(())
+    }
+
+    /// Reads until the answer to the command just sent (events are queued).
+    fn await_reply(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
         let deadline = Instant::now() + timeout;
         let what = format!("no answer to {name}");
         loop {
@@ -382,6 +429,40 @@ pub fn secs(d: Duration) -> String {
     } else {
         format!("{:.1}s", d.as_secs_f64())
     }
+}
+
+/// Sends `data` (at least its first byte) with `fds` attached as
+/// `SCM_RIGHTS`; returns how many bytes went out.
+fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives
+    // the sendmsg call, and the control buffer is large enough for one
+    // SCM_RIGHTS header holding `raw` (CMSG_SPACE), aligned for cmsghdr.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+        std::ptr::copy_nonoverlapping(raw.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), payload);
+        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Connects to a Unix socket without ever blocking past `timeout`: the

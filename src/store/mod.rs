@@ -5,6 +5,7 @@ pub mod journal;
 pub mod meta;
 pub mod owned;
 pub mod record;
+pub mod safe_dir;
 
 pub use journal::{Intent, IntentRecord, Journal};
 pub use meta::{DomainStore, Layer, Loaded};

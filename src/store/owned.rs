@@ -3,24 +3,61 @@
 //! through a symlink), known by device and inode, and removed only while
 //! the recorded path still names that inode, without following symlinks.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
+use nix::sys::stat::{fstatat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+use super::safe_dir;
 
 /// A file's device and inode numbers.
 pub type FileId = (u64, u64);
 
 /// Creates `path` with `mode`: fails with `EEXIST` if anything (a file, a
-/// dangling symlink) is there.
+/// dangling symlink) is there. The directory is opened with
+/// [`safe_dir::open_dir`], never through a symlink another user made.
 pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    let dir = safe_dir::open_dir(parent_of(path)?)?;
+    let fd = openat(
+        &dir,
+        safe_dir::file_name(path)?,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(mode),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Opens the existing file `path` (read-write when `write`) without
+/// following a symlink, at its last name or on the way (see
+/// [`safe_dir::open_dir`]); never blocks on a FIFO.
+pub fn open_existing(path: &Path, write: bool) -> io::Result<File> {
+    let dir = safe_dir::open_dir(parent_of(path)?)?;
+    let access = if write {
+        OFlag::O_RDWR
+    } else {
+        OFlag::O_RDONLY
+    };
+    let fd = openat(
+        &dir,
+        safe_dir::file_name(path)?,
+        access | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )?;
+    Ok(File::from(fd))
+}
+
+fn parent_of(path: &Path) -> io::Result<&Path> {
+    path.parent().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file path", path.display()),
+        )
+    })
 }
 
 /// The device and inode of an open file.
@@ -38,17 +75,24 @@ pub fn copy_owner_and_mode(file: &File, like: &Path) -> io::Result<()> {
         Some(nix::unistd::Uid::from_raw(m.uid())),
         Some(nix::unistd::Gid::from_raw(m.gid())),
     )?;
-    nix::sys::stat::fchmod(
-        file,
-        nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o777),
-    )?;
+    nix::sys::stat::fchmod(file, Mode::from_bits_truncate(m.mode() & 0o777))?;
     Ok(())
 }
 
-/// Renames `from` to `to`, failing with `EEXIST` if anything is at `to`.
+/// Renames `from` to `to`, failing with `EEXIST` if anything is at `to`;
+/// both directories are opened as [`create_new`] opens one.
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)?;
+    let (a, b) = (
+        safe_dir::open_dir(parent_of(from)?)?,
+        safe_dir::open_dir(parent_of(to)?)?,
+    );
+    renameat2(
+        &a,
+        safe_dir::file_name(from)?,
+        &b,
+        safe_dir::file_name(to)?,
+        RenameFlags::RENAME_NOREPLACE,
+    )?;
     Ok(())
 }
 
@@ -65,8 +109,9 @@ pub enum Removal {
 
 /// Unlinks `path` itself (never what a symlink there points to), only
 /// when it is a regular file and, if `expected` is given, still the inode
-/// vmsnapfs made. The directory is opened with `O_NOFOLLOW`, the entry
-/// checked with `fstatat(AT_SYMLINK_NOFOLLOW)` and removed with `unlinkat`.
+/// vmsnapfs made. The directory is opened with [`safe_dir::open_dir`],
+/// the entry checked with `fstatat(AT_SYMLINK_NOFOLLOW)` and removed
+/// with `unlinkat`.
 pub fn remove(path: &Path, expected: Option<FileId>) -> io::Result<Removal> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(Removal::Refused(format!(
@@ -74,23 +119,26 @@ pub fn remove(path: &Path, expected: Option<FileId>) -> io::Result<Removal> {
             path.display()
         )));
     };
-    use nix::errno::Errno;
-    use nix::fcntl::{AtFlags, OFlag};
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let dirfd = match nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()) {
+    let dirfd = match safe_dir::open_dir(dir) {
         Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(Removal::Absent),
-        Err(Errno::ELOOP | Errno::ENOTDIR) => {
-            return Ok(Removal::Refused(format!(
-                "{} is not a directory (a symlink?)",
-                dir.display()
-            )))
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(Removal::Absent),
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) | None => Ok(Removal::Refused(format!(
+                    "{} cannot be opened without following a symlink others may change ({e})",
+                    dir.display()
+                ))),
+                _ => Err(e),
+            };
         }
-        Err(e) => return Err(e.into()),
     };
-    let st = match nix::sys::stat::fstatat(&dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    let st = match fstatat(
+        dirfd.as_fd(),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
         Ok(st) => st,
-        Err(Errno::ENOENT) => return Ok(Removal::Absent),
+        Err(nix::errno::Errno::ENOENT) => return Ok(Removal::Absent),
         Err(e) => return Err(e.into()),
     };
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -100,19 +148,18 @@ pub fn remove(path: &Path, expected: Option<FileId>) -> io::Result<Removal> {
         )));
     }
     if let Some((dev, ino)) = expected {
-        if (st.st_dev as u64, st.st_ino as u64) != (dev, ino) {
+        if (st.st_dev, st.st_ino) != (dev, ino) {
             return Ok(Removal::Refused(format!(
                 "{} is no longer the file vmsnapfs made (it was replaced)",
                 path.display()
             )));
         }
     }
-    match nix::unistd::unlinkat(&dirfd, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
-        Ok(()) => {}
-        Err(Errno::ENOENT) => return Ok(Removal::Absent),
-        Err(e) => return Err(e.into()),
+    match unlinkat(&dirfd, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => Ok(Removal::Removed),
+        Err(nix::errno::Errno::ENOENT) => Ok(Removal::Absent),
+        Err(e) => Err(e.into()),
     }
-    Ok(Removal::Removed)
 }
 
 #[cfg(test)]
