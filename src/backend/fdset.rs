@@ -3,9 +3,10 @@
 //! An image directory may belong to a less trusted user, who can swap a
 //! name for a symlink between the moment vmsnapfs makes a file and the
 //! moment QEMU opens it. So QEMU gets the descriptor vmsnapfs holds: for
-//! an image, an fd set (`add-fd`, opened by QEMU as `/dev/fdset/N`) whose
-//! `opaque` text records the file's path; for a migration stream, a named
-//! descriptor (`getfd`, used as `fd:NAME`). This works whatever uid QEMU
+//! a file QEMU opens itself (a mapped-ram memory file), an fd set
+//! (`add-fd`, opened by QEMU as `/dev/fdset/N`) whose `opaque` text
+//! records the file's path; for a migration stream, a named descriptor
+//! (`getfd`, used as `fd:NAME`). This works whatever uid QEMU
 //! runs as, and the path QEMU reports (`/dev/fdset/N`, or a `json:`
 //! filename around it) is read back to the real path through the opaque
 //! text, from QEMU itself: nothing depends on the daemon's memory.
@@ -57,13 +58,6 @@ pub fn path_of_opaque(opaque: &str) -> Option<PathBuf> {
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
         .collect();
     Some(PathBuf::from(OsStr::from_bytes(&bytes?)))
-}
-
-/// Hands QEMU the open file `file` (which is `path`) as a new fd set;
-/// returns the name QEMU opens it by (`/dev/fdset/N`).
-pub fn add_image(qmp: &mut Qmp, file: &impl AsFd, path: &Path) -> Result<String, QmpError> {
-    let set = add(qmp, file, path)?;
-    Ok(format!("{FDSET_DIR}{set}"))
 }
 
 /// Adds `file` as a new fd set recording `path`; returns the set's id.
