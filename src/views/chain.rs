@@ -47,6 +47,33 @@ enum Source {
     Compressed(usize, u64, u64),
 }
 
+/// Where guest bytes come from, comparable across chains: the image is
+/// named by its (device, inode), `None` for bytes in memory (never equal
+/// to anything but itself within one chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Reads as zeros.
+    Zero,
+    /// Plain bytes of an image at a host offset.
+    Data(Option<(u64, u64)>, u64),
+    /// A compressed cluster of an image (its L2 entry), bytes into it.
+    Compressed(Option<(u64, u64)>, u64, u64),
+}
+
+impl Origin {
+    /// True when both name the same bytes of the same image file.
+    pub fn same_as(&self, other: &Origin) -> bool {
+        match (self, other) {
+            (Origin::Zero, Origin::Zero) => true,
+            (Origin::Data(Some(a), x), Origin::Data(Some(b), y)) => a == b && x == y,
+            (Origin::Compressed(Some(a), e, w), Origin::Compressed(Some(b), f, v)) => {
+                a == b && e == f && w == v
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A cached table or cluster: (layer, offset or L2 entry).
 type Key = (usize, u64);
 
@@ -388,6 +415,31 @@ impl Chain {
         } else {
             Some(self.size)
         })
+    }
+
+    /// Where the guest bytes at `pos` come from, for at most `max`
+    /// bytes, named so that two chains can be compared: the same origin
+    /// in two chains is the same bytes (a frozen image never changes).
+    pub fn origin(&self, pos: u64, max: u64) -> io::Result<(Origin, u64)> {
+        let (src, len) = self.resolve(pos, max)?;
+        let file = |layer: usize| self.storage(layer).identity();
+        Ok((
+            match src {
+                Source::Zero => Origin::Zero,
+                Source::Data(layer, host) => Origin::Data(file(layer), host),
+                Source::Compressed(layer, entry, within) => {
+                    Origin::Compressed(file(layer), entry, within)
+                }
+            },
+            len,
+        ))
+    }
+
+    /// The (device, inode) of each image of the chain that is a file.
+    pub fn files(&self) -> Vec<(u64, u64)> {
+        (0..self.layers.len())
+            .filter_map(|i| self.storage(i).identity())
+            .collect()
     }
 
     /// `lseek(SEEK_DATA)`: `None` means `ENXIO`.

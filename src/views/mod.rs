@@ -20,6 +20,7 @@
 
 pub mod chain;
 pub mod compressed;
+pub mod diff;
 pub mod image;
 pub mod qcow2;
 
