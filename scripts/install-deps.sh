@@ -6,7 +6,7 @@
 #  - QEMU 10.0 from bookworm-backports, unpacked beside it into
 #    $VMSNAPFS_QEMU10 (default /opt/vmsnapfs/qemu-10) with `apt-get download`
 #    + `dpkg -x`, for `scripts/test.sh` to run the suite on both versions;
-#  - fuse3, and restic for the backup round-trip tests.
+#  - fuse3, and restic and rsync for the backup round-trip tests.
 # Every check reads a command's whole output (no `grep -q` in a pipe:
 # under pipefail its early exit fails the pipe with SIGPIPE).
 set -euo pipefail
@@ -42,7 +42,8 @@ have_qemu10() {
 }
 
 have_tools() {
-    command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1
+    command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1 &&
+        command -v rsync >/dev/null 2>&1
 }
 
 if have_qemu72 && have_qemu10 && have_tools; then
@@ -77,7 +78,7 @@ if ! have_qemu72 || ! have_tools; then
         exit 1
     }
     $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
-        "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic >/dev/null
+        "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic rsync >/dev/null
 fi
 have_qemu72 || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }
 

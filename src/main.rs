@@ -47,6 +47,17 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
     },
+    /// Rebuild the disk at a snapshot: copy the changed runs of MAP from
+    /// CHANGES (`since/<other>/<disk>` and its `.map`) into TARGET, a
+    /// full raw copy of the disk at the other snapshot.
+    Apply {
+        /// The changes file (or a copy of it).
+        changes: PathBuf,
+        /// Its `.map` (or a copy of it).
+        map: PathBuf,
+        /// The raw copy to bring forward, changed in place.
+        target: PathBuf,
+    },
     /// Start a small real VM, mount its tree, and show what to try.
     Demo {
         /// Where to mount (default: a temporary directory).
@@ -251,6 +262,13 @@ fn main() -> ExitCode {
             group,
             threads,
         ),
+        Cmd::Apply {
+            changes,
+            map,
+            target,
+        } => vmsnapfs::views::apply::apply(&changes, &map, &target)
+            .map(|n| eprintln!("vmsnapfs: {n} bytes applied"))
+            .map_err(|e| e.to_string()),
         Cmd::Demo { mountpoint } => demo::run(mountpoint).map_err(|e| e.to_string()),
     };
     match result {

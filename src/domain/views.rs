@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 use crate::model::{DiskDef, DiskSnapshotKind, MemoryLocation, Snapshot};
 use crate::views::{Chain, ErrorSink, FrozenView};
 
+#[path = "changes.rs"]
+mod changes;
+
 /// Views, their open counts, and the virtual sizes of images.
 pub struct DiskViews {
     on_error: Option<ErrorSink>,
@@ -24,6 +27,8 @@ pub struct DiskViews {
     holds: Mutex<Holds>,
     sizes: Mutex<HashMap<PathBuf, u64>>,
     allocation: Arc<Mutex<Allocation>>,
+    /// Changed extents between snapshots (`changes/`, `since/`).
+    changes: changes::ChangeCache,
     /// The domain's defined disks: an image that is one of them is opened
     /// with its format, any other as qcow2 (never probed).
     disks: Vec<DiskDef>,
@@ -172,6 +177,7 @@ impl DiskViews {
             holds: Mutex::new(Holds::default()),
             sizes: Mutex::new(HashMap::new()),
             allocation: Arc::default(),
+            changes: changes::ChangeCache::default(),
             disks,
         }
     }
@@ -337,6 +343,7 @@ impl DiskViews {
             a.generation += 1;
             a.bytes.retain(|(sid, _), _| sid != id);
         }
+        self.changes.forget(Some(id));
         self.views.lock().retain(|(sid, _), _| sid != id);
     }
 
@@ -348,6 +355,7 @@ impl DiskViews {
             a.generation += 1;
             a.bytes.clear();
         }
+        self.changes.forget(None);
         self.views.lock().clear();
     }
 
@@ -365,6 +373,7 @@ impl DiskViews {
     pub fn end_delete(&self, id: &str, gone: bool) {
         self.holds.lock().deleting.remove(id);
         if gone {
+            self.changes.forget(Some(id));
             self.views.lock().retain(|(sid, _), _| sid != id);
         }
     }

@@ -51,6 +51,8 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         | SnapFile::Release
         | SnapFile::Disks
         | SnapFile::Images
+        | SnapFile::Changes
+        | SnapFile::Since
         | SnapFile::Memory => Vec::new(),
     })
 }

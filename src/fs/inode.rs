@@ -73,11 +73,16 @@ pub enum SnapFile {
     Disks,
     /// `images/`: one link per disk to the image holding the snapshot.
     Images,
+    /// `changes/`: each disk with data only where it changed since the
+    /// parent snapshot, and its `.map`.
+    Changes,
+    /// `since/`: one directory per other snapshot, like `changes/`.
+    Since,
 }
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 9] = [
+    pub const ALL: [(SnapFile, &'static str); 11] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
@@ -87,11 +92,16 @@ impl SnapFile {
         (SnapFile::Memory, "memory"),
         (SnapFile::Disks, "disks"),
         (SnapFile::Images, "images"),
+        (SnapFile::Changes, "changes"),
+        (SnapFile::Since, "since"),
     ];
 
     /// The kind of file this is.
     pub fn is_dir(self) -> bool {
-        matches!(self, SnapFile::Disks | SnapFile::Images)
+        matches!(
+            self,
+            SnapFile::Disks | SnapFile::Images | SnapFile::Changes | SnapFile::Since
+        )
     }
 
     /// The file for a name.
@@ -125,6 +135,28 @@ pub enum Node {
     SnapshotDisk(String, String, String),
     /// `<domain>/<snapshot>/images/<target>`: link to the image.
     SnapshotImage(String, String, String),
+    /// `<domain>/<snapshot>/since/<other>/`, by the two snapshot ids.
+    SinceDir(String, String, String),
+    /// `<domain>/<snapshot>/changes/<file>` or `since/<other>/<file>`.
+    Change(String, String, ChangeFile),
+}
+
+/// A file of `changes/` or `since/<other>/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChangeFile {
+    /// The other snapshot's id (`since/`), or `None`: the parent's.
+    pub since: Option<String>,
+    /// The disk.
+    pub target: String,
+    /// Its name: the target, or the target and `.map`.
+    pub name: String,
+}
+
+impl ChangeFile {
+    /// True for the `.map` (JSON) beside the disk.
+    pub fn is_map(&self) -> bool {
+        self.name != self.target
+    }
 }
 
 /// The inode number of the mount point.
@@ -306,7 +338,9 @@ impl Node {
             | Node::Snapshot(d, _)
             | Node::SnapshotFile(d, _, _)
             | Node::SnapshotDisk(d, _, _)
-            | Node::SnapshotImage(d, _, _) => Some(d),
+            | Node::SnapshotImage(d, _, _)
+            | Node::SinceDir(d, _, _)
+            | Node::Change(d, _, _) => Some(d),
         }
     }
 
@@ -314,13 +348,14 @@ impl Node {
     /// none; the root has none).
     pub fn fixed_name(&self) -> Option<&[u8]> {
         Some(match self {
-            Node::Root | Node::Snapshot(..) => return None,
+            Node::Root | Node::Snapshot(..) | Node::SinceDir(..) => return None,
             Node::RootJobs => b".jobs",
             Node::RootStats => b".stats",
             Node::Domain(d) => d.as_bytes(),
             Node::DomainFile(_, f) => DomainFile::ALL.iter().find(|(x, _)| x == f)?.1.as_bytes(),
             Node::SnapshotFile(_, _, f) => SnapFile::ALL.iter().find(|(x, _)| x == f)?.1.as_bytes(),
             Node::SnapshotDisk(_, _, t) | Node::SnapshotImage(_, _, t) => t.as_bytes(),
+            Node::Change(_, _, f) => f.name.as_bytes(),
         })
     }
 
@@ -331,7 +366,9 @@ impl Node {
             Node::RootJobs | Node::RootStats | Node::Domain(_) => 1,
             Node::DomainFile(..) | Node::Snapshot(..) => 2,
             Node::SnapshotFile(..) => 3,
-            Node::SnapshotDisk(..) | Node::SnapshotImage(..) => 4,
+            Node::SnapshotDisk(..) | Node::SnapshotImage(..) | Node::SinceDir(..) => 4,
+            Node::Change(_, _, f) if f.since.is_none() => 4,
+            Node::Change(..) => 5,
         }
     }
 }

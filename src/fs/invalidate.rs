@@ -162,6 +162,12 @@ impl Inner {
             let forest = dom.forest();
             return forest.name_of(id).map(|n| n.as_bytes().to_vec());
         }
+        if let Node::SinceDir(d, id, other) = node {
+            let dom = self.reg.get(d)?;
+            let forest = dom.forest();
+            forest.name_of(id)?;
+            return forest.name_of(other).map(|n| n.as_bytes().to_vec());
+        }
         let name = node.fixed_name()?;
         let parent = self.parent_of(node);
         // A file of a gone snapshot is gone too.

@@ -3,6 +3,7 @@
 //! every snapshot operation to a worker thread so that `ls` and `cat`
 //! never wait behind one.
 
+mod changes;
 pub mod content;
 pub mod inode;
 mod invalidate;
@@ -248,6 +249,14 @@ impl Filesystem for SnapFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = &self.inner;
+        // A changes file whose extents are not known yet: from a worker.
+        let reply = match fs.node(ino) {
+            Ok(node) => match fs.getattr_later(&node, req.uid(), reply) {
+                Some(reply) => reply,
+                None => return,
+            },
+            Err(e) => return reply.error(e),
+        };
         match fs.node(ino).ok().and_then(|n| fs.attr(&n, req.uid())) {
             Some((attr, ttl)) => reply.attr(&ttl, &attr),
             None => reply.error(Errno::ENOENT),
@@ -428,6 +437,16 @@ impl Filesystem for SnapFs {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Node::Change(..) = node {
+            if write {
+                return reply.error(Errno::EROFS);
+            }
+            let holder = crate::domain::views::Holder {
+                pid: req.pid(),
+                uid: req.uid(),
+            };
+            return fs.open_change(&node, holder, fh, reply);
+        }
         let frozen = match &node {
             Node::SnapshotDisk(d, id, target) => Some((d, id, Some(target))),
             Node::SnapshotFile(d, id, SnapFile::Memory) => Some((d, id, None)),
@@ -718,7 +737,12 @@ impl Filesystem for SnapFs {
                 Node::Root
                 | Node::Domain(_)
                 | Node::Snapshot(..)
-                | Node::SnapshotFile(_, _, SnapFile::Disks | SnapFile::Images),
+                | Node::SinceDir(..)
+                | Node::SnapshotFile(
+                    _,
+                    _,
+                    SnapFile::Disks | SnapFile::Images | SnapFile::Changes | SnapFile::Since,
+                ),
             ) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),

@@ -16,7 +16,7 @@ use crate::domain::Domain;
 
 /// The owner, group and mode (less the write bits) of an image, read
 /// without following a symlink; root's and 0400 when it cannot be read.
-fn image_owner(image: &std::path::Path) -> ((u32, u32), u16) {
+pub(super) fn image_owner(image: &std::path::Path) -> ((u32, u32), u16) {
     use std::os::unix::fs::MetadataExt;
     match std::fs::symlink_metadata(image) {
         Ok(m) if m.is_file() => ((m.uid(), m.gid()), (m.mode() & 0o555) as u16),
@@ -35,6 +35,7 @@ impl Inner {
         // Files that come from an image (views, memory files) take its
         // owner, group and mode, less the write bits; the rest is root's.
         let mut owner = (0, gid);
+        let mut change_blocks = None;
         let (kind, perm, size, mtime, ttl) = match node {
             Node::Root => (FileType::Directory, 0o755, 0, self.mounted_at, STABLE_TTL),
             Node::RootJobs => {
@@ -117,6 +118,16 @@ impl Inner {
                 let len = image.as_os_str().len() as u64;
                 (FileType::Symlink, 0o777, len, t, STABLE_TTL)
             }
+            Node::SinceDir(d, id, other) => {
+                let t = self.since_dir_time(d, id, other)?;
+                (FileType::Directory, 0o755, 0, t, STABLE_TTL)
+            }
+            Node::Change(d, id, f) => {
+                let a = self.change_attr(d, id, f)?;
+                owner = a.owner;
+                change_blocks = a.blocks;
+                (FileType::RegularFile, a.perm, a.size, a.mtime, LIVE_TTL)
+            }
             Node::SnapshotFile(d, id, f) if f.is_dir() => {
                 let dom = self.reg.get(d)?;
                 let t = secs(dom.forest().get(id)?.creation_time);
@@ -170,6 +181,7 @@ impl Inner {
                     None => (0, LIVE_TTL),
                 }
             }
+            Node::Change(..) => (change_blocks.unwrap_or(0), ttl),
             _ => (size.div_ceil(512), ttl),
         };
         let attr = FileAttr {
@@ -232,6 +244,9 @@ impl Inner {
                 } else {
                     Node::SnapshotImage(d.clone(), id.clone(), t.to_owned())
                 })
+            }
+            Node::SnapshotFile(_, _, SnapFile::Changes | SnapFile::Since) | Node::SinceDir(..) => {
+                self.change_child(parent, OsStr::from_bytes(name))
             }
             _ => None,
         }
@@ -320,6 +335,9 @@ impl Inner {
                     })
                     .collect()
             }
+            Node::SnapshotFile(_, _, SnapFile::Changes | SnapFile::Since) | Node::SinceDir(..) => {
+                return self.change_entries(node)
+            }
             _ => return None,
         })
     }
@@ -335,6 +353,11 @@ impl Inner {
             Node::SnapshotImage(d, id, _) => {
                 Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Images)
             }
+            Node::SinceDir(d, id, _) => Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Since),
+            Node::Change(d, id, f) => match &f.since {
+                None => Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Changes),
+                Some(o) => Node::SinceDir(d.clone(), id.clone(), o.clone()),
+            },
         }
     }
 

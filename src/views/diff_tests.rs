@@ -61,7 +61,11 @@ fn assert_rebuilds(new: &Chain, old: Option<&Chain>, ch: &Changes) {
         let (s, l) = (s as usize, l as usize);
         got[s..s + l].copy_from_slice(&want[s..s + l]);
     }
-    assert!(got == want, "patched disk differs; extents {:?}", ch.extents);
+    assert!(
+        got == want,
+        "patched disk differs; extents {:?}",
+        ch.extents
+    );
 }
 
 #[test]
@@ -75,7 +79,10 @@ fn internal_snapshots_compare_their_clusters() {
     io("qcow2", &img, "write -P 3 8M 128k");
     io("qcow2", &img, "write -z 3M 64k");
     run("qemu-img", &["snapshot", "-c", "s2", &img]);
-    let (s1, s2) = (open(&img, "qcow2", Some("s1")), open(&img, "qcow2", Some("s2")));
+    let (s1, s2) = (
+        open(&img, "qcow2", Some("s1")),
+        open(&img, "qcow2", Some("s2")),
+    );
     let ch = changes(&s2, Some(&s1)).unwrap();
     assert_eq!(
         ch.extents,
@@ -104,7 +111,9 @@ fn external_chains_report_the_overlays_between() {
     for (over, under) in [(&o1, &base), (&o2, &o1)] {
         run(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", under, over, "16M"],
+            &[
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", under, over, "16M",
+            ],
         );
     }
     io("qcow2", &o1, "write -P 2 2M 64k");
@@ -117,14 +126,19 @@ fn external_chains_report_the_overlays_between() {
     let ch = changes(&c2, Some(&b)).unwrap();
     assert_eq!(ch.extents, vec![(2 * M, 64 * K), (10 * M, 192 * K)]);
     assert_rebuilds(&c2, Some(&b), &ch);
-    assert_eq!(changes(&c2, Some(&c1)).unwrap().extents, vec![(10 * M, 192 * K)]);
+    assert_eq!(
+        changes(&c2, Some(&c1)).unwrap().extents,
+        vec![(10 * M, 192 * K)]
+    );
     let back = changes(&b, Some(&c2)).unwrap();
     assert_rebuilds(&b, Some(&c2), &back);
     // Two branches over one base: both overlays' allocations.
     let br = d.p("br.qcow2");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &br, "16M"],
+        &[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &br, "16M",
+        ],
     );
     io("qcow2", &br, "write -P 4 12M 64k");
     let cb = open(&br, "qcow2", None);
@@ -143,14 +157,18 @@ fn a_raw_base_and_an_internal_snapshot_in_a_backing_image() {
     std::fs::write(&raw, vec![7u8; 4 * M as usize]).unwrap();
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &raw, &mid, "4M"],
+        &[
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", &raw, &mid, "4M",
+        ],
     );
     io("qcow2", &mid, "write -P 1 0 64k");
     run("qemu-img", &["snapshot", "-c", "t1", &mid]);
     io("qcow2", &mid, "write -P 2 1M 64k");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top, "4M"],
+        &[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top, "4M",
+        ],
     );
     io("qcow2", &top, "write -P 3 2M 64k");
     let t1 = open(&mid, "qcow2", Some("t1"));

@@ -18,6 +18,7 @@
 //! incompatible features) are `Unsupported` errors (`EIO` too). The
 //! domain's `.log` gets a line saying why.
 
+pub mod apply;
 pub mod chain;
 pub mod compressed;
 pub mod diff;
