@@ -17,6 +17,9 @@ use crate::model::Snapshot;
 use crate::views::diff::{self, Changes};
 use crate::views::FrozenView;
 
+/// Results kept per domain before finished ones are dropped.
+const MAX_RESULTS: usize = 4096;
+
 /// (snapshot id, other snapshot id or none, target).
 type Key = (String, Option<String>, String);
 
@@ -98,6 +101,10 @@ impl DiskViews {
             match slots.get(&k) {
                 Some(s) => (s.clone(), false),
                 None => {
+                    // Bounded: past the limit, finished results make room.
+                    if slots.len() >= MAX_RESULTS {
+                        slots.retain(|_, s| s.result.lock().is_none());
+                    }
                     let s = Arc::new(Slot::default());
                     slots.insert(k.clone(), s.clone());
                     (s, true)
