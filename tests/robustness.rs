@@ -402,3 +402,73 @@ fn a_relative_state_dir_serves_raw_views_and_helper_errors_reach_the_log() {
     fuse_calls_answer(&mnt, &all);
     drop(daemon);
 }
+
+/// A real QEMU whose only monitor already has a client (as libvirt holds
+/// its `monitor.sock`): QEMU accepts further connections into its backlog
+/// but greets none of them. Every FUSE call answers at once; the domain
+/// is unreachable and busy (QEMU holds its images), never "shut off", and
+/// nothing is made. Once the other client leaves, the domain is running.
+#[test]
+fn a_monitor_held_by_another_client_is_unreachable_and_delays_nothing() {
+    let dir = TempDir::new("robust-held");
+    let vm = Vm::start(&VmSpec::small("held"), &dir.0.join("images")).expect("start VM");
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    // The other client: connected and greeted, it keeps the monitor.
+    let holder = UnixStream::connect(&vm.monitor).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(holder.try_clone().unwrap())
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    let images_before = files_in(&dir.0.join("images"));
+
+    let t = Instant::now();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let mount_took = t.elapsed();
+    eprintln!("mount with a held monitor: {mount_took:?}");
+    assert!(
+        mount_took < Duration::from_secs(10),
+        "mount took {mount_took:?}"
+    );
+    let mnt = daemon.mnt.clone();
+    fuse_calls_answer(&mnt, &["held"]);
+    timed("stat held/.state", || {
+        fs::metadata(mnt.join("held/.state")).unwrap()
+    });
+    // Until the first probe ends, the state says it has not asked yet.
+    wait_until("the held monitor's reason", Duration::from_secs(30), || {
+        fuse_calls_answer(&mnt, &["held"]);
+        let s = state_of(&mnt, "held");
+        assert!(s.starts_with("unreachable: "), "{s}");
+        s.contains("no greeting") || s.contains("connect timed out")
+    });
+    let log = fs::read_to_string(mnt.join("held/.log")).unwrap();
+    assert!(log.contains("domain is now unreachable: "), "{log}");
+
+    // QEMU holds its images: busy, refused at once, nothing made.
+    let r = timed("mkdir held/snap", || {
+        fs::create_dir(mnt.join("held").join("snap"))
+    });
+    assert_eq!(errno(r), libc::EBUSY);
+    let log = fs::read_to_string(mnt.join("held/.log")).unwrap();
+    assert!(
+        log.contains("mkdir \"snap\": refused (EBUSY): the domain is unreachable"),
+        "{log}"
+    );
+    assert_eq!(files_in(&dir.0.join("images")), images_before);
+    assert!(image_tags(&vm.disks[0].image).is_empty());
+    fuse_calls_answer(&mnt, &["held"]);
+
+    // The other client leaves: the daemon gets the monitor.
+    drop(holder);
+    wait_until("held running", Duration::from_secs(30), || {
+        state_of(&mnt, "held") == "running"
+    });
+    fs::create_dir(mnt.join("held").join("after")).unwrap();
+    assert_eq!(
+        fs::read_dir(mnt.join("held/after/disks")).unwrap().count(),
+        vm.disks.len()
+    );
+    fuse_calls_answer(&mnt, &["held"]);
+    drop(daemon);
+}
