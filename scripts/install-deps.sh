@@ -6,7 +6,15 @@
 #  - QEMU 10.0 from bookworm-backports, unpacked beside it into
 #    $VMSNAPFS_QEMU10 (default /opt/vmsnapfs/qemu-10) with `apt-get download`
 #    + `dpkg -x`, for `scripts/test.sh` to run the suite on both versions;
-#  - fuse3, and restic and rsync for the backup round-trip tests.
+#  - fuse3, and restic and rsync for the backup round-trip tests;
+#  - libvirt 9.0 from bookworm for libvirt mode and its tests: the daemon,
+#    its QEMU driver and virsh only (libvirt-daemon-system would pull in
+#    systemd; no QEMU package is touched), tini (a reaper for the QEMU
+#    processes libvirtd daemonizes where no init reaps them), the
+#    libvirt-qemu user and group the Debian build runs QEMU as, a
+#    qemu.conf that logs QEMU's output to a file (no virtlogd without
+#    systemd), and /dev/kvm readable by group kvm as udev would make it
+#    (else libvirt probes QEMU again on every define).
 # Every check reads a command's whole output (no `grep -q` in a pipe:
 # under pipefail its early exit fails the pipe with SIGPIPE).
 set -euo pipefail
@@ -46,7 +54,35 @@ have_tools() {
         command -v rsync >/dev/null 2>&1
 }
 
-if have_qemu72 && have_qemu10 && have_tools; then
+have_libvirt() {
+    command -v virsh >/dev/null 2>&1 && command -v libvirtd >/dev/null 2>&1 &&
+        [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] &&
+        command -v tini >/dev/null 2>&1 && id libvirt-qemu >/dev/null 2>&1 &&
+        [ -f /etc/libvirt/qemu.conf ]
+}
+
+# What libvirtd needs besides its packages; run every time (idempotent).
+setup_libvirt() {
+    getent group kvm >/dev/null || $SUDO groupadd --system kvm
+    getent group libvirt-qemu >/dev/null || $SUDO groupadd --system libvirt-qemu
+    id libvirt-qemu >/dev/null 2>&1 ||
+        $SUDO useradd --system --gid libvirt-qemu --groups kvm --home-dir /var/lib/libvirt \
+            --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+    if [ ! -f /etc/libvirt/qemu.conf ]; then
+        $SUDO mkdir -p /etc/libvirt
+        printf '%s\n' \
+            "# Written by vmsnapfs's scripts/install-deps.sh for a libvirtd run" \
+            "# without systemd (no virtlogd): QEMU's output goes to a plain file." \
+            'stdio_handler = "file"' | $SUDO tee /etc/libvirt/qemu.conf >/dev/null
+    fi
+    if [ -c /dev/kvm ] && [ "$(stat -c %G /dev/kvm)" = root ]; then
+        $SUDO chgrp kvm /dev/kvm
+        $SUDO chmod g+rw /dev/kvm
+    fi
+}
+
+if have_qemu72 && have_qemu10 && have_tools && have_libvirt; then
+    setup_libvirt
     exit 0
 fi
 
@@ -98,3 +134,12 @@ if ! have_qemu10; then
     $SUDO mv "$QEMU10.new" "$QEMU10"
 fi
 have_qemu10 || { echo "install-deps: QEMU 10 not runnable from $QEMU10" >&2; exit 1; }
+
+if ! have_libvirt; then
+    # Named packages only, at bookworm's versions; none of them depends
+    # on a QEMU package, so QEMU 7.2 stays as it is.
+    $SUDO apt-get install -y -qq --no-install-recommends \
+        libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients tini >/dev/null
+fi
+setup_libvirt
+have_libvirt || { echo "install-deps: libvirt not installed" >&2; exit 1; }

@@ -17,6 +17,7 @@ pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod fs;
+pub mod libvirt;
 pub mod model;
 pub mod signals;
 pub mod store;

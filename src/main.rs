@@ -29,8 +29,12 @@ enum Cmd {
         /// Where to mount the tree.
         mountpoint: PathBuf,
         /// Directory of domain definitions (<name>.xml, libvirt <domain> subset).
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        domains: Option<PathBuf>,
+        /// Serve every domain of this libvirt connection (qemu:///system)
+        /// instead of definition files.
         #[arg(long)]
-        domains: PathBuf,
+        libvirt: Option<String>,
         /// Directory for snapshot metadata (keep it beside the images).
         #[arg(long)]
         state: PathBuf,
@@ -169,7 +173,8 @@ fn detach_stdio(log: &std::path::Path) {
 #[allow(clippy::too_many_arguments)]
 fn mount(
     mountpoint: PathBuf,
-    domains: PathBuf,
+    domains: Option<PathBuf>,
+    libvirt: Option<String>,
     state: PathBuf,
     foreground: bool,
     allow_other: bool,
@@ -185,7 +190,7 @@ fn mount(
     };
     let (mountpoint, domains, state) = (
         absolute(&mountpoint)?,
-        absolute(&domains)?,
+        domains.as_deref().map(absolute).transpose()?,
         absolute(&state)?,
     );
     if !foreground {
@@ -196,7 +201,12 @@ fn mount(
     // Installed before the mount: a stop asked while it comes up is seen.
     let stop = StopSignals::install().map_err(|e| format!("signal handlers: {e}"))?;
     let result = (|| {
-        let reg = Registry::open(&domains, &state).map_err(|e| e.to_string())?;
+        let reg = match (&domains, &libvirt) {
+            (_, Some(uri)) => Registry::open_libvirt(uri, &state),
+            (Some(domains), None) => Registry::open(domains, &state),
+            (None, None) => return Err("--domains or --libvirt is needed".to_string()),
+        }
+        .map_err(|e| e.to_string())?;
         let config = MountConfig {
             allow_other,
             group,
@@ -248,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Mount {
             mountpoint,
             domains,
+            libvirt,
             state,
             foreground,
             allow_other,
@@ -256,6 +267,7 @@ fn main() -> ExitCode {
         } => mount(
             mountpoint,
             domains,
+            libvirt,
             state,
             foreground,
             allow_other,

@@ -11,6 +11,7 @@ pub mod image_lock;
 pub mod images;
 pub mod liveness;
 pub mod machine;
+pub mod managed;
 pub mod merge;
 pub mod process;
 pub mod qemu;

@@ -94,6 +94,8 @@ pub struct QemuBackend {
     pub(super) known_images: Mutex<std::collections::HashSet<PathBuf>>,
     /// Each disk's active layer, by target (persisted in the store).
     pub(super) layers: Mutex<BTreeMap<String, Layer>>,
+    /// Who starts and stops QEMU when it is not vmsnapfs (libvirt).
+    manager: Option<std::sync::Arc<dyn super::managed::Manager>>,
 }
 
 /// The file in the domain's state directory that records QEMU's pid.
@@ -149,6 +151,22 @@ impl QemuBackend {
             notes: Mutex::new(Vec::new()),
             known_images: Mutex::new(Default::default()),
             layers: Mutex::new(layers),
+            manager: None,
+        }
+    }
+
+    /// A backend for a domain whose QEMU `manager` starts and stops (and
+    /// whose monitor `def.monitor` reaches through it): no command line
+    /// is recorded or run, and every change of the active layers is
+    /// handed to the manager.
+    pub fn managed(
+        def: DomainDef,
+        store: DomainStore,
+        manager: std::sync::Arc<dyn super::managed::Manager>,
+    ) -> Self {
+        QemuBackend {
+            manager: Some(manager),
+            ..Self::new(def, store)
         }
     }
 
@@ -212,6 +230,15 @@ impl QemuBackend {
         }
         self.store.save_layers(&next)?;
         *layers = next;
+        drop(layers);
+        if let Some(m) = &self.manager {
+            if let Err(e) = m.layers_changed(&self.active()) {
+                self.note(format!(
+                    "{} was not told of the new active layers: {e}",
+                    m.describe()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -315,8 +342,11 @@ impl QemuBackend {
             match Qmp::connect_within(path, CONNECT_TIMEOUT, GREETING_TIMEOUT) {
                 Ok(mut qmp) => {
                     qmp.set_timeout(QMP_TIMEOUT);
-                    let pid = qmp.peer_pid();
-                    if self.def.commandline.is_none() {
+                    let pid = match &self.manager {
+                        Some(m) => m.qemu_pid(),
+                        None => qmp.peer_pid(),
+                    };
+                    if self.def.commandline.is_none() && self.manager.is_none() {
                         self.record_argv(pid, qmp.peer_ids());
                     }
                     self.record_process(pid.and_then(QemuProcess::of));
@@ -731,6 +761,9 @@ impl QemuBackend {
         incoming: Option<&Incoming<'_>>,
         paused: bool,
     ) -> Result<()> {
+        if let Some(m) = &self.manager {
+            return self.start_managed(m.as_ref(), loadvm, incoming.is_some(), paused);
+        }
         let (mut argv, creds) = self.layered_argv()?;
         // The memory file is checked and held before QEMU starts.
         let held = incoming.map(|i| self.open_memory(i.file)).transpose()?;
@@ -781,6 +814,58 @@ impl QemuBackend {
                 let _ = self.stop_process();
                 return Err(e);
             }
+        }
+        if !paused {
+            self.set_running(true)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a managed QEMU (paused), checks its chains, loads
+    /// checkpoint `loadvm` with `snapshot-load`, and resumes it unless
+    /// `paused`. A memory file cannot be loaded: the manager starts QEMU
+    /// without `-incoming`.
+    fn start_managed(
+        &self,
+        m: &dyn super::managed::Manager,
+        loadvm: Option<&str>,
+        incoming: bool,
+        paused: bool,
+    ) -> Result<()> {
+        if incoming {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "a memory file cannot be loaded into a QEMU that {} starts",
+                    m.describe()
+                ),
+            ));
+        }
+        m.start_paused()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.conn.lock();
+                if self.connect(&mut guard).is_ok() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = m.destroy();
+                return Err(Error::io(format!(
+                    "the QEMU that {} started did not answer in time",
+                    m.describe()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ready = self.check_started_chains().and_then(|()| match loadvm {
+            Some(tag) => self.load_checkpoint_live(tag),
+            None => Ok(()),
+        });
+        if let Err(e) = ready {
+            let _ = self.stop_process();
+            return Err(e);
         }
         if !paused {
             self.set_running(true)?;
@@ -1072,9 +1157,14 @@ impl Backend for QemuBackend {
             }
         };
         let pid = conn.pid;
-        // QEMU may close the socket before it answers `quit`.
-        let _ = conn.qmp.execute_raw("quit", json!({}));
-        *guard = None;
+        if let Some(m) = &self.manager {
+            *guard = None;
+            m.destroy()?;
+        } else {
+            // QEMU may close the socket before it answers `quit`.
+            let _ = conn.qmp.execute_raw("quit", json!({}));
+            *guard = None;
+        }
         if let Some(pid) = pid {
             if !process::wait_exit(pid, Duration::from_secs(30)) {
                 return Err(Error::io(format!("QEMU pid {pid} did not exit after quit")));
@@ -1154,7 +1244,7 @@ impl Backend for QemuBackend {
     }
 
     fn can_start(&self) -> bool {
-        self.def.commandline.is_some() || self.store.load_argv().is_some()
+        self.manager.is_some() || self.def.commandline.is_some() || self.store.load_argv().is_some()
     }
 
     fn active_disks(&self) -> Vec<DiskDef> {
@@ -1162,6 +1252,12 @@ impl Backend for QemuBackend {
     }
 
     fn start_argv(&self) -> Result<Vec<String>> {
+        if let Some(m) = &self.manager {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("QEMU is started by {}, from its definition", m.describe()),
+            ));
+        }
         self.layered_argv().map(|(argv, _)| argv)
     }
 

@@ -14,6 +14,7 @@ use parking_lot::RwLock;
 use super::Domain;
 use crate::backend::{QemuBackend, QemuImg};
 use crate::error::{Error, Result};
+use crate::model::DomainDef;
 use crate::store::DomainStore;
 use crate::xml::domain::parse_domain_def;
 
@@ -28,6 +29,8 @@ const START_GRACE: Duration = Duration::from_secs(3);
 /// The domains of one mount.
 pub struct Registry {
     domains_dir: PathBuf,
+    /// In libvirt mode, the connection whose domains are the tree's.
+    libvirt: Option<crate::libvirt::Virsh>,
     state_dir: PathBuf,
     domains: RwLock<BTreeMap<String, Arc<Domain>>>,
     stop: Arc<AtomicBool>,
@@ -83,10 +86,29 @@ impl Registry {
                 domains_dir.display()
             )));
         }
+        Self::open_from(domains_dir, None, state_dir)
+    }
+
+    /// Libvirt mode: every domain of the libvirt connection `uri`
+    /// (`qemu:///system`), read from libvirt, no definition files (see
+    /// [`crate::libvirt`]); otherwise as [`Registry::open`].
+    pub fn open_libvirt(uri: &str, state_dir: &Path) -> Result<Arc<Self>> {
+        let virsh = crate::libvirt::Virsh::new(uri);
+        crate::libvirt::list_domains(&virsh)
+            .map_err(|e| e.context(format!("libvirt connection {uri}")))?;
+        Self::open_from(Path::new(""), Some(virsh), state_dir)
+    }
+
+    fn open_from(
+        domains_dir: &Path,
+        libvirt: Option<crate::libvirt::Virsh>,
+        state_dir: &Path,
+    ) -> Result<Arc<Self>> {
         crate::store::atomic::private_dir(state_dir)
             .map_err(|e| Error::from(e).context(format!("state dir {}", state_dir.display())))?;
         let reg = Arc::new_cyclic(|me| Registry {
             domains_dir: domains_dir.to_owned(),
+            libvirt,
             state_dir: state_dir.to_owned(),
             domains: RwLock::new(BTreeMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
@@ -106,6 +128,9 @@ impl Registry {
 
     /// Adds domains whose definition files appeared since the last scan.
     pub fn rescan(&self) {
+        if let Some(virsh) = &self.libvirt {
+            return self.rescan_libvirt(virsh);
+        }
         let Ok(entries) = std::fs::read_dir(&self.domains_dir) else {
             log::warn!("cannot read {}", self.domains_dir.display());
             return;
@@ -122,6 +147,36 @@ impl Registry {
         }
     }
 
+    /// Adds the libvirt domains that are not in the tree yet.
+    fn rescan_libvirt(&self, virsh: &crate::libvirt::Virsh) {
+        let names = match crate::libvirt::list_domains(virsh) {
+            Ok(n) => n,
+            Err(e) => return log::warn!("cannot list libvirt's domains: {e}"),
+        };
+        for name in names {
+            if self.domains.read().contains_key(&name) {
+                continue;
+            }
+            let r = crate::model::validate_name(&name)
+                .map_err(|e| Error::invalid(e.to_string()))
+                .and_then(|()| self.load_libvirt(virsh, &name));
+            if let Err(e) = r {
+                log::warn!("skipping libvirt domain {name}: {e}");
+            }
+        }
+    }
+
+    fn load_libvirt(&self, virsh: &crate::libvirt::Virsh, name: &str) -> Result<()> {
+        let store = DomainStore::open(&self.state_dir, name)?;
+        let (def, link) = crate::libvirt::LibvirtDomain::open(virsh, name, &store)?;
+        let backend = Arc::new(QemuBackend::managed(
+            def.clone(),
+            store.clone(),
+            Arc::new(link),
+        ));
+        self.add(def, store, backend)
+    }
+
     fn load_one(&self, path: &Path) -> Result<()> {
         let text = read_definition(path)?;
         let def = parse_domain_def(&text).map_err(|e| Error::invalid(e.to_string()))?;
@@ -130,6 +185,11 @@ impl Registry {
         }
         let store = DomainStore::open(&self.state_dir, &def.name)?;
         let backend = Arc::new(QemuBackend::new(def.clone(), store.clone()));
+        self.add(def, store, backend)
+    }
+
+    /// Opens the domain `def` on `backend` and starts its thread.
+    fn add(&self, def: DomainDef, store: DomainStore, backend: Arc<QemuBackend>) -> Result<()> {
         let name = def.name.clone();
         let dom = Arc::new(Domain::open(def, store, backend, Arc::new(QemuImg))?);
         log::info!("domain {name}: {} snapshots", dom.forest().len());

@@ -135,11 +135,12 @@ impl Daemon {
         if relative {
             cmd.current_dir(base);
         }
-        cmd.arg("mount")
-            .arg(arg(&mnt))
-            .arg("--domains")
-            .arg(arg(&domains))
-            .arg("--state")
+        cmd.arg("mount").arg(arg(&mnt));
+        // In libvirt mode the domains come from libvirt, not files.
+        if !args.contains(&"--libvirt") {
+            cmd.arg("--domains").arg(arg(&domains));
+        }
+        cmd.arg("--state")
             .arg(arg(&state))
             .arg("--foreground")
             .args(args)

@@ -1,0 +1,169 @@
+//! `virsh` as the daemon runs it: one connection URI, argv only (no
+//! shell), every call with a deadline after which the child is killed by
+//! pid, descriptors handed over at fixed numbers for `--pass-fds`.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::backend::child;
+use crate::error::{Error, Result};
+
+/// The first descriptor number a passed descriptor gets in `virsh`.
+const FIRST_PASSED_FD: i32 = 3;
+/// The most descriptors passed with one command.
+pub const MAX_PASSED_FDS: usize = 8;
+
+/// A `virsh` command line for one libvirt connection.
+#[derive(Debug, Clone)]
+pub struct Virsh {
+    uri: String,
+}
+
+impl Virsh {
+    /// Commands against the libvirt connection `uri` (`qemu:///system`).
+    pub fn new(uri: &str) -> Self {
+        Virsh {
+            uri: uri.to_owned(),
+        }
+    }
+
+    /// The connection URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The command `virsh -q -c URI ARGS...`, not started; it inherits
+    /// no descriptor but its standard ones.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = self.base(args);
+        // SAFETY: close_range is a system call, async-signal-safe.
+        unsafe {
+            c.pre_exec(|| close_from(FIRST_PASSED_FD));
+        }
+        c
+    }
+
+    fn base<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = Command::new("virsh");
+        c.arg("-q").arg("-c").arg(&self.uri).args(args);
+        // Never the caller's language: messages are matched.
+        c.env("LC_ALL", "C");
+        c
+    }
+
+    /// Runs `virsh ARGS` within `timeout`; its standard output on
+    /// success, an EIO error with what virsh said otherwise.
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], timeout: Duration) -> Result<String> {
+        self.run_command(self.command(args), args_text(args), timeout)
+    }
+
+    /// Like [`Virsh::run`], with `fds` open in virsh as descriptors 3,
+    /// 4, ...: the numbers to give `--pass-fds` (see [`passed_fds`]).
+    pub fn run_with_fds<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<String> {
+        if fds.len() > MAX_PASSED_FDS {
+            return Err(Error::invalid(format!(
+                "at most {MAX_PASSED_FDS} descriptors go with one command"
+            )));
+        }
+        let mut cmd = self.base(args);
+        let mut raw = [-1i32; MAX_PASSED_FDS];
+        for (r, f) in raw.iter_mut().zip(fds) {
+            *r = f.as_raw_fd();
+        }
+        let n = fds.len();
+        // SAFETY: between fork and exec only fcntl and dup2, which are
+        // async-signal-safe, on a fixed array (no allocation) of
+        // descriptors this process holds open for the duration of the
+        // call; the copies at 3, 4, ... lose FD_CLOEXEC, so virsh
+        // inherits exactly them.
+        unsafe {
+            cmd.pre_exec(move || {
+                // First out of the way of the target numbers, then into place.
+                let mut high = [-1i32; MAX_PASSED_FDS];
+                for i in 0..n {
+                    high[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, 100);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &fd) in high.iter().enumerate().take(n) {
+                    if libc::dup2(fd, FIRST_PASSED_FD + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                close_from(FIRST_PASSED_FD + n as i32)
+            });
+        }
+        self.run_command(cmd, args_text(args), timeout)
+    }
+
+    fn run_command(&self, cmd: Command, what: String, timeout: Duration) -> Result<String> {
+        let out = child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
+        if !out.status.success() {
+            let said = String::from_utf8_lossy(&out.stderr);
+            return Err(Error::io(format!(
+                "virsh {what}: {}",
+                said.trim()
+                    .trim_start_matches("error: ")
+                    .replace('\n', "; ")
+            )));
+        }
+        String::from_utf8(out.stdout).map_err(|_| Error::io(format!("virsh {what}: not UTF-8")))
+    }
+}
+
+/// Closes every descriptor from `first` on (the daemon's own, such as
+/// /dev/fuse, which a long-lived virsh would otherwise keep open).
+/// Async-signal-safe: one system call.
+fn close_from(first: i32) -> std::io::Result<()> {
+    // SAFETY: close_range(2) with no pointer arguments.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `--pass-fds` value for `n` descriptors handed over with
+/// [`Virsh::run_with_fds`].
+pub fn passed_fds(n: usize) -> String {
+    (0..n as i32)
+        .map(|i| (FIRST_PASSED_FD + i).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The first words of a command, for messages.
+fn args_text<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    args.iter()
+        .take(2)
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passed_fds_count_from_three() {
+        assert_eq!(passed_fds(0), "");
+        assert_eq!(passed_fds(1), "3");
+        assert_eq!(passed_fds(3), "3,4,5");
+    }
+}
