@@ -22,6 +22,10 @@ use common::*;
 /// (libvirt 9.0 cannot probe QEMU 10).
 const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 
+/// One privileged libvirtd at a time: its QEMU driver locks the system's
+/// state directories, so the tests of this file take turns.
+static ONE_LIBVIRTD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A libvirtd of this test: its own libvirtd.conf, socket directory,
 /// log and pid file, run in the foreground under `tini -s`, which reaps
 /// the QEMU processes libvirt daemonizes (where no init does, a QEMU
@@ -245,6 +249,7 @@ fn prompt<T>(what: &str, f: impl FnOnce() -> T) -> T {
 
 #[test]
 fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
+    let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("libvirt");
     // libvirt's QEMU runs as libvirt-qemu: it must reach the images.
     let mut perms = fs::metadata(&dir.0).unwrap().permissions();
@@ -406,6 +411,126 @@ fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
     let t = Instant::now();
     drop(lv);
     eprintln!("libvirtd stopped in {:?}", t.elapsed());
+}
+
+/// Sends SIGCONT to a stopped libvirtd when dropped.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of the libvirtd this test started.
+        unsafe {
+            libc::kill(self.0, libc::SIGCONT);
+        }
+    }
+}
+
+#[test]
+fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
+    let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("libvirt-int");
+    let mut perms = fs::metadata(&dir.0).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    fs::set_permissions(&dir.0, perms).unwrap();
+    let images = dir.0.join("images");
+    fs::create_dir_all(&images).unwrap();
+    let _shared = SharedMount::new(&dir.0);
+    let _keep = KeepLog(dir.0.clone());
+    let Some(mut lv) = Libvirtd::start(&dir.0.join("libvirtd")) else {
+        return;
+    };
+    let img = lv.define("lvint", &images);
+    lv.virsh(&["start", "lvint"]);
+    lv.guest_write("lvint", 0x21);
+    let daemon = Daemon::start_with_args(&dir.0, &[], &["--libvirt", &lv.uri.clone()]);
+    let mnt = daemon.mnt.clone();
+    wait_until("lvint running", Duration::from_secs(30), || {
+        state_of(&mnt, "lvint") == "running"
+    });
+
+    // An internal checkpoint through the passthrough (snapshot-save):
+    // the tag is in the image, the guest runs on under libvirt.
+    let spec = "<domainsnapshot><name>i1</name><memory snapshot='internal'/>\
+                <disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>";
+    let t = Instant::now();
+    write_file(&mnt.join("lvint/.create"), spec.as_bytes()).unwrap_or_else(|e| {
+        panic!(
+            "create i1: {}\n{}",
+            strerror(e),
+            fs::read_to_string(mnt.join("lvint/.log")).unwrap()
+        )
+    });
+    eprintln!("internal checkpoint of a libvirt domain: {:?}", t.elapsed());
+    assert_eq!(lv.state("lvint"), "running");
+    assert_eq!(
+        fs::read_to_string(mnt.join("lvint/i1/state"))
+            .unwrap()
+            .trim(),
+        "running"
+    );
+    assert_eq!(image_tags(&img).len(), 1);
+    assert!(view_holds(&mnt, "lvint/i1/disks/vda", 0x21));
+    lv.guest_write("lvint", 0x22);
+    assert!(view_holds(&mnt, "lvint/i1/disks/vda", 0x21));
+
+    // Renamed, then reverted in the same QEMU (snapshot-load), which
+    // keeps the left state as a snapshot; deleted.
+    fs::rename(mnt.join("lvint/i1"), mnt.join("lvint/first")).unwrap();
+    fs::write(mnt.join("lvint/first/revert"), "running").unwrap_or_else(|e| {
+        panic!(
+            "revert: {e}\n{}",
+            fs::read_to_string(mnt.join("lvint/.log")).unwrap()
+        )
+    });
+    assert_eq!(lv.state("lvint"), "running");
+    let left: Vec<String> = fs::read_dir(mnt.join("lvint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("left-"))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(view_holds(
+        &mnt,
+        &format!("lvint/{}/disks/vda", left[0]),
+        0x22
+    ));
+    fs::remove_dir(mnt.join("lvint/first")).unwrap();
+    assert_eq!(image_tags(&img).len(), 1);
+    assert!(view_holds(
+        &mnt,
+        &format!("lvint/{}/disks/vda", left[0]),
+        0x22
+    ));
+
+    // libvirtd stops answering (SIGSTOP): every FUSE call answers at
+    // once, the domain says it is unreachable and held (its QEMU holds
+    // the images), an operation is refused and makes nothing.
+    let pid: i32 = fs::read_to_string(dir.0.join("libvirtd/libvirtd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the pid of the libvirtd this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let resume = Resume(pid);
+    wait_until("lvint unreachable", Duration::from_secs(60), || {
+        prompt("ls", || fs::read_dir(mnt.join("lvint")).unwrap().count());
+        prompt("stat .state", || {
+            fs::metadata(mnt.join("lvint/.state")).unwrap()
+        });
+        prompt("cat .state", || state_of(&mnt, "lvint")).starts_with("unreachable: ")
+    });
+    let r = prompt("mkdir", || fs::create_dir(mnt.join("lvint/while-stopped")));
+    assert_eq!(errno(r), libc::EBUSY);
+    let log = fs::read_to_string(mnt.join("lvint/.log")).unwrap();
+    assert!(log.contains("domain is now unreachable: "), "{log}");
+    assert_eq!(image_tags(&img).len(), 1);
+    drop(resume);
+    wait_until("lvint running again", Duration::from_secs(60), || {
+        state_of(&mnt, "lvint") == "running"
+    });
+    fs::create_dir(mnt.join("lvint/after")).unwrap();
+    drop(daemon);
 }
 
 /// `dir` bind-mounted on itself and made shared, so that the FUSE mount
