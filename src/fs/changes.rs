@@ -186,7 +186,8 @@ impl Inner {
     }
 
     /// The entries of `changes/`, `since/` (the other snapshots, nothing
-    /// computed) or `since/<other>/`.
+    /// computed) or `since/<other>/` (whose extents start to be computed
+    /// in the background).
     pub(super) fn change_entries(&self, node: &Node) -> Option<Vec<(Node, FileType, String)>> {
         let (d, id, since) = match node {
             Node::SnapshotFile(d, id, SnapFile::Since) => {
@@ -208,9 +209,22 @@ impl Inner {
             Node::SinceDir(d, id, other) => (d, id, Some(other.clone())),
             _ => return None,
         };
-        let dom = self.reg.get(d)?;
+        let (dom, snap, other) = self.change_pair(d, id, since.as_deref())?;
         let mut out = Vec::new();
         for target in content::view_targets(&dom, id) {
+            // Listed: each disk's extents are computed at once, side by
+            // side, for the `stat`s that follow (`ls -l`).
+            if dom
+                .views()
+                .changes_cached(&snap, other.as_ref(), &target)
+                .is_none()
+            {
+                let (dom, snap, other, t) =
+                    (dom.clone(), snap.clone(), other.clone(), target.clone());
+                off_thread(move || {
+                    let _ = dom.views().changes(&snap, other.as_ref(), &t);
+                });
+            }
             for name in [target.clone(), format!("{target}.map")] {
                 let f = ChangeFile {
                     since: since.clone(),
