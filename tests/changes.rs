@@ -332,3 +332,98 @@ fn external_and_mixed_chains_branches_and_merges() {
         ],
     );
 }
+
+/// A raw disk under external snapshots: the raw point is read as data
+/// everywhere, the overlays' maps say what changed.
+#[test]
+fn a_raw_disk_under_external_snapshots() {
+    let spec = VmSpec {
+        raw: vec!["vdb".into()],
+        ..VmSpec::small("vm1")
+    };
+    let dir = TempDir::new("chg-raw");
+    let mut vm = Vm::start(&spec, &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("external-disk-only".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let daemon = Daemon::start(&dir.0, &[]);
+    let fx = Fixture { daemon, vm, dir };
+    io(&fx, "vdb", "write -P 0xc1 0 1M");
+    mkdir(&fx, "r1");
+    io(&fx, "vdb", "write -P 0xc2 2M 64k");
+    mkdir(&fx, "r2");
+    io(&fx, "vdb", "write -P 0xc3 4M 64k");
+    mkdir(&fx, "r3");
+    // A raw image has no map: all of it is data.
+    check(&fx, "r1", None, "vdb", &[(0, 32 * M)]);
+    check(&fx, "r2", None, "vdb", &[(2 * M, 64 * K)]);
+    check(
+        &fx,
+        "r3",
+        Some("r1"),
+        "vdb",
+        &[(2 * M, 64 * K), (4 * M, 64 * K)],
+    );
+    fs::remove_dir(fx.path("r2")).unwrap();
+    check(&fx, "r3", None, "vdb", &[(2 * M, 64 * K), (4 * M, 64 * K)]);
+}
+
+/// A revert to an internal snapshot of a base image below an external
+/// snapshot copies the base out: the external snapshot's disk is then a
+/// file that shares no image with the internal snapshot's, no map
+/// relates them, and the bytes are compared (and `.log` says so).
+#[test]
+fn disks_that_share_no_image_are_compared_byte_by_byte() {
+    let fx = Fixture::with_policy("chg-cmp", "external-disk-only", &[]);
+    io(&fx, "vda", "write -P 0xd1 0 2M");
+    create_spec(
+        &fx,
+        "<domainsnapshot><name>i1</name><memory snapshot='no'/><disks>\
+         <disk name='vda' snapshot='internal'/><disk name='vdb' snapshot='internal'/>\
+         </disks></domainsnapshot>",
+    );
+    io(&fx, "vda", "write -P 0xd2 1M 64k");
+    io(&fx, "vda", "write -P 0xd3 8M 64k");
+    mkdir(&fx, "e1");
+    io(&fx, "vda", "write -P 0xd4 9M 64k");
+    check(
+        &fx,
+        "e1",
+        Some("i1"),
+        "vda",
+        &[(M, 64 * K), (8 * M, 64 * K)],
+    );
+    assert!(!fx.read(".log").contains("compared byte by byte"));
+
+    fx.revert("i1", "shutoff force")
+        .unwrap_or_else(|e| panic!("errno {e}\n{}", fx.read(".log")));
+    let point = fs::read_link(fx.path("e1/images/vda")).unwrap();
+    assert_ne!(point, fx.vm.disks[0].image, "the base was copied out");
+    check(
+        &fx,
+        "e1",
+        Some("i1"),
+        "vda",
+        &[(M, 64 * K), (8 * M, 64 * K)],
+    );
+    check(
+        &fx,
+        "i1",
+        Some("e1"),
+        "vda",
+        &[(M, 64 * K), (8 * M, 64 * K)],
+    );
+    let log = fx.read(".log");
+    assert!(
+        log.contains("e1/since/i1/vda: the two disks share no image")
+            && log.contains("compared byte by byte"),
+        "{log}"
+    );
+    // The state left behind is over the copy: its map decides.
+    let left: Vec<String> = fx
+        .ls()
+        .into_iter()
+        .filter(|n| n.starts_with("left-"))
+        .collect();
+    assert_eq!(left.len(), 1, "{:?}", fx.ls());
+    check(&fx, &left[0], Some("e1"), "vda", &[(9 * M, 64 * K)]);
+}
