@@ -153,7 +153,7 @@ impl Libvirtd {
         fs::write(&file, xml).unwrap();
         // A domain an interrupted run left behind goes first.
         let _ = self.try_virsh(&["destroy", name]);
-        let _ = self.try_virsh(&["undefine", name]);
+        let _ = self.try_virsh(&["undefine", name, "--snapshots-metadata"]);
         self.virsh(&["define", file.to_str().unwrap()]);
         self.domains.push(name.to_owned());
         img
@@ -169,6 +169,18 @@ impl Libvirtd {
             top(&self.virsh(&["dumpxml", name])),
             top(&self.virsh(&["dumpxml", "--inactive", name])),
         )
+    }
+
+    /// libvirt's snapshot list of the domain, sorted.
+    fn snapshot_names(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .virsh(&["snapshot-list", name, "--name"])
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
     }
 
     fn state(&self, name: &str) -> String {
@@ -191,7 +203,7 @@ impl Drop for Libvirtd {
     fn drop(&mut self) {
         for d in &self.domains {
             let _ = self.try_virsh(&["destroy", d]);
-            let o = self.try_virsh(&["undefine", d]);
+            let o = self.try_virsh(&["undefine", d, "--snapshots-metadata"]);
             if !o.status.success() {
                 eprintln!("virsh undefine {d}: {}", String::from_utf8_lossy(&o.stderr));
             }
@@ -323,6 +335,7 @@ fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
         persistent,
         active_layer_of(&daemon.state, "lvrun").to_string_lossy()
     );
+    let s1_overlay = persistent;
     lv.guest_write("lvrun", 0xcd);
     assert!(view_holds(&mnt, "lvrun/s1/disks/vda", 0xab));
 
@@ -362,6 +375,27 @@ fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
     assert!(view_holds(&mnt, "lvrun/s2/disks/vda", 0xcd));
     assert!(view_holds(&mnt, "lvrun/s1/disks/vda", 0xab));
 
+    // libvirt's snapshot list shows them, s2 current and a child of s1;
+    // s1's external disk names the overlay it created (libvirt's
+    // meaning of <source>), its <domain> the image it froze.
+    wait_until("libvirt's list", Duration::from_secs(30), || {
+        lv.snapshot_names("lvrun") == ["s1", "s2"]
+            && lv.virsh(&["snapshot-current", "lvrun", "--name"]).trim() == "s2"
+    });
+    assert_eq!(lv.virsh(&["snapshot-parent", "lvrun", "s2"]).trim(), "s1");
+    let x = lv.virsh(&["snapshot-dumpxml", "lvrun", "s1"]);
+    assert!(x.contains("<state>running</state>"), "{x}");
+    let disks = &x[x.find("<disks>").unwrap()..x.find("</disks>").unwrap()];
+    assert!(
+        disks.contains(&format!("<source file='{s1_overlay}'")),
+        "{x}"
+    );
+    let domain = &x[x.find("<domain").unwrap()..];
+    assert!(
+        domain.contains(&format!("<source file='{}'", run_img.display())),
+        "{x}"
+    );
+
     // Delete the first snapshot of the running domain (a live merge
     // through the passthrough): the later one keeps its bytes, and
     // libvirt's next boot still finds its images.
@@ -381,6 +415,11 @@ fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
     );
     fs::create_dir(mnt.join("lvrun/s3")).unwrap();
     assert!(view_holds(&mnt, "lvrun/s3/disks/vda", 0xcd));
+    wait_until(
+        "libvirt's list after the delete",
+        Duration::from_secs(30),
+        || lv.snapshot_names("lvrun") == ["s2", "s3"],
+    );
 
     // Revert through the tree: vmsnapfs stops QEMU through libvirt and
     // leaves the domain on a branch over s2; libvirt boots that branch.
@@ -475,7 +514,22 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
 
     // Renamed, then reverted in the same QEMU (snapshot-load), which
     // keeps the left state as a snapshot; deleted.
+    wait_until("i1 in libvirt's list", Duration::from_secs(30), || {
+        lv.snapshot_names("lvint") == ["i1"]
+    });
+    let x = lv.virsh(&["snapshot-dumpxml", "lvint", "i1"]);
+    assert!(x.contains("<memory snapshot='internal'/>"), "{x}");
+    let disks = &x[x.find("<disks>").unwrap()..x.find("</disks>").unwrap()];
+    assert!(
+        disks.contains("snapshot='internal'") && !disks.contains("<source"),
+        "{x}"
+    );
     fs::rename(mnt.join("lvint/i1"), mnt.join("lvint/first")).unwrap();
+    wait_until(
+        "the new name in libvirt's list",
+        Duration::from_secs(30),
+        || lv.snapshot_names("lvint") == ["first"],
+    );
     fs::write(mnt.join("lvint/first/revert"), "running").unwrap_or_else(|e| {
         panic!(
             "revert: {e}\n{}",
@@ -496,6 +550,11 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
     ));
     fs::remove_dir(mnt.join("lvint/first")).unwrap();
     assert_eq!(image_tags(&img).len(), 1);
+    wait_until(
+        "libvirt's list after the delete",
+        Duration::from_secs(30),
+        || lv.snapshot_names("lvint") == left,
+    );
     assert!(view_holds(
         &mnt,
         &format!("lvint/{}/disks/vda", left[0]),
@@ -566,10 +625,6 @@ struct KeepLog(PathBuf);
 
 impl Drop for KeepLog {
     fn drop(&mut self) {
-        let _ = fs::copy(
-            self.0.join("daemon.log"),
-            "/tmp/vmsnapfs-libvirt-last-daemon.log",
-        );
         if std::thread::panicking() {
             let log = fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default();
             let lines: Vec<&str> = log

@@ -26,6 +26,22 @@ const VIEW_IDLE: Duration = Duration::from_secs(30);
 /// monitor before it goes on without it (the look goes on in the background).
 const START_GRACE: Duration = Duration::from_secs(3);
 
+/// A libvirt domain's link to libvirt and its backend (for the active
+/// layers), for mirroring its snapshots into libvirt's list.
+type LibvirtLink = (Arc<crate::libvirt::LibvirtDomain>, Arc<QemuBackend>);
+
+/// Makes libvirt's snapshot list mirror the domain's (see
+/// [`crate::libvirt::LibvirtDomain::sync_snapshots`]).
+fn mirror_snapshots(dom: &Domain, link: &crate::libvirt::LibvirtDomain, backend: &QemuBackend) {
+    use crate::backend::Backend;
+    let (snaps, current) = {
+        let f = dom.forest();
+        let snaps: Vec<crate::model::Snapshot> = f.iter().cloned().collect();
+        (snaps, f.current().map(str::to_owned))
+    };
+    link.sync_snapshots(&snaps, current.as_deref(), &backend.active_disks());
+}
+
 /// The domains of one mount.
 pub struct Registry {
     domains_dir: PathBuf,
@@ -169,12 +185,13 @@ impl Registry {
     fn load_libvirt(&self, virsh: &crate::libvirt::Virsh, name: &str) -> Result<()> {
         let store = DomainStore::open(&self.state_dir, name)?;
         let (def, link) = crate::libvirt::LibvirtDomain::open(virsh, name, &store)?;
+        let link = Arc::new(link);
         let backend = Arc::new(QemuBackend::managed(
             def.clone(),
             store.clone(),
-            Arc::new(link),
+            link.clone(),
         ));
-        self.add(def, store, backend)
+        self.add(def, store, backend.clone(), Some((link, backend)))
     }
 
     fn load_one(&self, path: &Path) -> Result<()> {
@@ -185,11 +202,17 @@ impl Registry {
         }
         let store = DomainStore::open(&self.state_dir, &def.name)?;
         let backend = Arc::new(QemuBackend::new(def.clone(), store.clone()));
-        self.add(def, store, backend)
+        self.add(def, store, backend, None)
     }
 
     /// Opens the domain `def` on `backend` and starts its thread.
-    fn add(&self, def: DomainDef, store: DomainStore, backend: Arc<QemuBackend>) -> Result<()> {
+    fn add(
+        &self,
+        def: DomainDef,
+        store: DomainStore,
+        backend: Arc<QemuBackend>,
+        libvirt: Option<LibvirtLink>,
+    ) -> Result<()> {
         let name = def.name.clone();
         let dom = Arc::new(Domain::open(def, store, backend, Arc::new(QemuImg))?);
         log::info!("domain {name}: {} snapshots", dom.forest().len());
@@ -199,14 +222,14 @@ impl Registry {
         }
         domains.insert(name.clone(), dom.clone());
         drop(domains);
-        self.watch(name, dom);
+        self.watch(name, dom, libvirt);
         Ok(())
     }
 
     /// Starts the thread of one domain: its first look at the monitor
     /// and start-up recovery, then a state poll each [`POLL_INTERVAL`]
     /// and the release of idle views, until [`Registry::shutdown`].
-    fn watch(&self, name: String, dom: Arc<Domain>) {
+    fn watch(&self, name: String, dom: Arc<Domain>, libvirt: Option<LibvirtLink>) {
         let stop = self.stop.clone();
         let me = self.me.clone();
         let spawned = std::thread::Builder::new()
@@ -222,6 +245,9 @@ impl Registry {
                     }
                     dom.poll_state();
                     dom.views().release_idle(VIEW_IDLE);
+                    if let Some((link, backend)) = &libvirt {
+                        mirror_snapshots(&dom, link, backend.as_ref());
+                    }
                 }
             });
         if let Err(e) = spawned {

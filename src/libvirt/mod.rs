@@ -9,6 +9,7 @@
 
 pub mod define;
 pub mod shim;
+pub mod snapshots;
 pub mod virsh;
 
 use std::io::Read as _;
@@ -18,7 +19,9 @@ use std::time::Duration;
 
 use crate::backend::managed::Manager;
 use crate::error::{Error, Result};
-use crate::model::{DiskDef, DomainDef};
+use std::collections::BTreeMap;
+
+use crate::model::{DiskDef, DiskSnapshotKind, DomainDef, Snapshot};
 use crate::store::DomainStore;
 use crate::xml::domain::parse_domain_def;
 
@@ -32,6 +35,9 @@ const START: Duration = Duration::from_secs(120);
 const DESTROY: Duration = Duration::from_secs(60);
 /// Where a privileged libvirtd keeps the pid of each domain's QEMU.
 const SYSTEM_PID_DIR: &str = "/run/libvirt/qemu";
+/// The snapshots vmsnapfs defined in libvirt's list (name -> hash of
+/// the XML), in a domain's state directory.
+const SNAPSHOT_RECORD: &str = "libvirt-snapshots";
 /// The name of the monitor endpoint in a domain's state directory.
 const SHIM_SOCKET: &str = "libvirt-qmp.sock";
 
@@ -53,6 +59,9 @@ pub struct LibvirtDomain {
     name: String,
     state_dir: PathBuf,
     shim: shim::Shim,
+    /// What libvirt's snapshot list was last made to mirror (a hash of
+    /// the snapshots, the current one and the active layers).
+    synced: parking_lot::Mutex<Option<u64>>,
 }
 
 impl LibvirtDomain {
@@ -80,6 +89,7 @@ impl LibvirtDomain {
                 name: name.to_owned(),
                 state_dir: store.dir().to_owned(),
                 shim,
+                synced: parking_lot::Mutex::new(None),
             },
         ))
     }
@@ -87,6 +97,155 @@ impl LibvirtDomain {
     /// The monitor endpoint.
     pub fn monitor(&self) -> &Path {
         self.shim.path()
+    }
+
+    /// Makes libvirt's snapshot list mirror `snaps` (current: the id
+    /// `current`; the disks now on `active`), when any of it changed
+    /// since the last call. Snapshots vmsnapfs defined earlier and no
+    /// longer has lose their libvirt metadata (never their images).
+    pub fn sync_snapshots(&self, snaps: &[Snapshot], current: Option<&str>, active: &[DiskDef]) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{snaps:?}{current:?}{active:?}").hash(&mut h);
+        let key = h.finish();
+        if *self.synced.lock() == Some(key) {
+            return;
+        }
+        match self.mirror(snaps, current, active) {
+            Ok(()) => *self.synced.lock() = Some(key),
+            Err(e) => {
+                log::warn!("{}: libvirt's snapshot list not updated: {e}", self.name);
+                // Tried again on the next change, not every second.
+                *self.synced.lock() = Some(key);
+            }
+        }
+    }
+
+    fn mirror(&self, snaps: &[Snapshot], current: Option<&str>, active: &[DiskDef]) -> Result<()> {
+        let names: BTreeMap<&str, &str> = snaps
+            .iter()
+            .map(|s| (s.id.as_str(), s.name.as_str()))
+            .collect();
+        // Every chain from the active layers and from each point image.
+        let mut chains: Vec<Vec<PathBuf>> = Vec::new();
+        let mut formats: BTreeMap<String, String> = BTreeMap::new();
+        for d in active {
+            formats.insert(d.target.clone(), d.format.clone());
+            if let Ok(c) = crate::backend::qemu_img::chain(&d.source, &d.format) {
+                chains.push(c.into_iter().map(|i| i.path).collect());
+            }
+        }
+        for s in snaps {
+            for d in &s.disks {
+                if let (Some(img), DiskSnapshotKind::External) = (&d.image, d.kind) {
+                    if let Ok(c) = crate::backend::qemu_img::chain(img, "qcow2") {
+                        chains.push(c.into_iter().map(|i| i.path).collect());
+                    }
+                }
+            }
+        }
+        // Branches: an overlay over a point is found in the chain of an
+        // image above it, so every chain is searched from every top.
+        let domain = inactive_xml(&self.virsh, &self.name)?;
+        let mut order: Vec<&Snapshot> = snaps.iter().collect();
+        order.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
+        let mut want: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        for s in &order {
+            let overlays = s
+                .disks
+                .iter()
+                .filter(|d| d.kind == DiskSnapshotKind::External)
+                .filter_map(|d| {
+                    let o = snapshots::overlay_over(d.image.as_deref()?, &chains)?;
+                    Some((d.target.clone(), o))
+                })
+                .collect();
+            let parent = s.parent.as_deref().and_then(|p| names.get(p).copied());
+            let xml = snapshots::snapshot_xml(s, parent, &domain, &formats, &overlays);
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            xml.hash(&mut h);
+            want.insert(s.name.clone(), (h.finish(), xml));
+        }
+        let record = self.state_dir.join(SNAPSHOT_RECORD);
+        let had: BTreeMap<String, u64> = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        // Gone or renamed: libvirt's metadata only, newest first.
+        let in_libvirt = self
+            .virsh
+            .run(&["snapshot-list", "--domain", &self.name, "--name"], QUICK)?;
+        let in_libvirt: Vec<&str> = in_libvirt
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let mut defined: BTreeMap<String, u64> = BTreeMap::new();
+        for name in had.keys().rev() {
+            if want.contains_key(name) || !in_libvirt.contains(&name.as_str()) {
+                continue;
+            }
+            self.virsh.run(
+                &[
+                    "snapshot-delete",
+                    "--domain",
+                    &self.name,
+                    "--snapshotname",
+                    name,
+                    "--metadata",
+                ],
+                QUICK,
+            )?;
+        }
+        let file = self.state_dir.join("libvirt-snapshot.xml");
+        let mut result = Ok(());
+        for s in &order {
+            let (hash, xml) = &want[&s.name];
+            if had.get(&s.name) == Some(hash) && in_libvirt.contains(&s.name.as_str()) {
+                defined.insert(s.name.clone(), *hash);
+                continue;
+            }
+            crate::store::atomic::write_atomic(&file, xml.as_bytes())?;
+            let r = self.virsh.run(
+                &[
+                    std::ffi::OsStr::new("snapshot-create"),
+                    std::ffi::OsStr::new("--domain"),
+                    std::ffi::OsStr::new(&self.name),
+                    std::ffi::OsStr::new("--redefine"),
+                    std::ffi::OsStr::new("--xmlfile"),
+                    file.as_os_str(),
+                ],
+                QUICK,
+            );
+            match r {
+                Ok(_) => {
+                    defined.insert(s.name.clone(), *hash);
+                }
+                Err(e) => {
+                    result = Err(e.context(format!("snapshot {}", s.name)));
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&file);
+        if result.is_ok() {
+            if let Some(cur) = current.and_then(|c| names.get(c)) {
+                self.virsh.run(
+                    &[
+                        "snapshot-current",
+                        "--domain",
+                        &self.name,
+                        "--snapshotname",
+                        cur,
+                    ],
+                    QUICK,
+                )?;
+            }
+        }
+        let text = serde_json::to_vec(&defined).map_err(|e| Error::io(e.to_string()))?;
+        crate::store::atomic::write_atomic(&record, &text)?;
+        result
     }
 }
 
