@@ -589,6 +589,28 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
         state_of(&mnt, "lvint") == "running"
     });
     fs::create_dir(mnt.join("lvint/after")).unwrap();
+
+    // A revert that must start QEMU goes through libvirt: the domain is
+    // shut off, the checkpoint is loaded into the QEMU `virsh start
+    // --paused` made (snapshot-load), and the guest runs on its disks.
+    lv.virsh(&["destroy", "lvint"]);
+    wait_until("lvint shut off", Duration::from_secs(30), || {
+        state_of(&mnt, "lvint") == "shutoff"
+    });
+    fs::write(mnt.join("lvint").join(&left[0]).join("revert"), "running").unwrap_or_else(|e| {
+        panic!(
+            "revert: {e}\n{}",
+            fs::read_to_string(mnt.join("lvint/.log")).unwrap()
+        )
+    });
+    assert_eq!(lv.state("lvint"), "running");
+    wait_until(
+        "lvint running after the start",
+        Duration::from_secs(30),
+        || state_of(&mnt, "lvint") == "running",
+    );
+    fs::create_dir(mnt.join("lvint/restarted")).unwrap();
+    assert!(view_holds(&mnt, "lvint/restarted/disks/vda", 0x22));
     drop(daemon);
 }
 
