@@ -33,7 +33,8 @@ const CLUSTER_CACHE: usize = 8;
 /// One image of the chain.
 enum Layer {
     Qcow2(Qcow2Layer),
-    /// A raw image: every byte it has is data.
+    /// A raw image: every byte it has is data, but for the holes of a
+    /// sparse file (zeros).
     Raw(Box<dyn Storage>),
 }
 
@@ -334,7 +335,13 @@ impl Chain {
                     if pos >= s.len() {
                         return Ok((Source::Zero, run));
                     }
-                    return Ok((Source::Data(i, pos), run.min(s.len() - pos)));
+                    let run = run.min(s.len() - pos);
+                    // A sparse raw file's holes read as zeros.
+                    return Ok(match s.data_run(pos)? {
+                        Some((d, _)) if d > pos => (Source::Zero, run.min(d - pos)),
+                        Some((_, h)) if h > pos => (Source::Data(i, pos), run.min(h - pos)),
+                        _ => (Source::Data(i, pos), run),
+                    });
                 }
             }
         }

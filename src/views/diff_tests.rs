@@ -203,6 +203,23 @@ fn unrelated_images_are_compared_byte_by_byte() {
 }
 
 #[test]
+fn the_holes_of_a_sparse_raw_file_are_zeros() {
+    let d = Dir::new("sparse");
+    let raw = d.p("s.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(8 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![9u8; 64 * K as usize], 3 * M).unwrap();
+    drop(f);
+    let c = open(&raw, "raw", None);
+    let ch = changes(&c, None).unwrap();
+    assert_eq!(ch.extents, vec![(3 * M, 64 * K)]);
+    assert_rebuilds(&c, None, &ch);
+    assert_eq!(c.seek_data(0).unwrap(), Some(3 * M));
+    assert_eq!(c.seek_hole(3 * M).unwrap(), Some(3 * M + 64 * K));
+    assert_eq!(c.allocated_bytes().unwrap(), 64 * K);
+}
+
+#[test]
 fn seeks_and_the_map_follow_the_extents() {
     let ch = Changes {
         size: 10 * M,

@@ -25,6 +25,13 @@ pub trait Storage: Send + Sync {
     /// Takes the current length again (a file a running QEMU may grow).
     fn refresh(&self) {}
 
+    /// The next run of data of a sparse file at or after `offset`, as
+    /// (start, end): its holes read as zeros (start = end = the length
+    /// when only a hole is left). `None` when it cannot tell: all data.
+    fn data_run(&self, _offset: u64) -> io::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
     /// Reads as much of `buf` as the storage holds at `offset`: the count
     /// is short only at the end.
     fn read_upto(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -116,6 +123,28 @@ impl Storage for ImageFile {
         if let Ok(m) = self.file.metadata() {
             self.len.fetch_max(m.len(), Ordering::Relaxed);
         }
+    }
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        use nix::errno::Errno;
+        use nix::unistd::{lseek, Whence};
+        let (Ok(at), len) = (i64::try_from(offset), self.len()) else {
+            return Ok(None);
+        };
+        // lseek on a shared descriptor moves its position, which pread
+        // never uses.
+        let start = match lseek(&self.file, at, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(Errno::ENXIO) => return Ok(Some((len, len))),
+            // A filesystem without SEEK_DATA: all data.
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(&self.file, start as i64, Whence::SeekHole) {
+            Ok(h) => h as u64,
+            Err(Errno::ENXIO) => len,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some((start.min(len), end.min(len))))
     }
 }
 
