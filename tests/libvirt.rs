@@ -611,6 +611,37 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
     );
     fs::create_dir(mnt.join("lvint/restarted")).unwrap();
     assert!(view_holds(&mnt, "lvint/restarted/disks/vda", 0x22));
+
+    // Specs as virsh writes them (snapshot-create-as --print-xml): a disk
+    // named by its image path; --disk-only spelled <state>disk-snapshot</state>.
+    let spec = format!(
+        "<domainsnapshot><name>by-path</name><state>disk-snapshot</state>\
+         <disks><disk name='{}' snapshot='internal'/></disks></domainsnapshot>",
+        img.display()
+    );
+    write_file(&mnt.join("lvint/.create"), spec.as_bytes()).unwrap_or_else(|e| {
+        panic!(
+            "create by-path: {}\n{}",
+            strerror(e),
+            fs::read_to_string(mnt.join("lvint/.log")).unwrap()
+        )
+    });
+    assert_eq!(
+        fs::read_to_string(mnt.join("lvint/by-path/state"))
+            .unwrap()
+            .trim(),
+        "disk-snapshot"
+    );
+    assert!(fs::metadata(mnt.join("lvint/by-path/memory")).is_err());
+    assert!(view_holds(&mnt, "lvint/by-path/disks/vda", 0x22));
+    let bad = "<domainsnapshot><name>nope</name><disks>\
+               <disk name='/no/such/image.qcow2' snapshot='internal'/></disks></domainsnapshot>";
+    assert_eq!(
+        write_file(&mnt.join("lvint/.create"), bad.as_bytes()),
+        Err(libc::EINVAL)
+    );
+    let log = fs::read_to_string(mnt.join("lvint/.log")).unwrap();
+    assert!(log.contains("no disk of the domain has the image"), "{log}");
     drop(daemon);
 }
 

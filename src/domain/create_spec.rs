@@ -30,6 +30,63 @@ fn absolute(what: &str, p: Option<PathBuf>) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Puts libvirt's other spellings of a creation spec into the ones
+/// [`check_spec`] reads: a disk named by its image path (libvirt allows
+/// the source path as `<disk name>`) becomes its target, looked up in
+/// `disks` (target, images the disk is known by: the defined source and
+/// the active layer); `<state>disk-snapshot</state>` without `<memory>`
+/// (how `--disk-only` can be written in the XML) becomes
+/// `<memory snapshot='no'/>`. An external disk onto a block device
+/// (`type='block'`, `<source dev>`) is refused: overlays are files.
+pub fn normalize_spec(
+    mut spec: SnapshotSpec,
+    disks: &[(&str, Vec<&std::path::Path>)],
+) -> Result<SnapshotSpec> {
+    for d in &mut spec.disks {
+        if d.name.starts_with('/') {
+            let path = std::path::Path::new(&d.name);
+            let found = disks
+                .iter()
+                .find(|(_, images)| images.contains(&path))
+                .map(|(t, _)| t.to_string());
+            d.name = found.ok_or_else(|| {
+                Error::invalid(format!("no disk of the domain has the image {:?}", d.name))
+            })?;
+        }
+        if let Some(src) = &d.source {
+            if std::fs::symlink_metadata(src)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "disk {}: {} is a block device; vmsnapfs makes external overlays as \
+                         new files only",
+                        d.name,
+                        src.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = spec.disks.iter().find(|d| !seen.insert(d.name.clone())) {
+        return Err(Error::invalid(format!("disk {} is named twice", d.name)));
+    }
+    if spec.state == Some(crate::model::SnapshotState::DiskSnapshot) {
+        match spec.memory {
+            None => spec.memory = Some(MemorySpec::No),
+            Some(MemorySpec::No) => {}
+            Some(_) => {
+                return Err(Error::invalid(
+                    "<state>disk-snapshot</state> with saved memory: a disk-only snapshot has none",
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
 /// Checks a spec: names, disks of this domain, what is supported.
 ///
 /// Unspecified parts follow the rest: a disk without `snapshot=` is
@@ -134,6 +191,23 @@ impl Domain {
             let text =
                 std::str::from_utf8(xml).map_err(|_| Error::invalid("the spec is not UTF-8"))?;
             let spec = parse_snapshot_xml(text).map_err(|e| Error::invalid(e.to_string()))?;
+            let active = self.backend.active_disks();
+            let known: Vec<(&str, Vec<&std::path::Path>)> = self
+                .def
+                .disks
+                .iter()
+                .map(|d| {
+                    let mut images = vec![d.source.as_path()];
+                    images.extend(
+                        active
+                            .iter()
+                            .filter(|a| a.target == d.target)
+                            .map(|a| a.source.as_path()),
+                    );
+                    (d.target.as_str(), images)
+                })
+                .collect();
+            let spec = normalize_spec(spec, &known)?;
             let targets: Vec<&str> = self.def.disks.iter().map(|d| d.target.as_str()).collect();
             let checked = check_spec(spec, &targets)?;
             if let CreateKind::External { disks, memory } = &checked.kind {
@@ -169,6 +243,47 @@ mod tests {
 
     fn check(xml: &str) -> Result<CheckedSpec> {
         check_spec(parse_snapshot_xml(xml).unwrap(), &["vda", "vdb"])
+    }
+
+    #[test]
+    fn libvirt_spellings_disks_by_path_and_disk_only_by_state() {
+        let known: Vec<(&str, Vec<&std::path::Path>)> = vec![
+            (
+                "vda",
+                vec![
+                    std::path::Path::new("/i/a.qcow2"),
+                    std::path::Path::new("/i/a.s1.qcow2"),
+                ],
+            ),
+            ("vdb", vec![std::path::Path::new("/i/b.qcow2")]),
+        ];
+        let norm = |xml: &str| normalize_spec(parse_snapshot_xml(xml).unwrap(), &known);
+        // As virsh snapshot-create-as --diskspec PATH,... --print-xml writes it.
+        let s = norm(
+            "<domainsnapshot><name>p3</name><memory snapshot='external' file='/tmp/m'/>\
+             <disks><disk name='/i/a.s1.qcow2' snapshot='external'/></disks></domainsnapshot>",
+        )
+        .unwrap();
+        assert_eq!(s.disks[0].name, "vda");
+        let e = norm("<domainsnapshot><disks><disk name='/i/c.qcow2'/></disks></domainsnapshot>")
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        let e = norm(
+            "<domainsnapshot><disks><disk name='/i/a.qcow2'/><disk name='vda'/></disks>\
+             </domainsnapshot>",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("named twice"), "{}", e.message);
+        // --disk-only spelled in the XML.
+        let s = norm("<domainsnapshot><state>disk-snapshot</state></domainsnapshot>").unwrap();
+        assert_eq!(s.memory, Some(MemorySpec::No));
+        let c = check_spec(s, &["vda", "vdb"]).unwrap();
+        assert_eq!(c.kind, CreateKind::Internal { memory: false });
+        assert!(norm(
+            "<domainsnapshot><state>disk-snapshot</state><memory snapshot='internal'/>\
+             </domainsnapshot>"
+        )
+        .is_err());
     }
 
     #[test]
