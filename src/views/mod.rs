@@ -12,6 +12,10 @@
 //! - [`chain`]: a frozen disk, the top image over the backing chain its
 //!   headers record (qcow2 and raw): reads, `SEEK_DATA`/`SEEK_HOLE`,
 //!   allocated bytes; [`check_image`] is the fuzzing entry point.
+//! - [`diff`]: the changed extents between two frozen disks (the runs
+//!   whose bytes do not come from the same cluster of the same file).
+//! - [`apply`]: a full copy of a disk brought forward over a changes
+//!   file and its map (`vmsnapfs apply`).
 //!
 //! Malformed metadata is an `InvalidData` error (`EIO`); layouts read only
 //! by QEMU by design (encryption, external data files, unknown
