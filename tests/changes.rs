@@ -404,6 +404,19 @@ fn a_raw_disk_under_external_snapshots() {
     );
     fs::remove_dir(fx.path("r2")).unwrap();
     check(&fx, "r3", None, "vdb", &[(2 * M, 64 * K), (4 * M, 64 * K)]);
+    // A snapshot that left vdb out: it has no vdb to compare with, so
+    // every byte with data is reported (and `.log` says why).
+    create_spec(
+        &fx,
+        "<domainsnapshot><name>x1</name><memory snapshot='no'/><disks>\
+         <disk name='vda' snapshot='external'/><disk name='vdb' snapshot='no'/>\
+         </disks></domainsnapshot>",
+    );
+    assert_eq!(names(&fx, "x1/changes"), vec!["vda", "vda.map"]);
+    assert!(!fx.path("x1/since/r3/vdb").exists());
+    let (runs, _) = map_of(&fx.path("r3/since/x1/vdb.map"));
+    assert_eq!(runs, vec![(0, M), (2 * M, 64 * K), (4 * M, 64 * K)]);
+    assert!(fx.read(".log").contains("has no view of disk vdb"));
 }
 
 /// A revert to an internal snapshot of a base image below an external
