@@ -14,7 +14,9 @@
 #    libvirt-qemu user and group the Debian build runs QEMU as, a
 #    qemu.conf that logs QEMU's output to a file (no virtlogd without
 #    systemd), and /dev/kvm readable by group kvm as udev would make it
-#    (else libvirt probes QEMU again on every define).
+#    (else libvirt probes QEMU again on every define);
+#  - e2fsprogs, dosfstools, mtools and fdisk (sfdisk) for the tests of the
+#    guest's files (`files/`), which build ext4 and vfat disks.
 # Every check reads a command's whole output (no `grep -q` in a pipe:
 # under pipefail its early exit fails the pipe with SIGPIPE).
 set -euo pipefail
@@ -51,7 +53,9 @@ have_qemu10() {
 
 have_tools() {
     command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1 &&
-        command -v rsync >/dev/null 2>&1
+        command -v rsync >/dev/null 2>&1 &&
+        command -v mke2fs >/dev/null 2>&1 && command -v mkfs.vfat >/dev/null 2>&1 &&
+        command -v mcopy >/dev/null 2>&1 && command -v sfdisk >/dev/null 2>&1
 }
 
 have_libvirt() {
@@ -114,7 +118,8 @@ if ! have_qemu72 || ! have_tools; then
         exit 1
     }
     $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
-        "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic rsync >/dev/null
+        "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic rsync \
+        e2fsprogs dosfstools mtools fdisk >/dev/null
 fi
 have_qemu72 || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }
 

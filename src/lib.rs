@@ -8,6 +8,8 @@
 //! - [`backend`] does the real work: QMP on a running QEMU, `qemu-img` on
 //!   the images of a stopped one.
 //! - [`store`] keeps the metadata on disk: atomic writes, intent journal.
+//! - [`views`] reads frozen disks from their images; [`guestfs`] reads the
+//!   guest's filesystems inside them (`files/`).
 //! - [`model`] and [`xml`] are pure: types, the snapshot forest, name rules,
 //!   libvirt-compatible XML.
 
@@ -17,6 +19,7 @@ pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod fs;
+pub mod guestfs;
 pub mod libvirt;
 pub mod model;
 pub mod signals;

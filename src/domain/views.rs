@@ -214,22 +214,40 @@ impl DiskViews {
         target: &str,
         holder: Holder,
     ) -> Result<(Arc<dyn FrozenView>, Arc<Hold>)> {
+        if Self::source(&self.disks, snap, target).is_none() {
+            return Err(Error::not_found(format!(
+                "disk {target} is not in this snapshot"
+            )));
+        }
+        let hold = self.hold(snap, holder)?;
+        match self.view(snap, target) {
+            Ok(view) => Ok((view, hold)),
+            Err(e) => {
+                self.close(&hold);
+                Err(e)
+            }
+        }
+    }
+
+    /// The view of `target` at `snap`, opened and cached if needed, without
+    /// a hold: the caller holds the snapshot while it reads (see
+    /// [`DiskViews::hold`]). EIO (and a `.log` line) when its images cannot
+    /// be read.
+    pub fn view(&self, snap: &Snapshot, target: &str) -> Result<Arc<dyn FrozenView>> {
         let Some(source) = Self::source(&self.disks, snap, target) else {
             return Err(Error::not_found(format!(
                 "disk {target} is not in this snapshot"
             )));
         };
-        let hold = self.hold(snap, holder)?;
         let key = (snap.id.clone(), target.to_owned());
         if let Some(s) = self.views.lock().get_mut(&key) {
             s.opened = Instant::now();
-            return Ok((s.view.clone(), hold));
+            return Ok(s.view.clone());
         }
         let what = format!("view of disk {target} of {:?}", snap.name);
         let chain = match source.open() {
             Ok(c) => c,
             Err(e) => {
-                self.close(&hold);
                 let text = format!("refused (EIO): {what}: {}: {e}", source.image.display());
                 self.tell(&text);
                 return Err(Error::io(text));
@@ -245,12 +263,17 @@ impl DiskViews {
             view,
             opened: Instant::now(),
         };
-        let view = self.views.lock().entry(key).or_insert(served).view.clone();
-        Ok((view, hold))
+        Ok(self.views.lock().entry(key).or_insert(served).view.clone())
     }
 
-    /// Records a new hold of `snap` unless it is being deleted (EBUSY).
-    fn hold(&self, snap: &Snapshot, holder: Holder) -> Result<Arc<Hold>> {
+    /// Writes `text` to the domain's `.log` (and the daemon's log).
+    pub fn note(&self, text: &str) {
+        self.tell(text);
+    }
+
+    /// Records a new hold of `snap` unless it is being deleted (EBUSY);
+    /// [`DiskViews::close`] ends it.
+    pub fn hold(&self, snap: &Snapshot, holder: Holder) -> Result<Arc<Hold>> {
         let command = command_of(holder.pid);
         let mut holds = self.holds.lock();
         if holds.deleting.contains(&snap.id) {

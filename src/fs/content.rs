@@ -53,6 +53,7 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
         | SnapFile::Images
         | SnapFile::Changes
         | SnapFile::Since
+        | SnapFile::Files
         | SnapFile::Memory => Vec::new(),
     })
 }

@@ -78,11 +78,13 @@ pub enum SnapFile {
     Changes,
     /// `since/`: one directory per other snapshot, like `changes/`.
     Since,
+    /// `files/`: the filesystems inside the disks (`files/<target>/`).
+    Files,
 }
 
 impl SnapFile {
     /// Every snapshot file with its name, in listing order.
-    pub const ALL: [(SnapFile, &'static str); 11] = [
+    pub const ALL: [(SnapFile, &'static str); 12] = [
         (SnapFile::SnapshotXml, "snapshot.xml"),
         (SnapFile::State, "state"),
         (SnapFile::Parent, "parent"),
@@ -94,13 +96,18 @@ impl SnapFile {
         (SnapFile::Images, "images"),
         (SnapFile::Changes, "changes"),
         (SnapFile::Since, "since"),
+        (SnapFile::Files, "files"),
     ];
 
     /// The kind of file this is.
     pub fn is_dir(self) -> bool {
         matches!(
             self,
-            SnapFile::Disks | SnapFile::Images | SnapFile::Changes | SnapFile::Since
+            SnapFile::Disks
+                | SnapFile::Images
+                | SnapFile::Changes
+                | SnapFile::Since
+                | SnapFile::Files
         )
     }
 
@@ -139,6 +146,9 @@ pub enum Node {
     SinceDir(String, String, String),
     /// `<domain>/<snapshot>/changes/<file>` or `since/<other>/<file>`.
     Change(String, String, ChangeFile),
+    /// `<domain>/<snapshot>/files/<target>[/<partition>][/path]`: a
+    /// disk, a partition or a guest file, by snapshot id.
+    Guest(String, String, GuestPath),
 }
 
 /// A file of `changes/` or `since/<other>/`.
@@ -156,6 +166,54 @@ impl ChangeFile {
     /// True for the `.map` (JSON) beside the disk.
     pub fn is_map(&self) -> bool {
         self.name != self.target
+    }
+}
+
+/// A place below `files/`: a disk, a partition of it, a path in its
+/// filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GuestPath {
+    /// The disk's target (`vda`).
+    pub target: String,
+    /// The partition's number as shown (`"1"`), empty for the whole disk.
+    pub part: String,
+    /// The path in the filesystem (`/etc/passwd`), empty for its root.
+    pub path: Vec<u8>,
+}
+
+impl GuestPath {
+    /// The partition number (0: the whole disk).
+    pub fn part_number(&self) -> u32 {
+        self.part.parse().unwrap_or(0)
+    }
+
+    /// The last name of this place.
+    pub fn name(&self) -> &[u8] {
+        if let Some(i) = self.path.iter().rposition(|b| *b == b'/') {
+            return &self.path[i + 1..];
+        }
+        if !self.part.is_empty() {
+            return self.part.as_bytes();
+        }
+        self.target.as_bytes()
+    }
+
+    /// The place above, `None` above the disk.
+    pub fn parent(&self) -> Option<GuestPath> {
+        let mut p = self.clone();
+        if let Some(i) = self.path.iter().rposition(|b| *b == b'/') {
+            p.path.truncate(i);
+        } else if !self.part.is_empty() {
+            p.part.clear();
+        } else {
+            return None;
+        }
+        Some(p)
+    }
+
+    /// How many names below `files/` it is (the disk is 1).
+    pub fn depth(&self) -> usize {
+        1 + usize::from(!self.part.is_empty()) + self.path.iter().filter(|b| **b == b'/').count()
     }
 }
 
@@ -341,6 +399,7 @@ impl Node {
             | Node::SnapshotImage(d, _, _)
             | Node::SinceDir(d, _, _)
             | Node::Change(d, _, _) => Some(d),
+            Node::Guest(d, _, _) => Some(d),
         }
     }
 
@@ -356,6 +415,7 @@ impl Node {
             Node::SnapshotFile(_, _, f) => SnapFile::ALL.iter().find(|(x, _)| x == f)?.1.as_bytes(),
             Node::SnapshotDisk(_, _, t) | Node::SnapshotImage(_, _, t) => t.as_bytes(),
             Node::Change(_, _, f) => f.name.as_bytes(),
+            Node::Guest(_, _, g) => g.name(),
         })
     }
 
@@ -369,6 +429,7 @@ impl Node {
             Node::SnapshotDisk(..) | Node::SnapshotImage(..) | Node::SinceDir(..) => 4,
             Node::Change(_, _, f) if f.since.is_none() => 4,
             Node::Change(..) => 5,
+            Node::Guest(_, _, g) => 3 + g.depth(),
         }
     }
 }

@@ -174,6 +174,11 @@ impl Inner {
         if parent != Node::Root {
             self.name_now(&parent)?;
         }
+        // What a snapshot's disk holds is frozen: a place below a disk
+        // is there while the disk is.
+        if let Node::Guest(..) = parent {
+            return Some(name.to_vec());
+        }
         let found = self.child(&parent, OsStr::from_bytes(name))?;
         (&found == node).then(|| name.to_vec())
     }

@@ -5,6 +5,7 @@
 
 mod changes;
 pub mod content;
+mod guest;
 pub mod inode;
 mod invalidate;
 mod tree;
@@ -66,6 +67,8 @@ struct Inner {
     next_fh: AtomicU64,
     mounted_at: SystemTime,
     invalidator: Arc<invalidate::Invalidator>,
+    /// The threads that read the guest's files (`files/`).
+    guest: crate::guestfs::workers::Workers,
 }
 
 /// What an open file handle reads from or writes to.
@@ -82,6 +85,8 @@ enum Handle {
     /// applied as soon as it is whole (else when the file is closed).
     /// Its own lock: a long document never holds up other handles.
     XmlEdit(Arc<Mutex<XmlEdit>>),
+    /// A guest file below `files/`; holds the snapshot while open.
+    Guest(Arc<guest::OpenGuest>),
 }
 
 /// The vmsnapfs filesystem.
@@ -109,6 +114,7 @@ impl SnapFs {
                 next_fh: AtomicU64::new(1),
                 mounted_at: SystemTime::now(),
                 invalidator: Arc::default(),
+                guest: Default::default(),
             }),
         }
     }
@@ -235,6 +241,9 @@ impl Filesystem for SnapFs {
         let Ok(p) = fs.node(parent) else {
             return reply.error(Errno::ENOENT);
         };
+        if let Node::Guest(d, id, g) = p {
+            return fs.guest_lookup(req, &d, &id, g, name, reply);
+        }
         match fs.child(&p, name) {
             Some(node) => fs.reply_entry(&node, name.as_bytes(), req.uid(), reply),
             None => reply.error(Errno::ENOENT),
@@ -249,6 +258,11 @@ impl Filesystem for SnapFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = &self.inner;
+        if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
+            if !g.path.is_empty() {
+                return fs.guest_getattr(req, ino.0, &d, &id, g, reply);
+            }
+        }
         // A changes file whose extents are not known yet: from a worker.
         let reply = match fs.node(ino) {
             Ok(node) => match fs.getattr_later(&node, req.uid(), reply) {
@@ -303,9 +317,10 @@ impl Filesystem for SnapFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = &self.inner;
         let target = match fs.node(ino) {
+            Ok(Node::Guest(d, id, g)) => return fs.guest_readlink(req, &d, &id, g, reply),
             Ok(Node::DomainFile(d, DomainFile::Current)) => {
                 fs.reg.get(&d).and_then(|dom| content::current_target(&dom))
             }
@@ -423,6 +438,9 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        if let Node::Guest(d, id, g) = node {
+            return fs.guest_open(req, &d, &id, g, write, reply);
+        }
         if matches!(
             node,
             Node::SnapshotFile(
@@ -528,6 +546,10 @@ impl Filesystem for SnapFs {
             ),
         }
         let source = match self.inner.handles.lock().get(&fh.0) {
+            Some(Handle::Guest(g)) => {
+                let g = g.clone();
+                return self.inner.guest_read(g, offset, size, reply);
+            }
             Some(Handle::Text(d)) => Source::Text(d.clone()),
             Some(Handle::View { view, hold, .. }) => Source::View(view.clone(), hold.clone()),
             _ => return reply.error(Errno::EBADF),
@@ -646,6 +668,7 @@ impl Filesystem for SnapFs {
         let handle = self.inner.handles.lock().remove(&fh.0);
         match handle {
             Some(Handle::View { domain, hold, .. }) => domain.views().close(&hold),
+            Some(Handle::Guest(g)) => g.domain.views().close(&g.hold),
             Some(Handle::XmlEdit(edit)) => {
                 // Never flushed by its writer: applied now; a refusal
                 // reaches `.log` only.
@@ -741,8 +764,13 @@ impl Filesystem for SnapFs {
                 | Node::SnapshotFile(
                     _,
                     _,
-                    SnapFile::Disks | SnapFile::Images | SnapFile::Changes | SnapFile::Since,
-                ),
+                    SnapFile::Disks
+                    | SnapFile::Images
+                    | SnapFile::Changes
+                    | SnapFile::Since
+                    | SnapFile::Files,
+                )
+                | Node::Guest(..),
             ) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
@@ -751,13 +779,17 @@ impl Filesystem for SnapFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let fs = &self.inner;
+        if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
+            let r = guest::GuestDirReply::Plain(reply);
+            return fs.guest_readdir(req, &d, &id, g, offset, r);
+        }
         let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -778,6 +810,10 @@ impl Filesystem for SnapFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         let fs = &self.inner;
+        if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
+            let r = guest::GuestDirReply::Plus(reply);
+            return fs.guest_readdir(req, &d, &id, g, offset, r);
+        }
         let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);
         };

@@ -24,6 +24,27 @@ pub(super) fn image_owner(image: &std::path::Path) -> ((u32, u32), u16) {
     }
 }
 
+/// Owner and mode of `files/`: who may read every disk image of the
+/// snapshot may enter (the guest's own owners and modes below it are the
+/// guest's, not the host's users).
+fn files_gate(dom: &Domain, id: &str) -> ((u32, u32), u16) {
+    let mut owner = None;
+    let mut perm = 0o555;
+    for t in content::view_targets(dom, id) {
+        let (o, p) = content::image_of(dom, id, &t)
+            .map(|i| image_owner(&i))
+            .unwrap_or(((0, 0), 0o400));
+        // Read bits become read and search bits.
+        perm &= p | ((p & 0o444) >> 2);
+        owner = match owner {
+            None => Some(o),
+            Some(x) if x == o => Some(x),
+            Some(_) => Some((0, 0)),
+        };
+    }
+    (owner.unwrap_or((0, 0)), perm)
+}
+
 impl Inner {
     pub(super) fn domain(&self, name: &str) -> Result<Arc<Domain>, Errno> {
         self.reg.get(name).ok_or(Errno::ENOENT)
@@ -127,6 +148,23 @@ impl Inner {
                 owner = a.owner;
                 change_blocks = a.blocks;
                 (FileType::RegularFile, a.perm, a.size, a.mtime, LIVE_TTL)
+            }
+            Node::SnapshotFile(d, id, SnapFile::Files) => {
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                let (o, perm) = files_gate(&dom, id);
+                owner = o;
+                (FileType::Directory, perm, 0, t, STABLE_TTL)
+            }
+            // A disk or partition below `files/`; a guest file's
+            // attributes come from its filesystem (`guest.rs`).
+            Node::Guest(d, id, g) => {
+                if !g.path.is_empty() {
+                    return None;
+                }
+                let dom = self.reg.get(d)?;
+                let t = secs(dom.forest().get(id)?.creation_time);
+                (FileType::Directory, 0o555, 0, t, STABLE_TTL)
             }
             Node::SnapshotFile(d, id, f) if f.is_dir() => {
                 let dom = self.reg.get(d)?;
@@ -248,6 +286,18 @@ impl Inner {
             Node::SnapshotFile(_, _, SnapFile::Changes | SnapFile::Since) | Node::SinceDir(..) => {
                 self.change_child(parent, OsStr::from_bytes(name))
             }
+            Node::SnapshotFile(d, id, SnapFile::Files) => {
+                let dom = self.reg.get(d)?;
+                let t = std::str::from_utf8(name).ok()?;
+                if !content::view_targets(&dom, id).iter().any(|x| x == t) {
+                    return None;
+                }
+                Some(Node::Guest(
+                    d.clone(),
+                    id.clone(),
+                    super::guest::disk_root(t),
+                ))
+            }
             _ => None,
         }
     }
@@ -320,6 +370,16 @@ impl Inner {
                     })
                     .collect()
             }
+            Node::SnapshotFile(d, id, SnapFile::Files) => {
+                let dom = self.reg.get(d)?;
+                content::view_targets(&dom, id)
+                    .into_iter()
+                    .map(|t| {
+                        let n = Node::Guest(d.clone(), id.clone(), super::guest::disk_root(&t));
+                        (n, FileType::Directory, t)
+                    })
+                    .collect()
+            }
             Node::SnapshotFile(d, id, f @ (SnapFile::Disks | SnapFile::Images)) => {
                 let dom = self.reg.get(d)?;
                 content::view_targets(&dom, id)
@@ -357,6 +417,10 @@ impl Inner {
             Node::Change(d, id, f) => match &f.since {
                 None => Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Changes),
                 Some(o) => Node::SinceDir(d.clone(), id.clone(), o.clone()),
+            },
+            Node::Guest(d, id, g) => match g.parent() {
+                Some(p) => Node::Guest(d.clone(), id.clone(), p),
+                None => Node::SnapshotFile(d.clone(), id.clone(), SnapFile::Files),
             },
         }
     }
