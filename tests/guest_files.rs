@@ -5,7 +5,8 @@
 //! sizes as the guest stored them; a file deleted later is still in the
 //! older snapshot; `cp -a` restores a directory; an open file holds its
 //! snapshot; a journal that needs recovery is applied; a disk of garbage
-//! is an empty directory with a `.log` line.
+//! is an empty directory with a `.log` line; another user reads only what
+//! the images' modes and the guest's own modes allow.
 
 mod common;
 
@@ -417,4 +418,63 @@ fn files_of_external_snapshots_a_dirty_journal_and_garbage() {
     assert_same_tree(&t2, &fx.path("e3/files/vda"));
     assert_eq!(fx.read("e1/files/vda/gone.txt"), "deleted later\n");
     fx.daemon.stop();
+}
+
+#[test]
+fn another_user_reads_only_what_the_images_and_the_guest_allow() {
+    let other = TestUser::new("gfo", false);
+    let dir = TempDir::new("gfperm");
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("internal".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let daemon = Daemon::start_with_args(&dir.0, &[], &["--allow-other"]);
+    let fx = Fixture { daemon, vm, dir };
+    let work = fx.dir.0.join("work");
+    fs::create_dir_all(&work).unwrap();
+    let tree = work.join("tree");
+    make_tree(&tree, 1);
+    ext4(&tree, &work.join("vda.img"), 64);
+    put_on_disk(&fx.vm, "vda", &work.join("vda.img"));
+    fs::create_dir(fx.path("s1")).unwrap();
+
+    // Images 0644: `files/` is open; the guest's modes apply below it.
+    let files = fx.path("s1/files/vda");
+    let (hello, shadow) = (files.join("hello.txt"), files.join("etc/shadow"));
+    let out = other.sh(&format!("cat '{}'", hello.display()), b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_failed_with(
+        &other.sh(&format!("cat '{}'", shadow.display()), b""),
+        libc::EACCES,
+        "another user reads the guest's root-only file",
+    );
+    // Guest uid 1000's 0700 directory: the host user with uid 1000 enters
+    // (owners are numbers, as on any mounted disk), any other does not.
+    let alice = other.sh(&format!("ls '{}'", files.join("home/alice").display()), b"");
+    if other.uid == 1000 {
+        assert!(alice.status.success(), "uid 1000 lists its own directory");
+    } else {
+        assert_failed_with(
+            &alice,
+            libc::EACCES,
+            "another user lists a 0700 directory of guest uid 1000",
+        );
+    }
+    // Images 0600: `files/` of a new snapshot is root's alone.
+    for d in &fx.vm.disks {
+        fs::set_permissions(&d.image, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    fs::create_dir(fx.path("s2")).unwrap();
+    let m = fs::metadata(fx.path("s2/files")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o500));
+    let hello2 = fx.path("s2/files/vda/hello.txt");
+    assert_failed_with(
+        &other.sh(&format!("cat '{}'", hello2.display()), b""),
+        libc::EACCES,
+        "another user reads a guest file of a 0600 image",
+    );
+    assert_eq!(
+        fs::read_to_string(&hello2).unwrap(),
+        "hello\n",
+        "root reads it"
+    );
 }
