@@ -574,3 +574,238 @@ fn a_directory_swapped_for_a_symlink_on_the_way_is_never_followed() {
     assert!(log.contains("does not follow"), "{log}");
     assert!(fx.ls().is_empty(), "{:?}", fx.ls());
 }
+
+/// The owner of the image directory swaps a new overlay for a symlink to
+/// a root-only image after vmsnapfs made it and before QEMU (root) opened
+/// it by name: QEMU then holds the other image, so the snapshot is
+/// refused and the guest stays paused: none of its writes reach that
+/// image.
+fn swap_overlay_before_qemu_opens_it(policy: &str) {
+    let owner = TestUser::new(if policy.len() > 8 { "ovld" } else { "ovlc" }, false);
+    let dir = TempDir::new(&format!("sec-ovlswap-{}", policy.len()));
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some(policy.into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, owner.uid, 100, 0o700, 0o600);
+    let gate = Gate::new(&format!("ovlswap-{}", policy.len()));
+    let daemon = Daemon::start_with_args(
+        &dir.0,
+        &[(
+            "VMSNAPFS_FAILPOINTS",
+            &format!("create.overlays-made={}", gate.action()),
+        )],
+        &[],
+    );
+    let fx = Fixture { daemon, vm, dir };
+    fx.wait_state("running");
+    let images = images_dir(&fx.vm);
+    let (rootonly, _) = root_only(&fx.dir.0);
+    let victim = rootonly.join("victim.qcow2");
+    create_qcow2(&victim, "64M");
+    let before = fs::read(&victim).unwrap();
+    let overlay = images.join("vm1-vda.s1.qcow2");
+    let target = fx.path("s1");
+    let mkdir = std::thread::spawn(move || fs::create_dir(target));
+    fx.daemon.wait_log("failpoint create.overlays-made");
+    assert!(fs::symlink_metadata(&overlay).is_ok(), "no overlay was made");
+    let out = owner.sh(
+        &format!(
+            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
+            p = overlay.display(),
+            v = victim.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    gate.open();
+    let made = mkdir.join().unwrap();
+    let log = fx.read(".log");
+    assert_eq!(errno(made), libc::EIO, "{log}");
+    assert!(log.contains("does not hold the file vmsnapfs made"), "{log}");
+    assert!(log.contains("left paused"), "{log}");
+    let status = fx
+        .vm
+        .control()
+        .unwrap()
+        .execute_raw("query-status", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(status["status"], "paused", "{status}");
+    assert!(
+        fs::read(&victim).unwrap() == before,
+        "a root-only image changed"
+    );
+    assert!(fx.ls().is_empty(), "{:?}", fx.ls());
+}
+
+#[test]
+fn an_overlay_swapped_before_qemu_opens_it_is_never_written_disk_only() {
+    swap_overlay_before_qemu_opens_it("external-disk-only");
+}
+
+#[test]
+fn an_overlay_swapped_before_qemu_opens_it_is_never_written_checkpoint() {
+    swap_overlay_before_qemu_opens_it("external");
+}
+
+/// As above, for the overlays a revert makes: a running QEMU adds them by
+/// name (`blockdev-add`), a stopped domain's new QEMU opens them from its
+/// command line. The swapped-in image is refused before the guest runs on
+/// it: the running guest stays on its layers, the new QEMU is stopped.
+fn swap_revert_overlay_before_qemu_opens_it(stopped: bool) {
+    let owner = TestUser::new(if stopped { "rovs" } else { "rovr" }, false);
+    let tag = if stopped { "rovswap-s" } else { "rovswap-r" };
+    let dir = TempDir::new(&format!("sec-{tag}"));
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("external-disk-only".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, owner.uid, 100, 0o700, 0o600);
+    let gate = Gate::new(tag);
+    let daemon = Daemon::start_with_args(
+        &dir.0,
+        &[(
+            "VMSNAPFS_FAILPOINTS",
+            &format!("revert.overlays-made={}", gate.action()),
+        )],
+        &[],
+    );
+    let fx = Fixture { daemon, vm, dir };
+    fx.wait_state("running");
+    fs::create_dir(fx.path("s1")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x5a 0 64k").unwrap();
+    if stopped {
+        fx.vm.qemu_io("vda", "flush").unwrap();
+        let mut q = fx.vm.control().unwrap();
+        let _ = q.execute_raw("quit", serde_json::json!({}));
+        drop(q);
+        fx.wait_state("shutoff");
+    }
+    let images = images_dir(&fx.vm);
+    let (rootonly, _) = root_only(&fx.dir.0);
+    let victim = rootonly.join("victim.qcow2");
+    create_qcow2(&victim, "64M");
+    let before = fs::read(&victim).unwrap();
+    let existing = names(&images);
+    let request = fx.path("s1/revert");
+    // A running guest's RAM is not in a disk-only snapshot: `force`.
+    let how: &[u8] = if stopped { b"running" } else { b"running force" };
+    let revert = std::thread::spawn(move || write_file(&request, how));
+    fx.daemon.wait_log("failpoint revert.overlays-made");
+    let overlay = names(&images)
+        .into_iter()
+        .find(|n| !existing.contains(n) && n.contains("vda"))
+        .map(|n| images.join(n))
+        .expect("the revert made no overlay for vda");
+    let out = owner.sh(
+        &format!(
+            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
+            p = overlay.display(),
+            v = victim.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    gate.open();
+    let r = revert.join().unwrap();
+    let log = fx.read(".log");
+    assert_eq!(r, Err(libc::EIO), "{log}");
+    // Refused when QEMU holds another file, or before: the chain is read
+    // without following the symlink.
+    assert!(
+        log.contains("does not hold the file vmsnapfs made") || log.contains("is a symlink"),
+        "{log}"
+    );
+    assert!(
+        fs::read(&victim).unwrap() == before,
+        "a root-only image changed"
+    );
+    if stopped {
+        assert!(fx.read(".state").starts_with("shutoff"), "{}", fx.read(".state"));
+    } else {
+        // The guest runs on, on the layers it had.
+        let status = fx
+            .vm
+            .control()
+            .unwrap()
+            .execute_raw("query-status", serde_json::json!({}))
+            .unwrap();
+        assert_eq!(status["status"], "running", "{status}");
+        fx.vm.qemu_io("vda", "read -P 0x5a 0 64k").unwrap();
+    }
+}
+
+#[test]
+fn a_revert_overlay_swapped_before_a_running_qemu_adds_it_is_refused() {
+    swap_revert_overlay_before_qemu_opens_it(false);
+}
+
+#[test]
+fn a_revert_overlay_swapped_before_a_new_qemu_opens_it_is_refused() {
+    swap_revert_overlay_before_qemu_opens_it(true);
+}
+
+/// The owner of the image directory swaps a frozen overlay (the image a
+/// delete merges into) for a symlink to a root-only image, long before
+/// the `rmdir`: neither QEMU, which reopens a merge's target by name, nor
+/// qemu-img may write through it. The delete is refused and says why.
+fn swap_frozen_overlay_before_a_merge(running: bool) {
+    let owner = TestUser::new(if running { "mrgr" } else { "mrgs" }, false);
+    let tag = if running { "mrgswap-r" } else { "mrgswap-s" };
+    let dir = TempDir::new(&format!("sec-{tag}"));
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("external-disk-only".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, owner.uid, 100, 0o700, 0o600);
+    let daemon = Daemon::start_with_args(&dir.0, &[], &[]);
+    let fx = Fixture { daemon, vm, dir };
+    fx.wait_state("running");
+    fs::create_dir(fx.path("s1")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x11 0 64k").unwrap();
+    fs::create_dir(fx.path("s2")).unwrap();
+    fx.vm.qemu_io("vda", "write -P 0x22 64k 64k").unwrap();
+    if !running {
+        fx.vm.qemu_io("vda", "flush").unwrap();
+        let mut q = fx.vm.control().unwrap();
+        let _ = q.execute_raw("quit", serde_json::json!({}));
+        drop(q);
+        fx.wait_state("shutoff");
+    }
+    let images = images_dir(&fx.vm);
+    let (rootonly, _) = root_only(&fx.dir.0);
+    let victim = rootonly.join("victim.qcow2");
+    create_qcow2(&victim, "64M");
+    let before = fs::read(&victim).unwrap();
+    // s2's frozen image: the overlay made at s1, which deleting s2
+    // merges the newer layer into.
+    let frozen = images.join("vm1-vda.s1.qcow2");
+    let out = owner.sh(
+        &format!(
+            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
+            p = frozen.display(),
+            v = victim.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let r = fs::remove_dir(fx.path("s2"));
+    let log = fx.read(".log");
+    assert!(r.is_err(), "a merge went through a swapped image\n{log}");
+    assert!(
+        fs::read(&victim).unwrap() == before,
+        "a root-only image changed"
+    );
+    assert!(
+        log.contains("no longer the file vmsnapfs made") || log.contains("is a symlink"),
+        "{log}"
+    );
+    assert!(fx.ls().contains(&"s2".to_string()), "{:?}", fx.ls());
+}
+
+#[test]
+fn a_frozen_overlay_swapped_before_a_live_merge_is_never_written() {
+    swap_frozen_overlay_before_a_merge(true);
+}
+
+#[test]
+fn a_frozen_overlay_swapped_before_an_offline_merge_is_never_written() {
+    swap_frozen_overlay_before_a_merge(false);
+}

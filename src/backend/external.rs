@@ -24,6 +24,16 @@ pub fn memory_part_path(memory: &Path) -> PathBuf {
     memory.with_file_name(name)
 }
 
+/// Why a guest stays paused after QEMU opened something other than an
+/// overlay vmsnapfs made.
+const LEFT_PAUSED: &str = "the guest is left paused so that none of its writes reach that \
+     file; stop QEMU, put the snapshot's files back and start it again";
+
+/// `e`, saying that the guest stays paused.
+fn left_paused(e: Error) -> Error {
+    Error::new(e.kind, format!("{}; {LEFT_PAUSED}", e.message))
+}
+
 /// A node name for an overlay: QEMU allows 31 characters.
 fn overlay_node(overlay: &Path) -> String {
     use std::hash::{Hash, Hasher};
@@ -74,6 +84,33 @@ impl QemuBackend {
             log::warn!("{}: not removed: {why}", self.def.name);
         }
         Ok(())
+    }
+
+    /// Checks that QEMU holds open each of `paths` that vmsnapfs made (see
+    /// [`super::opened`]): one it does not hold was given to QEMU by name
+    /// and swapped for something else before QEMU opened it.
+    pub(super) fn check_opened_made(&self, conn: &Conn, paths: &[&Path]) -> Result<()> {
+        let made: Vec<(PathBuf, crate::store::owned::FileId)> = paths
+            .iter()
+            .filter_map(|p| self.store.made_id(p).map(|id| (p.to_path_buf(), id)))
+            .collect();
+        if made.is_empty() {
+            return Ok(());
+        }
+        let pid = conn.pid.ok_or_else(|| {
+            Error::io("cannot check which files QEMU opened: the monitor socket names no process")
+        })?;
+        let missing = super::opened::not_opened(pid, &made)
+            .map_err(|e| Error::from(e).context(format!("reading /proc/{pid}/fd")))?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+        Err(Error::io(format!(
+            "QEMU (pid {pid}) does not hold the file vmsnapfs made at {}: the name was \
+             replaced before QEMU opened it, and QEMU opened something else",
+            names.join(", ")
+        )))
     }
 }
 
@@ -210,6 +247,13 @@ impl QemuBackend {
                     "format": "qcow2",
                     "mode": "existing"}}));
             }
+            let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
+            if let Err(e) = self.before_handing_over(conn) {
+                for m in made {
+                    let _ = self.remove_made(m);
+                }
+                return Err(e);
+            }
             let mut outcome = ExternalOutcome {
                 state: SnapshotState::DiskSnapshot,
                 points,
@@ -221,7 +265,7 @@ impl QemuBackend {
             match &plan.memory {
                 None => {
                     let t = Instant::now();
-                    self.switch_disks(conn, &actions, plan)?;
+                    self.switch_disks_checked(conn, &actions, plan, live, &overlays)?;
                     outcome.paused_for = Some(t.elapsed());
                 }
                 Some(memory) => {
@@ -240,6 +284,67 @@ impl QemuBackend {
         crate::failpoint::hit("create.after-overlays")?;
         self.set_layers_over(&Self::new_layers(plan))?;
         Ok(outcome)
+    }
+
+    /// What must hold before QEMU is given the names of new overlays: a
+    /// process to check afterwards (see [`Self::check_opened_made`]).
+    fn before_handing_over(&self, conn: &Conn) -> Result<()> {
+        crate::failpoint::hit("create.overlays-made")?;
+        if conn.pid.is_none() {
+            return Err(Error::io(
+                "the monitor socket names no process, so vmsnapfs cannot check which \
+                 files QEMU opens; no live snapshot is taken",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The disk switch of a disk-only snapshot, checked: QEMU must hold
+    /// the overlays vmsnapfs made before the guest writes to them. Where
+    /// someone other than root could swap an overlay's name (its
+    /// directory, or one on the way, is theirs), the guest is paused from
+    /// before the switch until the check passed; where only root could,
+    /// it keeps running. If the check fails the guest is left paused:
+    /// QEMU writes a file that is not the snapshot's overlay, and none of
+    /// the guest's writes may reach it.
+    fn switch_disks_checked(
+        &self,
+        conn: &mut Conn,
+        actions: &[Value],
+        plan: &ExternalPlan,
+        live: DomainState,
+        overlays: &[&Path],
+    ) -> Result<()> {
+        let running = live == DomainState::Running;
+        let careful = running
+            && overlays.iter().any(|o| {
+                !o.parent()
+                    .is_some_and(crate::store::safe_dir::only_root_can_change)
+            });
+        if careful {
+            if let Err(e) = conn.qmp.execute_raw("stop", json!({})) {
+                for o in overlays {
+                    let _ = self.remove_made(o);
+                }
+                return Err(qmp_err(e));
+            }
+        }
+        if let Err(e) = self.switch_disks(conn, actions, plan) {
+            if careful {
+                let _ = conn.qmp.execute_raw("cont", json!({}));
+            }
+            return Err(e);
+        }
+        if let Err(e) = self.check_opened_made(conn, overlays) {
+            if running && !careful {
+                let _ = conn.qmp.execute_raw("stop", json!({}));
+            }
+            return Err(left_paused(e));
+        }
+        if careful {
+            conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+        }
+        Ok(())
     }
 
     /// Runs the disk transaction; a refused one leaves no overlay file.
@@ -408,6 +513,15 @@ impl QemuBackend {
         }
         if let Err(e) = self.switch_disks(conn, actions, plan) {
             return Err(fail(conn, background, e));
+        }
+        let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
+        if let Err(e) = self.check_opened_made(conn, &overlays) {
+            // The guest stays paused (see `switch_disks_checked`).
+            if background {
+                let _ = Self::set_background_snapshot(conn, false);
+            }
+            let _ = self.remove_made(part);
+            return Err(left_paused(e));
         }
         log::debug!(
             "{}: checkpoint: guest stopped and disks switched in {:?}",
@@ -796,6 +910,10 @@ impl QemuBackend {
             }
             made.push(overlay);
         }
+        if let Err(e) = crate::failpoint::hit("revert.overlays-made") {
+            cleanup(&made);
+            return Err(e);
+        }
         let layers: Vec<(String, Layer)> = r
             .branches
             .iter()
@@ -865,6 +983,10 @@ impl QemuBackend {
                     break;
                 }
                 added.push((target.clone(), node));
+            }
+            if result.is_ok() {
+                let overlays: Vec<&Path> = r.branches.iter().map(|(_, _, o)| o.as_path()).collect();
+                result = self.check_opened_made(conn, &overlays);
             }
             if result.is_ok() {
                 for (target, node) in &added {

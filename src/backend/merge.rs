@@ -36,6 +36,7 @@ fn format_nodes(conn: &mut Conn) -> Result<HashMap<PathBuf, String>> {
 impl QemuBackend {
     /// See [`super::Backend::merge`].
     pub(super) fn merge_impl(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        self.check_intact(&[&m.upper, &m.lower])?;
         if self.is_up()? {
             let done = self.with_qmp(|conn| {
                 let nodes = format_nodes(conn)?;
@@ -56,6 +57,22 @@ impl QemuBackend {
             }
         }
         self.merge_offline(m, progress)
+    }
+
+    /// Refuses to merge when an image's name no longer leads to the file
+    /// it did: QEMU reopens a merge's target by name, and qemu-img opens
+    /// the images it is given by name. A file vmsnapfs made must still be
+    /// that inode; any other must be reachable without a symlink others
+    /// may have made.
+    fn check_intact(&self, paths: &[&Path]) -> Result<()> {
+        for p in paths {
+            if self.store.made_id(p).is_some() {
+                self.open_made(p, false)?;
+            } else {
+                qemu_img::pin(p)?;
+            }
+        }
+        Ok(())
     }
 
     fn merge_live(
@@ -121,6 +138,13 @@ impl QemuBackend {
             }
         };
         conn.nodes = None;
+        // QEMU reopened the image it wrote by name: it must hold the file
+        // checked above (see `check_intact`).
+        let written = match m.kind {
+            MergeKind::Commit => &m.lower,
+            MergeKind::Stream => &m.upper,
+        };
+        self.check_opened_made(conn, &[written.as_path()])?;
         if let Some(e) = error {
             return Err(Error::io(format!(
                 "merging {} and {}: {e}",

@@ -13,6 +13,7 @@ pub mod liveness;
 pub mod machine;
 pub mod managed;
 pub mod merge;
+pub mod opened;
 pub mod process;
 pub mod qemu;
 pub mod qemu_img;

@@ -38,7 +38,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) struct Conn {
     pub(super) qmp: Qmp,
-    pid: Option<i32>,
+    pub(super) pid: Option<i32>,
     /// Node names of the qcow2 disks' active layers, in definition order,
     /// once looked up (external snapshots and reverts reset it).
     pub(super) nodes: Option<Vec<String>>,
@@ -917,11 +917,13 @@ impl QemuBackend {
     /// another image, or cut the chain (`backing: null`), would show the
     /// guest the wrong bytes: refused before the guest runs.
     fn check_started_chains(&self) -> Result<()> {
+        let mut named = Vec::new();
         let expected: Vec<(String, Vec<PathBuf>)> = self
             .active()
             .iter()
             .map(|d| {
                 let chain = qemu_img::chain(&d.source, &d.format)?;
+                named.extend(chain.iter().map(|i| i.path.clone()));
                 Ok((
                     d.target.clone(),
                     chain.iter().map(|i| canonical(&i.path)).collect(),
@@ -929,6 +931,12 @@ impl QemuBackend {
             })
             .collect::<Result<_>>()?;
         self.with_qmp(|c| {
+            // QEMU opened the images by name: those vmsnapfs made must be
+            // the very files it made.
+            let named: Vec<&Path> = named.iter().map(PathBuf::as_path).collect();
+            self.check_opened_made(c, &named).map_err(|e| {
+                e.context("QEMU was stopped before the guest ran")
+            })?;
             let live = self.live_disks(&mut c.qmp)?;
             for (target, want) in &expected {
                 let got: Vec<PathBuf> = live

@@ -62,30 +62,93 @@ pub fn check_format(format: &str) -> Result<()> {
 /// without its backing chain.
 pub fn info(image: &Path, format: &str) -> Result<Value> {
     check_format(format)?;
-    check_plain_file(image)?;
+    let pinned = pin(image)?;
     let args: [&OsStr; 6] = [
         "info".as_ref(),
         "-U".as_ref(),
         "-f".as_ref(),
         format.as_ref(),
         "--output=json".as_ref(),
-        image.as_os_str(),
+        &fd_name(&pinned),
     ];
-    let json = run(&args)?;
+    let json = run_pinned(&args, &[&pinned], META_TIMEOUT)?;
     serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img info: {e}")))
 }
 
-/// Refuses anything but a regular file (a FIFO would hang whoever opens
-/// it, a device is no image).
-fn check_plain_file(image: &Path) -> Result<()> {
-    match std::fs::metadata(image) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::io(format!(
-            "{} is not a regular file; refused as an image",
+/// Opens the image `image` for qemu-img to use as `/proc/self/fd/N` (see
+/// [`fd_name`]): never through a symlink someone other than root could
+/// have made (at its last name or on the way), and only a regular file (a
+/// FIFO would hang whoever opens it, a device is no image). qemu-img then
+/// works on the very file checked here, whatever is renamed meanwhile.
+pub fn pin(image: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::FileTypeExt;
+    let refused = |why: &str| {
+        Error::io(format!(
+            "{} {why}; refused as an image (vmsnapfs opens only regular files, \
+             never through a symlink others may have made)",
             image.display()
-        ))),
-        Err(e) => Err(Error::io(format!("{}: {e}", image.display()))),
+        ))
+    };
+    match std::fs::symlink_metadata(image) {
+        Ok(m) if m.file_type().is_symlink() || m.is_file() => {}
+        Ok(m) if m.file_type().is_fifo() => return Err(refused("is a FIFO")),
+        Ok(_) => return Err(refused("is not a regular file")),
+        Err(e) => return Err(Error::io(format!("{}: {e}", image.display()))),
     }
+    let file = crate::store::owned::open_existing(image, false).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            refused("is a symlink")
+        } else {
+            Error::io(format!("{}: {e}", image.display()))
+        }
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(refused("is not a regular file"));
+    }
+    Ok(file)
+}
+
+/// How qemu-img, started by [`run_pinned`], names a file vmsnapfs holds.
+pub fn fd_name(file: &std::fs::File) -> OsString {
+    use std::os::unix::io::AsRawFd;
+    OsString::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Runs qemu-img with `args`, killed after `timeout`, with `files`
+/// inherited (named in `args` by [`fd_name`]); returns stdout.
+pub fn run_pinned<S: AsRef<OsStr>>(
+    args: &[S],
+    files: &[&std::fs::File],
+    timeout: Duration,
+) -> Result<String> {
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    log::debug!("qemu-img {}", shown.join(" "));
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    // SAFETY: only fcntl(2) runs between fork and exec; it clears
+    // close-on-exec on the descriptors qemu-img must inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let out = super::child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::io(format!(
+            "qemu-img {} failed: {}",
+            shown.first().map(|a| a.as_ref()).unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The virtual size of `image` opened as `format`.
@@ -191,7 +254,7 @@ fn backing_of(image: &Path, info: &Value) -> Result<Option<(PathBuf, String)>> {
     } else {
         image.parent().unwrap_or(Path::new("/")).join(p)
     };
-    if let Err(e) = check_plain_file(&path) {
+    if let Err(e) = pin(&path) {
         return refuse(&e.to_string());
     }
     Ok(Some((path, format.to_owned())))
@@ -219,34 +282,38 @@ pub fn expected_format(disks: &[crate::model::DiskDef], image: &Path) -> String 
 }
 
 /// `--image-opts` of `chain` (top first) opened read-only with every
-/// image named: QEMU follows nothing the chain does not list.
-pub fn image_opts(chain: &[ChainImage]) -> OsString {
+/// image named and pinned (see [`pin`]): QEMU follows nothing the chain
+/// does not list. The files go to [`run_pinned`] with the options.
+pub fn image_opts(chain: &[ChainImage]) -> Result<(OsString, Vec<std::fs::File>)> {
     let mut opts = OsString::new();
+    let mut files = Vec::new();
     let mut prefix = String::new();
     for (i, c) in chain.iter().enumerate() {
         if i > 0 {
             opts.push(",");
             prefix.push_str("backing.");
         }
+        let file = pin(&c.path)?;
         opts.push(format!(
             "{prefix}driver={},{prefix}file.driver=file,{prefix}file.filename=",
             c.format
         ));
-        opts.push(opt_escape_os(c.path.as_os_str()));
+        opts.push(fd_name(&file));
+        files.push(file);
         opts.push(format!(",{prefix}force-share=on,{prefix}read-only=on"));
         if i + 1 == chain.len() && c.format == "qcow2" {
             opts.push(format!(",{prefix}backing="));
         }
     }
-    opts
+    Ok((opts, files))
 }
 
-/// `--image-opts` of the qcow2 image `image` alone, writable, its
+/// `--image-opts` of the qcow2 image `image` (pinned) alone, writable, its
 /// backing file not opened: for work inside the image (internal
 /// snapshots), which never needs it.
-fn qcow2_alone(image: &Path) -> OsString {
+fn qcow2_alone(image: &std::fs::File) -> OsString {
     let mut opts = OsString::from("driver=qcow2,file.driver=file,file.filename=");
-    opts.push(opt_escape_os(image.as_os_str()));
+    opts.push(fd_name(image));
     opts.push(",backing=");
     opts
 }
@@ -328,7 +395,11 @@ pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &
     .map(OsString::from)
     .chain([backing.into_os_string()])
     .collect();
-    run_on(file, &args, &[size.into()])
+    let args: Vec<OsString> = args
+        .into_iter()
+        .chain([fd_name(file), size.into()])
+        .collect();
+    run_pinned(&args, &[file], DATA_TIMEOUT).map(drop)
 }
 
 /// Bytes that `image` (opened as `format`) itself holds, not its backing
@@ -340,7 +411,6 @@ pub fn own_bytes(image: &Path, format: &str) -> Result<u64> {
         snapshots: Vec::new(),
     };
     check_format(format)?;
-    check_plain_file(image)?;
     Ok(map_entries(&[top])?
         .iter()
         .filter(|e| {
@@ -364,14 +434,15 @@ pub fn allocated_bytes(chain: &[ChainImage]) -> Result<u64> {
 
 /// The extents `qemu-img map --output=json` lists for `chain` spelled out.
 fn map_entries(chain: &[ChainImage]) -> Result<Vec<Value>> {
-    let opts = image_opts(chain);
+    let (opts, files) = image_opts(chain)?;
     let args: [&OsStr; 4] = [
         "map".as_ref(),
         "--output=json".as_ref(),
         "--image-opts".as_ref(),
         &opts,
     ];
-    let json = run(&args)?;
+    let files: Vec<&std::fs::File> = files.iter().collect();
+    let json = run_pinned(&args, &files, META_TIMEOUT)?;
     serde_json::from_str(&json).map_err(|e| Error::io(format!("qemu-img map: {e}")))
 }
 
@@ -412,8 +483,11 @@ pub fn copy_above_backing(
                 b.format.clone().into(),
             ]);
         }
-        args.push(image_opts(&chain));
-        run_on(&file, &args, &[])?;
+        let (opts, pinned) = image_opts(&chain)?;
+        args.extend([opts, fd_name(&file)]);
+        let mut files: Vec<&std::fs::File> = pinned.iter().collect();
+        files.push(&file);
+        run_pinned(&args, &files, DATA_TIMEOUT)?;
         file.sync_all()?;
         owned::rename_noreplace(&part, target)
             .map_err(|e| Error::from(e).context(target.display().to_string()))
@@ -425,43 +499,11 @@ pub fn copy_above_backing(
     Ok(())
 }
 
-/// Runs qemu-img with `args` and, as its last argument, `file` open in
-/// it (`/proc/self/fd/N`): qemu-img never opens a path someone could
-/// swap for a symlink.
-fn run_on(file: &std::fs::File, args: &[OsString], tail: &[OsString]) -> Result<()> {
-    use std::os::unix::io::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let fd = file.as_raw_fd();
-    let target = format!("/proc/self/fd/{fd}");
-    let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
-    log::debug!("qemu-img {} {target}", shown.join(" "));
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(args).arg(&target).args(tail);
-    // SAFETY: only fcntl(2) runs between fork and exec; it clears
-    // close-on-exec on the descriptor qemu-img must inherit.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = super::child::output(cmd, DATA_TIMEOUT).map_err(|e| Error::io(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Error::io(format!(
-            "qemu-img {} failed: {}",
-            shown.first().map(|a| a.as_ref()).unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
 /// Points qcow2 `image` at backing file `backing` without copying data
 /// (the two must hold the same bytes).
 pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
     check_format(backing_format)?;
+    let pinned = pin(image)?;
     let args: [&OsStr; 9] = [
         "rebase".as_ref(),
         "-u".as_ref(),
@@ -471,24 +513,40 @@ pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Resu
         backing_format.as_ref(),
         "-b".as_ref(),
         backing.as_os_str(),
-        image.as_os_str(),
+        &fd_name(&pinned),
     ];
-    run(&args).map(drop)
+    run_pinned(&args, &[&pinned], META_TIMEOUT).map(drop)
 }
 
 /// `qemu-img commit` of qcow2 `image` into its backing file, after its
 /// chain was checked ([`chain`]); `drop` empties it (`-d`).
 pub fn commit(image: &Path, drop_after: bool) -> Result<()> {
-    chain(image, "qcow2")?;
-    let mut args: Vec<&OsStr> = ["commit", "-q", "-f", "qcow2"]
-        .iter()
-        .map(OsStr::new)
-        .collect();
+    let chain = chain(image, "qcow2")?;
+    let Some(lower) = chain.get(1) else {
+        return Err(Error::io(format!(
+            "{} has no backing file to commit into",
+            image.display()
+        )));
+    };
+    // Both images as vmsnapfs opened them; nothing below `lower` is
+    // needed (only what `image` holds is copied).
+    let (top, base) = (pin(image)?, pin(&lower.path)?);
+    let mut opts = OsString::from("driver=qcow2,file.driver=file,file.filename=");
+    opts.push(fd_name(&top));
+    opts.push(format!(
+        ",backing.driver={},backing.file.driver=file,backing.file.filename=",
+        lower.format
+    ));
+    opts.push(fd_name(&base));
+    if lower.format == "qcow2" {
+        opts.push(",backing.backing=");
+    }
+    let mut args: Vec<&OsStr> = ["commit", "-q"].iter().map(OsStr::new).collect();
     if drop_after {
         args.push(OsStr::new("-d"));
     }
-    args.push(image.as_os_str());
-    run_for(&args, DATA_TIMEOUT).map(drop)
+    args.extend([OsStr::new("--image-opts"), &opts]);
+    run_pinned(&args, &[&top, &base], DATA_TIMEOUT).map(drop)
 }
 
 /// Decodes a qcow2 snapshot table as both `qemu-img info` and QMP's
@@ -519,7 +577,8 @@ pub fn create(image: &Path, tag: &str) -> Result<()> {
             format!("{} already has a snapshot tagged {tag}", image.display()),
         ));
     }
-    let opts = qcow2_alone(image);
+    let pinned = pin(image)?;
+    let opts = qcow2_alone(&pinned);
     let args: [&OsStr; 6] = [
         "snapshot".as_ref(),
         "-q".as_ref(),
@@ -528,12 +587,13 @@ pub fn create(image: &Path, tag: &str) -> Result<()> {
         "--image-opts".as_ref(),
         &opts,
     ];
-    run(&args).map(drop)
+    run_pinned(&args, &[&pinned], META_TIMEOUT).map(drop)
 }
 
 /// Reverts a stopped image to internal snapshot `tag`.
 pub fn apply(image: &Path, tag: &str) -> Result<()> {
-    let opts = qcow2_alone(image);
+    let pinned = pin(image)?;
+    let opts = qcow2_alone(&pinned);
     let args: [&OsStr; 6] = [
         "snapshot".as_ref(),
         "-q".as_ref(),
@@ -542,12 +602,13 @@ pub fn apply(image: &Path, tag: &str) -> Result<()> {
         "--image-opts".as_ref(),
         &opts,
     ];
-    run_for(&args, DATA_TIMEOUT).map(drop)
+    run_pinned(&args, &[&pinned], DATA_TIMEOUT).map(drop)
 }
 
 /// Deletes internal snapshot `tag` from a stopped image.
 pub fn delete(image: &Path, tag: &str) -> Result<()> {
-    let opts = qcow2_alone(image);
+    let pinned = pin(image)?;
+    let opts = qcow2_alone(&pinned);
     let args: [&OsStr; 6] = [
         "snapshot".as_ref(),
         "-q".as_ref(),
@@ -556,7 +617,7 @@ pub fn delete(image: &Path, tag: &str) -> Result<()> {
         "--image-opts".as_ref(),
         &opts,
     ];
-    run(&args).map(drop)
+    run_pinned(&args, &[&pinned], META_TIMEOUT).map(drop)
 }
 
 #[cfg(test)]

@@ -81,6 +81,45 @@ pub fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// True when no one but root can rename, replace or add names anywhere
+/// along the directory `dir` (absolute) and inside it: every directory on
+/// the way is root's and writable by no one else, or root's and sticky
+/// with the next name root's too. Symlinks on the way count as changeable
+/// (the answer only decides how careful a caller is; `false` is safe).
+pub fn only_root_can_change(dir: &Path) -> bool {
+    only_root_can_change_inner(dir).unwrap_or(false)
+}
+
+fn only_root_can_change_inner(dir: &Path) -> io::Result<bool> {
+    if !dir.is_absolute() {
+        return Ok(false);
+    }
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let mut fd = openat(AT_FDCWD, "/", dir_flags, Mode::empty())?;
+    for name in components(dir.as_os_str()) {
+        if name == ".." {
+            return Ok(false);
+        }
+        let st = fstatat(
+            &fd,
+            name.as_os_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        let sticky_over_roots = {
+            let d = fstat(fd.as_fd())?;
+            d.st_uid == 0 && d.st_mode & 0o1000 != 0 && st.st_uid == 0
+        };
+        if !(only_root_writes(&fd)? || sticky_over_roots) {
+            return Ok(false);
+        }
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+            return Ok(false);
+        }
+        fd = openat(&fd, name.as_os_str(), dir_flags, Mode::empty())?;
+    }
+    only_root_writes(&fd)
+}
+
 /// The names along `path`, without `/` and `.`.
 fn components(path: &OsStr) -> VecDeque<OsString> {
     Path::new(path)
@@ -142,6 +181,40 @@ mod tests {
         assert!(open_dir(&real).is_ok());
         assert!(open_dir(&base.join("missing")).is_err());
         assert!(open_dir(Path::new("relative/dir")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn only_roots_directories_cannot_change() {
+        let base = std::env::temp_dir().join(format!("vmsnapfs-change-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let closed = base.join("closed");
+        let open = base.join("open");
+        let sticky = base.join("sticky");
+        for d in [&closed, &open, &sticky.join("inner")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mode = |d: &Path, m| std::fs::set_permissions(d, std::fs::Permissions::from_mode(m));
+        mode(&base, 0o755).unwrap();
+        mode(&closed, 0o755).unwrap();
+        mode(&open, 0o777).unwrap();
+        mode(&sticky, 0o1777).unwrap();
+        mode(&sticky.join("inner"), 0o755).unwrap();
+        assert!(!only_root_can_change(&open));
+        assert!(!only_root_can_change(&open.join("..").join("closed")));
+        assert!(!only_root_can_change(Path::new("relative")));
+        assert!(!only_root_can_change(&base.join("missing")));
+        std::os::unix::fs::symlink(&closed, base.join("link")).unwrap();
+        assert!(!only_root_can_change(&base.join("link")));
+        // Tests run as root, and the path to the temporary directory is
+        // root's (sticky where others write).
+        if nix::unistd::geteuid().is_root() && only_root_can_change(&base) {
+            assert!(only_root_can_change(&closed));
+            assert!(only_root_can_change(&sticky.join("inner")));
+            assert!(!only_root_can_change(&sticky));
+            std::os::unix::fs::chown(&sticky.join("inner"), Some(65534), None).unwrap();
+            assert!(!only_root_can_change(&sticky.join("inner")));
+        }
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
