@@ -607,7 +607,10 @@ fn swap_overlay_before_qemu_opens_it(policy: &str) {
     let target = fx.path("s1");
     let mkdir = std::thread::spawn(move || fs::create_dir(target));
     fx.daemon.wait_log("failpoint create.overlays-made");
-    assert!(fs::symlink_metadata(&overlay).is_ok(), "no overlay was made");
+    assert!(
+        fs::symlink_metadata(&overlay).is_ok(),
+        "no overlay was made"
+    );
     let out = owner.sh(
         &format!(
             "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
@@ -621,7 +624,10 @@ fn swap_overlay_before_qemu_opens_it(policy: &str) {
     let made = mkdir.join().unwrap();
     let log = fx.read(".log");
     assert_eq!(errno(made), libc::EIO, "{log}");
-    assert!(log.contains("does not hold the file vmsnapfs made"), "{log}");
+    assert!(
+        log.contains("does not hold the file vmsnapfs made"),
+        "{log}"
+    );
     assert!(log.contains("left paused"), "{log}");
     let status = fx
         .vm
@@ -687,7 +693,11 @@ fn swap_revert_overlay_before_qemu_opens_it(stopped: bool) {
     let existing = names(&images);
     let request = fx.path("s1/revert");
     // A running guest's RAM is not in a disk-only snapshot: `force`.
-    let how: &[u8] = if stopped { b"running" } else { b"running force" };
+    let how: &[u8] = if stopped {
+        b"running"
+    } else {
+        b"running force"
+    };
     let revert = std::thread::spawn(move || write_file(&request, how));
     fx.daemon.wait_log("failpoint revert.overlays-made");
     let overlay = names(&images)
@@ -719,7 +729,11 @@ fn swap_revert_overlay_before_qemu_opens_it(stopped: bool) {
         "a root-only image changed"
     );
     if stopped {
-        assert!(fx.read(".state").starts_with("shutoff"), "{}", fx.read(".state"));
+        assert!(
+            fx.read(".state").starts_with("shutoff"),
+            "{}",
+            fx.read(".state")
+        );
     } else {
         // The guest runs on, on the layers it had.
         let status = fx

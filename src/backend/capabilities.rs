@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{json, Value};
+use qapi::qmp;
 
 use super::qmp::{Qmp, QmpError};
 
@@ -51,50 +51,72 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Asks QEMU (two commands; the schema is a few hundred KiB).
+    /// Asks QEMU (two commands; the schema is a few hundred KiB). An
+    /// answer that does not decode into the schema's types is an error.
     pub fn read(qmp: &mut Qmp) -> Result<Self, QmpError> {
-        let version = qmp.execute_raw("query-version", json!({}))?;
-        let schema = qmp.execute_raw("query-qmp-schema", json!({}))?;
+        let version = qmp.version()?;
+        let schema = qmp.execute(&qmp::query_qmp_schema {})?;
         Ok(Self::from_answers(&version, &schema))
     }
 
     /// Builds the answers from `query-version` and `query-qmp-schema` replies.
-    pub fn from_answers(version: &Value, schema: &Value) -> Self {
-        let q = &version["qemu"];
-        let num = |k: &str| q[k].as_u64().unwrap_or(0);
-        let entries: Vec<&Value> = schema.as_array().into_iter().flatten().collect();
-        let by_name: BTreeMap<&str, &Value> = entries
+    pub fn from_answers(version: &qmp::VersionInfo, schema: &[qmp::SchemaInfo]) -> Self {
+        let num = |n: i64| u64::try_from(n).unwrap_or(0);
+        let commands: BTreeMap<&str, &qmp::SchemaInfoCommand> = schema
             .iter()
-            .filter_map(|e| Some((e["name"].as_str()?, *e)))
+            .filter_map(|e| match e {
+                qmp::SchemaInfo::command { base, command } => Some((base.name.as_str(), command)),
+                _ => None,
+            })
             .collect();
-        let commands: BTreeSet<String> = entries
+        let objects: BTreeMap<&str, &qmp::SchemaInfoObject> = schema
             .iter()
-            .filter(|e| e["meta-type"] == "command")
-            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .filter_map(|e| match e {
+                qmp::SchemaInfo::object { base, object } => Some((base.name.as_str(), object)),
+                _ => None,
+            })
+            .collect();
+        let arrays: BTreeMap<&str, &str> = schema
+            .iter()
+            .filter_map(|e| match e {
+                qmp::SchemaInfo::array { base, array } => {
+                    Some((base.name.as_str(), array.element_type.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        let enums: BTreeMap<&str, BTreeSet<String>> = schema
+            .iter()
+            .filter_map(|e| match e {
+                qmp::SchemaInfo::enum_ { base, enum_ } => Some((
+                    base.name.as_str(),
+                    enum_.members.iter().map(|m| m.name.clone()).collect(),
+                )),
+                _ => None,
+            })
             .collect();
         // migrate-set-capabilities {capabilities: [{capability: <enum>}]}
         let migrate_caps = (|| {
-            let cmd = entries
-                .iter()
-                .find(|e| e["meta-type"] == "command" && e["name"] == "migrate-set-capabilities")?;
-            let args = by_name.get(cmd["arg-type"].as_str()?)?;
-            let list = member_type(args, "capabilities")?;
-            let elem = by_name.get(by_name.get(list)?["element-type"].as_str()?)?;
-            let cap_enum = by_name.get(member_type(elem, "capability")?)?;
-            Some(enum_values(cap_enum))
+            let cmd = commands.get("migrate-set-capabilities")?;
+            let list = member_type(objects.get(cmd.arg_type.as_str())?, "capabilities")?;
+            let elem = objects.get(arrays.get(list)?)?;
+            enums.get(member_type(elem, "capability")?).cloned()
         })()
         .unwrap_or_default();
         // The transports a migration address may use (`exec`, `file`, ...).
-        let migration_transports = entries
-            .iter()
-            .filter(|e| e["meta-type"] == "enum")
-            .map(|e| enum_values(e))
+        let migration_transports = enums
+            .values()
             .find(|v| v.contains("exec") && v.contains("socket"))
+            .cloned()
             .unwrap_or_default();
         Capabilities {
-            version: (num("major"), num("minor"), num("micro")),
-            package: version["package"].as_str().unwrap_or("").trim().to_owned(),
-            commands,
+            version: (
+                num(version.qemu.major),
+                num(version.qemu.minor),
+                num(version.qemu.micro),
+            ),
+            package: version.package.trim().to_owned(),
+            commands: commands.keys().map(|c| (*c).to_owned()).collect(),
             migrate_caps,
             migration_transports,
         }
@@ -153,52 +175,43 @@ impl Capabilities {
 }
 
 /// The type name of member `name` of an object type of the schema.
-fn member_type<'a>(object: &'a Value, name: &str) -> Option<&'a str> {
-    object["members"]
-        .as_array()?
+fn member_type<'a>(object: &'a qmp::SchemaInfoObject, name: &str) -> Option<&'a str> {
+    object
+        .members
         .iter()
-        .find(|m| m["name"] == name)?["type"]
-        .as_str()
-}
-
-/// The values of an enum type of the schema (`members[].name`, or the
-/// older `values`).
-fn enum_values(e: &Value) -> BTreeSet<String> {
-    let from_members = e["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["name"].as_str().map(str::to_owned));
-    let from_values = e["values"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_owned));
-    from_members.chain(from_values).collect()
+        .find(|m| m.name == name)
+        .map(|m| m.type_.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// A schema shaped like QEMU's (type names are masked numbers).
-    fn schema(caps: &[&str], transports: &[&str]) -> Value {
-        json!([
-            {"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "10"},
-            {"name": "query-status", "meta-type": "command", "arg-type": "0"},
+    fn schema(caps: &[&str], transports: &[&str]) -> Vec<qmp::SchemaInfo> {
+        let members = |v: &[&str]| v.iter().map(|t| json!({"name": t})).collect::<Vec<_>>();
+        serde_json::from_value(json!([
+            {"name": "migrate-set-capabilities", "meta-type": "command",
+             "arg-type": "10", "ret-type": "0"},
+            {"name": "query-status", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
             {"name": "10", "meta-type": "object",
              "members": [{"name": "capabilities", "type": "[11]"}]},
             {"name": "[11]", "meta-type": "array", "element-type": "11"},
             {"name": "11", "meta-type": "object",
              "members": [{"name": "capability", "type": "12"}, {"name": "state", "type": "bool"}]},
-            {"name": "12", "meta-type": "enum", "values": caps},
-            {"name": "13", "meta-type": "enum",
-             "members": transports.iter().map(|t| json!({"name": t})).collect::<Vec<_>>()},
-        ])
+            {"name": "12", "meta-type": "enum", "values": caps, "members": members(caps)},
+            {"name": "13", "meta-type": "enum", "values": transports,
+             "members": members(transports)},
+        ]))
+        .unwrap()
     }
 
-    fn version(major: u64, minor: u64) -> Value {
-        json!({"qemu": {"major": major, "minor": minor, "micro": 2}, "package": " (Debian)"})
+    fn version(major: u64, minor: u64) -> qmp::VersionInfo {
+        serde_json::from_value(
+            json!({"qemu": {"major": major, "minor": minor, "micro": 2}, "package": " (Debian)"}),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -255,10 +268,22 @@ mod tests {
     }
 
     #[test]
-    fn a_garbled_schema_means_no_capabilities() {
-        let c = Capabilities::from_answers(&json!("x"), &json!({"not": "a list"}));
-        assert_eq!(c.version, (0, 0, 0));
+    fn a_schema_that_does_not_decode_is_an_error_not_a_default() {
+        // An enum without its members, a command without its types.
+        for garbled in [
+            json!([{"name": "12", "meta-type": "enum", "values": ["multifd"]}]),
+            json!([{"name": "stop", "meta-type": "command"}]),
+            json!({"not": "a list"}),
+        ] {
+            assert!(serde_json::from_value::<Vec<qmp::SchemaInfo>>(garbled).is_err());
+        }
+        assert!(serde_json::from_value::<qmp::VersionInfo>(json!("x")).is_err());
+    }
+
+    #[test]
+    fn an_empty_schema_means_no_capabilities() {
+        let c = Capabilities::from_answers(&version(0, 0), &[]);
         assert!(!c.has_migrate_capability("multifd"));
-        assert!(c.warning_for((TESTED_MIN, TESTED_MAX)).is_some());
+        assert!(!c.has_command("query-status"));
     }
 }

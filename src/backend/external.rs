@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Value};
+use qapi::qmp::{MigrationCapability, MigrationInfo};
 
 use super::capabilities::Capabilities;
 use super::qemu::{canonical, qmp_err, Conn, Incoming, QemuBackend, JOB_TIMEOUT};
@@ -23,6 +23,10 @@ pub fn memory_part_path(memory: &Path) -> PathBuf {
     name.push(".part");
     memory.with_file_name(name)
 }
+
+/// One disk's part of a live snapshot's `transaction`: the node, the
+/// overlay vmsnapfs made for it, the overlay's node name.
+type SnapshotAction = (String, String, String);
 
 /// Why a guest stays paused after QEMU opened something other than an
 /// overlay vmsnapfs made.
@@ -145,7 +149,7 @@ fn seal_memory(part: &Path, memory: &Path, id: crate::store::owned::FileId) -> R
 }
 
 /// A guest pause measured from our `stop` to QEMU's RESUME event.
-fn pause_from_events(events: &[Value], stopped_at: SystemTime) -> Option<Duration> {
+fn pause_from_events(events: &[serde_json::Value], stopped_at: SystemTime) -> Option<Duration> {
     let resume = events.iter().rev().find(|e| e["event"] == "RESUME")?;
     let ts = &resume["timestamp"];
     let at = SystemTime::UNIX_EPOCH
@@ -240,12 +244,16 @@ impl QemuBackend {
                 };
                 made.push(overlay);
                 points.push((target.clone(), top.path));
-                actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
-                    "node-name": d.node,
-                    "snapshot-file": overlay,
-                    "snapshot-node-name": overlay_node(overlay),
-                    "format": "qcow2",
-                    "mode": "existing"}}));
+                let Some(file) = overlay.to_str() else {
+                    for m in made {
+                        let _ = self.remove_made(m);
+                    }
+                    return Err(Error::invalid(format!(
+                        "{} is not UTF-8, which QMP cannot carry",
+                        overlay.display()
+                    )));
+                };
+                actions.push((d.node.clone(), file.to_owned(), overlay_node(overlay)));
             }
             let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
             if let Err(e) = self.before_handing_over(conn) {
@@ -310,7 +318,7 @@ impl QemuBackend {
     fn switch_disks_checked(
         &self,
         conn: &mut Conn,
-        actions: &[Value],
+        actions: &[SnapshotAction],
         plan: &ExternalPlan,
         live: DomainState,
         overlays: &[&Path],
@@ -322,7 +330,7 @@ impl QemuBackend {
                     .is_some_and(crate::store::safe_dir::only_root_can_change)
             });
         if careful {
-            if let Err(e) = conn.qmp.execute_raw("stop", json!({})) {
+            if let Err(e) = conn.qmp.stop() {
                 for o in overlays {
                     let _ = self.remove_made(o);
                 }
@@ -331,28 +339,31 @@ impl QemuBackend {
         }
         if let Err(e) = self.switch_disks(conn, actions, plan) {
             if careful {
-                let _ = conn.qmp.execute_raw("cont", json!({}));
+                let _ = conn.qmp.cont();
             }
             return Err(e);
         }
         if let Err(e) = self.check_opened_made(conn, overlays) {
             if running && !careful {
-                let _ = conn.qmp.execute_raw("stop", json!({}));
+                let _ = conn.qmp.stop();
             }
             return Err(left_paused(e));
         }
         if careful {
-            conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+            conn.qmp.cont().map_err(qmp_err)?;
         }
         Ok(())
     }
 
     /// Runs the disk transaction; a refused one leaves no overlay file.
-    fn switch_disks(&self, conn: &mut Conn, actions: &[Value], plan: &ExternalPlan) -> Result<()> {
+    fn switch_disks(
+        &self,
+        conn: &mut Conn,
+        actions: &[SnapshotAction],
+        plan: &ExternalPlan,
+    ) -> Result<()> {
         conn.nodes = None;
-        let r = conn
-            .qmp
-            .execute_raw("transaction", json!({ "actions": actions }));
+        let r = conn.qmp.snapshot_transaction(actions);
         if let Err(e) = r {
             // A failed transaction rolls back; the files made stay.
             let _ = super::fdset::release_unused(&mut conn.qmp);
@@ -365,33 +376,21 @@ impl QemuBackend {
     }
 
     fn set_background_snapshot(conn: &mut Conn, on: bool) -> Result<()> {
-        set_migrate_capabilities(conn, &["background-snapshot"], on)
+        set_migrate_capabilities(conn, &[MigrationCapability::background_snapshot], on)
     }
 
     /// The machine type QEMU emulates (`pc-q35-7.2`), if it says.
     fn machine_type(conn: &mut Conn) -> Option<String> {
-        let t = conn
-            .qmp
-            .execute_raw("qom-get", json!({"path": "/machine", "property": "type"}))
-            .ok()?;
-        super::machine::from_qom_type(t.as_str()?)
+        let t = conn.qmp.machine_type().ok()?;
+        super::machine::from_qom_type(&t)
     }
 
     /// Sets `max-bandwidth` (QEMU throttles migrations to 128 MiB/s by
     /// default, which would make a memory file take seconds per GiB);
     /// returns the value it had.
     fn set_max_bandwidth(conn: &mut Conn, bytes_per_sec: u64) -> Option<u64> {
-        let old = conn
-            .qmp
-            .execute_raw("query-migrate-parameters", json!({}))
-            .ok()?["max-bandwidth"]
-            .as_u64();
-        conn.qmp
-            .execute_raw(
-                "migrate-set-parameters",
-                json!({ "max-bandwidth": bytes_per_sec }),
-            )
-            .ok()?;
+        let old = conn.qmp.max_bandwidth().ok()?;
+        conn.qmp.set_max_bandwidth(bytes_per_sec).ok()?;
         old
     }
 
@@ -402,7 +401,7 @@ impl QemuBackend {
     fn checkpoint(
         &self,
         conn: &mut Conn,
-        actions: &[Value],
+        actions: &[SnapshotAction],
         plan: &ExternalPlan,
         memory: &Path,
         live: DomainState,
@@ -473,7 +472,7 @@ impl QemuBackend {
     fn checkpoint_save(
         &self,
         conn: &mut Conn,
-        actions: &[Value],
+        actions: &[SnapshotAction],
         plan: &ExternalPlan,
         (part, held): (&Path, &fs::File),
         live: DomainState,
@@ -501,13 +500,13 @@ impl QemuBackend {
                 let _ = Self::set_background_snapshot(conn, false);
             }
             if running {
-                let _ = conn.qmp.execute_raw("cont", json!({}));
+                let _ = conn.qmp.cont();
             }
             let _ = self.remove_made(part);
             e
         };
         if running {
-            if let Err(e) = conn.qmp.execute_raw("stop", json!({})) {
+            if let Err(e) = conn.qmp.stop() {
                 return Err(fail(conn, background, qmp_err(e)));
             }
         }
@@ -542,10 +541,7 @@ impl QemuBackend {
                 return Err(fail(conn, background, e));
             }
         };
-        let mut started = conn
-            .qmp
-            .execute_raw("migrate", json!({ "uri": uri }))
-            .map_err(qmp_err);
+        let mut started = conn.qmp.migrate(&uri).map_err(qmp_err);
         if let (Err(e), true) = (&started, background) {
             let _ = Self::set_background_snapshot(conn, false);
             background = false;
@@ -553,10 +549,7 @@ impl QemuBackend {
                 "background-snapshot refused ({}); RAM saved with the guest paused",
                 e.message
             ));
-            started = conn
-                .qmp
-                .execute_raw("migrate", json!({ "uri": uri }))
-                .map_err(qmp_err);
+            started = conn.qmp.migrate(&uri).map_err(qmp_err);
         }
         log::debug!(
             "{}: checkpoint: migrate started after {:?}",
@@ -583,7 +576,7 @@ impl QemuBackend {
             let _ = Self::set_background_snapshot(conn, false);
             outcome.paused_for = pause_from_events(&conn.qmp.take_events(), stopped_at);
         } else if running {
-            conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+            conn.qmp.cont().map_err(qmp_err)?;
             outcome.paused_for = Some(t0.elapsed());
         }
         Ok(())
@@ -625,20 +618,20 @@ impl QemuBackend {
     fn wait_background_snapshot(conn: &mut Conn) -> Result<()> {
         let mut checked = false;
         Self::poll_migration(conn, |conn, m| {
-            let ram = &m["ram"];
-            let pages =
-                ram["normal"].as_u64().unwrap_or(0) + ram["duplicate"].as_u64().unwrap_or(0);
-            let saving = m["status"] == "completed" || pages > 0;
+            // No `ram` yet: nothing written so far.
+            let pages = m.ram.as_ref().map_or(0, |r| r.normal + r.duplicate);
+            let saving =
+                matches!(m.status, Some(qapi::qmp::MigrationStatus::completed)) || pages > 0;
             if checked || !saving {
                 return Ok(());
             }
             checked = true;
-            let st = conn
+            let state = conn
                 .qmp
-                .execute_raw("query-status", json!({}))
+                .run_state(super::qemu::STATUS_TIMEOUT)
                 .map_err(qmp_err)?;
-            if st["status"] == "paused" {
-                conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+            if matches!(state, qapi::qmp::RunState::paused) {
+                conn.qmp.cont().map_err(qmp_err)?;
             }
             Ok(())
         })
@@ -648,25 +641,23 @@ impl QemuBackend {
     /// calling `each` with every answer.
     fn poll_migration(
         conn: &mut Conn,
-        mut each: impl FnMut(&mut Conn, &Value) -> Result<()>,
+        mut each: impl FnMut(&mut Conn, &MigrationInfo) -> Result<()>,
     ) -> Result<()> {
+        use qapi::qmp::MigrationStatus;
         let deadline = Instant::now() + JOB_TIMEOUT;
         loop {
-            let m = conn
-                .qmp
-                .execute_raw("query-migrate", json!({}))
-                .map_err(qmp_err)?;
+            let m = conn.qmp.migration().map_err(qmp_err)?;
             each(conn, &m)?;
-            match m["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => {
-                    let why = m["error-desc"].as_str().unwrap_or("no reason given");
+            match m.status {
+                Some(MigrationStatus::completed) => return Ok(()),
+                Some(MigrationStatus::failed | MigrationStatus::cancelled) => {
+                    let why = m.error_desc.as_deref().unwrap_or("no reason given");
                     return Err(Error::io(format!("saving RAM failed: {why}")));
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                let _ = conn.qmp.execute_raw("migrate_cancel", json!({}));
+                let _ = conn.qmp.migrate_cancel();
                 return Err(Error::io("saving RAM took too long; cancelled"));
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -687,10 +678,7 @@ impl QemuBackend {
             if on_top {
                 let job = format!("vmsnapfs-undo-{}", std::process::id());
                 conn.qmp
-                    .execute_raw(
-                        "block-commit",
-                        json!({"job-id": job, "device": d.node, "auto-dismiss": false}),
-                    )
+                    .block_commit(&job, &d.node, None, None)
                     .map_err(qmp_err)?;
                 if let Some(e) = conn
                     .qmp
@@ -796,19 +784,15 @@ impl QemuBackend {
 }
 
 /// The capabilities of a memory file with RAM at fixed offsets.
-const PARALLEL_CAPS: &[&str] = &["mapped-ram", "multifd"];
+const PARALLEL_CAPS: &[MigrationCapability] = &[
+    MigrationCapability::mapped_ram,
+    MigrationCapability::multifd,
+];
 /// `max-bandwidth` while vmsnapfs saves RAM: no throttle (1 TiB/s).
 const UNTHROTTLED: u64 = 1 << 40;
 
-fn set_migrate_capabilities(conn: &mut Conn, names: &[&str], on: bool) -> Result<()> {
-    let caps: Vec<Value> = names
-        .iter()
-        .map(|n| json!({"capability": n, "state": on}))
-        .collect();
-    conn.qmp
-        .execute_raw("migrate-set-capabilities", json!({ "capabilities": caps }))
-        .map(drop)
-        .map_err(qmp_err)
+fn set_migrate_capabilities(conn: &mut Conn, caps: &[MigrationCapability], on: bool) -> Result<()> {
+    conn.qmp.set_migrate_capabilities(caps, on).map_err(qmp_err)
 }
 
 /// ENOTSUP (with the reason) when a QEMU with `caps` cannot read or
@@ -858,9 +842,7 @@ pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>, held: &fs::F
             format!("fd:{MEMORY_FD}")
         }
     };
-    conn.qmp
-        .execute_raw("migrate-incoming", json!({ "uri": uri }))
-        .map_err(qmp_err)?;
+    conn.qmp.migrate_incoming(&uri).map_err(qmp_err)?;
     let loaded = QemuBackend::wait_migration(conn);
     let _ = super::fdset::release_unused(&mut conn.qmp);
     loaded
@@ -967,18 +949,20 @@ impl QemuBackend {
             let disks = self.live_disks(&mut conn.qmp)?;
             let was_running = r.live == DomainState::Running;
             if was_running {
-                conn.qmp.execute_raw("stop", json!({})).map_err(qmp_err)?;
+                conn.qmp.stop().map_err(qmp_err)?;
             }
             let mut added = Vec::new();
             let mut result = Ok(());
             for (target, _, overlay) in &r.branches {
                 let node = overlay_node(overlay);
-                let add = conn.qmp.execute_raw(
-                    "blockdev-add",
-                    json!({"driver": "qcow2", "node-name": node,
-                           "file": {"driver": "file", "filename": overlay}}),
-                );
-                if let Err(e) = add {
+                let Some(file) = overlay.to_str() else {
+                    result = Err(Error::invalid(format!(
+                        "{} is not UTF-8, which QMP cannot carry",
+                        overlay.display()
+                    )));
+                    break;
+                };
+                if let Err(e) = conn.qmp.add_qcow2(&node, file) {
                     result = Err(qmp_err(e));
                     break;
                 }
@@ -997,11 +981,7 @@ impl QemuBackend {
                         )));
                         break;
                     };
-                    let set = conn.qmp.execute_raw(
-                        "qom-set",
-                        json!({"path": device, "property": "drive", "value": node}),
-                    );
-                    if let Err(e) = set {
+                    if let Err(e) = conn.qmp.set_drive(&device, node) {
                         result = Err(qmp_err(e));
                         break;
                     }
@@ -1010,13 +990,11 @@ impl QemuBackend {
             conn.nodes = None;
             if let Err(e) = result {
                 for (_, node) in &added {
-                    let _ = conn
-                        .qmp
-                        .execute_raw("blockdev-del", json!({ "node-name": node }));
+                    let _ = conn.qmp.blockdev_del(node);
                 }
                 let _ = super::fdset::release_unused(&mut conn.qmp);
                 if was_running {
-                    let _ = conn.qmp.execute_raw("cont", json!({}));
+                    let _ = conn.qmp.cont();
                 }
                 return Err(e);
             }
@@ -1024,19 +1002,15 @@ impl QemuBackend {
             // until deleted; nodes QEMU made itself close on their own.
             for (target, _, _) in &r.branches {
                 if let Some(old) = disks.get(target) {
-                    let _ = conn
-                        .qmp
-                        .execute_raw("blockdev-del", json!({ "node-name": old.node }));
+                    let _ = conn.qmp.blockdev_del(&old.node);
                 }
             }
             let _ = super::fdset::release_unused(&mut conn.qmp);
             // The guest's RAM does not match the reverted disks: it boots
             // from them, as after a power cycle.
-            conn.qmp
-                .execute_raw("system_reset", json!({}))
-                .map_err(qmp_err)?;
+            conn.qmp.system_reset().map_err(qmp_err)?;
             if r.target == DomainState::Running {
-                conn.qmp.execute_raw("cont", json!({})).map_err(qmp_err)?;
+                conn.qmp.cont().map_err(qmp_err)?;
             }
             Ok(())
         })

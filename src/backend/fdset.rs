@@ -155,18 +155,14 @@ pub const NODE_PREFIX: &str = "vso-";
 /// in use, so every candidate is tried until no more go.
 pub fn release_unused(qmp: &mut Qmp) -> Result<(), QmpError> {
     loop {
-        let nodes =
-            qmp.execute_raw("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+        let nodes = qmp.named_nodes()?;
         let mut closed = false;
         for name in nodes
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n["node-name"].as_str())
+            .iter()
+            .filter_map(|n| n.node_name.as_deref())
             .filter(|n| n.starts_with(NODE_PREFIX))
         {
-            let del = qmp.execute_raw("blockdev-del", serde_json::json!({ "node-name": name }));
-            closed |= del.is_ok();
+            closed |= qmp.blockdev_del(name).is_ok();
         }
         if !closed {
             break;
@@ -176,12 +172,10 @@ pub fn release_unused(qmp: &mut Qmp) -> Result<(), QmpError> {
     if sets.is_empty() {
         return Ok(());
     }
-    let nodes = qmp.execute_raw("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+    let nodes = qmp.named_nodes()?;
     let in_use: HashSet<i64> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["file"].as_str()?.strip_prefix(FDSET_DIR))
+        .iter()
+        .filter_map(|n| n.file.strip_prefix(FDSET_DIR))
         .filter_map(|n| n.parse().ok())
         .collect();
     for set in sets.keys().filter(|s| !in_use.contains(s)) {

@@ -6,8 +6,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
-
 use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
 use super::{qemu_img, Merge, MergeKind};
 use crate::error::{Error, Result};
@@ -15,19 +13,14 @@ use crate::store::Layer;
 
 /// The format nodes the running QEMU has open, by (canonical) file name.
 fn format_nodes(conn: &mut Conn) -> Result<HashMap<PathBuf, String>> {
-    let nodes = conn
-        .qmp
-        .execute_raw("query-named-block-nodes", json!({"flat": true}))
-        .map_err(qmp_err)?;
+    let nodes = conn.qmp.named_nodes().map_err(qmp_err)?;
     let mut out = HashMap::new();
-    for n in nodes.as_array().into_iter().flatten() {
-        let drv = n["drv"].as_str().unwrap_or("");
-        if matches!(drv, "file" | "host_device" | "host_cdrom") {
+    for n in nodes {
+        if matches!(n.drv.as_str(), "file" | "host_device" | "host_cdrom") {
             continue;
         }
-        if let (Some(file), Some(name)) = (n["file"].as_str(), n["node-name"].as_str()) {
-            out.entry(canonical(Path::new(file)))
-                .or_insert_with(|| name.to_owned());
+        if let Some(name) = n.node_name {
+            out.entry(canonical(Path::new(&n.file))).or_insert(name);
         }
     }
     Ok(out)
@@ -95,11 +88,7 @@ impl QemuBackend {
         let error = match m.kind {
             MergeKind::Commit if upper_is_top => {
                 conn.qmp
-                    .execute_raw(
-                        "block-commit",
-                        json!({"job-id": job, "device": upper, "base-node": lower,
-                               "auto-dismiss": false}),
-                    )
+                    .block_commit(&job, upper, None, Some(lower))
                     .map_err(qmp_err)?;
                 conn.qmp
                     .wait_job_completing(&job, JOB_TIMEOUT, &mut *progress)
@@ -107,11 +96,7 @@ impl QemuBackend {
             }
             MergeKind::Commit => {
                 conn.qmp
-                    .execute_raw(
-                        "block-commit",
-                        json!({"job-id": job, "device": disk.node, "top-node": upper,
-                               "base-node": lower, "auto-dismiss": false}),
-                    )
+                    .block_commit(&job, &disk.node, Some(upper), Some(lower))
                     .map_err(qmp_err)?;
                 conn.qmp
                     .wait_job(&job, JOB_TIMEOUT, &mut *progress)
@@ -125,12 +110,9 @@ impl QemuBackend {
                     .and_then(|i| disk.chain.get(i + 1))
                     .map(|i| canonical(&i.path));
                 let nodes = format_nodes(conn)?;
-                let mut args = json!({"job-id": job, "device": upper, "auto-dismiss": false});
-                if let Some(b) = below.and_then(|b| nodes.get(&b).cloned()) {
-                    args["base-node"] = json!(b);
-                }
+                let base = below.and_then(|b| nodes.get(&b).cloned());
                 conn.qmp
-                    .execute_raw("block-stream", args)
+                    .block_stream(&job, upper, base.as_deref())
                     .map_err(qmp_err)?;
                 conn.qmp
                     .wait_job(&job, JOB_TIMEOUT, &mut *progress)

@@ -19,6 +19,7 @@ pub mod qemu;
 pub mod qemu_img;
 pub mod qmp;
 pub mod qmp_message;
+pub mod qmp_ops;
 mod trust;
 
 pub use images::{Images, QemuImg};

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde_json::{json, Value};
 
 use super::capabilities::Capabilities;
 use super::liveness::{self, QemuProcess};
@@ -44,6 +43,13 @@ pub(super) struct Conn {
     pub(super) nodes: Option<Vec<String>>,
     /// What this QEMU can do, read when the connection was made.
     pub(super) caps: Capabilities,
+}
+
+/// An internal snapshot job: its id and the qcow2 nodes it covers (the
+/// first also holds the RAM of a checkpoint).
+struct InternalJob {
+    job_id: String,
+    nodes: Vec<String>,
 }
 
 /// A memory file for a QEMU started with `-incoming defer` to load.
@@ -108,18 +114,28 @@ pub(super) fn qmp_err(e: QmpError) -> Error {
 /// The chain of one `query-block` entry's image, top first, with the
 /// names of files handed over as descriptors read back to their paths.
 fn chain_of(
-    inserted: &Value,
+    inserted: &qapi::qmp::BlockDeviceInfo,
     sets: &std::collections::HashMap<i64, PathBuf>,
 ) -> Vec<qemu_img::ChainImage> {
     let mut out = Vec::new();
-    let mut image = &inserted["image"];
-    while let Some(file) = image["filename"].as_str() {
+    let mut image = Some(&inserted.image);
+    while let Some(i) = image {
         out.push(qemu_img::ChainImage {
-            path: super::fdset::real_path(file, sets),
-            format: image["format"].as_str().unwrap_or("raw").to_owned(),
-            snapshots: qemu_img::parse_snapshot_table(&image["snapshots"]),
+            path: super::fdset::real_path(&i.base.filename, sets),
+            format: i.base.format.clone(),
+            snapshots: i
+                .base
+                .snapshots
+                .iter()
+                .flatten()
+                .map(|s| ImageSnapshot {
+                    tag: s.name.clone(),
+                    vm_state_size: u64::try_from(s.vm_state_size).unwrap_or(0),
+                    date_sec: s.date_sec,
+                })
+                .collect(),
         });
-        image = &image["backing-image"];
+        image = i.backing_image.as_deref();
     }
     out
 }
@@ -537,13 +553,10 @@ impl QemuBackend {
                 Err(NoMonitor::Absent(why)) => return self.absent(why),
                 Err(NoMonitor::Unreachable(why)) => return self.mark_unreachable(why),
             };
-            match conn
-                .qmp
-                .execute_within("query-status", json!({}), STATUS_TIMEOUT)
-            {
-                Ok(v) => {
+            match conn.qmp.run_state(STATUS_TIMEOUT) {
+                Ok(state) => {
                     *self.unreachable.lock() = None;
-                    return if v["status"] == "running" {
+                    return if matches!(state, qapi::qmp::RunState::running) {
                         DomainState::Running
                     } else {
                         DomainState::Paused
@@ -613,21 +626,19 @@ impl QemuBackend {
     /// that, the image the definition names).
     pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
         let sets = super::fdset::ours(qmp).map_err(qmp_err)?;
-        let blocks = qmp.execute_raw("query-block", json!({})).map_err(qmp_err)?;
+        let blocks = qmp.block_devices().map_err(qmp_err)?;
         type Found = (String, Option<String>, Vec<qemu_img::ChainImage>);
+        // A device without a medium (an empty CD-ROM) has no chain.
         let chains: Vec<Found> = blocks
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| {
-                let node = b["inserted"]["node-name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                let device = b["qdev"]
-                    .as_str()
+            .iter()
+            .filter_map(|b| {
+                let inserted = b.inserted.as_ref()?;
+                let node = inserted.node_name.clone().unwrap_or_default();
+                let device = b
+                    .qdev
+                    .as_deref()
                     .map(|q| q.strip_suffix("/virtio-backend").unwrap_or(q).to_owned());
-                (node, device, chain_of(&b["inserted"], &sets))
+                Some((node, device, chain_of(inserted, &sets)))
             })
             .collect();
         let layers = self.layers.lock().clone();
@@ -712,14 +723,14 @@ impl QemuBackend {
     }
 
     /// Starts a snapshot job and waits for it; a job error becomes EIO.
-    fn run_job(qmp: &mut Qmp, command: &str, args: Value, job_id: &str) -> Result<()> {
-        qmp.execute_raw(command, args).map_err(qmp_err)?;
+    fn run_job<C: qapi::Command>(qmp: &mut Qmp, command: &C, job_id: &str) -> Result<()> {
+        qmp.execute(command).map_err(qmp_err)?;
         match qmp
             .wait_job(job_id, JOB_TIMEOUT, |_, _| {})
             .map_err(qmp_err)?
         {
             None => Ok(()),
-            Some(e) => Err(Error::io(format!("{command}: {e}"))),
+            Some(e) => Err(Error::io(format!("{}: {e}", C::NAME))),
         }
     }
 
@@ -739,14 +750,11 @@ impl QemuBackend {
         Ok(n)
     }
 
-    fn job_args(&self, conn: &mut Conn, tag: &str, job: &str) -> Result<(Value, String)> {
+    fn job_args(&self, conn: &mut Conn, job: &str) -> Result<InternalJob> {
         self.qcow2_disks()?;
         let nodes = self.active_nodes(conn)?;
         let job_id = format!("vmsnapfs-{job}-{}", std::process::id());
-        Ok((
-            json!({"job-id": job_id, "tag": tag, "vmstate": nodes[0], "devices": nodes}),
-            job_id,
-        ))
+        Ok(InternalJob { job_id, nodes })
     }
 }
 
@@ -934,9 +942,8 @@ impl QemuBackend {
             // QEMU opened the images by name: those vmsnapfs made must be
             // the very files it made.
             let named: Vec<&Path> = named.iter().map(PathBuf::as_path).collect();
-            self.check_opened_made(c, &named).map_err(|e| {
-                e.context("QEMU was stopped before the guest ran")
-            })?;
+            self.check_opened_made(c, &named)
+                .map_err(|e| e.context("QEMU was stopped before the guest ran"))?;
             let live = self.live_disks(&mut c.qmp)?;
             for (target, want) in &expected {
                 let got: Vec<PathBuf> = live
@@ -1020,26 +1027,22 @@ impl Backend for QemuBackend {
         if !memory {
             // Disks only: one transaction, so all disks share one instant.
             self.with_qmp(|conn| {
-                let (args, _) = self.job_args(conn, tag, "disks")?;
-                let actions: Vec<Value> = args["devices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|node| {
-                        json!({"type": "blockdev-snapshot-internal-sync",
-                               "data": {"device": node, "name": tag}})
-                    })
-                    .collect();
+                let job = self.job_args(conn, "disks")?;
                 conn.qmp
-                    .execute_raw("transaction", json!({ "actions": actions }))
-                    .map(drop)
+                    .internal_snapshot_transaction(&job.nodes, tag)
                     .map_err(qmp_err)
             })?;
             return Ok(SnapshotState::DiskSnapshot);
         }
         self.with_qmp(|conn| {
-            let (args, job_id) = self.job_args(conn, tag, "save")?;
-            Self::run_job(&mut conn.qmp, "snapshot-save", args, &job_id)
+            let job = self.job_args(conn, "save")?;
+            let save = qapi::qmp::snapshot_save {
+                job_id: job.job_id.clone(),
+                tag: tag.to_owned(),
+                vmstate: job.nodes[0].clone(),
+                devices: job.nodes,
+            };
+            Self::run_job(&mut conn.qmp, &save, &job.job_id)
         })?;
         Ok(if live == DomainState::Running {
             SnapshotState::Running
@@ -1065,11 +1068,13 @@ impl Backend for QemuBackend {
         }
         let conn = guard.as_mut().ok_or_else(|| Error::io("QEMU went away"))?;
         // snapshot-delete skips the devices that lack the tag.
-        let (mut args, job_id) = self.job_args(conn, tag, "delete")?;
-        if let Some(a) = args.as_object_mut() {
-            a.remove("vmstate");
-        }
-        Self::run_job(&mut conn.qmp, "snapshot-delete", args, &job_id)
+        let job = self.job_args(conn, "delete")?;
+        let delete = qapi::qmp::snapshot_delete {
+            job_id: job.job_id.clone(),
+            tag: tag.to_owned(),
+            devices: job.nodes,
+        };
+        Self::run_job(&mut conn.qmp, &delete, &job.job_id)
     }
 
     fn delete_tag_in(&self, image: &Path, tag: &str) -> Result<bool> {
@@ -1122,8 +1127,14 @@ impl Backend for QemuBackend {
 
     fn load_checkpoint_live(&self, tag: &str) -> Result<()> {
         self.with_qmp(|c| {
-            let (args, job_id) = self.job_args(c, tag, "load")?;
-            Self::run_job(&mut c.qmp, "snapshot-load", args, &job_id)
+            let job = self.job_args(c, "load")?;
+            let load = qapi::qmp::snapshot_load {
+                job_id: job.job_id.clone(),
+                tag: tag.to_owned(),
+                vmstate: job.nodes[0].clone(),
+                devices: job.nodes,
+            };
+            Self::run_job(&mut c.qmp, &load, &job.job_id)
         })
     }
 
@@ -1170,7 +1181,7 @@ impl Backend for QemuBackend {
             m.destroy()?;
         } else {
             // QEMU may close the socket before it answers `quit`.
-            let _ = conn.qmp.execute_raw("quit", json!({}));
+            let _ = conn.qmp.quit();
             *guard = None;
         }
         if let Some(pid) = pid {
@@ -1186,22 +1197,16 @@ impl Backend for QemuBackend {
     }
 
     fn set_running(&self, running: bool) -> Result<()> {
-        self.with_qmp(|c| {
-            let cmd = if running { "cont" } else { "stop" };
-            c.qmp.execute_raw(cmd, json!({})).map(drop).map_err(qmp_err)
-        })
+        self.with_qmp(|c| if running { c.qmp.cont() } else { c.qmp.stop() }.map_err(qmp_err))
     }
 
     fn space_shortage(&self) -> Option<String> {
         // A checkpoint needs about the guest's RAM; disk-only needs little.
         let ram = {
             let mut guard = self.conn.lock();
-            self.connect(&mut guard).ok().and_then(|c| {
-                c.qmp
-                    .execute_within("query-memory-size-summary", json!({}), STATUS_TIMEOUT)
-                    .ok()
-                    .and_then(|v| v["base-memory"].as_u64())
-            })
+            self.connect(&mut guard)
+                .ok()
+                .and_then(|c| c.qmp.base_memory(STATUS_TIMEOUT).ok())
         };
         let need = ram.unwrap_or(0) + 16 * 1024 * 1024;
         self.def.disks.iter().find_map(|d| {
@@ -1326,8 +1331,8 @@ impl Backend for QemuBackend {
         let conn = self.connect(&mut guard).ok()?;
         let inactive = conn
             .qmp
-            .execute_within("query-status", json!({}), STATUS_TIMEOUT)
-            .is_ok_and(|v| v["status"] == "postmigrate");
+            .run_state(STATUS_TIMEOUT)
+            .is_ok_and(|s| matches!(s, qapi::qmp::RunState::postmigrate));
         inactive.then(|| {
             "QEMU keeps the disks inactive since the RAM of the paused guest was saved \
              (QEMU 7.2 reactivates them when the guest resumes): resume the guest first, \
@@ -1341,17 +1346,11 @@ impl Backend for QemuBackend {
             return Ok(0);
         }
         self.with_qmp(|c| {
-            let jobs = c
-                .qmp
-                .execute_raw("query-jobs", json!({}))
-                .map_err(qmp_err)?;
+            let jobs = c.qmp.jobs().map_err(qmp_err)?;
             let ours: Vec<String> = jobs
-                .as_array()
                 .into_iter()
-                .flatten()
-                .filter_map(|j| j["id"].as_str())
+                .map(|j| j.id)
                 .filter(|id| id.starts_with("vmsnapfs-"))
-                .map(str::to_owned)
                 .collect();
             for id in &ours {
                 // Waits for it, completing an active commit in `ready`.

@@ -100,7 +100,7 @@ impl Qmp {
                 greeting.kind()
             )));
         }
-        qmp.execute_raw("qmp_capabilities", json!({}))?;
+        qmp.execute(&qapi::qmp::qmp_capabilities { enable: None })?;
         Ok(qmp)
     }
 
@@ -133,8 +133,18 @@ impl Qmp {
 
     /// Runs a typed command and decodes its answer.
     pub fn execute<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, QmpError> {
+        self.execute_typed_within(cmd, self.timeout)
+    }
+
+    /// Like [`Qmp::execute`] with its own deadline (a state probe that
+    /// must not wait as long as a snapshot command may).
+    pub fn execute_typed_within<C: qapi::Command>(
+        &mut self,
+        cmd: &C,
+        timeout: Duration,
+    ) -> Result<C::Ok, QmpError> {
         let args = serde_json::to_value(cmd).map_err(|e| QmpError::Protocol(e.to_string()))?;
-        let ret = self.execute_raw(C::NAME, args)?;
+        let ret = self.execute_within(C::NAME, args, timeout)?;
         serde_json::from_value(ret)
             .map_err(|e| QmpError::Protocol(format!("{}: cannot decode the answer: {e}", C::NAME)))
     }
@@ -329,23 +339,21 @@ impl Qmp {
         self.events
             .retain(|e| !(e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job_id));
         loop {
-            let jobs = self.execute(&qapi::qmp::query_jobs {})?;
+            let jobs = self.jobs()?;
             let Some(job) = jobs.iter().find(|j| j.id == job_id) else {
                 return Err(QmpError::Protocol(format!("job {job_id} vanished")));
             };
             on_progress(job.current_progress as u64, job.total_progress as u64);
             if matches!(job.status, qapi::qmp::JobStatus::concluded) {
                 let error = job.error.clone();
-                self.execute(&qapi::qmp::job_dismiss {
-                    id: job_id.to_owned(),
-                })?;
+                self.job_dismiss(job_id)?;
                 return Ok(error);
             }
             if complete_when_ready
                 && !completing
                 && matches!(job.status, qapi::qmp::JobStatus::ready)
             {
-                self.execute_raw("job-complete", serde_json::json!({ "id": job_id }))?;
+                self.job_complete(job_id)?;
                 completing = true;
                 continue;
             }

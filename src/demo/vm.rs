@@ -254,21 +254,19 @@ impl Vm {
                         "data": {"path": sock.to_string_lossy()}}}),
                 );
                 let id = format!("read-{target}");
-                let _ = q.execute_raw("block-export-del", serde_json::json!({"id": id}));
-                let _ = q.execute_raw("query-block-exports", serde_json::json!({}));
+                let del = qapi::qmp::block_export_del {
+                    id: id.clone(),
+                    mode: None,
+                };
+                let _ = q.execute(&del);
                 // The device's active layer (an overlay after external snapshots).
                 let qdev = format!("/machine/peripheral/{}/virtio-backend", disk.device);
-                let blocks = q
-                    .execute_raw("query-block", serde_json::json!({}))
-                    .map_err(|e| Error::io(e.to_string()))?;
+                let blocks = q.block_devices().map_err(|e| Error::io(e.to_string()))?;
                 let node = blocks
-                    .as_array()
                     .into_iter()
-                    .flatten()
-                    .find(|b| b["qdev"] == qdev.as_str())
-                    .and_then(|b| b["inserted"]["node-name"].as_str())
-                    .unwrap_or_default()
-                    .to_owned();
+                    .find(|b| b.qdev.as_deref() == Some(qdev.as_str()))
+                    .and_then(|b| b.inserted?.node_name)
+                    .unwrap_or_default();
                 q.execute_raw(
                     "block-export-add",
                     serde_json::json!({"type": "nbd", "id": id, "node-name": node,
@@ -285,7 +283,7 @@ impl Vm {
                     &src,
                     &out.to_string_lossy(),
                 ]);
-                let _ = q.execute_raw("block-export-del", serde_json::json!({"id": id}));
+                let _ = q.execute(&del);
                 r?;
                 None
             }

@@ -212,7 +212,7 @@ mod tests {
             assert!(only_root_can_change(&closed));
             assert!(only_root_can_change(&sticky.join("inner")));
             assert!(!only_root_can_change(&sticky));
-            std::os::unix::fs::chown(&sticky.join("inner"), Some(65534), None).unwrap();
+            std::os::unix::fs::chown(sticky.join("inner"), Some(65534), None).unwrap();
             assert!(!only_root_can_change(&sticky.join("inner")));
         }
         std::fs::remove_dir_all(&base).unwrap();
