@@ -2,6 +2,7 @@
 //! it to an errno.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// What went wrong, as the caller of a file operation must see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,26 +64,60 @@ impl ErrorKind {
     }
 }
 
-/// An operation's failure: a kind (the errno) and a sentence for `.log`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An operation's failure: a kind (the errno), a sentence for `.log`
+/// (what was being done, then why), and the error it came from, if any
+/// (`std::error::Error::source`).
+#[derive(Debug, Clone)]
 pub struct Error {
     /// What the caller sees.
     pub kind: ErrorKind,
     /// Why, in words.
     pub message: String,
+    /// The underlying error (an `io::Error` with its errno, a QMP error).
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+
+impl Eq for Error {}
 
 impl Error {
     /// An error of the given kind with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure another program reported only as text (qemu-img's
+    /// stderr, a QMP error): no errno comes with it, so a text that says
+    /// the disk is full is the one sign of `ENOSPC`; anything else is EIO.
+    pub fn reported(message: impl Into<String>) -> Self {
         let message = message.into();
-        // Any failure that says the disk is full is ENOSPC, whoever raised it.
-        let kind = if kind == ErrorKind::Io && mentions_no_space(&message) {
+        let kind = if mentions_no_space(&message) {
             ErrorKind::NoSpace
         } else {
-            kind
+            ErrorKind::Io
         };
-        Error { kind, message }
+        Self::new(kind, message)
+    }
+
+    /// The same error, remembering `source` as its cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// An I/O error on `path`: the kind from its errno, the path in the
+    /// message, the error kept as the cause.
+    pub fn at(path: &std::path::Path, e: std::io::Error) -> Self {
+        Self::from(e).context(path.display())
     }
 
     /// `EINVAL` with a message.
@@ -128,7 +163,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<crate::model::NameError> for Error {
     fn from(e: crate::model::NameError) -> Self {
@@ -149,7 +190,7 @@ impl From<std::io::Error> for Error {
             Some(libc::ENAMETOOLONG) => ErrorKind::NameTooLong,
             _ => ErrorKind::Io,
         };
-        Error::new(kind, e.to_string())
+        Error::new(kind, e.to_string()).with_source(e)
     }
 }
 
@@ -161,10 +202,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_space_messages_become_enospc() {
-        let e = Error::io("qemu-img: Could not write: No space left on device");
-        assert_eq!(e.errno(), libc::ENOSPC);
+    fn enospc_comes_from_the_errno_or_a_program_s_report() {
         let e: Error = std::io::Error::from_raw_os_error(libc::ENOSPC).into();
         assert_eq!(e.kind, ErrorKind::NoSpace);
+        let e = Error::reported("qemu-img: Could not write: No space left on device");
+        assert_eq!(e.errno(), libc::ENOSPC);
+        // Our own words never change the kind.
+        let e = Error::io("the file is not there, so no space left is checked");
+        assert_eq!(e.errno(), libc::EIO);
+    }
+
+    #[test]
+    fn the_cause_is_kept_through_context() {
+        use std::error::Error as _;
+        let e = Error::at(
+            std::path::Path::new("/i/a.qcow2"),
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        )
+        .context("opening the overlay");
+        assert!(
+            e.message.starts_with("opening the overlay: /i/a.qcow2: "),
+            "{e}"
+        );
+        let cause = e.source().expect("a cause");
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .expect("an io::Error");
+        assert_eq!(io.raw_os_error(), Some(libc::EACCES));
     }
 }

@@ -126,8 +126,7 @@ pub struct VerifiedArgv {
 pub fn verify_qemu(pid: i32, peer_uid: u32, peer_gid: u32) -> Result<VerifiedArgv> {
     let refuse = |why: String| Err(Error::new(crate::error::ErrorKind::NotPermitted, why));
     let exe_link = format!("/proc/{pid}/exe");
-    let exe =
-        fs::read_link(&exe_link).map_err(|e| Error::io(format!("cannot read {exe_link}: {e}")))?;
+    let exe = fs::read_link(&exe_link).map_err(|e| Error::at(Path::new(&exe_link), e))?;
     let running = fs::metadata(&exe_link)?;
     let mut argv = read_argv(pid).ok_or_else(|| Error::io(format!("pid {pid} has no argv")))?;
     if let Err(e) = check_binary(&exe) {
@@ -177,7 +176,7 @@ pub fn check_binary(exe: &Path) -> Result<()> {
     {
         return refuse(format!("{} is not a QEMU system emulator", exe.display()));
     }
-    let m = fs::symlink_metadata(exe).map_err(|e| Error::io(format!("{}: {e}", exe.display())))?;
+    let m = fs::symlink_metadata(exe).map_err(|e| Error::at(exe, e))?;
     if !m.is_file() {
         return refuse(format!("{} is not a regular file", exe.display()));
     }
@@ -305,7 +304,7 @@ pub fn spawn_detached(argv: &[String], creds: &Credentials, log: &Path) -> Resul
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Error::io(format!("cannot start {prog}: {e}")))?;
+        .map_err(|e| Error::from(e).context(format!("cannot start {prog}")))?;
     let pid = child.id();
     std::thread::spawn(move || {
         let _ = child.wait();

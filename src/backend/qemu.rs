@@ -108,7 +108,7 @@ pub struct QemuBackend {
 const QEMU_RECORD: &str = "qemu-pid";
 
 pub(super) fn qmp_err(e: QmpError) -> Error {
-    Error::io(e.to_string())
+    Error::reported(e.to_string()).with_source(e)
 }
 
 /// The chain of one `query-block` entry's image, top first, with the

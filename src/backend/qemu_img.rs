@@ -34,10 +34,11 @@ pub fn run_for<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Result<String>
     log::debug!("qemu-img {}", shown.join(" "));
     let mut cmd = Command::new("qemu-img");
     cmd.args(args);
-    let out = super::child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
+    let out = super::child::output(cmd, timeout)
+        .map_err(|e| Error::io(format!("running qemu-img: {e}")).with_source(e))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::io(format!(
+        return Err(Error::reported(format!(
             "qemu-img {} failed: {}",
             shown.first().map(|a| a.as_ref()).unwrap_or(""),
             stderr.trim()
@@ -93,13 +94,13 @@ pub fn pin(image: &Path) -> Result<std::fs::File> {
         Ok(m) if m.file_type().is_symlink() || m.is_file() => {}
         Ok(m) if m.file_type().is_fifo() => return Err(refused("is a FIFO")),
         Ok(_) => return Err(refused("is not a regular file")),
-        Err(e) => return Err(Error::io(format!("{}: {e}", image.display()))),
+        Err(e) => return Err(Error::at(image, e)),
     }
     let file = crate::store::owned::open_existing(image, false).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
             refused("is a symlink")
         } else {
-            Error::io(format!("{}: {e}", image.display()))
+            Error::at(image, e)
         }
     })?;
     if !file.metadata()?.is_file() {
@@ -140,9 +141,10 @@ pub fn run_pinned<S: AsRef<OsStr>>(
             Ok(())
         });
     }
-    let out = super::child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
+    let out = super::child::output(cmd, timeout)
+        .map_err(|e| Error::io(format!("running qemu-img: {e}")).with_source(e))?;
     if !out.status.success() {
-        return Err(Error::io(format!(
+        return Err(Error::reported(format!(
             "qemu-img {} failed: {}",
             shown.first().map(|a| a.as_ref()).unwrap_or(""),
             String::from_utf8_lossy(&out.stderr).trim()
@@ -378,8 +380,7 @@ pub fn create_overlay_in(file: &std::fs::File, backing: &Path, backing_format: &
     // Absolute (qemu-img runs on /proc/self/fd/N), but as named: the
     // header must hold the path QEMU opened the backing image by, or
     // QEMU reports the overlay by a json: description instead of its name.
-    let backing = std::path::absolute(backing)
-        .map_err(|e| Error::io(format!("{}: {e}", backing.display())))?;
+    let backing = std::path::absolute(backing).map_err(|e| Error::at(backing, e))?;
     let size = virtual_size(&backing, backing_format)?.to_string();
     let args: Vec<OsString> = [
         "create",

@@ -306,8 +306,7 @@ impl DiskViews {
         let MemoryLocation::External(path) = &snap.memory else {
             return Err(Error::not_found("the snapshot has no memory file"));
         };
-        let file = crate::views::FileView::open(path)
-            .map_err(|e| Error::io(format!("{}: {e}", path.display())))?;
+        let file = crate::views::FileView::open(path).map_err(|e| Error::at(path, e))?;
         let hold = self.hold(snap, holder)?;
         Ok((Arc::new(file), hold))
     }
