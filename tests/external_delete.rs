@@ -126,11 +126,7 @@ fn chain_case(running: bool) {
         )
     };
     if !running {
-        fx.vm.qemu_io("vda", "flush").unwrap();
-        let mut q = fx.vm.control().unwrap();
-        let _ = q.execute_raw("quit", serde_json::json!({}));
-        drop(q);
-        fx.wait_state("shutoff");
+        fx.quit_vm();
     }
     let base = (fx.vm.disks[0].image.clone(), fx.vm.disks[1].image.clone());
     let mut top = base.clone();

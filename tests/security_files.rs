@@ -449,6 +449,48 @@ fn a_spec_written_in_small_pieces_is_parsed_once() {
     assert_eq!(fx.ls(), vec!["big"]);
 }
 
+/// As `owner`, moves `path` away (to `<path>.moved`) and puts a symlink
+/// to `target` in its place: what the owner of an image directory can do.
+fn swap_for_symlink(owner: &TestUser, path: &Path, target: &Path) {
+    let out = owner.sh(
+        &format!(
+            "mv '{p}' '{p}.moved' && ln -s '{t}' '{p}'",
+            p = path.display(),
+            t = target.display()
+        ),
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A root-only qcow2 image beside the test's files, and its bytes.
+fn root_only_image(base: &Path) -> (PathBuf, Vec<u8>) {
+    let (rootonly, _) = root_only(base);
+    let victim = rootonly.join("victim.qcow2");
+    create_qcow2(&victim, "64M");
+    let bytes = fs::read(&victim).unwrap();
+    (victim, bytes)
+}
+
+/// A running VM under `policy` whose images and their directory belong
+/// to `owner`, with the daemon's failpoints `points` (may be empty).
+fn owned_fixture(tag: &str, policy: &str, owner: &TestUser, points: &str) -> Fixture {
+    let dir = TempDir::new(tag);
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some(policy.into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    own_images(&vm, owner.uid, 100, 0o700, 0o600);
+    let env: &[(&str, &str)] = if points.is_empty() {
+        &[]
+    } else {
+        &[("VMSNAPFS_FAILPOINTS", points)]
+    };
+    let daemon = Daemon::start_with_args(&dir.0, env, &[]);
+    let fx = Fixture { daemon, vm, dir };
+    fx.wait_state("running");
+    fx
+}
+
 /// A checkpoint of a running (RAM streamed by a helper process) or
 /// paused (RAM written by QEMU itself, at fixed offsets where QEMU has
 /// mapped-ram) VM while the owner of the image directory swaps the memory
@@ -500,15 +542,7 @@ fn swap_memory_file_during_save(paused: bool) {
     // While root is about to write guest RAM into the file it made, the
     // owner of the image directory moves it away and puts a symlink to a
     // root-only file in its place.
-    let out = owner.sh(
-        &format!(
-            "mv '{p}' '{p}.moved' && ln -s '{s}' '{p}'",
-            p = part.display(),
-            s = secret.display()
-        ),
-        b"",
-    );
-    assert!(out.status.success(), "{out:?}");
+    swap_for_symlink(&owner, &part, &secret);
     gate.open();
     let r = mkdir.join().unwrap();
     assert!(
@@ -582,28 +616,15 @@ fn a_directory_swapped_for_a_symlink_on_the_way_is_never_followed() {
 /// image.
 fn swap_overlay_before_qemu_opens_it(policy: &str) {
     let owner = TestUser::new(if policy.len() > 8 { "ovld" } else { "ovlc" }, false);
-    let dir = TempDir::new(&format!("sec-ovlswap-{}", policy.len()));
-    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
-    vm.policy = Some(policy.into());
-    vm.write_definition(&dir.0.join("domains")).unwrap();
-    own_images(&vm, owner.uid, 100, 0o700, 0o600);
     let gate = Gate::new(&format!("ovlswap-{}", policy.len()));
-    let daemon = Daemon::start_with_args(
-        &dir.0,
-        &[(
-            "VMSNAPFS_FAILPOINTS",
-            &format!("create.overlays-made={}", gate.action()),
-        )],
-        &[],
+    let fx = owned_fixture(
+        &format!("sec-ovlswap-{}", policy.len()),
+        policy,
+        &owner,
+        &format!("create.overlays-made={}", gate.action()),
     );
-    let fx = Fixture { daemon, vm, dir };
-    fx.wait_state("running");
-    let images = images_dir(&fx.vm);
-    let (rootonly, _) = root_only(&fx.dir.0);
-    let victim = rootonly.join("victim.qcow2");
-    create_qcow2(&victim, "64M");
-    let before = fs::read(&victim).unwrap();
-    let overlay = images.join("vm1-vda.s1.qcow2");
+    let (victim, before) = root_only_image(&fx.dir.0);
+    let overlay = images_dir(&fx.vm).join("vm1-vda.s1.qcow2");
     let target = fx.path("s1");
     let mkdir = std::thread::spawn(move || fs::create_dir(target));
     fx.daemon.wait_log("failpoint create.overlays-made");
@@ -611,15 +632,7 @@ fn swap_overlay_before_qemu_opens_it(policy: &str) {
         fs::symlink_metadata(&overlay).is_ok(),
         "no overlay was made"
     );
-    let out = owner.sh(
-        &format!(
-            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
-            p = overlay.display(),
-            v = victim.display()
-        ),
-        b"",
-    );
-    assert!(out.status.success(), "{out:?}");
+    swap_for_symlink(&owner, &overlay, &victim);
     gate.open();
     let made = mkdir.join().unwrap();
     let log = fx.read(".log");
@@ -660,36 +673,20 @@ fn an_overlay_swapped_before_qemu_opens_it_is_never_written_checkpoint() {
 fn swap_revert_overlay_before_qemu_opens_it(stopped: bool) {
     let owner = TestUser::new(if stopped { "rovs" } else { "rovr" }, false);
     let tag = if stopped { "rovswap-s" } else { "rovswap-r" };
-    let dir = TempDir::new(&format!("sec-{tag}"));
-    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
-    vm.policy = Some("external-disk-only".into());
-    vm.write_definition(&dir.0.join("domains")).unwrap();
-    own_images(&vm, owner.uid, 100, 0o700, 0o600);
     let gate = Gate::new(tag);
-    let daemon = Daemon::start_with_args(
-        &dir.0,
-        &[(
-            "VMSNAPFS_FAILPOINTS",
-            &format!("revert.overlays-made={}", gate.action()),
-        )],
-        &[],
+    let fx = owned_fixture(
+        &format!("sec-{tag}"),
+        "external-disk-only",
+        &owner,
+        &format!("revert.overlays-made={}", gate.action()),
     );
-    let fx = Fixture { daemon, vm, dir };
-    fx.wait_state("running");
     fs::create_dir(fx.path("s1")).unwrap();
     fx.vm.qemu_io("vda", "write -P 0x5a 0 64k").unwrap();
     if stopped {
-        fx.vm.qemu_io("vda", "flush").unwrap();
-        let mut q = fx.vm.control().unwrap();
-        let _ = q.execute_raw("quit", serde_json::json!({}));
-        drop(q);
-        fx.wait_state("shutoff");
+        fx.quit_vm();
     }
     let images = images_dir(&fx.vm);
-    let (rootonly, _) = root_only(&fx.dir.0);
-    let victim = rootonly.join("victim.qcow2");
-    create_qcow2(&victim, "64M");
-    let before = fs::read(&victim).unwrap();
+    let (victim, before) = root_only_image(&fx.dir.0);
     let existing = names(&images);
     let request = fx.path("s1/revert");
     // A running guest's RAM is not in a disk-only snapshot: `force`.
@@ -705,15 +702,7 @@ fn swap_revert_overlay_before_qemu_opens_it(stopped: bool) {
         .find(|n| !existing.contains(n) && n.contains("vda"))
         .map(|n| images.join(n))
         .expect("the revert made no overlay for vda");
-    let out = owner.sh(
-        &format!(
-            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
-            p = overlay.display(),
-            v = victim.display()
-        ),
-        b"",
-    );
-    assert!(out.status.success(), "{out:?}");
+    swap_for_symlink(&owner, &overlay, &victim);
     gate.open();
     let r = revert.join().unwrap();
     let log = fx.read(".log");
@@ -764,42 +753,19 @@ fn a_revert_overlay_swapped_before_a_new_qemu_opens_it_is_refused() {
 fn swap_frozen_overlay_before_a_merge(running: bool) {
     let owner = TestUser::new(if running { "mrgr" } else { "mrgs" }, false);
     let tag = if running { "mrgswap-r" } else { "mrgswap-s" };
-    let dir = TempDir::new(&format!("sec-{tag}"));
-    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
-    vm.policy = Some("external-disk-only".into());
-    vm.write_definition(&dir.0.join("domains")).unwrap();
-    own_images(&vm, owner.uid, 100, 0o700, 0o600);
-    let daemon = Daemon::start_with_args(&dir.0, &[], &[]);
-    let fx = Fixture { daemon, vm, dir };
-    fx.wait_state("running");
+    let fx = owned_fixture(&format!("sec-{tag}"), "external-disk-only", &owner, "");
     fs::create_dir(fx.path("s1")).unwrap();
     fx.vm.qemu_io("vda", "write -P 0x11 0 64k").unwrap();
     fs::create_dir(fx.path("s2")).unwrap();
     fx.vm.qemu_io("vda", "write -P 0x22 64k 64k").unwrap();
     if !running {
-        fx.vm.qemu_io("vda", "flush").unwrap();
-        let mut q = fx.vm.control().unwrap();
-        let _ = q.execute_raw("quit", serde_json::json!({}));
-        drop(q);
-        fx.wait_state("shutoff");
+        fx.quit_vm();
     }
-    let images = images_dir(&fx.vm);
-    let (rootonly, _) = root_only(&fx.dir.0);
-    let victim = rootonly.join("victim.qcow2");
-    create_qcow2(&victim, "64M");
-    let before = fs::read(&victim).unwrap();
+    let (victim, before) = root_only_image(&fx.dir.0);
     // s2's frozen image: the overlay made at s1, which deleting s2
     // merges the newer layer into.
-    let frozen = images.join("vm1-vda.s1.qcow2");
-    let out = owner.sh(
-        &format!(
-            "mv '{p}' '{p}.moved' && ln -s '{v}' '{p}'",
-            p = frozen.display(),
-            v = victim.display()
-        ),
-        b"",
-    );
-    assert!(out.status.success(), "{out:?}");
+    let frozen = images_dir(&fx.vm).join("vm1-vda.s1.qcow2");
+    swap_for_symlink(&owner, &frozen, &victim);
     let r = fs::remove_dir(fx.path("s2"));
     let log = fx.read(".log");
     assert!(r.is_err(), "a merge went through a swapped image\n{log}");

@@ -329,6 +329,18 @@ impl Fixture {
     }
 
     /// Waits until `.state` says `want`.
+    /// Stops the VM as its guest would power off: its disks flushed,
+    /// QEMU told to quit; waits until the daemon sees it shut off.
+    pub fn quit_vm(&self) {
+        for d in &self.vm.disks {
+            self.vm.qemu_io(&d.target, "flush").unwrap();
+        }
+        let mut q = self.vm.control().unwrap();
+        let _ = q.execute_raw("quit", serde_json::json!({}));
+        drop(q);
+        self.wait_state("shutoff");
+    }
+
     pub fn wait_state(&self, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
