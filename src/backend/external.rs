@@ -150,11 +150,7 @@ fn seal_memory(part: &Path, memory: &Path, id: crate::store::owned::FileId) -> R
 
 /// A guest pause measured from our `stop` to QEMU's RESUME event.
 fn pause_from_events(events: &[serde_json::Value], stopped_at: SystemTime) -> Option<Duration> {
-    let resume = events.iter().rev().find(|e| e["event"] == "RESUME")?;
-    let ts = &resume["timestamp"];
-    let at = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(ts["seconds"].as_u64()?)
-        + Duration::from_micros(ts["microseconds"].as_u64()?);
+    let at = events.iter().rev().find_map(super::qmp_ops::resumed_at)?;
     at.duration_since(stopped_at).ok()
 }
 

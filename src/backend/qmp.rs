@@ -337,7 +337,7 @@ impl Qmp {
         let deadline = Instant::now() + timeout;
         // Events of earlier jobs with the same id must not wake this wait.
         self.events
-            .retain(|e| !(e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job_id));
+            .retain(|e| !super::qmp_ops::is_status_change_of(e, job_id));
         loop {
             let jobs = self.jobs()?;
             let Some(job) = jobs.iter().find(|j| j.id == job_id) else {
@@ -367,7 +367,7 @@ impl Qmp {
             // Sleep until the next status change of this job, or 200 ms.
             let id = job_id.to_owned();
             match self.wait_event(left.min(Duration::from_millis(200)), |e| {
-                e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == id.as_str()
+                super::qmp_ops::is_status_change_of(e, &id)
             }) {
                 Ok(_) | Err(QmpError::Timeout { .. }) => {
                     self.broken = false;

@@ -281,6 +281,39 @@ impl Qmp {
     }
 }
 
+/// True when `event` (one QEMU sent) is a `JOB_STATUS_CHANGE` of job `id`.
+pub fn is_status_change_of(event: &serde_json::Value, id: &str) -> bool {
+    matches!(
+        serde_json::from_value::<qmp::Event>(event.clone()),
+        Ok(qmp::Event::JOB_STATUS_CHANGE { data, .. }) if data.id == id
+    )
+}
+
+/// When QEMU sent `event`, if it is a `RESUME`.
+pub fn resumed_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
+    /// The time of an event (the `qapi` crate keeps its own private).
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        seconds: u64,
+        microseconds: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stamped {
+        timestamp: Stamp,
+    }
+    let Ok(qmp::Event::RESUME { .. }) = serde_json::from_value::<qmp::Event>(event.clone()) else {
+        return None;
+    };
+    let t = serde_json::from_value::<Stamped>(event.clone())
+        .ok()?
+        .timestamp;
+    Some(
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(t.seconds)
+            + Duration::from_micros(t.microseconds),
+    )
+}
+
 /// Arguments of type `T` from the JSON of the fields vmsnapfs sets (the
 /// generated types have no defaults; every other field stays unset).
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, QmpError> {
@@ -342,6 +375,27 @@ mod tests {
             serde_json::to_value(args).unwrap(),
             serde_json::json!({"job-id": "j", "device": "d", "base-node": "b", "auto-dismiss": false})
         );
+    }
+
+    #[test]
+    fn events_are_read_by_their_types() {
+        let change = serde_json::json!({"event": "JOB_STATUS_CHANGE",
+            "data": {"id": "j1", "status": "concluded"},
+            "timestamp": {"seconds": 1, "microseconds": 2}});
+        assert!(is_status_change_of(&change, "j1"));
+        assert!(!is_status_change_of(&change, "j2"));
+        let resume = serde_json::json!({"event": "RESUME",
+            "timestamp": {"seconds": 1700000000, "microseconds": 250}});
+        assert_eq!(
+            resumed_at(&resume),
+            Some(std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_250))
+        );
+        assert_eq!(resumed_at(&change), None);
+        // An event this QEMU knows and the schema does not: never matched.
+        let unknown = serde_json::json!({"event": "NEW_THING", "data": {},
+            "timestamp": {"seconds": 1, "microseconds": 2}});
+        assert!(!is_status_change_of(&unknown, "j1"));
+        assert_eq!(resumed_at(&unknown), None);
     }
 
     #[test]

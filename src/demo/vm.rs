@@ -248,11 +248,10 @@ impl Vm {
         let src = match self.control() {
             Ok(mut q) => {
                 let sock = self.dir.join("read.nbd");
-                let _ = q.execute_raw(
-                    "nbd-server-start",
-                    serde_json::json!({"addr": {"type": "unix",
-                        "data": {"path": sock.to_string_lossy()}}}),
-                );
+                let start: qapi::qmp::nbd_server_start = typed(serde_json::json!({
+                    "addr": {"type": "unix", "data": {"path": sock.to_string_lossy()}}
+                }))?;
+                let _ = q.execute(&start);
                 let id = format!("read-{target}");
                 let del = qapi::qmp::block_export_del {
                     id: id.clone(),
@@ -267,12 +266,10 @@ impl Vm {
                     .find(|b| b.qdev.as_deref() == Some(qdev.as_str()))
                     .and_then(|b| b.inserted?.node_name)
                     .unwrap_or_default();
-                q.execute_raw(
-                    "block-export-add",
-                    serde_json::json!({"type": "nbd", "id": id, "node-name": node,
-                        "name": target, "writable": false}),
-                )
-                .map_err(|e| Error::io(e.to_string()))?;
+                let add: qapi::qmp::block_export_add = typed(serde_json::json!({
+                    "type": "nbd", "id": id, "node-name": node, "name": target, "writable": false
+                }))?;
+                q.execute(&add).map_err(|e| Error::io(e.to_string()))?;
                 let src = format!("nbd+unix:///{target}?socket={}", sock.display());
                 let r = qemu_img::run(&[
                     "convert",
@@ -454,4 +451,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// QMP arguments of type `T` from their JSON, checked against the schema.
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::io(format!("QMP arguments: {e}")))
 }
