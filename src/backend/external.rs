@@ -101,11 +101,12 @@ impl QemuBackend {
         if made.is_empty() {
             return Ok(());
         }
-        let pid = conn.pid.ok_or_else(|| {
+        let pid = self.qemu_pid(conn).ok_or_else(|| {
             Error::io("cannot check which files QEMU opened: the monitor socket names no process")
         })?;
+        // A QEMU gone meanwhile holds nothing: EIO, whatever the errno.
         let missing = super::opened::not_opened(pid, &made)
-            .map_err(|e| Error::from(e).context(format!("reading /proc/{pid}/fd")))?;
+            .map_err(|e| Error::io(format!("reading /proc/{pid}/fd: {e}")).with_source(e))?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -294,7 +295,7 @@ impl QemuBackend {
     /// process to check afterwards (see [`Self::check_opened_made`]).
     fn before_handing_over(&self, conn: &Conn) -> Result<()> {
         crate::failpoint::hit("create.overlays-made")?;
-        if conn.pid.is_none() {
+        if self.qemu_pid(conn).is_none() {
             return Err(Error::io(
                 "the monitor socket names no process, so vmsnapfs cannot check which \
                  files QEMU opens; no live snapshot is taken",

@@ -186,6 +186,16 @@ impl QemuBackend {
         }
     }
 
+    /// The pid of the QEMU behind `conn` now: the manager's record (a
+    /// connection through libvirt outlives a restart of its QEMU), else
+    /// the monitor peer's.
+    pub(super) fn qemu_pid(&self, conn: &Conn) -> Option<i32> {
+        match &self.manager {
+            Some(m) => m.qemu_pid(),
+            None => conn.pid,
+        }
+    }
+
     /// A line for the domain's `.log`.
     pub(super) fn note(&self, line: String) {
         log::info!("{}: {line}", self.def.name);
@@ -1175,7 +1185,7 @@ impl Backend for QemuBackend {
                 return Err(self.refusal());
             }
         };
-        let pid = conn.pid;
+        let pid = self.qemu_pid(conn);
         if let Some(m) = &self.manager {
             *guard = None;
             m.destroy()?;
