@@ -258,6 +258,16 @@ fn forward_events(
     writer: Arc<Mutex<UnixStream>>,
 ) -> Option<EventChild> {
     let mut cmd = virsh.command(&["qemu-monitor-event", "--domain", domain, "--loop"]);
+    // SAFETY: prctl(2) with integer arguments, async-signal-safe: the
+    // listener dies with the daemon even when the daemon is killed.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

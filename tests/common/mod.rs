@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod libvirtd;
+
 pub use vmsnapfs::demo::vm::{Vm, VmSpec};
 
 /// A temp directory removed on drop.

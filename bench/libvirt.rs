@@ -1,0 +1,174 @@
+//! Snapshots of a libvirt domain through the tree against virsh doing
+//! the same on the same domain, in the same run (median of [`ROUNDS`]):
+//!
+//! - internal checkpoint: `.create` with `<memory snapshot='internal'/>`
+//!   against `virsh snapshot-create-as DOM NAME` (libvirt: internal, RAM);
+//!   the guest pause of each (QEMU's STOP to RESUME events, read with
+//!   `virsh qemu-monitor-event`); goal: never slower than virsh;
+//! - the guest pause of the default `mkdir` (an external checkpoint) from
+//!   `.log` against virsh's internal checkpoint; goal: <= 1/10;
+//! - revert: `echo running discard > NAME/revert` against `virsh
+//!   snapshot-revert DOM NAME` (each its own internal checkpoint);
+//! - delete: `rmdir` of the internal checkpoint against `virsh
+//!   snapshot-delete DOM NAME`.
+//!
+//! The guest has [`MIB`] MiB of RAM (TCG, no guest OS, RAM untouched:
+//! the RAM written is small; libvirt's and vmsnapfs's saves write the same
+//! RAM). Run: `cargo bench --bench libvirt` (root, libvirt installed by
+//! scripts/install-deps.sh, /dev/fuse).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::libvirtd::*;
+use common::*;
+
+const ROUNDS: usize = 9;
+const MIB: u64 = 1024;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Times `f`, returning (seconds, guest pause in seconds from QEMU's
+/// STOP and RESUME events during `f`).
+fn timed_with_pause(lv: &Libvirtd, dom: &str, f: impl FnOnce()) -> (f64, f64) {
+    let mut ev = Command::new("virsh")
+        .args([
+            "-q",
+            "-c",
+            &lv.uri,
+            "qemu-monitor-event",
+            "--domain",
+            dom,
+            "--loop",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = ev.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut stop: Option<f64> = None;
+        let mut paused = 0.0;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let at = |l: &str| -> Option<f64> {
+                l.split(" at ").nth(1)?.split(' ').next()?.parse().ok()
+            };
+            if line.starts_with("event STOP ") {
+                stop = at(&line);
+            } else if line.starts_with("event RESUME ") {
+                if let (Some(s), Some(r)) = (stop.take(), at(&line)) {
+                    paused += r - s;
+                }
+            }
+        }
+        paused
+    });
+    // The listener registers before the work starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    f();
+    let took = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ev.kill();
+    let _ = ev.wait();
+    (took, reader.join().unwrap())
+}
+
+fn main() {
+    let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("bench-libvirt");
+    let mut perms = fs::metadata(&dir.0).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    fs::set_permissions(&dir.0, perms).unwrap();
+    let images = dir.0.join("images");
+    fs::create_dir_all(&images).unwrap();
+    let _shared = SharedMount::new(&dir.0);
+    let Some(mut lv) = Libvirtd::start(&dir.0.join("libvirtd")) else {
+        return;
+    };
+    let dom = "lvbench";
+    lv.define_with_memory(dom, &images, MIB);
+    lv.virsh(&["start", dom]);
+    let daemon = Daemon::start_with_args(&dir.0, &[], &["--libvirt", &lv.uri.clone()]);
+    let mnt = daemon.mnt.clone();
+    let d = mnt.join(dom);
+    wait_until("running", Duration::from_secs(60), || {
+        fs::read_to_string(d.join(".state"))
+            .unwrap_or_default()
+            .trim()
+            == "running"
+    });
+
+    let (mut ours, mut theirs, mut our_pause, mut their_pause) = (vec![], vec![], vec![], vec![]);
+    let (mut our_rev, mut their_rev, mut our_del, mut their_del) = (vec![], vec![], vec![], vec![]);
+    for i in 0..ROUNDS {
+        let spec = format!(
+            "<domainsnapshot><name>v{i}</name><memory snapshot='internal'/></domainsnapshot>"
+        );
+        let (t, p) = timed_with_pause(&lv, dom, || {
+            write_file(&d.join(".create"), spec.as_bytes()).unwrap();
+        });
+        ours.push(t);
+        our_pause.push(p);
+        let (t, p) = timed_with_pause(&lv, dom, || {
+            lv.virsh(&["snapshot-create-as", dom, &format!("l{i}")]);
+        });
+        theirs.push(t);
+        their_pause.push(p);
+        let t = Instant::now();
+        fs::write(d.join(format!("v{i}/revert")), "running discard").unwrap();
+        our_rev.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        lv.virsh(&["snapshot-revert", dom, &format!("l{i}"), "--running"]);
+        their_rev.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        fs::remove_dir(d.join(format!("v{i}"))).unwrap();
+        our_del.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        lv.virsh(&["snapshot-delete", dom, &format!("l{i}")]);
+        their_del.push(t.elapsed().as_secs_f64());
+    }
+    // The default mkdir: an external checkpoint, its pause from .log.
+    let mut ext_pause = vec![];
+    for i in 0..ROUNDS {
+        let (_, p) = timed_with_pause(&lv, dom, || {
+            fs::create_dir(d.join(format!("e{i}"))).unwrap();
+        });
+        ext_pause.push(p);
+    }
+    let row = |what: &str, a: Vec<f64>, b: Vec<f64>| {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "{what:<40} vmsnapfs {a:>8.3} s   virsh {b:>8.3} s   ratio {:.2}",
+            a / b
+        );
+    };
+    println!("libvirt domain, {MIB} MiB RAM, median of {ROUNDS}");
+    row("internal checkpoint (create)", ours, theirs);
+    row("  its guest pause", our_pause, their_pause.clone());
+    row("revert to it (running)", our_rev, their_rev);
+    row("delete it", our_del, their_del);
+    row(
+        "mkdir pause (external) vs virsh internal",
+        ext_pause,
+        their_pause,
+    );
+    drop(daemon);
+}
