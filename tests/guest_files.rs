@@ -352,6 +352,7 @@ fn files_of_internal_snapshots_running_and_stopped() {
     // An open guest file holds its snapshot.
     let held = fs::File::open(fx.path("s1/files/vda/big.bin")).unwrap();
     assert_eq!(errno(fs::remove_dir(fx.path("s1"))), libc::EBUSY);
+    assert!(fx.read(".log").contains("a guest file"));
     drop(held);
 
     // Stopped VM: a new snapshot, and the older ones, read the same.

@@ -420,7 +420,7 @@ impl Domain {
     /// file open, and how root breaks the hold.
     fn held_open(&self, id: &str, name: &str) -> String {
         format!(
-            "a frozen view or the memory file of {name:?} is open (held by {}); close it, \
+            "a frozen view, a guest file or the memory file of {name:?} is open (held by {}); close it, \
              or as root: echo force > {name}/release",
             self.views.holders(id)
         )
