@@ -79,9 +79,14 @@ impl Libvirtd {
             ),
         )
         .unwrap();
+        // libvirtd looks for its default emulator on PATH and probes
+        // every one it finds; the domains here use the system's QEMU
+        // (EMULATOR), so another QEMU first on PATH (the suite's second
+        // pass puts QEMU 10.0 there) is kept out of its sight.
         let tini = Command::new("tini")
             .args(["-s", "--", "libvirtd", "-f"])
             .arg(&conf)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .arg("-p")
             .arg(dir.join("libvirtd.pid"))
             .stdin(std::process::Stdio::null())
