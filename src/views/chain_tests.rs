@@ -1,40 +1,7 @@
 //! The direct reader against `qemu-img convert` of the same images.
 
+use super::super::test_images::{io, run, Dir};
 use super::*;
-use std::process::Command;
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vmsnapfs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn p(&self, n: &str) -> String {
-        self.0.join(n).to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn io(format: &str, img: &str, cmd: &str) {
-    run("qemu-io", &["-f", format, "-c", cmd, img]);
-}
 
 /// What QEMU reads: `qemu-img convert -O raw` of `image` (format given,
 /// at snapshot `tag` if any).

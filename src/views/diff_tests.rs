@@ -2,44 +2,11 @@
 //! exact where the maps say so, and always enough to rebuild the newer
 //! disk from the older one.
 
+use super::super::test_images::{io, run, Dir};
 use super::*;
-use std::process::Command;
 
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
-
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vmsnapfs-diff-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn p(&self, n: &str) -> String {
-        self.0.join(n).to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn io(format: &str, img: &str, cmd: &str) {
-    run("qemu-io", &["-f", format, "-c", cmd, img]);
-}
 
 fn open(img: &str, format: &str, tag: Option<&str>) -> Chain {
     Chain::open_file(std::path::Path::new(img), format, tag).unwrap()
@@ -70,7 +37,7 @@ fn assert_rebuilds(new: &Chain, old: Option<&Chain>, ch: &Changes) {
 
 #[test]
 fn internal_snapshots_compare_their_clusters() {
-    let d = Dir::new("int");
+    let d = Dir::new("diff-int");
     let img = d.p("a.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "16M"]);
     io("qcow2", &img, "write -P 1 0 4M");
@@ -104,7 +71,7 @@ fn internal_snapshots_compare_their_clusters() {
 
 #[test]
 fn external_chains_report_the_overlays_between() {
-    let d = Dir::new("ext");
+    let d = Dir::new("diff-ext");
     let (base, o1, o2) = (d.p("base.qcow2"), d.p("o1.qcow2"), d.p("o2.qcow2"));
     run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "16M"]);
     io("qcow2", &base, "write -P 1 0 6M");
@@ -152,7 +119,7 @@ fn external_chains_report_the_overlays_between() {
 
 #[test]
 fn a_raw_base_and_an_internal_snapshot_in_a_backing_image() {
-    let d = Dir::new("mixed");
+    let d = Dir::new("diff-mixed");
     let (raw, mid, top) = (d.p("base.raw"), d.p("mid.qcow2"), d.p("top.qcow2"));
     std::fs::write(&raw, vec![7u8; 4 * M as usize]).unwrap();
     run(
@@ -184,7 +151,7 @@ fn a_raw_base_and_an_internal_snapshot_in_a_backing_image() {
 
 #[test]
 fn unrelated_images_are_compared_byte_by_byte() {
-    let d = Dir::new("raw");
+    let d = Dir::new("diff-raw");
     let (a, b) = (d.p("a.raw"), d.p("b.raw"));
     let mut bytes_a = vec![5u8; 2 * M as usize];
     std::fs::write(&a, &bytes_a).unwrap();
@@ -204,7 +171,7 @@ fn unrelated_images_are_compared_byte_by_byte() {
 
 #[test]
 fn the_holes_of_a_sparse_raw_file_are_zeros() {
-    let d = Dir::new("sparse");
+    let d = Dir::new("diff-sparse");
     let raw = d.p("s.raw");
     let f = std::fs::File::create(&raw).unwrap();
     f.set_len(8 * M).unwrap();

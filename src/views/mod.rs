@@ -28,6 +28,8 @@ pub mod compressed;
 pub mod diff;
 pub mod image;
 pub mod qcow2;
+#[cfg(test)]
+mod test_images;
 
 pub use chain::{check_image, Chain};
 pub use image::Storage;
