@@ -16,7 +16,10 @@
 #    systemd), and /dev/kvm readable by group kvm as udev would make it
 #    (else libvirt probes QEMU again on every define);
 #  - e2fsprogs, dosfstools, mtools and fdisk (sfdisk) for the tests of the
-#    guest's files (`files/`), which build ext4 and vfat disks.
+#    guest's files (`files/`), which build ext4 and vfat disks;
+#  - cpio and kmod (depmod, modprobe) for the real Linux guest of the tests
+#    (tests/guest/build-guest.sh: its own packages are downloaded at test
+#    time with apt-get download).
 # Every check reads a command's whole output (no `grep -q` in a pipe:
 # under pipefail its early exit fails the pipe with SIGPIPE).
 set -euo pipefail
@@ -55,7 +58,9 @@ have_tools() {
     command -v fusermount3 >/dev/null 2>&1 && command -v restic >/dev/null 2>&1 &&
         command -v rsync >/dev/null 2>&1 &&
         command -v mke2fs >/dev/null 2>&1 && command -v mkfs.vfat >/dev/null 2>&1 &&
-        command -v mcopy >/dev/null 2>&1 && command -v sfdisk >/dev/null 2>&1
+        command -v mcopy >/dev/null 2>&1 && command -v sfdisk >/dev/null 2>&1 &&
+        command -v cpio >/dev/null 2>&1 && command -v depmod >/dev/null 2>&1 &&
+        command -v modprobe >/dev/null 2>&1
 }
 
 have_libvirt() {
@@ -119,7 +124,7 @@ if ! have_qemu72 || ! have_tools; then
     }
     $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades \
         "qemu-system-x86=$sys" "qemu-utils=$utils" fuse3 restic rsync \
-        e2fsprogs dosfstools mtools fdisk >/dev/null
+        e2fsprogs dosfstools mtools fdisk cpio kmod >/dev/null
 fi
 have_qemu72 || { echo "install-deps: QEMU 7.2 not available" >&2; exit 1; }
 

@@ -89,6 +89,14 @@ impl Vm {
     /// Like [`Vm::start`], with the QEMU binary `qemu` (a path, or a name
     /// looked up in PATH), which the command line then names.
     pub fn start_with_qemu(spec: &VmSpec, dir: &Path, qemu: &str) -> Result<Vm> {
+        let mut vm = Self::create(spec, dir, qemu)?;
+        vm.launch()?;
+        Ok(vm)
+    }
+
+    /// Creates the images and the command line without starting QEMU, for
+    /// a caller that changes them first (then [`Vm::launch`]).
+    pub fn create(spec: &VmSpec, dir: &Path, qemu: &str) -> Result<Vm> {
         fs::create_dir_all(dir)?;
         let mut disks = Vec::new();
         for (target, mb) in &spec.disks {
@@ -126,7 +134,6 @@ impl Vm {
         };
         vm.argv = vm.command_line();
         vm.argv[0] = qemu.to_owned();
-        vm.launch()?;
         Ok(vm)
     }
 

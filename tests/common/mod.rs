@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod guest;
 pub mod libvirtd;
 
 pub use vmsnapfs::demo::vm::{Vm, VmSpec};
