@@ -8,8 +8,10 @@
 //! every machine kind), mounts its ext4 `vda` on /mnt and its vfat `vdb`
 //! on /fat, runs qemu-ga on the virtio-serial port
 //! `org.qemu.guest_agent.0`, and writes numbered files without end: each
-//! `/mnt/data/fN` is synced before the console says `WROTE N` (see
-//! [`file_content`]). `/mnt/tree` holds files of several owners and modes.
+//! `/mnt/data/fN` is fsynced (with its directory) before the console says
+//! `WROTE N` (see [`file_content`]). The guest's kernel writes no metadata
+//! back by itself, so a killed guest leaves a journal that matters.
+//! `/mnt/tree` holds files of several owners and modes.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -142,14 +144,14 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Makes the guest's disks in `dir` (vda: 64 MiB ext4, vdb: 16 MiB
+    /// Makes the guest's disks in `dir` (vda: 128 MiB ext4, vdb: 16 MiB
     /// vfat, copies of the built base images) and starts QEMU under TCG
     /// with the console on a file and the agent channel on a socket.
     /// Returns at once; [`Guest::wait_wrote`] waits for the guest.
     pub fn boot(dir: &Path, name: &str) -> (Vm, Guest) {
         let build = guest_build();
         let mut spec = VmSpec::small(name);
-        spec.disks = vec![("vda".into(), 64), ("vdb".into(), 16)];
+        spec.disks = vec![("vda".into(), 128), ("vdb".into(), 16)];
         spec.memory_mb = 192;
         let mut vm = Vm::create(&spec, dir, "qemu-system-x86_64").expect("create the VM");
         for d in &vm.disks {

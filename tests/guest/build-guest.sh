@@ -5,7 +5,8 @@
 #   OUT/initramfs.gz    busybox-static, the virtio/ext4/vfat modules, qemu-ga
 #                       (bookworm's package) with the libraries and the
 #                       dynamic loader it needs, and /init (below)
-#   OUT/vda.qcow2       64 MiB ext4 (4 KiB blocks, as a real root fs)
+#   OUT/vda.qcow2       128 MiB ext4 (4 KiB blocks, as a real root fs) with
+#                       a 32 MiB journal
 #   OUT/vdb.qcow2       16 MiB vfat
 #   OUT/kernel-version  e.g. 6.1.0-57-amd64
 # Only Debian packages are downloaded (apt-get download, dpkg-deb -x).
@@ -16,7 +17,13 @@
 # modes, a symlink, set times), prints "TREE ready", then loops:
 #   N = N + 1 (from the highest /mnt/data/fN found: a rebooted guest goes on)
 #   /mnt/data/fN = body(N) + "md5 <md5 of body(N)>\n"; every 10th N also
-#   /fat/fN; sync; prints "WROTE N" on ttyS0; sleeps 0.1 s.
+#   /fat/fN; fsync of the file and its directory (`sync FILE...`); prints
+#   "WROTE N" on ttyS0; sleeps 0.1 s.
+# The kernel never writes dirty metadata back by itself (no periodic
+# writeback): what fsync made durable is in the ext4 journal, and in place
+# only after a checkpoint (a full journal, a freeze, an unmount) or a
+# whole-system `sync`. A disk of the guest killed mid-write is then
+# crash-consistent with a journal that matters.
 # body(N) is the line "file N abcdefghijklmnopqrstuvwxyz0123456789\n"
 # repeated, cut at SIZE = 1000 + (N*7919) % 20000 bytes.
 set -euo pipefail
@@ -79,6 +86,8 @@ export PATH=/bin:/sbin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+echo 360000 > /proc/sys/vm/dirty_expire_centisecs
 for m in $ORDER; do insmod /lib/modules/\$m.ko 2>/dev/null; done
 i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do sleep 0.1; i=\$((i+1)); [ \$i -gt 300 ] && break; done
 if ! mount -t ext4 /dev/vda /mnt; then echo "GUEST-ERROR mount vda failed"; exec sh; fi
@@ -122,6 +131,7 @@ fi
 echo "TREE ready"
 
 mkdir -p /mnt/data
+sync
 N=\$(ls /mnt/data | sed -n 's/^f\([0-9][0-9]*\)\$/\1/p' | sort -n | tail -1)
 [ -z "\$N" ] && N=0
 echo "BOOT resume-after \$N"
@@ -131,8 +141,8 @@ while true; do
   yes "file \$N abcdefghijklmnopqrstuvwxyz0123456789" | head -c \$S > /tmp/body
   M=\$(md5sum /tmp/body | cut -d' ' -f1)
   { cat /tmp/body; echo "md5 \$M"; } > /mnt/data/f\$N
-  [ \$((N % 10)) -eq 0 ] && cp /mnt/data/f\$N /fat/f\$N
-  sync
+  sync /mnt/data/f\$N /mnt/data
+  if [ \$((N % 10)) -eq 0 ]; then cp /mnt/data/f\$N /fat/f\$N; sync /fat/f\$N /fat; fi
   echo "WROTE \$N"
   sleep 0.1
 done
@@ -142,8 +152,8 @@ chmod 755 "$R/init"
 cp "kx/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 
 # The disks: ext4 the way an installer makes a root filesystem, and vfat.
-truncate -s 64M "$W/vda.raw"
-mkfs.ext4 -q -F -T default -L guestroot "$W/vda.raw"
+truncate -s 128M "$W/vda.raw"
+mkfs.ext4 -q -F -T default -J size=32 -L guestroot "$W/vda.raw"
 qemu-img convert -f raw -O qcow2 "$W/vda.raw" "$OUT/vda.qcow2"
 truncate -s 16M "$W/vdb.raw"
 mkfs.vfat -n GUESTFAT "$W/vdb.raw" >/dev/null
