@@ -12,32 +12,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::libvirtd::*;
 use common::*;
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn state_of(mnt: &Path, d: &str) -> String {
-    fs::read_to_string(mnt.join(d).join(".state"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
-
-/// The first 64 KiB of a view are `byte`.
-fn view_holds(mnt: &Path, rel: &str, byte: u8) -> bool {
-    let data = fs::read(mnt.join(rel)).unwrap();
-    all_bytes(&data, 0, 64 << 10, byte)
-}
 
 /// Runs `f`, failing when it takes 2 s or more (a hang check).
 fn prompt<T>(what: &str, f: impl FnOnce() -> T) -> T {
@@ -435,33 +413,4 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
     let log = fs::read_to_string(mnt.join("lvint/.log")).unwrap();
     assert!(log.contains("no disk of the domain has the image"), "{log}");
     drop(daemon);
-}
-
-/// On a failure, prints the end of the daemon's log.
-struct KeepLog(PathBuf);
-
-impl Drop for KeepLog {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| !l.contains(" TRACE ") && !l.contains("fuser::"))
-                .collect();
-            let from = lines.len().saturating_sub(150);
-            eprintln!(
-                "--- daemon log (last lines) ---\n{}",
-                lines[from..].join("\n")
-            );
-        }
-    }
-}
-
-/// The active layer of vda that vmsnapfs recorded for `domain`.
-fn active_layer_of(state: &Path, domain: &str) -> PathBuf {
-    let layers = fs::read(state.join(domain).join("layers")).unwrap();
-    vmsnapfs::store::meta::parse_layers(&layers)
-        .and_then(|mut l| l.remove("vda"))
-        .map(|l| l.path)
-        .expect("an active layer for vda")
 }

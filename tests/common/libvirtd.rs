@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::create_qcow2;
+use super::{all_bytes, create_qcow2};
 
 /// The QEMU libvirt runs: the distribution's, which its libvirt knows
 /// (libvirt 9.0 cannot probe QEMU 10).
@@ -168,7 +168,7 @@ impl Libvirtd {
         fs::write(&file, xml).unwrap();
         // A domain an interrupted run left behind goes first.
         let _ = self.try_virsh(&["destroy", name]);
-        let _ = self.try_virsh(&["undefine", name, "--snapshots-metadata"]);
+        let _ = self.try_virsh(&["undefine", name, "--snapshots-metadata", "--managed-save"]);
         self.virsh(&["define", file.to_str().unwrap()]);
         self.domains.push(name.to_owned());
         img
@@ -218,7 +218,7 @@ impl Drop for Libvirtd {
     fn drop(&mut self) {
         for d in &self.domains {
             let _ = self.try_virsh(&["destroy", d]);
-            let o = self.try_virsh(&["undefine", d, "--snapshots-metadata"]);
+            let o = self.try_virsh(&["undefine", d, "--snapshots-metadata", "--managed-save"]);
             if !o.status.success() {
                 eprintln!("virsh undefine {d}: {}", String::from_utf8_lossy(&o.stderr));
             }
@@ -266,5 +266,91 @@ impl SharedMount {
 impl Drop for SharedMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Waits until `f` holds; fails after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The domain's `.state` in the tree.
+pub fn state_of(mnt: &Path, d: &str) -> String {
+    fs::read_to_string(mnt.join(d).join(".state"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// The first 64 KiB of a view are `byte`.
+pub fn view_holds(mnt: &Path, rel: &str, byte: u8) -> bool {
+    let data = fs::read(mnt.join(rel)).unwrap();
+    all_bytes(&data, 0, 64 << 10, byte)
+}
+
+/// On a failure, prints the end of the daemon's log.
+pub struct KeepLog(pub PathBuf);
+
+impl Drop for KeepLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = fs::read_to_string(self.0.join("daemon.log")).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(" TRACE ") && !l.contains("fuser::"))
+                .collect();
+            let from = lines.len().saturating_sub(150);
+            eprintln!(
+                "--- daemon log (last lines) ---\n{}",
+                lines[from..].join("\n")
+            );
+        }
+    }
+}
+
+/// The active layer of vda that vmsnapfs recorded for `domain`.
+pub fn active_layer_of(state: &Path, domain: &str) -> PathBuf {
+    let layers = fs::read(state.join(domain).join("layers")).unwrap();
+    vmsnapfs::store::meta::parse_layers(&layers)
+        .and_then(|mut l| l.remove("vda"))
+        .map(|l| l.path)
+        .expect("an active layer for vda")
+}
+
+/// What a libvirt test runs in: a temp directory libvirt's QEMU can
+/// reach (0755), shared for the FUSE mount, with `images/` and a
+/// libvirtd of its own. Dropped in order: libvirtd (and its domains),
+/// the daemon log's tail on a failure, the shared mount, the directory.
+pub struct LibvirtTest {
+    pub lv: Libvirtd,
+    pub images: PathBuf,
+    _keep: KeepLog,
+    _shared: SharedMount,
+    pub dir: super::TempDir,
+}
+
+impl LibvirtTest {
+    /// Sets one up, or says why libvirt cannot run here and returns `None`.
+    pub fn start(name: &str) -> Option<LibvirtTest> {
+        let dir = super::TempDir::new(name);
+        let mut perms = fs::metadata(&dir.0).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        fs::set_permissions(&dir.0, perms).unwrap();
+        let images = dir.0.join("images");
+        fs::create_dir_all(&images).unwrap();
+        let shared = SharedMount::new(&dir.0);
+        let keep = KeepLog(dir.0.clone());
+        let lv = Libvirtd::start(&dir.0.join("libvirtd"))?;
+        Some(LibvirtTest {
+            lv,
+            images,
+            _keep: keep,
+            _shared: shared,
+            dir,
+        })
     }
 }
