@@ -352,7 +352,9 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// Runs the disk transaction; a refused one leaves no overlay file.
+    /// Runs the disk transaction (through the domain's manager when it
+    /// has one, so that its live definition follows); a refused one
+    /// leaves no overlay file.
     fn switch_disks(
         &self,
         conn: &mut Conn,
@@ -360,6 +362,9 @@ impl QemuBackend {
         plan: &ExternalPlan,
     ) -> Result<()> {
         conn.nodes = None;
+        if let Some(m) = self.manager.clone() {
+            return self.switch_disks_managed(conn, m.as_ref(), plan);
+        }
         let r = conn.qmp.snapshot_transaction(actions);
         if let Err(e) = r {
             // A failed transaction rolls back; the files made stay.
@@ -370,6 +375,60 @@ impl QemuBackend {
             return Err(qmp_err(e));
         }
         Ok(())
+    }
+
+    /// [`Self::switch_disks`] by the manager. A failure it reports is
+    /// checked against what QEMU has open (virsh killed at its deadline,
+    /// or a failure after QEMU's transaction, says nothing certain): no
+    /// overlay in use, they are removed; all of them, the switch is done.
+    fn switch_disks_managed(
+        &self,
+        conn: &mut Conn,
+        m: &dyn super::managed::Manager,
+        plan: &ExternalPlan,
+    ) -> Result<()> {
+        let overlays: Vec<(String, &Path)> = plan
+            .overlays
+            .iter()
+            .map(|(t, o)| (t.clone(), o.as_path()))
+            .collect();
+        let unchanged: Vec<&str> = self
+            .def
+            .disks
+            .iter()
+            .map(|d| d.target.as_str())
+            .filter(|t| !plan.overlays.iter().any(|(p, _)| p == t))
+            .collect();
+        let Err(e) = m.switch_to_overlays(&overlays, &unchanged) else {
+            return Ok(());
+        };
+        let e = e.context(format!("{} did not switch the disks", m.describe()));
+        let disks = match self.live_disks(&mut conn.qmp) {
+            Ok(d) => d,
+            // Left for recovery (`settle_external`), which looks again.
+            Err(l) => return Err(e.context(format!("and QEMU's disks cannot be read: {l}"))),
+        };
+        let on_overlay = |(t, o): &&(String, PathBuf)| {
+            disks
+                .get(t)
+                .and_then(|d| d.chain.first())
+                .is_some_and(|i| canonical(&i.path) == canonical(o))
+        };
+        let switched = plan.overlays.iter().filter(on_overlay).count();
+        if switched == 0 {
+            for (_, overlay) in &plan.overlays {
+                let _ = self.remove_made(overlay);
+            }
+            return Err(e);
+        }
+        if switched == plan.overlays.len() {
+            self.note(format!(
+                "{}; yet QEMU runs on every new overlay: the switch is taken as done",
+                e.message
+            ));
+            return Ok(());
+        }
+        Err(e.context("QEMU switched some of the disks only"))
     }
 
     fn set_background_snapshot(conn: &mut Conn, on: bool) -> Result<()> {
@@ -673,26 +732,33 @@ impl QemuBackend {
                 .first()
                 .is_some_and(|i| canonical(&i.path) == canonical(overlay));
             if on_top {
-                let job = format!("vmsnapfs-undo-{}", std::process::id());
-                conn.qmp
-                    .block_commit(&job, &d.node, None, None)
-                    .map_err(qmp_err)?;
-                if let Some(e) = conn
-                    .qmp
-                    .wait_job_completing(&job, JOB_TIMEOUT, |_, _| {})
-                    .map_err(qmp_err)?
-                {
-                    return Err(Error::io(format!("block-commit of {target}: {e}")));
+                let base = d.chain.get(1).ok_or_else(|| {
+                    Error::io(format!("{} has no backing image", overlay.display()))
+                })?;
+                match &self.manager {
+                    // Through the manager, so that its live definition follows.
+                    Some(m) => m.commit(target, None, &base.path)?,
+                    None => {
+                        let job = format!("vmsnapfs-undo-{}", std::process::id());
+                        conn.qmp
+                            .block_commit(&job, &d.node, None, None)
+                            .map_err(qmp_err)?;
+                        if let Some(e) = conn
+                            .qmp
+                            .wait_job_completing(&job, JOB_TIMEOUT, |_, _| {})
+                            .map_err(qmp_err)?
+                        {
+                            return Err(Error::io(format!("block-commit of {target}: {e}")));
+                        }
+                    }
                 }
-                if let Some(base) = d.chain.get(1) {
-                    restored.push((
-                        target.clone(),
-                        Layer {
-                            path: base.path.clone(),
-                            format: base.format.clone(),
-                        },
-                    ));
-                }
+                restored.push((
+                    target.clone(),
+                    Layer {
+                        path: base.path.clone(),
+                        format: base.format.clone(),
+                    },
+                ));
             }
             self.remove_made(overlay)?;
         }
@@ -907,7 +973,10 @@ impl QemuBackend {
             })
             .collect();
         let up = r.live != DomainState::Shutoff;
-        let in_place = up && r.target != DomainState::Shutoff && r.memory.is_none();
+        // A managed domain's devices never switch images behind its
+        // manager, which could not follow: QEMU is restarted through it.
+        let in_place =
+            up && r.target != DomainState::Shutoff && r.memory.is_none() && self.manager.is_none();
         if in_place {
             if let Err(e) = self.switch_devices(r) {
                 cleanup(&made);

@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::qemu::{canonical, qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
+use super::qemu::{canonical, qmp_err, Conn, LiveDisk, QemuBackend, JOB_TIMEOUT};
 use super::{qemu_img, Merge, MergeKind};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::Layer;
 
 /// The format nodes the running QEMU has open, by (canonical) file name.
@@ -80,12 +80,91 @@ impl QemuBackend {
         let disk = disks
             .get(&m.target)
             .ok_or_else(|| Error::io(format!("disk {} is not attached", m.target)))?;
-        let job = format!("vmsnapfs-merge-{}", std::process::id());
         let upper_is_top = disk
             .chain
             .first()
             .is_some_and(|i| canonical(&i.path) == canonical(&m.upper));
-        let error = match m.kind {
+        let error = if let Some(manager) = self.manager.clone() {
+            // Through the manager, so that its live definition follows.
+            let r = match m.kind {
+                MergeKind::Commit => {
+                    let top = (!upper_is_top).then_some(m.upper.as_path());
+                    progress(0, 0);
+                    manager.commit(&m.target, top, &m.lower)
+                }
+                MergeKind::Stream if upper_is_top => {
+                    let below = disk
+                        .chain
+                        .iter()
+                        .position(|i| canonical(&i.path) == canonical(&m.lower))
+                        .and_then(|i| disk.chain.get(i + 1))
+                        .map(|i| i.path.clone());
+                    progress(0, 0);
+                    manager.pull(&m.target, below.as_deref())
+                }
+                // libvirt streams into the active layer only; nothing
+                // is started.
+                MergeKind::Stream => Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{} cannot stream {} into {}, which is not the active layer; \
+                         delete this snapshot while the domain is stopped",
+                        manager.describe(),
+                        m.lower.display(),
+                        m.upper.display()
+                    ),
+                )),
+            };
+            if let Err(e) = &r {
+                if e.kind == ErrorKind::Unsupported {
+                    return r;
+                }
+            }
+            r.err().map(|e| e.message)
+        } else {
+            self.merge_qmp(conn, m, disk, upper_is_top, (upper, lower), progress)?
+        };
+        conn.nodes = None;
+        // QEMU reopened the image it wrote by name: it must hold the file
+        // checked above (see `check_intact`).
+        let written = match m.kind {
+            MergeKind::Commit => &m.lower,
+            MergeKind::Stream => &m.upper,
+        };
+        self.check_opened_made(conn, &[written.as_path()])?;
+        if let Some(e) = error {
+            return Err(Error::io(format!(
+                "merging {} and {}: {e}",
+                m.upper.display(),
+                m.lower.display()
+            )));
+        }
+        if m.kind == MergeKind::Commit && upper_is_top {
+            let format = self.format_of(&m.lower);
+            self.set_layers(&[(
+                m.target.clone(),
+                Layer {
+                    path: m.lower.clone(),
+                    format,
+                },
+            )])?;
+        }
+        Ok(())
+    }
+
+    /// The block job of [`Self::merge_live`] over QMP: the error the job
+    /// ended with, if it failed.
+    fn merge_qmp(
+        &self,
+        conn: &mut Conn,
+        m: &Merge,
+        disk: &LiveDisk,
+        upper_is_top: bool,
+        (upper, lower): (&str, &str),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<String>> {
+        let job = format!("vmsnapfs-merge-{}", std::process::id());
+        Ok(match m.kind {
             MergeKind::Commit if upper_is_top => {
                 conn.qmp
                     .block_commit(&job, upper, None, Some(lower))
@@ -118,33 +197,7 @@ impl QemuBackend {
                     .wait_job(&job, JOB_TIMEOUT, &mut *progress)
                     .map_err(qmp_err)?
             }
-        };
-        conn.nodes = None;
-        // QEMU reopened the image it wrote by name: it must hold the file
-        // checked above (see `check_intact`).
-        let written = match m.kind {
-            MergeKind::Commit => &m.lower,
-            MergeKind::Stream => &m.upper,
-        };
-        self.check_opened_made(conn, &[written.as_path()])?;
-        if let Some(e) = error {
-            return Err(Error::io(format!(
-                "merging {} and {}: {e}",
-                m.upper.display(),
-                m.lower.display()
-            )));
-        }
-        if m.kind == MergeKind::Commit && upper_is_top {
-            let format = self.format_of(&m.lower);
-            self.set_layers(&[(
-                m.target.clone(),
-                Layer {
-                    path: m.lower.clone(),
-                    format,
-                },
-            )])?;
-        }
-        Ok(())
+        })
     }
 
     fn merge_offline(&self, m: &Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {

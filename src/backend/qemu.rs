@@ -100,8 +100,9 @@ pub struct QemuBackend {
     pub(super) known_images: Mutex<std::collections::HashSet<PathBuf>>,
     /// Each disk's active layer, by target (persisted in the store).
     pub(super) layers: Mutex<BTreeMap<String, Layer>>,
-    /// Who starts and stops QEMU when it is not vmsnapfs (libvirt).
-    manager: Option<std::sync::Arc<dyn super::managed::Manager>>,
+    /// Who starts and stops QEMU when it is not vmsnapfs (libvirt); the
+    /// running domain's images then change through it.
+    pub(super) manager: Option<std::sync::Arc<dyn super::managed::Manager>>,
 }
 
 /// The file in the domain's state directory that records QEMU's pid.

@@ -5,9 +5,12 @@
 //! monitor through libvirt's passthrough ([`shim`]), start and stop
 //! (`start --paused`, `destroy`), and the persistent definition rewritten
 //! (`define`) whenever a disk's active layer changes, so that `virsh
-//! start` boots the images the guest last wrote.
+//! start` boots the images the guest last wrote; the images of a running
+//! domain change through libvirt itself ([`live`]), so that its live
+//! definition follows too.
 
 pub mod define;
+pub mod live;
 pub mod shim;
 pub mod snapshots;
 pub mod virsh;
@@ -303,6 +306,27 @@ impl Manager for LibvirtDomain {
             .run(&[std::ffi::OsStr::new("define"), file.as_os_str()], QUICK);
         let _ = std::fs::remove_file(&file);
         r.map(drop)
+    }
+
+    fn switch_to_overlays(&self, overlays: &[(String, &Path)], unchanged: &[&str]) -> Result<()> {
+        live::switch(
+            &self.virsh,
+            &self.name,
+            &self.state_dir,
+            overlays,
+            unchanged,
+        )
+    }
+
+    fn commit(&self, target: &str, top: Option<&Path>, base: &Path) -> Result<()> {
+        live::run_job(
+            &self.virsh,
+            &live::commit_args(&self.name, target, top, base)?,
+        )
+    }
+
+    fn pull(&self, target: &str, base: Option<&Path>) -> Result<()> {
+        live::run_job(&self.virsh, &live::pull_args(&self.name, target, base)?)
     }
 
     fn describe(&self) -> String {
