@@ -4,13 +4,15 @@
 # qemu-utils 10.0.2 comes preinstalled and no qemu-system-x86):
 #  1. puts this machine in that state: qemu-utils 10.0.2 from
 #     bookworm-backports installed with apt; qemu-system-x86,
-#     qemu-system-common, fuse3, restic, libvirt and tini removed; the unpacked QEMU 10
+#     qemu-system-common, fuse3, restic, libvirt, tini, cpio and kmod
+#     removed; the unpacked QEMU 10
 #     ($VMSNAPFS_QEMU10, default /opt/vmsnapfs/qemu-10) removed;
 #  2. runs scripts/install-deps.sh, as a new user would;
 #  3. checks that QEMU 7.2 is on PATH, QEMU 10.0 in its prefix, that a VM
 #     of each starts (firmware found) and answers QMP, that fusermount3
-#     and restic run, and that libvirt 9.0 (libvirtd, its QEMU driver,
-#     virsh), tini and the libvirt-qemu user are there.
+#     and restic run, that libvirt 9.0 (libvirtd, its QEMU driver,
+#     virsh), tini and the libvirt-qemu user are there, and cpio, depmod
+#     and modprobe (the real test guest's build).
 # It changes installed packages: it runs as root only, and refuses while
 # any QEMU runs or a FUSE file system is mounted (someone is using them).
 # `--check-only` does step 3 alone, changing nothing.
@@ -69,19 +71,19 @@ EOF
 fi
 apt-get update -qq
 apt-get purge -y -qq qemu-system-x86 qemu-system-common fuse3 restic \
-    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients tini >/dev/null
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients tini cpio kmod >/dev/null
 apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils >/dev/null
 apt-get autoremove -y -qq >/dev/null
 rm -rf "$QEMU10"
 hash -r
-for cmd in qemu-system-x86_64 fusermount3 restic virsh libvirtd tini; do
+for cmd in qemu-system-x86_64 fusermount3 restic virsh libvirtd tini cpio depmod modprobe; do
     if command -v "$cmd" >/dev/null 2>&1; then
         fail "$cmd is still installed: the machine does not look fresh"
     fi
 done
 utils=$(version qemu-img)
 [[ $utils == *"version 10."* ]] || fail "qemu-utils from backports not installed ($utils)"
-say "fresh: no qemu-system-x86, no fuse3, no restic, no libvirt; $utils"
+say "fresh: no qemu-system-x86, no fuse3, no restic, no libvirt, no cpio, no kmod; $utils"
 
 # 2. The README's first command, as a new user runs it.
 say "running scripts/install-deps.sh"
@@ -132,4 +134,9 @@ v=$(virsh --version 2>/dev/null) || fail "virsh does not run"
 tini --version >/dev/null 2>&1 || fail "tini does not run"
 id libvirt-qemu >/dev/null 2>&1 || fail "no libvirt-qemu user"
 say "ok: libvirt $(virsh --version), its QEMU driver, tini, user libvirt-qemu"
+# The real test guest's build (tests/guest/build-guest.sh).
+for cmd in cpio depmod modprobe; do
+    command -v "$cmd" >/dev/null 2>&1 || fail "$cmd is not installed"
+done
+say "ok: cpio, depmod and modprobe for the test guest"
 say "passed"

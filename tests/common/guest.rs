@@ -77,6 +77,14 @@ pub fn guest_build() -> PathBuf {
     let _ = fs::remove_dir_all(&done);
     fs::rename(&tmp, &done).unwrap();
     eprintln!("built the test guest in {:?}", started.elapsed());
+    // Builds of earlier versions of the script are not needed any more.
+    for e in fs::read_dir(&root).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("real-guest-") && n != name {
+            let _ = fs::remove_dir_all(e.path());
+            let _ = fs::remove_file(e.path());
+        }
+    }
     drop(lock);
     done
 }

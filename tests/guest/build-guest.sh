@@ -33,12 +33,22 @@ W=$(mktemp -d "$OUT/.work.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 cd "$W"
 
-# The kernel image package that bookworm's linux-image-amd64 depends on.
-deps=$(apt-cache depends linux-image-amd64)
-KPKG=$(awk '/Depends: linux-image-[0-9]/ {print $2; exit}' <<<"$deps")
-[ -n "$KPKG" ] || { echo "build-guest: no linux-image-*-amd64 offered" >&2; exit 1; }
+# The kernel image package that bookworm's linux-image-amd64 depends on,
+# and the packages, downloaded; once more after `apt-get update` when the
+# package lists are missing or name versions the archive dropped.
+fetch() {
+    local deps
+    deps=$(apt-cache depends linux-image-amd64 2>/dev/null) || return 1
+    KPKG=$(awk '/Depends: linux-image-[0-9]/ {print $2; exit}' <<<"$deps")
+    [ -n "$KPKG" ] || return 1
+    apt-get download -qq "$KPKG" busybox-static qemu-guest-agent 2>/dev/null
+}
+if ! fetch; then
+    rm -f ./*.deb
+    apt-get update -qq
+    fetch || { echo "build-guest: cannot download the guest's packages" >&2; exit 1; }
+fi
 KVER=${KPKG#linux-image-}
-apt-get download -qq "$KPKG" busybox-static qemu-guest-agent 2>/dev/null
 mkdir kx bx qx
 dpkg-deb -x linux-image-*.deb kx
 dpkg-deb -x busybox-static_*.deb bx
