@@ -205,6 +205,47 @@ fn libvirt_live_definition_follows_every_change_of_images() {
         "after the revert",
     );
 
+    // A delete that streams into the active layer (it holds more than
+    // the image below it, e1's overlay): libvirt's blockpull.
+    let mut e1_overlay = String::new();
+    for name in ["e1", "e2"] {
+        let spec = format!(
+            "<domainsnapshot><name>{name}</name><state>disk-snapshot</state>\
+             <disks><disk name='vda' snapshot='external'/></disks></domainsnapshot>"
+        );
+        must(
+            name,
+            &mnt,
+            write_file(&mnt.join(DOM).join(".create"), spec.as_bytes())
+                .map_err(std::io::Error::from_raw_os_error),
+        );
+        if name == "e1" {
+            e1_overlay = active_layer_of(&state, DOM).to_string_lossy().into_owned();
+            lv.guest_write(DOM, 0xb1);
+        }
+    }
+    let top = active_layer_of(&state, DOM);
+    let big = lv.virsh(&[
+        "qemu-monitor-command",
+        DOM,
+        "--hmp",
+        "qemu-io -d virtio-disk0/virtio-backend \"write -P 0xb2 1M 4M\"",
+    ]);
+    assert!(!big.contains("rror"), "{big}");
+    assert!(lv.virsh(&["dumpxml", DOM]).contains(&e1_overlay));
+    must("rmdir e2", &mnt, fs::remove_dir(mnt.join(DOM).join("e2")));
+    assert!(
+        log_of(&mnt).contains("streamed up from"),
+        "{}",
+        log_of(&mnt)
+    );
+    assert_eq!(active_layer_of(&state, DOM), top);
+    definitions_agree(lv, &state, "a stream into the active layer");
+    let x = lv.virsh(&["dumpxml", DOM]);
+    assert!(!x.contains(&e1_overlay), "{x}");
+    managedsave_and_start(lv, &mnt);
+    views_hold(&mnt, &[("e1", 0xa7), ("after", 0xa7)], "after the stream");
+
     // libvirt refuses the switch (a block job of its own runs on the
     // disk): the mkdir fails with EIO and says why in `.log`; no file is
     // left, the guest runs on, libvirt's definitions are unchanged.
