@@ -32,19 +32,11 @@ fn prompt<T>(what: &str, f: impl FnOnce() -> T) -> T {
 #[test]
 fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
     let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("libvirt");
-    // libvirt's QEMU runs as libvirt-qemu: it must reach the images.
-    let mut perms = fs::metadata(&dir.0).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    fs::set_permissions(&dir.0, perms).unwrap();
-    let images = dir.0.join("images");
-    fs::create_dir_all(&images).unwrap();
-    let _shared = SharedMount::new(&dir.0);
-    let _keep = KeepLog(dir.0.clone());
     let t = Instant::now();
-    let Some(mut lv) = Libvirtd::start(&dir.0.join("libvirtd")) else {
+    let Some(mut fx) = LibvirtTest::start("libvirt") else {
         return;
     };
+    let (dir, images, lv) = (&fx.dir, fx.images.clone(), &mut fx.lv);
     eprintln!("libvirtd started in {:?}", t.elapsed());
     let run_img = lv.define("lvrun", &images);
     lv.define("lvoff", &images);
@@ -218,7 +210,7 @@ fn libvirt_domains_snapshot_through_the_tree_and_boot_their_active_layers() {
     drop(daemon);
     eprintln!("daemon stopped in {:?}", t.elapsed());
     let t = Instant::now();
-    drop(lv);
+    drop(fx);
     eprintln!("libvirtd stopped in {:?}", t.elapsed());
 }
 
@@ -237,17 +229,10 @@ impl Drop for Resume {
 #[test]
 fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
     let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("libvirt-int");
-    let mut perms = fs::metadata(&dir.0).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    fs::set_permissions(&dir.0, perms).unwrap();
-    let images = dir.0.join("images");
-    fs::create_dir_all(&images).unwrap();
-    let _shared = SharedMount::new(&dir.0);
-    let _keep = KeepLog(dir.0.clone());
-    let Some(mut lv) = Libvirtd::start(&dir.0.join("libvirtd")) else {
+    let Some(mut fx) = LibvirtTest::start("libvirt-int") else {
         return;
     };
+    let (dir, images, lv) = (&fx.dir, fx.images.clone(), &mut fx.lv);
     let img = lv.define("lvint", &images);
     lv.virsh(&["start", "lvint"]);
     lv.guest_write("lvint", 0x21);
