@@ -7,7 +7,8 @@
 //! snapshot; `cp -a` of a directory out of `files/` restores the owners,
 //! modes, times and links the guest gave it; the disk of a guest killed
 //! mid-write (crash-consistent, its ext4 journal needing recovery) reads
-//! with the journal applied.
+//! with the journal applied; a guest reverted to a running checkpoint goes
+//! on writing where it was.
 
 mod common;
 
@@ -302,6 +303,7 @@ fn external_snapshots_of_a_writing_guest() {
 
     // A checkpoint (RAM to a file, new overlays) of the running guest.
     let n1 = mkdir_after(&rg, "e1", FIRST - 1);
+    let n1_end = rg.guest.wrote();
     assert_eq!(rg.read("e1/state"), "running\n");
     check_files(&rg, "e1", n1, &[]);
     check_cp_a(&rg, "e1", &tree);
@@ -328,4 +330,39 @@ fn external_snapshots_of_a_writing_guest() {
     check_journal_applied(&rg, "e3", n3);
     check_files(&rg, "e1", n1, &[]);
     check_cp_a(&rg, "e3", &tree);
+
+    // Back to the checkpoint e1, running: a new QEMU from the definition's
+    // command line with e1's RAM. The guest goes on where it was (no new
+    // boot), its agent answers, and what it writes is in the next snapshot.
+    let seen = rg.guest.console_text().len();
+    rg.revert("e1", "running").unwrap();
+    rg.wait_state("running");
+    let resumed = |g: &Guest| -> Vec<u64> {
+        g.console_text()[seen..]
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("WROTE ")?.parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while resumed(&rg.guest).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest wrote nothing after the revert:\n{}",
+            rg.guest.console_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = resumed(&rg.guest)[0];
+    assert!(
+        first > n1 && first <= n1_end + 1,
+        "after the revert to e1 (taken after f{n1}, mkdir returned after f{n1_end}) the guest wrote f{first}"
+    );
+    assert!(
+        !rg.guest.console_text()[seen..].contains("BOOT"),
+        "the guest resumed, it did not boot again"
+    );
+    rg.guest.agent(Duration::from_secs(60)).ping().unwrap();
+    let n4 = mkdir_after(&rg, "e4", first);
+    check_files(&rg, "e4", n4, &[]);
+    check_files(&rg, "e2", n2, &[3, 4]);
 }
