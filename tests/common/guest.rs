@@ -234,10 +234,9 @@ impl Guest {
     /// The N of the last `WROTE N` line (0 before the first): every file
     /// up to it was synced to the guest's disk.
     pub fn wrote(&self) -> u64 {
-        self.console_text()
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("WROTE ")?.parse().ok())
+        wrote_lines(&self.console_text())
+            .last()
+            .copied()
             .unwrap_or(0)
     }
 
@@ -290,6 +289,16 @@ impl Guest {
             .exec("/bin/sh", &["-c", script], Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("guest-exec {script:?}: {e}"))
     }
+}
+
+/// The N of every `WROTE N` line of console text, in order. A line a
+/// killed QEMU left unfinished runs into the next one: the last `WROTE `
+/// of a line counts.
+pub fn wrote_lines(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.rsplit("WROTE ").next().filter(|_| l.contains("WROTE ")))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
 }
 
 /// A client of qemu-ga over its socket, with a timeout on every read and
@@ -475,12 +484,17 @@ impl RealGuest {
         let (mut vm, guest) = Guest::boot(&dir.0.join("images"), "vm1");
         vm.policy = Some(policy.into());
         guest.write_definition(&vm, &dir.0.join("domains"));
+        let booted = Instant::now();
         let daemon = Daemon::start(&dir.0, env);
         let rg = RealGuest {
             fx: Fixture { daemon, vm, dir },
             guest,
         };
         rg.guest.wait_wrote(0, BOOT_TIMEOUT);
+        eprintln!(
+            "{tag}: the guest wrote its first file {:?} after QEMU started",
+            booted.elapsed()
+        );
         rg
     }
 
