@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use vmsnapfs::demo;
 use vmsnapfs::domain::Registry;
@@ -22,35 +22,39 @@ struct Cli {
     command: Cmd,
 }
 
+/// The options of `vmsnapfs mount`.
+#[derive(Args)]
+struct MountArgs {
+    /// Where to mount the tree.
+    mountpoint: PathBuf,
+    /// Directory of domain definitions (<name>.xml, libvirt <domain> subset).
+    #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+    domains: Option<PathBuf>,
+    /// Serve every domain of this libvirt connection (qemu:///system)
+    /// instead of definition files.
+    #[arg(long)]
+    libvirt: Option<String>,
+    /// Directory for snapshot metadata (keep it beside the images).
+    #[arg(long)]
+    state: PathBuf,
+    /// Stay in the foreground (logs to stderr; RUST_LOG sets the level).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Let other users in; permissions are then enforced.
+    #[arg(long)]
+    allow_other: bool,
+    /// Group (name or gid) allowed to create, revert and delete snapshots.
+    #[arg(long)]
+    group: Option<String>,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount the snapshot tree of the domains defined in --domains.
-    Mount {
-        /// Where to mount the tree.
-        mountpoint: PathBuf,
-        /// Directory of domain definitions (<name>.xml, libvirt <domain> subset).
-        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
-        domains: Option<PathBuf>,
-        /// Serve every domain of this libvirt connection (qemu:///system)
-        /// instead of definition files.
-        #[arg(long)]
-        libvirt: Option<String>,
-        /// Directory for snapshot metadata (keep it beside the images).
-        #[arg(long)]
-        state: PathBuf,
-        /// Stay in the foreground (logs to stderr; RUST_LOG sets the level).
-        #[arg(short, long)]
-        foreground: bool,
-        /// Let other users in; permissions are then enforced.
-        #[arg(long)]
-        allow_other: bool,
-        /// Group (name or gid) allowed to create, revert and delete snapshots.
-        #[arg(long)]
-        group: Option<String>,
-        /// FUSE request threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-    },
+    Mount(MountArgs),
     /// Rebuild the disk at a snapshot: copy the changed runs of MAP from
     /// CHANGES (`since/<other>/<disk>` and its `.map`) into TARGET, a
     /// full raw copy of the disk at the other snapshot.
@@ -171,17 +175,8 @@ fn detach_stdio(log: &std::path::Path) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mount(
-    mountpoint: PathBuf,
-    domains: Option<PathBuf>,
-    libvirt: Option<String>,
-    state: PathBuf,
-    foreground: bool,
-    allow_other: bool,
-    group: Option<String>,
-    threads: usize,
-) -> Result<(), String> {
-    let group = group.as_deref().map(resolve_group).transpose()?;
+fn mount(args: MountArgs) -> Result<(), String> {
+    let group = args.group.as_deref().map(resolve_group).transpose()?;
     // Every path absolute from here on: sockets of view servers, the
     // daemon's log and anything handed to QEMU must not depend on the
     // directory the daemon was started in.
@@ -189,28 +184,32 @@ fn mount(
         std::path::absolute(p).map_err(|e| format!("cannot make {} absolute: {e}", p.display()))
     };
     let (mountpoint, domains, state) = (
-        absolute(&mountpoint)?,
-        domains.as_deref().map(absolute).transpose()?,
-        absolute(&state)?,
+        absolute(&args.mountpoint)?,
+        args.domains.as_deref().map(absolute).transpose()?,
+        absolute(&args.state)?,
     );
-    if !foreground {
+    if !args.foreground {
         // The daemon's log has every line, the start-up ones included.
         log_to_file(&state.join("daemon.log"))?;
     }
-    let mut ready = if foreground { None } else { Some(daemonize()?) };
+    let mut ready = if args.foreground {
+        None
+    } else {
+        Some(daemonize()?)
+    };
     // Installed before the mount: a stop asked while it comes up is seen.
     let stop = StopSignals::install().map_err(|e| format!("signal handlers: {e}"))?;
     let result = (|| {
-        let reg = match (&domains, &libvirt) {
+        let reg = match (&domains, &args.libvirt) {
             (_, Some(uri)) => Registry::open_libvirt(uri, &state),
             (Some(domains), None) => Registry::open(domains, &state),
             (None, None) => return Err("--domains or --libvirt is needed".to_string()),
         }
         .map_err(|e| e.to_string())?;
         let config = MountConfig {
-            allow_other,
+            allow_other: args.allow_other,
             group,
-            threads,
+            threads: args.threads,
         };
         let session = SnapFs::new(reg.clone(), config)
             .spawn(&mountpoint)
@@ -255,25 +254,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Mount {
-            mountpoint,
-            domains,
-            libvirt,
-            state,
-            foreground,
-            allow_other,
-            group,
-            threads,
-        } => mount(
-            mountpoint,
-            domains,
-            libvirt,
-            state,
-            foreground,
-            allow_other,
-            group,
-            threads,
-        ),
+        Cmd::Mount(args) => mount(args),
         Cmd::Apply {
             changes,
             map,

@@ -11,6 +11,10 @@ use super::ImageSnapshot;
 use crate::error::Result;
 use crate::store::owned::FileId;
 
+/// Told the device and inode of a file as soon as it exists (to record
+/// it before anything else can happen to the name).
+pub type OnMade<'a> = &'a dyn Fn(FileId) -> Result<()>;
+
 /// Disk images, read and changed offline (never probing a format).
 pub trait Images: Send + Sync {
     /// The backing chain of `image` opened as `format`, top first.
@@ -30,12 +34,7 @@ pub trait Images: Send + Sync {
     /// Copies the current contents of qcow2 `image` into a new image
     /// `copy` over the same backing image; `made` is told the new file's
     /// device and inode as soon as it exists.
-    fn copy_above_backing(
-        &self,
-        image: &Path,
-        copy: &Path,
-        made: &dyn Fn(FileId) -> Result<()>,
-    ) -> Result<()>;
+    fn copy_above_backing(&self, image: &Path, copy: &Path, made: OnMade) -> Result<()>;
 
     /// Points qcow2 `image` at `backing` without copying data.
     fn rebase_unsafe(&self, image: &Path, backing: &Path, backing_format: &str) -> Result<()>;
@@ -61,12 +60,7 @@ impl Images for QemuImg {
         qemu_img::own_bytes(image, format)
     }
 
-    fn copy_above_backing(
-        &self,
-        image: &Path,
-        copy: &Path,
-        made: &dyn Fn(FileId) -> Result<()>,
-    ) -> Result<()> {
+    fn copy_above_backing(&self, image: &Path, copy: &Path, made: OnMade) -> Result<()> {
         qemu_img::copy_above_backing(image, copy, made)
     }
 

@@ -22,7 +22,7 @@ pub mod qmp_message;
 pub mod qmp_ops;
 mod trust;
 
-pub use images::{Images, QemuImg};
+pub use images::{Images, OnMade, QemuImg};
 pub use qemu::QemuBackend;
 
 use std::path::PathBuf;
@@ -62,6 +62,17 @@ pub struct ExternalPlan {
     pub memory: Option<PathBuf>,
     /// How the memory file holds the RAM (see [`Backend::memory_format`]).
     pub memory_format: MemoryFormat,
+}
+
+impl ExternalPlan {
+    /// New overlays for `overlays`, no memory file.
+    pub fn disks_only(overlays: Vec<(String, PathBuf)>) -> ExternalPlan {
+        ExternalPlan {
+            overlays,
+            memory: None,
+            memory_format: MemoryFormat::default(),
+        }
+    }
 }
 
 /// How an external snapshot was taken.

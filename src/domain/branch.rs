@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::external::default_overlay;
 use super::oplog::now_secs;
-use super::revert::RevertRequest;
+use super::revert::{left_behind, RevertTo};
 use super::revert_rule::{RevertCase, RevertPlace};
 use super::Domain;
 use crate::backend::{ExternalPlan, ExternalRevert};
@@ -59,22 +59,16 @@ fn branch_overlay(source: &Path, name: &str) -> PathBuf {
 impl Domain {
     /// Reverts to external snapshot `snap` (the request was parsed, the
     /// domain is busy, `live` was read).
-    pub(super) fn revert_to_external(
-        &self,
-        what: &str,
-        snap: &Snapshot,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
-    ) -> Result<()> {
+    pub(super) fn revert_to_external(&self, to: &RevertTo<'_>) -> Result<()> {
+        let (snap, live) = (to.snap, to.live);
         let t0 = Instant::now();
         let memory = match &snap.memory {
             MemoryLocation::External(p) => Some(p.clone()),
             _ => None,
         };
-        self.check_external_revert(snap, memory.as_deref(), live, target, req)?;
+        self.check_external_revert(to, memory.as_deref())?;
         let was_running = live == DomainState::Running;
-        let r = self.revert_external_steps(what, snap, memory, live, target, req, t0);
+        let r = self.revert_external_steps(to, memory, t0);
         if r.is_err() && was_running && self.backend.refresh_state() == DomainState::Paused {
             // The revert did not happen: the guest goes on as it was.
             let _ = self.backend.set_running(true);
@@ -85,17 +79,13 @@ impl Domain {
 
     /// Plans, journals and does an external revert. The new overlays are
     /// made while the guest still runs; it is paused only for the switch.
-    #[allow(clippy::too_many_arguments)]
     fn revert_external_steps(
         &self,
-        what: &str,
-        snap: &Snapshot,
+        to: &RevertTo<'_>,
         memory: Option<PathBuf>,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
         t0: Instant,
     ) -> Result<()> {
+        let (what, snap, live, target, req) = (to.what, to.snap, to.live, to.target, to.req);
         let defs = self.def.disks.clone();
         let active = self.backend.active_disks();
         let mut branches = Vec::new();
@@ -186,11 +176,7 @@ impl Domain {
         let prepared = crate::failpoint::hit("revert.begin")
             .and_then(|_| self.backend.prepare_overlays(&branches));
         if let Err(e) = prepared {
-            let plan = ExternalPlan {
-                overlays,
-                memory: None,
-                memory_format: Default::default(),
-            };
+            let plan = ExternalPlan::disks_only(overlays);
             self.backend.settle_external(&plan)?;
             self.journal.complete(record)?;
             return Err(e);
@@ -227,11 +213,7 @@ impl Domain {
         };
         self.note_state(state);
         if let Err(e) = done {
-            let plan = ExternalPlan {
-                overlays,
-                memory: None,
-                memory_format: Default::default(),
-            };
+            let plan = ExternalPlan::disks_only(overlays);
             if !self.backend.settle_external(&plan)? {
                 self.journal.complete(record)?;
                 return Err(e);
@@ -243,14 +225,7 @@ impl Domain {
         let kept = left.as_ref().map(|l| l.name.clone());
         self.finish_external_revert(&snap.id, left, &discard)?;
         self.journal.complete(record)?;
-        let behind = match kept {
-            Some(n) => format!("the state left behind is snapshot {n:?}"),
-            None if discard.is_empty() => "nothing was left behind".into(),
-            None => format!(
-                "{} image(s) of the state left behind removed",
-                discard.len()
-            ),
-        };
+        let behind = left_behind(kept.as_deref(), Some(discard.len()));
         self.log.line(&format!(
             "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s); {behind}",
             state.as_str(),
@@ -261,14 +236,8 @@ impl Domain {
     }
 
     /// The rules of an external revert, checked before anything changes.
-    fn check_external_revert(
-        &self,
-        snap: &Snapshot,
-        memory: Option<&Path>,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
-    ) -> Result<()> {
+    fn check_external_revert(&self, to: &RevertTo<'_>, memory: Option<&Path>) -> Result<()> {
+        let (snap, target) = (to.snap, to.target);
         if let Some(d) = snap
             .disks
             .iter()
@@ -308,7 +277,7 @@ impl Domain {
         }
         let case = RevertCase {
             memory: memory.is_some(),
-            ..self.revert_case(snap, RevertPlace::External, live, target, req)
+            ..self.revert_case(to, RevertPlace::External)
         };
         self.revert_rule(snap, &case)?;
         Ok(())
@@ -398,11 +367,7 @@ impl Domain {
         left: Option<&str>,
         discard: &[PathBuf],
     ) -> Result<&'static str> {
-        let plan = ExternalPlan {
-            overlays: overlays.to_vec(),
-            memory: None,
-            memory_format: Default::default(),
-        };
+        let plan = ExternalPlan::disks_only(overlays.to_vec());
         if !self.backend.settle_external(&plan)? {
             return Ok("rolled back");
         }

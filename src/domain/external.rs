@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{oplog::now_secs, CreateRequest, Domain};
+use super::{CreateRequest, Domain};
 use crate::backend::{ExternalOutcome, ExternalPlan};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -99,20 +99,12 @@ impl Domain {
             Some(m) => self.backend.memory_format(live, m),
             None => MemoryFormat::Stream,
         };
+        let saved = memory_file
+            .clone()
+            .map_or(MemoryLocation::No, MemoryLocation::External);
         let snap = Snapshot {
-            id: id.to_owned(),
-            name: request.name.to_owned(),
-            description: request.description.clone(),
-            creation_time: now_secs(),
-            state,
-            parent: self.forest.read().current().map(str::to_owned),
-            memory: memory_file
-                .clone()
-                .map_or(MemoryLocation::No, MemoryLocation::External),
-            disks: points,
-            domain_xml: Some(self.def.xml.clone()),
             memory_format,
-            machine: None,
+            ..self.new_snapshot(id, request, state, saved, points)
         };
         let plan = ExternalPlan {
             overlays,

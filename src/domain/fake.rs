@@ -14,11 +14,10 @@ use parking_lot::Mutex;
 use crate::backend::qemu_img::ChainImage;
 use crate::backend::{
     Backend, ExternalOutcome, ExternalPlan, ExternalRevert, ImageSnapshot, Images, Merge,
-    MergeKind, Unreachable,
+    MergeKind, OnMade, Unreachable,
 };
 use crate::error::{Error, Result};
 use crate::model::{DiskDef, DomainState, SnapshotState};
-use crate::store::owned::FileId;
 
 /// One image: its backing image, internal snapshots and own data.
 #[derive(Debug, Clone, Default)]
@@ -104,12 +103,7 @@ impl Images for FakeImages {
         Ok(self.get(image)?.own)
     }
 
-    fn copy_above_backing(
-        &self,
-        image: &Path,
-        copy: &Path,
-        made: &dyn Fn(FileId) -> Result<()>,
-    ) -> Result<()> {
+    fn copy_above_backing(&self, image: &Path, copy: &Path, made: OnMade) -> Result<()> {
         let src = self.get(image)?;
         let file = crate::store::owned::create_new(copy, 0o600)?;
         made(crate::store::owned::id_of(&file)?)?;

@@ -589,20 +589,33 @@ impl Domain {
             SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,
             _ => MemoryLocation::No,
         };
-        let snap = Snapshot {
+        let snap = self.new_snapshot(id, request, state, memory, self.internal_points());
+        self.record_new(snap)
+    }
+
+    /// The record of snapshot `id` made now for `request`: its parent is
+    /// the current snapshot, its definition the domain's.
+    fn new_snapshot(
+        &self,
+        id: &str,
+        request: &CreateRequest<'_>,
+        state: SnapshotState,
+        memory: MemoryLocation,
+        disks: Vec<DiskPoint>,
+    ) -> Snapshot {
+        Snapshot {
             id: id.to_owned(),
             name: request.name.to_owned(),
             description: request.description.clone(),
             creation_time: now_secs(),
             state,
-            parent: None,
+            parent: self.forest.read().current().map(str::to_owned),
             memory,
-            disks: self.internal_points(),
+            disks,
             domain_xml: Some(self.def.xml.clone()),
             memory_format: Default::default(),
             machine: None,
-        };
-        self.record_new(snap)
+        }
     }
 
     /// Records a snapshot whose data exists: metadata, forest, current.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::branch::left_name;
 use super::oplog::now_secs;
 use super::prune::ImageGraph;
-use super::revert::RevertRequest;
+use super::revert::{left_behind, RevertTo};
 use super::revert_rule::RevertPlace;
 use super::Domain;
 use crate::backend::qemu_img::canonical;
@@ -52,16 +52,10 @@ impl Domain {
 
     /// Reverts to internal snapshot `snap` held (partly) by images that
     /// are not active layers.
-    pub(super) fn revert_relocating(
-        &self,
-        what: &str,
-        snap: &Snapshot,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
-    ) -> Result<()> {
+    pub(super) fn revert_relocating(&self, to: &RevertTo<'_>) -> Result<()> {
+        let (what, snap, target, req) = (to.what, to.snap, to.target, to.req);
         let t0 = Instant::now();
-        let case = self.revert_case(snap, RevertPlace::Backing, live, target, req);
+        let case = self.revert_case(to, RevertPlace::Backing);
         let plan = self.revert_rule(snap, &case)?;
         let mut images = Vec::new();
         for d in &snap.disks {
@@ -194,10 +188,7 @@ impl Domain {
         let state = self.backend.refresh_state();
         self.note_state(state);
         start.map_err(|e| e.context("the disks were reverted; the domain is left stopped"))?;
-        let behind = match kept {
-            Some(n) => format!("the state left behind is snapshot {n:?}"),
-            None => "the state left behind was discarded".into(),
-        };
+        let behind = left_behind(kept.as_deref(), None);
         self.log.line(&format!(
             "{what}: reverted in place, domain {} in {:.3} s (images {:.3} s, {} copied out); {behind}",
             state.as_str(),

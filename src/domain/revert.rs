@@ -102,6 +102,29 @@ fn default_target(snap: &Snapshot) -> DomainState {
     }
 }
 
+/// How a revert's `.log` line ends: the snapshot that `kept` the state
+/// the revert left behind, or that it was discarded (`removed`: how many
+/// images of it were removed, where that is known).
+pub(super) fn left_behind(kept: Option<&str>, removed: Option<usize>) -> String {
+    match (kept, removed) {
+        (Some(n), _) => format!("the state left behind is snapshot {n:?}"),
+        (None, None) => "the state left behind was discarded".into(),
+        (None, Some(0)) => "nothing was left behind".into(),
+        (None, Some(n)) => format!("{n} image(s) of the state left behind removed"),
+    }
+}
+
+/// A revert asked for: its name in `.log`, the snapshot, the domain's
+/// state now and the one asked for, and the request.
+#[derive(Clone, Copy)]
+pub(super) struct RevertTo<'a> {
+    pub what: &'a str,
+    pub snap: &'a Snapshot,
+    pub live: DomainState,
+    pub target: DomainState,
+    pub req: &'a RevertRequest,
+}
+
 impl Domain {
     /// `echo ... > NAME/revert`: reverts the domain to snapshot `name`.
     pub fn revert(&self, name: &str, request: &[u8]) -> Result<()> {
@@ -123,22 +146,25 @@ impl Domain {
             } else {
                 RevertPlace::Active
             };
-            let case = self.revert_case(&snap, place, live, target, &req);
+            let to = RevertTo {
+                what: &what,
+                snap: &snap,
+                live,
+                target,
+                req: &req,
+            };
+            let case = self.revert_case(&to, place);
             // A revert that starts a new QEMU does not need the old one's images.
             if revert_rule::plan(&case).needs_active_images {
                 self.check_images_active(live)?;
             }
             match place {
-                RevertPlace::External => {
-                    return self.revert_to_external(&what, &snap, live, target, &req)
-                }
-                RevertPlace::Backing => {
-                    return self.revert_relocating(&what, &snap, live, target, &req)
-                }
+                RevertPlace::External => return self.revert_to_external(&to),
+                RevertPlace::Backing => return self.revert_relocating(&to),
                 RevertPlace::Active => {}
             }
             self.check_internal_only(&snap, "revert to")?;
-            self.check_revert(&snap, live, target, &req)?;
+            self.check_revert(&to)?;
             // The state this revert leaves behind is kept, unless discarded.
             let left = match req.discard {
                 true => None,
@@ -173,10 +199,7 @@ impl Domain {
             }
             self.set_current(&snap.id)?;
             self.journal.complete(record)?;
-            let behind = match left {
-                Some(n) => format!("the state left behind is snapshot {n:?}"),
-                None => "the state left behind was discarded".into(),
-            };
+            let behind = left_behind(left.as_deref(), None);
             self.log.line(&format!(
                 "{what}: reverted, domain {} in {:.3} s (QEMU/qemu-img {:.3} s); {behind}",
                 s.as_str(),
@@ -189,14 +212,8 @@ impl Domain {
     }
 
     /// What the rule looks at for a revert to `snap` (see [`revert_rule`]).
-    pub(super) fn revert_case(
-        &self,
-        snap: &Snapshot,
-        place: RevertPlace,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
-    ) -> RevertCase {
+    pub(super) fn revert_case(&self, to: &RevertTo<'_>, place: RevertPlace) -> RevertCase {
+        let (snap, live, target, req) = (to.snap, to.live, to.target, to.req);
         RevertCase {
             live,
             target,
@@ -231,14 +248,9 @@ impl Domain {
 
     /// The safety rules of a revert in the active layers, checked before
     /// anything changes.
-    fn check_revert(
-        &self,
-        snap: &Snapshot,
-        live: DomainState,
-        target: DomainState,
-        req: &RevertRequest,
-    ) -> Result<()> {
-        let case = self.revert_case(snap, RevertPlace::Active, live, target, req);
+    fn check_revert(&self, to: &RevertTo<'_>) -> Result<()> {
+        let snap = to.snap;
+        let case = self.revert_case(to, RevertPlace::Active);
         self.revert_rule(snap, &case)?;
         // A snapshot on only some disks (made by another tool) cannot be
         // reverted to: refuse before anything changes.

@@ -129,6 +129,27 @@ mod tests {
         bool,
     );
 
+    /// The case of these fields.
+    fn case_of(
+        place: RevertPlace,
+        memory: bool,
+        live: DomainState,
+        target: DomainState,
+        force: bool,
+        discard: bool,
+        can_start: bool,
+    ) -> RevertCase {
+        RevertCase {
+            live,
+            target,
+            memory,
+            place,
+            force,
+            discard,
+            can_start,
+        }
+    }
+
     fn rows() -> Vec<Row> {
         let mut rows = Vec::new();
         for place in [Active, Backing, External] {
@@ -168,15 +189,7 @@ mod tests {
             for force in [false, true] {
                 for discard in [false, true] {
                     for can_start in [false, true] {
-                        let case = RevertCase {
-                            live,
-                            target,
-                            memory,
-                            place,
-                            force,
-                            discard,
-                            can_start,
-                        };
+                        let case = case_of(place, memory, live, target, force, discard, can_start);
                         let got = decide(&case);
                         let want = if needs_force && !force {
                             Err(if target == Shutoff {
@@ -204,15 +217,7 @@ mod tests {
     #[test]
     fn force_and_discard_do_not_change_the_plan() {
         for (place, memory, live, target, ..) in rows() {
-            let case = |force, discard| RevertCase {
-                live,
-                target,
-                memory,
-                place,
-                force,
-                discard,
-                can_start: true,
-            };
+            let case = |force, discard| case_of(place, memory, live, target, force, discard, true);
             let base = plan(&case(false, false));
             for (f, d) in [(true, false), (false, true), (true, true)] {
                 let p = plan(&case(f, d));
@@ -227,14 +232,8 @@ mod tests {
 
     #[test]
     fn documented_examples() {
-        let case = |place, memory, live, target, force| RevertCase {
-            live,
-            target,
-            memory,
-            place,
-            force,
-            discard: false,
-            can_start: true,
+        let case = |place, memory, live, target, force| {
+            case_of(place, memory, live, target, force, false, true)
         };
         // A checkpoint needs no force from a running domain, of any kind.
         for place in [Active, Backing, External] {

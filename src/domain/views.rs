@@ -130,6 +130,11 @@ pub struct Hold {
 }
 
 impl Hold {
+    /// Who holds it.
+    pub fn holder(&self) -> Holder {
+        self.holder
+    }
+
     /// Runs `read` unless root broke the hold (`ESTALE` then). A break
     /// waits for reads in progress, so no read of a broken hold ever sees
     /// an image a delete changes.

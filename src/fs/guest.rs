@@ -87,17 +87,7 @@ fn file_attr(ino: u64, a: &Attr) -> FileAttr {
 /// The attributes shown for `.` and `..` in a listing (the kernel takes
 /// those of the directories themselves from elsewhere).
 fn synthetic_dir() -> Attr {
-    Attr {
-        kind: Kind::Dir,
-        perm: 0o555,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        atime: Time::default(),
-        mtime: Time::default(),
-        ctime: Time::default(),
-        crtime: None,
-    }
+    Attr::dir(0o555)
 }
 
 /// What a request reads: the domain and the snapshot.
@@ -105,6 +95,8 @@ struct Ctx {
     dom: Arc<Domain>,
     snap: Snapshot,
     target: String,
+    /// Who asks.
+    holder: Holder,
 }
 
 impl Ctx {
@@ -119,11 +111,11 @@ impl Ctx {
     }
 
     /// Runs `f` holding the snapshot (EBUSY while it is being deleted).
-    fn held<T>(&self, holder: Holder, f: impl FnOnce() -> T) -> Result<T, Errno> {
+    fn held<T>(&self, f: impl FnOnce() -> T) -> Result<T, Errno> {
         let hold = self
             .dom
             .views()
-            .hold(&self.snap, holder)
+            .hold(&self.snap, self.holder)
             .map_err(|e| errno(&e))?;
         let r = hold.read(|| Ok(f()));
         self.dom.views().close(&hold);
@@ -135,6 +127,57 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// Which disk of which snapshot a request reads, and who asks.
+pub(super) struct DiskAt {
+    holder: Holder,
+    domain: String,
+    id: String,
+    target: String,
+}
+
+impl DiskAt {
+    /// Disk `place.target` of snapshot `id` of domain `d`, for `req`.
+    pub(super) fn of(req: &Request, d: &str, id: &str, place: &GuestPath) -> DiskAt {
+        DiskAt::new(holder(req), d, id, &place.target)
+    }
+
+    fn new(holder: Holder, domain: &str, id: &str, target: &str) -> DiskAt {
+        DiskAt {
+            holder,
+            domain: domain.to_owned(),
+            id: id.to_owned(),
+            target: target.to_owned(),
+        }
+    }
+}
+
+/// Who asks: the holder a request's snapshot hold is taken for.
+fn holder(req: &Request) -> Holder {
+    Holder {
+        pid: req.pid(),
+        uid: req.uid(),
+    }
+}
+
+/// A kernel reply that a job on a disk's thread answers: with an error
+/// when the job cannot run.
+trait GuestReply: Send + 'static {
+    /// Answers with error `e`.
+    fn fail(self, e: Errno);
+}
+
+macro_rules! guest_reply {
+    ($($t:ty),*) => {$(
+        impl GuestReply for $t {
+            fn fail(self, e: Errno) {
+                self.error(e)
+            }
+        }
+    )*};
+}
+
+guest_reply!(ReplyEntry, ReplyAttr, ReplyData, ReplyOpen, GuestDirReply);
+
 /// An entry of a directory below `files/`.
 struct Entry {
     place: GuestPath,
@@ -145,31 +188,35 @@ struct Entry {
 
 impl Inner {
     /// Queues `job` for the thread of disk `target` of snapshot `id`,
-    /// with the disk set to the snapshot's view; `fail` answers when the
-    /// snapshot or its view is gone.
-    fn guest_job(
+    /// with the disk set to the snapshot's view; the job answers `reply`.
+    /// When the snapshot or its view is gone, `reply` gets the error
+    /// instead; a job that never runs drops `reply`, which answers EIO.
+    fn guest_job<R: GuestReply>(
         self: &Arc<Self>,
-        d: &str,
-        id: &str,
-        target: &str,
-        fail: impl FnOnce(Errno) + Send + 'static,
-        job: impl FnOnce(&Arc<Inner>, &Ctx, &mut Disk) + Send + 'static,
+        at: DiskAt,
+        reply: R,
+        job: impl FnOnce(&Arc<Inner>, &Ctx, &mut Disk, R) + Send + 'static,
     ) {
         let fs = self.clone();
-        let (d2, id2, t2) = (d.to_owned(), id.to_owned(), target.to_owned());
-        let key = (d.to_owned(), id.to_owned(), target.to_owned());
+        let DiskAt {
+            holder,
+            domain: d2,
+            id: id2,
+            target: t2,
+        } = at;
+        let key = (d2.clone(), id2.clone(), t2.clone());
         self.guest.submit(
             &key,
             Box::new(move |disk: &mut Disk| {
                 let Some(dom) = fs.reg.get(&d2) else {
-                    return fail(Errno::ENOENT);
+                    return reply.fail(Errno::ENOENT);
                 };
                 let Some(snap) = dom.forest().get(&id2).cloned() else {
-                    return fail(Errno::ENOENT);
+                    return reply.fail(Errno::ENOENT);
                 };
                 let view = match dom.views().view(&snap, &t2) {
                     Ok(v) => v,
-                    Err(e) => return fail(errno(&e)),
+                    Err(e) => return reply.fail(errno(&e)),
                 };
                 let size = super::content::image_of(&dom, &id2, &t2)
                     .and_then(|i| dom.views().disk_size(&i))
@@ -179,8 +226,9 @@ impl Inner {
                     dom,
                     snap,
                     target: t2,
+                    holder,
                 };
-                job(&fs, &ctx, disk);
+                job(&fs, &ctx, disk, reply);
             }),
         );
     }
@@ -260,34 +308,15 @@ impl Inner {
     /// `lookup` in a directory below `files/<target>/`.
     pub(super) fn guest_lookup(
         self: &Arc<Self>,
-        req: &Request,
-        d: &str,
-        id: &str,
+        at: DiskAt,
         parent: GuestPath,
         name: &OsStr,
         reply: ReplyEntry,
     ) {
-        let holder = Holder {
-            pid: req.pid(),
-            uid: req.uid(),
-        };
         let name = name.as_bytes().to_vec();
-        let (d2, id2) = (d.to_owned(), id.to_owned());
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let target = parent.target.clone();
-        self.guest_job(d, id, &target, fail, move |fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
-            let found = ctx.held(holder, || -> Result<(GuestPath, Option<Attr>), Errno> {
+        let (d2, id2) = (at.domain.clone(), at.id.clone());
+        self.guest_job(at, reply, move |fs, ctx, disk, reply| {
+            let found = ctx.held(|| -> Result<(GuestPath, Option<Attr>), Errno> {
                 let mut note = ctx.note();
                 if parent.part.is_empty() && parent.path.is_empty() {
                     let parts = disk.partitions(&mut note);
@@ -331,33 +360,14 @@ impl Inner {
     /// `getattr` of a guest file (below a disk or partition directory).
     pub(super) fn guest_getattr(
         self: &Arc<Self>,
-        req: &Request,
+        at: DiskAt,
         ino: u64,
-        d: &str,
-        id: &str,
         place: GuestPath,
         reply: ReplyAttr,
     ) {
-        let holder = Holder {
-            pid: req.pid(),
-            uid: req.uid(),
-        };
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let target = place.target.clone();
-        self.guest_job(d, id, &target, fail, move |fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
+        self.guest_job(at, reply, move |fs, ctx, disk, reply| {
             match ctx
-                .held(holder, || fs.guest_attr(ctx, disk, &place))
+                .held(|| fs.guest_attr(ctx, disk, &place))
                 .and_then(|r| r)
             {
                 Ok(Some(a)) => reply.attr(&STABLE_TTL, &file_attr(ino, &a)),
@@ -368,33 +378,9 @@ impl Inner {
     }
 
     /// `readlink` of a guest symlink.
-    pub(super) fn guest_readlink(
-        self: &Arc<Self>,
-        req: &Request,
-        d: &str,
-        id: &str,
-        place: GuestPath,
-        reply: ReplyData,
-    ) {
-        let holder = Holder {
-            pid: req.pid(),
-            uid: req.uid(),
-        };
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let target = place.target.clone();
-        self.guest_job(d, id, &target, fail, move |_fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
-            let r = ctx.held(holder, || {
+    pub(super) fn guest_readlink(self: &Arc<Self>, at: DiskAt, place: GuestPath, reply: ReplyData) {
+        self.guest_job(at, reply, move |_fs, ctx, disk, reply| {
+            let r = ctx.held(|| {
                 disk.with_fs(place.part_number(), &mut ctx.note(), |fs| {
                     fs.read_link(&place.path)
                 })
@@ -411,9 +397,7 @@ impl Inner {
     /// `open` of a guest file: read-only; holds the snapshot until released.
     pub(super) fn guest_open(
         self: &Arc<Self>,
-        req: &Request,
-        d: &str,
-        id: &str,
+        at: DiskAt,
         place: GuestPath,
         write: bool,
         reply: ReplyOpen,
@@ -424,26 +408,9 @@ impl Inner {
         if place.path.is_empty() {
             return reply.error(Errno::EISDIR);
         }
-        let holder = Holder {
-            pid: req.pid(),
-            uid: req.uid(),
-        };
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let target = place.target.clone();
-        let id2 = id.to_owned();
-        self.guest_job(d, id, &target, fail, move |fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
-            let hold = match ctx.dom.views().hold(&ctx.snap, holder) {
+        let id2 = at.id.clone();
+        self.guest_job(at, reply, move |fs, ctx, disk, reply| {
+            let hold = match ctx.dom.views().hold(&ctx.snap, ctx.holder) {
                 Ok(h) => h,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -484,21 +451,13 @@ impl Inner {
         size: u32,
         reply: ReplyData,
     ) {
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let d = open.domain.name().to_owned();
-        let (id, target) = (open.id.clone(), open.place.target.clone());
-        self.guest_job(&d, &id, &target, fail, move |_fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
+        let at = DiskAt::new(
+            open.hold.holder(),
+            open.domain.name(),
+            &open.id,
+            &open.place.target,
+        );
+        self.guest_job(at, reply, move |_fs, ctx, disk, reply| {
             let mut buf = vec![0u8; size as usize];
             let place = &open.place;
             let r = open.hold.read(|| {
@@ -529,34 +488,15 @@ impl Inner {
     /// `readdir` (`plus`: with attributes) of a directory below `files/<target>/`.
     pub(super) fn guest_readdir(
         self: &Arc<Self>,
-        req: &Request,
-        d: &str,
-        id: &str,
+        at: DiskAt,
         place: GuestPath,
         offset: u64,
         reply: GuestDirReply,
     ) {
-        let holder = Holder {
-            pid: req.pid(),
-            uid: req.uid(),
-        };
-        let reply = Arc::new(parking_lot::Mutex::new(Some(reply)));
-        let fail = {
-            let reply = reply.clone();
-            move |e: Errno| {
-                if let Some(r) = reply.lock().take() {
-                    r.error(e)
-                }
-            }
-        };
-        let (d2, id2) = (d.to_owned(), id.to_owned());
-        let target = place.target.clone();
-        self.guest_job(d, id, &target, fail, move |fs, ctx, disk| {
-            let Some(reply) = reply.lock().take() else {
-                return;
-            };
+        let (d2, id2) = (at.domain.clone(), at.id.clone());
+        self.guest_job(at, reply, move |fs, ctx, disk, mut reply| {
             let entries = match ctx
-                .held(holder, || fs.guest_entries(ctx, disk, &place))
+                .held(|| fs.guest_entries(ctx, disk, &place))
                 .and_then(|r| r)
             {
                 Ok(e) => e,
@@ -566,7 +506,6 @@ impl Inner {
             let up = fs.parent_of(&me);
             let dots = [(me, b".".to_vec()), (up, b"..".to_vec())];
             let dir_attr = Some(file_attr(0, &synthetic_dir()));
-            let mut reply = reply;
             let all =
                 dots.into_iter()
                     .map(|(n, name)| (n, None, name))

@@ -242,7 +242,7 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         if let Node::Guest(d, id, g) = p {
-            return fs.guest_lookup(req, &d, &id, g, name, reply);
+            return fs.guest_lookup(guest::DiskAt::of(req, &d, &id, &g), g, name, reply);
         }
         match fs.child(&p, name) {
             Some(node) => fs.reply_entry(&node, name.as_bytes(), req.uid(), reply),
@@ -260,7 +260,7 @@ impl Filesystem for SnapFs {
         let fs = &self.inner;
         if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
             if !g.path.is_empty() {
-                return fs.guest_getattr(req, ino.0, &d, &id, g, reply);
+                return fs.guest_getattr(guest::DiskAt::of(req, &d, &id, &g), ino.0, g, reply);
             }
         }
         // A changes file whose extents are not known yet: from a worker.
@@ -320,7 +320,9 @@ impl Filesystem for SnapFs {
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = &self.inner;
         let target = match fs.node(ino) {
-            Ok(Node::Guest(d, id, g)) => return fs.guest_readlink(req, &d, &id, g, reply),
+            Ok(Node::Guest(d, id, g)) => {
+                return fs.guest_readlink(guest::DiskAt::of(req, &d, &id, &g), g, reply)
+            }
             Ok(Node::DomainFile(d, DomainFile::Current)) => {
                 fs.reg.get(&d).and_then(|dom| content::current_target(&dom))
             }
@@ -439,7 +441,7 @@ impl Filesystem for SnapFs {
         };
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         if let Node::Guest(d, id, g) = node {
-            return fs.guest_open(req, &d, &id, g, write, reply);
+            return fs.guest_open(guest::DiskAt::of(req, &d, &id, &g), g, write, reply);
         }
         if matches!(
             node,
@@ -788,7 +790,7 @@ impl Filesystem for SnapFs {
         let fs = &self.inner;
         if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
             let r = guest::GuestDirReply::Plain(reply);
-            return fs.guest_readdir(req, &d, &id, g, offset, r);
+            return fs.guest_readdir(guest::DiskAt::of(req, &d, &id, &g), g, offset, r);
         }
         let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);
@@ -812,7 +814,7 @@ impl Filesystem for SnapFs {
         let fs = &self.inner;
         if let Ok(Node::Guest(d, id, g)) = fs.node(ino) {
             let r = guest::GuestDirReply::Plus(reply);
-            return fs.guest_readdir(req, &d, &id, g, offset, r);
+            return fs.guest_readdir(guest::DiskAt::of(req, &d, &id, &g), g, offset, r);
         }
         let Some(listing) = fs.listing(ino) else {
             return reply.error(Errno::ENOENT);

@@ -57,17 +57,7 @@ fn attr(e: &DirEntry<'_, Slice>) -> Attr {
 }
 
 fn root_attr() -> Attr {
-    Attr {
-        kind: Kind::Dir,
-        perm: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        atime: Time::default(),
-        mtime: Time::default(),
-        ctime: Time::default(),
-        crtime: None,
-    }
+    Attr::dir(0o755)
 }
 
 fn fat_error(e: io::Error) -> io::Error {

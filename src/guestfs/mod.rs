@@ -79,6 +79,24 @@ pub struct Attr {
     pub crtime: Option<Time>,
 }
 
+impl Attr {
+    /// A directory with mode `perm`, owned by root, with no times: what a
+    /// place the guest does not store (a root, `.`) shows.
+    pub fn dir(perm: u16) -> Attr {
+        Attr {
+            kind: Kind::Dir,
+            perm,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: Time::default(),
+            mtime: Time::default(),
+            ctime: Time::default(),
+            crtime: None,
+        }
+    }
+}
+
 /// A filesystem read from a guest disk. Paths are absolute byte strings
 /// (`b""` or `b"/"` is the root, `b"/etc/passwd"`); nothing is followed:
 /// a symlink is a file of its own.

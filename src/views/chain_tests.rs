@@ -1,6 +1,6 @@
 //! The direct reader against `qemu-img convert` of the same images.
 
-use super::super::test_images::{io, run, Dir};
+use super::super::test_images::{create, io, overlay, run, Dir};
 use super::*;
 
 /// What QEMU reads: `qemu-img convert -O raw` of `image` (format given,
@@ -45,7 +45,7 @@ fn same(chain: &Chain, want: &[u8]) {
 fn reads_internal_snapshots_like_qemu() {
     let d = Dir::new("snap");
     let img = d.p("d.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "70M"]);
+    create("qcow2", &img, "70M");
     io("qcow2", &img, "write -P 0x11 0 100k");
     io("qcow2", &img, "write -P 0x22 5M 64k");
     io("qcow2", &img, "write -z 5M 4k");
@@ -76,44 +76,19 @@ fn reads_a_chain_over_a_shorter_raw_base_like_qemu() {
     let d = Dir::new("chain");
     // raw base (8M) <- qcow2 mid (10M, a zero cluster over data) <- qcow2
     // top (12M, snapshot inside).
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &d.p("base.raw"), "8M"],
-    );
+    create("raw", &d.p("base.raw"), "8M");
     io("raw", &d.p("base.raw"), "write -P 0x11 0 3M");
     io("raw", &d.p("base.raw"), "write -P 0x12 7M 1M");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "base.raw",
-            &d.p("mid.qcow2"),
-            "10M",
-        ],
-    );
+    overlay(&d.p("mid.qcow2"), "base.raw", "raw", Some("10M"), &[]);
     io("qcow2", &d.p("mid.qcow2"), "write -P 0x22 1M 512k");
     io("qcow2", &d.p("mid.qcow2"), "write -z 2M 64k");
     io("qcow2", &d.p("mid.qcow2"), "write -P 0x23 9M 64k");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &d.p("mid.qcow2"),
-            &d.p("top.qcow2"),
-            "12M",
-        ],
+    overlay(
+        &d.p("top.qcow2"),
+        &d.p("mid.qcow2"),
+        "qcow2",
+        Some("12M"),
+        &[],
     );
     io("qcow2", &d.p("top.qcow2"), "write -P 0x33 1536k 100k");
     io("qcow2", &d.p("top.qcow2"), "write -P 0x34 11M 4k");
@@ -171,12 +146,7 @@ fn reads_compressed_clusters_like_qemu() {
         assert!(view.allocated_bytes().unwrap() >= 3 << 20);
         // Under an overlay, and at an internal snapshot.
         let top = d.p(&format!("{name}-top.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &img, &top,
-            ],
-        );
+        overlay(&top, &img, "qcow2", None, &[]);
         io("qcow2", &top, "write -P 0x45 1M 8k");
         run("qemu-img", &["snapshot", "-c", "s", &top]);
         io("qcow2", &top, "write -P 0x46 0 20M");
@@ -191,28 +161,15 @@ fn reads_compressed_clusters_like_qemu() {
 #[test]
 fn reads_subclusters_like_qemu() {
     let d = Dir::new("subclusters");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &d.p("base.raw"), "4M"],
-    );
+    create("raw", &d.p("base.raw"), "4M");
     io("raw", &d.p("base.raw"), "write -P 0x51 0 4M");
     let img = d.p("ext.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=128k",
-            "-F",
-            "raw",
-            "-b",
-            &d.p("base.raw"),
-            &img,
-            "6M",
-        ],
+    overlay(
+        &img,
+        &d.p("base.raw"),
+        "raw",
+        Some("6M"),
+        &["-o", "extended_l2=on,cluster_size=128k"],
     );
     io("qcow2", &img, "write -P 0x52 4k 4k");
     io("qcow2", &img, "write -P 0x53 12k 8k");
@@ -239,28 +196,11 @@ fn reads_subclusters_like_qemu() {
 #[test]
 fn refuses_what_it_must_not_read() {
     let d = Dir::new("refuse");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &d.p("base.raw"), "1M"],
-    );
+    create("raw", &d.p("base.raw"), "1M");
     // A backing file without a recorded format (its extension renamed
     // to one QEMU ignores): never probed.
     let nofmt = d.p("nofmt.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            &d.p("base.raw"),
-            &nofmt,
-            "1M",
-        ],
-    );
+    overlay(&nofmt, &d.p("base.raw"), "raw", Some("1M"), &[]);
     let mut b = std::fs::read(&nofmt).unwrap();
     let at = b
         .windows(4)
@@ -276,12 +216,7 @@ fn refuses_what_it_must_not_read() {
     for name in ["nbd:localhost:10809", "json:{\"driver\":\"raw\"}"] {
         let img = d.p("proto.qcow2");
         let _ = std::fs::remove_file(&img);
-        run(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", name, &img, "1M",
-            ],
-        );
+        overlay(&img, name, "raw", Some("1M"), &["-u"]);
         let e = Chain::open_file(Path::new(&img), "qcow2", None)
             .err()
             .unwrap();
@@ -289,31 +224,17 @@ fn refuses_what_it_must_not_read() {
     }
     // A symlink as a backing file, and a loop.
     std::os::unix::fs::symlink(d.p("base.raw"), d.p("link.raw")).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "raw",
-            "-b",
-            &d.p("link.raw"),
-            &d.p("sym.qcow2"),
-            "1M",
-        ],
+    overlay(
+        &d.p("sym.qcow2"),
+        &d.p("link.raw"),
+        "raw",
+        Some("1M"),
+        &["-u"],
     );
     assert!(Chain::open_file(Path::new(&d.p("sym.qcow2")), "qcow2", None).is_err());
     let (la, lb) = (d.p("loop-a.qcow2"), d.p("loop.qcow2"));
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &la, "1M"]);
-    run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &la, &lb, "1M",
-        ],
-    );
+    create("qcow2", &la, "1M");
+    overlay(&lb, &la, "qcow2", Some("1M"), &[]);
     run(
         "qemu-img",
         &["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", &lb, &la],

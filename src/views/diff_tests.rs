@@ -2,7 +2,7 @@
 //! exact where the maps say so, and always enough to rebuild the newer
 //! disk from the older one.
 
-use super::super::test_images::{io, run, Dir};
+use super::super::test_images::{create, io, overlay, run, Dir};
 use super::*;
 
 const K: u64 = 1024;
@@ -39,7 +39,7 @@ fn assert_rebuilds(new: &Chain, old: Option<&Chain>, ch: &Changes) {
 fn internal_snapshots_compare_their_clusters() {
     let d = Dir::new("diff-int");
     let img = d.p("a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "16M"]);
+    create("qcow2", &img, "16M");
     io("qcow2", &img, "write -P 1 0 4M");
     run("qemu-img", &["snapshot", "-c", "s1", &img]);
     io("qcow2", &img, "write -P 2 1M 64k");
@@ -73,15 +73,10 @@ fn internal_snapshots_compare_their_clusters() {
 fn external_chains_report_the_overlays_between() {
     let d = Dir::new("diff-ext");
     let (base, o1, o2) = (d.p("base.qcow2"), d.p("o1.qcow2"), d.p("o2.qcow2"));
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "16M"]);
+    create("qcow2", &base, "16M");
     io("qcow2", &base, "write -P 1 0 6M");
     for (over, under) in [(&o1, &base), (&o2, &o1)] {
-        run(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", under, over, "16M",
-            ],
-        );
+        overlay(over, under, "qcow2", Some("16M"), &[]);
     }
     io("qcow2", &o1, "write -P 2 2M 64k");
     io("qcow2", &o2, "write -P 3 10M 192k");
@@ -101,12 +96,7 @@ fn external_chains_report_the_overlays_between() {
     assert_rebuilds(&b, Some(&c2), &back);
     // Two branches over one base: both overlays' allocations.
     let br = d.p("br.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &br, "16M",
-        ],
-    );
+    overlay(&br, &base, "qcow2", Some("16M"), &[]);
     io("qcow2", &br, "write -P 4 12M 64k");
     let cb = open(&br, "qcow2", None);
     let ch = changes(&cb, Some(&c2)).unwrap();
@@ -122,21 +112,11 @@ fn a_raw_base_and_an_internal_snapshot_in_a_backing_image() {
     let d = Dir::new("diff-mixed");
     let (raw, mid, top) = (d.p("base.raw"), d.p("mid.qcow2"), d.p("top.qcow2"));
     std::fs::write(&raw, vec![7u8; 4 * M as usize]).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", &raw, &mid, "4M",
-        ],
-    );
+    overlay(&mid, &raw, "raw", Some("4M"), &[]);
     io("qcow2", &mid, "write -P 1 0 64k");
     run("qemu-img", &["snapshot", "-c", "t1", &mid]);
     io("qcow2", &mid, "write -P 2 1M 64k");
-    run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top, "4M",
-        ],
-    );
+    overlay(&top, &mid, "qcow2", Some("4M"), &[]);
     io("qcow2", &top, "write -P 3 2M 64k");
     let t1 = open(&mid, "qcow2", Some("t1"));
     let now = open(&top, "qcow2", None);

@@ -42,3 +42,24 @@ pub fn run(prog: &str, args: &[&str]) {
 pub fn io(format: &str, img: &str, cmd: &str) {
     run("qemu-io", &["-f", format, "-c", cmd, img]);
 }
+
+/// `qemu-img create -q -f FORMAT IMG SIZE`.
+pub fn create(format: &str, img: &str, size: &str) {
+    run("qemu-img", &["create", "-q", "-f", format, img, size]);
+}
+
+/// `qemu-img create -q -f qcow2 OPTIONS -F BACKING_FORMAT -b BACKING IMG
+/// [SIZE]`: a qcow2 overlay of `backing`.
+pub fn overlay(
+    img: &str,
+    backing: &str,
+    backing_format: &str,
+    size: Option<&str>,
+    options: &[&str],
+) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["-F", backing_format, "-b", backing, img]);
+    args.extend(size);
+    run("qemu-img", &args);
+}
