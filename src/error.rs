@@ -28,6 +28,9 @@ pub enum ErrorKind {
     Unsupported,
     /// QEMU gone, a QMP or qemu-img failure, an I/O error (`EIO`).
     Io,
+    /// The guest agent a quiesced snapshot needs does not answer
+    /// (`ENOTCONN`).
+    NotConnected,
 }
 
 impl ErrorKind {
@@ -44,6 +47,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => "ENOSPC",
             ErrorKind::Unsupported => "EOPNOTSUPP",
             ErrorKind::Io => "EIO",
+            ErrorKind::NotConnected => "ENOTCONN",
         }
     }
 
@@ -60,6 +64,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Unsupported => libc::EOPNOTSUPP,
             ErrorKind::Io => libc::EIO,
+            ErrorKind::NotConnected => libc::ENOTCONN,
         }
     }
 }

@@ -211,6 +211,7 @@ impl QemuBackend {
         &self,
         plan: &ExternalPlan,
         live: DomainState,
+        hook: Option<&dyn super::SwitchHook>,
     ) -> Result<ExternalOutcome> {
         let outcome = self.with_qmp(|conn| {
             let disks = self.live_disks(&mut conn.qmp)?;
@@ -269,9 +270,10 @@ impl QemuBackend {
             };
             match &plan.memory {
                 None => {
-                    let t = Instant::now();
-                    self.switch_disks_checked(conn, &actions, plan, live, &overlays)?;
-                    outcome.paused_for = Some(t.elapsed());
+                    let hook = hook.filter(|_| live == DomainState::Running);
+                    let switched =
+                        self.switch_disks_checked(conn, &actions, plan, live, &overlays, hook)?;
+                    outcome.paused_for = Some(switched);
                 }
                 Some(memory) => {
                     self.checkpoint(conn, &actions, plan, memory, live, &mut outcome)?;
@@ -311,8 +313,38 @@ impl QemuBackend {
     /// before the switch until the check passed; where only root could,
     /// it keeps running. If the check fails the guest is left paused:
     /// QEMU writes a file that is not the snapshot's overlay, and none of
-    /// the guest's writes may reach it.
+    /// the guest's writes may reach it. `hook` (the guest agent's freeze)
+    /// runs right before the pause or the switch, and its end (the thaw)
+    /// right after the guest runs again, on every path. Returns how long
+    /// the switch took (the hook's time apart).
     fn switch_disks_checked(
+        &self,
+        conn: &mut Conn,
+        actions: &[SnapshotAction],
+        plan: &ExternalPlan,
+        live: DomainState,
+        overlays: &[&Path],
+        hook: Option<&dyn super::SwitchHook>,
+    ) -> Result<Duration> {
+        if let Some(h) = hook {
+            if let Err(e) = h.before_switch() {
+                for o in overlays {
+                    let _ = self.remove_made(o);
+                }
+                return Err(e);
+            }
+        }
+        let t = Instant::now();
+        let r = self.switch_disks_unhooked(conn, actions, plan, live, overlays);
+        let took = t.elapsed();
+        if let Some(h) = hook {
+            h.after_switch();
+        }
+        r.map(|()| took)
+    }
+
+    /// [`Self::switch_disks_checked`] without the hook.
+    fn switch_disks_unhooked(
         &self,
         conn: &mut Conn,
         actions: &[SnapshotAction],

@@ -7,6 +7,7 @@ pub mod cmdline;
 pub mod external;
 pub mod fdset;
 pub mod fingerprint;
+pub mod guest_agent;
 pub mod image_lock;
 pub mod images;
 pub mod liveness;
@@ -141,6 +142,20 @@ pub struct Merge {
     pub above: Vec<PathBuf>,
 }
 
+/// What runs around the instant a running guest's disks switch to a
+/// snapshot (the guest agent's freeze and thaw): the backend calls
+/// [`SwitchHook::before_switch`] right before the QMP transaction, once
+/// everything else is ready, and [`SwitchHook::after_switch`] right
+/// after it, whether it worked or not, before anything else.
+pub trait SwitchHook {
+    /// Right before the switch; an error aborts the snapshot with
+    /// nothing switched.
+    fn before_switch(&self) -> Result<()>;
+    /// Right after the switch (or its failure), when `before_switch`
+    /// succeeded.
+    fn after_switch(&self);
+}
+
 /// The primitive actions on one domain. The domain layer decides which to
 /// run (and refuses what is unsafe); a backend just does them.
 pub trait Backend: Send + Sync {
@@ -163,8 +178,15 @@ pub trait Backend: Send + Sync {
     /// `Running` or `Paused`), else the disks alone, atomically across
     /// disks (returns `DiskSnapshot`). When stopped: disks (returns
     /// `Shutoff`). Fails with EIO when QEMU went away or appeared since
-    /// `live` was read.
-    fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState>;
+    /// `live` was read. `hook` runs around the disks' transaction of a
+    /// disk-only snapshot of a running guest (see [`SwitchHook`]).
+    fn create_internal(
+        &self,
+        tag: &str,
+        live: DomainState,
+        memory: bool,
+        hook: Option<&dyn SwitchHook>,
+    ) -> Result<SnapshotState>;
 
     /// Deletes internal snapshot `tag` from every disk that has it.
     fn delete_internal(&self, tag: &str) -> Result<()>;
@@ -228,7 +250,14 @@ pub trait Backend: Send + Sync {
     /// `plan.memory` and QEMU up, RAM is saved to that file at the same
     /// instant (live with background-snapshot when the guest runs). On
     /// failure nothing is left: overlays are merged back and removed.
-    fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome>;
+    /// `hook` runs around the disks' transaction of a disk-only snapshot
+    /// of a running guest (see [`SwitchHook`]).
+    fn create_external(
+        &self,
+        plan: &ExternalPlan,
+        live: DomainState,
+        hook: Option<&dyn SwitchHook>,
+    ) -> Result<ExternalOutcome>;
 
     /// Undoes a completed [`Backend::create_external`]: merges each
     /// overlay that is an active layer back into its backing image,

@@ -1027,7 +1027,13 @@ impl Backend for QemuBackend {
         ))
     }
 
-    fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState> {
+    fn create_internal(
+        &self,
+        tag: &str,
+        live: DomainState,
+        memory: bool,
+        hook: Option<&dyn super::SwitchHook>,
+    ) -> Result<SnapshotState> {
         let disks = self.qcow2_disks()?;
         if live == DomainState::Shutoff {
             for d in &disks {
@@ -1039,9 +1045,18 @@ impl Backend for QemuBackend {
             // Disks only: one transaction, so all disks share one instant.
             self.with_qmp(|conn| {
                 let job = self.job_args(conn, "disks")?;
-                conn.qmp
+                let hook = hook.filter(|_| live == DomainState::Running);
+                if let Some(h) = hook {
+                    h.before_switch()?;
+                }
+                let r = conn
+                    .qmp
                     .internal_snapshot_transaction(&job.nodes, tag)
-                    .map_err(qmp_err)
+                    .map_err(qmp_err);
+                if let Some(h) = hook {
+                    h.after_switch();
+                }
+                r
             })?;
             return Ok(SnapshotState::DiskSnapshot);
         }
@@ -1285,7 +1300,12 @@ impl Backend for QemuBackend {
         self.layered_argv().map(|(argv, _)| argv)
     }
 
-    fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {
+    fn create_external(
+        &self,
+        plan: &ExternalPlan,
+        live: DomainState,
+        hook: Option<&dyn super::SwitchHook>,
+    ) -> Result<ExternalOutcome> {
         super::external::check_plan_paths(plan)?;
         if live == DomainState::Shutoff {
             if self.is_up()? {
@@ -1295,7 +1315,7 @@ impl Backend for QemuBackend {
             }
             return self.external_offline(plan);
         }
-        self.external_live(plan, live)
+        self.external_live(plan, live, hook)
     }
 
     fn undo_external(&self, plan: &ExternalPlan) -> Result<()> {

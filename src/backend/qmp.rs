@@ -473,6 +473,15 @@ fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::
     Ok(n as usize)
 }
 
+/// Connects to the Unix socket `path` within `timeout` (see
+/// [`connect_deadline`]), for other peers than QMP (the guest agent).
+pub(crate) fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    connect_deadline(path, timeout).map_err(|e| match e {
+        QmpError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
+    })
+}
+
 /// Connects to a Unix socket without ever blocking past `timeout`: the
 /// socket is non-blocking while connecting, and a full backlog (EAGAIN)
 /// is retried until the deadline.

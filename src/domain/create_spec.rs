@@ -18,6 +18,8 @@ pub struct CheckedSpec {
     pub description: Option<String>,
     /// Internal or external, with or without RAM.
     pub kind: CreateKind,
+    /// `quiesce` as the spec gives it (`None`: the domain's default).
+    pub quiesce: Option<bool>,
 }
 
 fn absolute(what: &str, p: Option<PathBuf>) -> Result<Option<PathBuf>> {
@@ -96,9 +98,6 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
     let unsupported = |what: &str| Err(Error::new(ErrorKind::Unsupported, what.to_owned()));
     let name = spec.name.unwrap_or_else(|| now_secs().to_string());
     validate_name(&name)?;
-    if spec.quiesce {
-        return unsupported("quiesce needs the guest agent, which vmsnapfs does not drive yet");
-    }
     for d in &spec.disks {
         if !targets.contains(&d.name.as_str()) {
             return Err(Error::invalid(format!(
@@ -146,6 +145,7 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
             name,
             description: spec.description,
             kind: CreateKind::Internal { memory },
+            quiesce: spec.quiesce,
         });
     }
     if let Some((target, _, _)) = disks
@@ -178,6 +178,7 @@ pub fn check_spec(spec: SnapshotSpec, targets: &[&str]) -> Result<CheckedSpec> {
         name,
         description: spec.description,
         kind: CreateKind::External { disks, memory },
+        quiesce: spec.quiesce,
     })
 }
 
@@ -231,6 +232,7 @@ impl Domain {
             name: &checked.name,
             description: checked.description.clone(),
             kind: checked.kind.clone(),
+            quiesce: checked.quiesce,
         };
         self.create_as(&what, request)
             .or_else(|e| self.refuse(&what, e))
@@ -296,7 +298,8 @@ mod tests {
             CheckedSpec {
                 name: "a".into(),
                 description: Some("d".into()),
-                kind: CreateKind::Internal { memory: true }
+                kind: CreateKind::Internal { memory: true },
+                quiesce: None,
             }
         );
         let c = check(
@@ -373,9 +376,17 @@ mod tests {
         );
         // A bad name is refused by the parser already.
         assert!(parse_snapshot_xml("<domainsnapshot><name>.x</name></domainsnapshot>").is_err());
+        // Quiesce is read here and decided against the domain's state
+        // when the snapshot is taken (see `domain::quiesce::decide`).
         assert_eq!(
-            kind("<domainsnapshot><quiesce/></domainsnapshot>"),
-            ErrorKind::Unsupported
+            check("<domainsnapshot><memory snapshot='no'/><quiesce/></domainsnapshot>")
+                .unwrap()
+                .quiesce,
+            Some(true)
+        );
+        assert_eq!(
+            check("<domainsnapshot quiesce='no'/>").unwrap().quiesce,
+            Some(false)
         );
     }
 }

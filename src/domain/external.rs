@@ -156,8 +156,9 @@ impl Domain {
         plan: &ExternalPlan,
         mut snap: Snapshot,
         live: DomainState,
+        hook: Option<&dyn crate::backend::SwitchHook>,
     ) -> Result<()> {
-        let outcome: ExternalOutcome = self.backend.create_external(plan, live)?;
+        let outcome: ExternalOutcome = self.backend.create_external(plan, live, hook)?;
         if let Some(note) = &outcome.note {
             self.log.line(&format!("{what}: {note}"));
         }

@@ -204,8 +204,20 @@ impl Backend for FakeBackend {
         Ok(all)
     }
 
-    fn create_internal(&self, tag: &str, live: DomainState, memory: bool) -> Result<SnapshotState> {
+    fn create_internal(
+        &self,
+        tag: &str,
+        live: DomainState,
+        memory: bool,
+        hook: Option<&dyn crate::backend::SwitchHook>,
+    ) -> Result<SnapshotState> {
         let ram = memory && live != DomainState::Shutoff;
+        let hook = hook.filter(|_| live == DomainState::Running && !ram);
+        if let Some(h) = hook {
+            h.before_switch()?;
+            self.call("switch".into());
+            h.after_switch();
+        }
         for d in self.active.lock().iter() {
             if let Some(i) = self.images.images.lock().get_mut(&d.source) {
                 i.tags.push((tag.to_owned(), ram));
@@ -329,7 +341,18 @@ impl Backend for FakeBackend {
         self.active.lock().clone()
     }
 
-    fn create_external(&self, plan: &ExternalPlan, live: DomainState) -> Result<ExternalOutcome> {
+    fn create_external(
+        &self,
+        plan: &ExternalPlan,
+        live: DomainState,
+        hook: Option<&dyn crate::backend::SwitchHook>,
+    ) -> Result<ExternalOutcome> {
+        let hook = hook.filter(|_| live == DomainState::Running && plan.memory.is_none());
+        if let Some(h) = hook {
+            h.before_switch()?;
+            self.call("switch".into());
+            h.after_switch();
+        }
         let mut points = Vec::new();
         let mut active = self.active.lock();
         for (target, overlay) in &plan.overlays {

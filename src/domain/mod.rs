@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod oplog;
 pub mod paths;
 pub mod prune;
+pub mod quiesce;
 pub mod recovery;
 pub mod registry;
 pub mod relocate;
@@ -69,6 +70,10 @@ pub struct Domain {
     log: Arc<OpLog>,
     frozen: frozen::FrozenLocks,
     commandline: start::CommandLine,
+    /// Held by whoever talks to the guest agent (one client at a time).
+    agent_use: Mutex<()>,
+    /// Freezes whose thaw failed, retried from the domain's thread.
+    thaw_pending: Mutex<Vec<quiesce::PendingThaw>>,
 }
 
 /// Marks the domain busy for one operation; when it ends, the writer
@@ -91,6 +96,8 @@ pub struct CreateRequest<'a> {
     pub description: Option<String>,
     /// Internal or external, with or without RAM.
     pub kind: CreateKind,
+    /// The spec's `quiesce` (`None`: the domain's default).
+    pub quiesce: Option<bool>,
 }
 
 /// Internal or external, and what to include.
@@ -178,6 +185,8 @@ impl Domain {
             log,
             frozen: frozen::FrozenLocks::default(),
             commandline: start::CommandLine::default(),
+            agent_use: Mutex::new(()),
+            thaw_pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -268,6 +277,9 @@ impl Domain {
             self.note_state(s);
         }
         self.recover_when_known();
+        if self.recovered.load(Ordering::Acquire) {
+            self.retry_thaws(false);
+        }
     }
 
     fn note_state(&self, s: DomainState) {
@@ -495,6 +507,7 @@ impl Domain {
                     name,
                     description: None,
                     kind,
+                    quiesce: None,
                 };
                 self.create_as(&what, request)
             });
@@ -521,6 +534,15 @@ impl Domain {
             let id = new_id();
             let live = self.live_state()?;
             self.check_images_active(live)?;
+            let memory = live != DomainState::Shutoff
+                && match &request.kind {
+                    CreateKind::Internal { memory } => *memory,
+                    CreateKind::External { memory, .. } => memory.is_some(),
+                };
+            let freezer = self.prepare_quiesce(what, &id, request.quiesce, memory, live)?;
+            let hook = freezer
+                .as_ref()
+                .map(|f| f as &dyn crate::backend::SwitchHook);
             let external = match &request.kind {
                 CreateKind::Internal { .. } => None,
                 CreateKind::External { disks, memory } => {
@@ -542,9 +564,13 @@ impl Domain {
             let record = self.journal.begin(intent)?;
             let t1 = Instant::now();
             let done = crate::failpoint::hit("create.begin").and_then(|_| match &external {
-                None => self.create_steps(&id, &request, live),
-                Some((plan, snap)) => self.create_external_steps(what, plan, snap.clone(), live),
+                None => self.create_steps(&id, &request, live, hook),
+                Some((plan, snap)) => {
+                    self.create_external_steps(what, plan, snap.clone(), live, hook)
+                }
             });
+            // Thawed by now; the agent is free again.
+            drop(freezer);
             if let Err(mut e) = done {
                 if e.kind == ErrorKind::Io {
                     if let Some(why) = self.backend.space_shortage() {
@@ -581,9 +607,15 @@ impl Domain {
         }
     }
 
-    fn create_steps(&self, id: &str, request: &CreateRequest<'_>, live: DomainState) -> Result<()> {
+    fn create_steps(
+        &self,
+        id: &str,
+        request: &CreateRequest<'_>,
+        live: DomainState,
+        hook: Option<&dyn crate::backend::SwitchHook>,
+    ) -> Result<()> {
         let memory = matches!(request.kind, CreateKind::Internal { memory: true });
-        let state = self.backend.create_internal(id, live, memory)?;
+        let state = self.backend.create_internal(id, live, memory, hook)?;
         crate::failpoint::hit("create.after-backend")?;
         let memory = match state {
             SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,

@@ -24,14 +24,20 @@ pub fn recover(dom: &Domain) {
     }
     match dom.journal.pending() {
         Ok(records) => {
+            let mut readable = Vec::new();
             for r in records {
                 match r {
-                    Ok(record) => replay(dom, record),
+                    Ok(record) => readable.push(record),
                     Err(path) => dom.log.line(&format!(
                         "recovery: unreadable intent record {} left in place",
                         path.display()
                     )),
                 }
+            }
+            // A guest left frozen is thawed before anything else.
+            dom.take_thaw_records(&mut readable);
+            for record in readable {
+                replay(dom, record);
             }
         }
         Err(e) => dom
@@ -61,6 +67,10 @@ pub fn recover(dom: &Domain) {
 fn replay(dom: &Domain, record: IntentRecord) {
     let intent = record.intent.clone();
     let result: Result<&str> = (|| match &intent {
+        // Taken out before the replay (see `Domain::take_thaw_records`).
+        Intent::Thaw { .. } => Err(crate::error::Error::io(
+            "a freeze is thawed by the domain's thread, not replayed",
+        )),
         Intent::Create { id, .. } => {
             if dom.store.has_snapshot(id) {
                 dom.set_current(id)?;

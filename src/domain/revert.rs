@@ -289,6 +289,8 @@ impl Domain {
             kind: super::CreateKind::Internal {
                 memory: live != DomainState::Shutoff && checkpoints,
             },
+            // The guest is about to be reverted: never frozen for it.
+            quiesce: Some(false),
         };
         self.create_busy(&format!("{what}: keeping the state left behind"), request)
             .map_err(|e| {

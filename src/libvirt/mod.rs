@@ -85,6 +85,13 @@ impl LibvirtDomain {
         let shim = shim::Shim::start(virsh.clone(), name, &path)
             .map_err(|e| Error::from(e).context(format!("monitor endpoint {}", path.display())))?;
         def.monitor = Some(shim.path().to_owned());
+        if def.agent.is_some() {
+            // libvirt holds the agent's socket itself.
+            def.agent = Some(crate::model::AgentChannel::Unreachable(
+                "in libvirt mode libvirt holds the guest agent's socket, and vmsnapfs does                  not freeze through libvirt"
+                    .into(),
+            ));
+        }
         Ok((
             def,
             LibvirtDomain {

@@ -52,6 +52,41 @@ pub enum SnapshotPolicy {
     ExternalDiskOnly,
 }
 
+/// Whether a disk-only snapshot of a running guest freezes the guest's
+/// file systems through its guest agent first (libvirt's `--quiesce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuiesceMode {
+    /// Quiesce when the agent answers; otherwise take the snapshot
+    /// crash-consistent and say so in `.log`.
+    Auto,
+    /// Quiesce, or refuse the snapshot when no agent answers.
+    Yes,
+    /// Never quiesce.
+    No,
+}
+
+impl QuiesceMode {
+    /// The spelling in the definition and in `.log`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuiesceMode::Auto => "auto",
+            QuiesceMode::Yes => "yes",
+            QuiesceMode::No => "no",
+        }
+    }
+}
+
+/// How the daemon reaches a domain's guest agent (qemu-ga).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// QEMU listens on this Unix socket (libvirt's `<channel type='unix'>`
+    /// with `<source mode='bind' path=...>`); the daemon connects to it.
+    Socket(PathBuf),
+    /// A channel without a socket path the daemon can use (libvirt's own,
+    /// in libvirt mode, or a definition that names none).
+    Unreachable(String),
+}
+
 /// One disk of a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskDef {
@@ -76,6 +111,25 @@ pub struct DomainDef {
     pub commandline: Option<Vec<String>>,
     /// What `mkdir` creates.
     pub policy: SnapshotPolicy,
+    /// `<snapshot quiesce=...>` as written (`None`: not given; see
+    /// [`DomainDef::quiesce_default`]).
+    pub quiesce: Option<QuiesceMode>,
+    /// The guest agent's channel, when the definition has one.
+    pub agent: Option<AgentChannel>,
     /// The definition as written, shown as `.domain.xml`.
     pub xml: String,
+}
+
+impl DomainDef {
+    /// Whether snapshots quiesce when neither the definition nor the
+    /// `.create` spec says: `auto` when the definition has a guest agent
+    /// channel, `no` otherwise (a domain without an agent gets no `.log`
+    /// line about it on every snapshot).
+    pub fn quiesce_default(&self) -> QuiesceMode {
+        match (self.quiesce, &self.agent) {
+            (Some(q), _) => q,
+            (None, Some(_)) => QuiesceMode::Auto,
+            (None, None) => QuiesceMode::No,
+        }
+    }
 }

@@ -97,6 +97,16 @@ pub enum Intent {
         /// `running`, `paused` or `shutoff`.
         target: String,
     },
+    /// The guest's file systems are being frozen through the guest agent
+    /// at `agent` for snapshot `id`: written before the freeze, removed
+    /// once they are thawed; a record left behind is thawed at start.
+    Thaw {
+        /// The snapshot whose create froze them.
+        id: String,
+        /// The agent's socket.
+        #[serde(with = "record::path")]
+        agent: PathBuf,
+    },
 }
 
 impl Intent {
@@ -113,6 +123,7 @@ impl Intent {
                 format!("revert to {id} in backing images ({target})")
             }
             Intent::Revert { id, target } => format!("revert to {id} ({target})"),
+            Intent::Thaw { id, .. } => format!("freeze of the guest's file systems for {id}"),
             Intent::RevertExternal { id, target, .. } => {
                 format!("revert to external {id} ({target})")
             }
@@ -302,6 +313,11 @@ mod tests {
             discard: vec!["/img/old.qcow2".into()],
         };
         j.begin(d.clone()).unwrap();
+        let e = Intent::Thaw {
+            id: "s5".into(),
+            agent: "/run/vm/qga.sock".into(),
+        };
+        j.begin(e.clone()).unwrap();
         let rb = j.begin(b).unwrap();
         j.complete(rb).unwrap();
         let left: Vec<_> = j
@@ -310,7 +326,7 @@ mod tests {
             .into_iter()
             .map(|r| r.unwrap().intent)
             .collect();
-        assert_eq!(left, vec![a, c, d]);
+        assert_eq!(left, vec![a, c, d, e]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,6 +13,10 @@
 //!       <source file='/var/lib/vm1/vda.qcow2'/>
 //!       <target dev='vda'/>
 //!     </disk>
+//!     <channel type='unix'>                   <!-- the guest agent (qemu-ga) -->
+//!       <source mode='bind' path='/run/vm1/qga.sock'/>
+//!       <target type='virtio' name='org.qemu.guest_agent.0'/>
+//!     </channel>
 //!   </devices>
 //!   <commandline>                             <!-- ours: argv to start it -->
 //!     <arg value='qemu-system-x86_64'/>
@@ -20,6 +24,7 @@
 //!     <arg value='2048'/>
 //!   </commandline>
 //!   <snapshot policy='internal'/>             <!-- ours: what mkdir makes: internal | disk-only | external | external-disk-only -->
+//!                                             <!-- and quiesce='auto|yes|no' (see DomainDef::quiesce_default) -->
 //! </domain>
 //! ```
 //!
@@ -36,13 +41,19 @@ use quick_xml::Reader;
 
 use super::tree::{self, Element};
 use super::{trim_xml, XmlError};
-use crate::model::{validate_name, DiskDef, DomainDef, SnapshotPolicy};
+use crate::model::{validate_name, AgentChannel, DiskDef, DomainDef, QuiesceMode, SnapshotPolicy};
 
 /// Values of `<disk device=...>` that libvirt knows.
 const DISK_DEVICES: &[&str] = &["disk", "cdrom", "floppy", "lun"];
 
 /// Values of `<snapshot policy=...>`.
 const POLICIES: &[&str] = &["internal", "disk-only", "external", "external-disk-only"];
+
+/// Values of `<snapshot quiesce=...>`.
+const QUIESCE: &[&str] = &["auto", "yes", "no"];
+
+/// The name of the guest agent's virtio-serial port (libvirt's and qemu-ga's).
+pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
 /// The format of a disk whose `<driver>` names none (libvirt's default).
 const DEFAULT_FORMAT: &str = "raw";
@@ -70,7 +81,19 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
     };
 
     let mut disks: Vec<DiskDef> = Vec::new();
+    let mut agent = None;
     if let Some(devices) = root.child("devices")? {
+        for channel in devices.children_named("channel") {
+            let Some(found) = parse_agent_channel(channel)? else {
+                continue;
+            };
+            if agent.replace(found).is_some() {
+                return Err(XmlError::Duplicate {
+                    what: "guest agent channel",
+                    value: AGENT_PORT.into(),
+                });
+            }
+        }
         let mut targets = HashSet::new();
         for disk in devices.children_named("disk") {
             let Some(disk) = parse_disk(disk)? else {
@@ -91,6 +114,14 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         None => None,
     };
 
+    let quiesce = match root.child("snapshot")?.and_then(|s| s.attr("quiesce")) {
+        None => None,
+        Some("auto") => Some(QuiesceMode::Auto),
+        Some("yes") => Some(QuiesceMode::Yes),
+        Some("no") => Some(QuiesceMode::No),
+        Some(other) => return Err(XmlError::bad_choice("<snapshot quiesce>", other, QUIESCE)),
+    };
+
     let policy = match root.child("snapshot")? {
         Some(snapshot) => match snapshot.attr("policy") {
             None => SnapshotPolicy::default(),
@@ -109,8 +140,51 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         disks,
         commandline,
         policy,
+        quiesce,
+        agent,
         xml: xml.to_string(),
     })
+}
+
+/// Reads one `<channel>`: `None` unless its target is the guest agent's
+/// virtio port. A `type='unix'` channel with `<source path>` (an
+/// absolute path) names the socket QEMU listens on; any other is a
+/// channel the daemon cannot reach itself.
+fn parse_agent_channel(channel: &Element) -> Result<Option<AgentChannel>, XmlError> {
+    let Some(target) = channel.child("target")? else {
+        return Ok(None);
+    };
+    if target.attr("type") != Some("virtio") || target.attr("name") != Some(AGENT_PORT) {
+        return Ok(None);
+    }
+    if channel.attr("type") != Some("unix") {
+        return Ok(Some(AgentChannel::Unreachable(format!(
+            "its guest agent channel is of type {:?}, not a Unix socket",
+            channel.attr("type").unwrap_or("")
+        ))));
+    }
+    let source = channel.child("source")?;
+    let Some(path) = source.and_then(|s| s.attr("path")) else {
+        return Ok(Some(AgentChannel::Unreachable(
+            "its guest agent channel names no socket path".into(),
+        )));
+    };
+    if let Some(mode) = source.and_then(|s| s.attr("mode")) {
+        if mode != "bind" {
+            return Ok(Some(AgentChannel::Unreachable(format!(
+                "its guest agent socket is in mode {mode:?}: QEMU does not listen on it"
+            ))));
+        }
+    }
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(XmlError::bad_value(
+            "<channel><source path>",
+            &path.display().to_string(),
+            "not an absolute path",
+        ));
+    }
+    Ok(Some(AgentChannel::Socket(path)))
 }
 
 /// Reads one `<disk>`; `None` when it is not a snapshottable file disk.
@@ -411,6 +485,63 @@ mod tests {
         assert_eq!(def.policy, SnapshotPolicy::External, "the default");
         let def = parse_domain_def("<domain><name>x</name><snapshot/></domain>").expect("parses");
         assert_eq!(def.policy, SnapshotPolicy::External);
+    }
+
+    #[test]
+    fn reads_the_guest_agent_channel_and_the_quiesce_default() {
+        let with = |channels: &str, snapshot: &str| {
+            parse_domain_def(&format!(
+                "<domain><name>a</name><devices>{channels}</devices>{snapshot}</domain>"
+            ))
+        };
+        let qga = "<channel type='unix'><source mode='bind' path='/run/a/qga.sock'/>\
+                   <target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+        let def = with(qga, "").unwrap();
+        assert_eq!(
+            def.agent,
+            Some(AgentChannel::Socket("/run/a/qga.sock".into()))
+        );
+        assert_eq!(def.quiesce, None);
+        assert_eq!(def.quiesce_default(), QuiesceMode::Auto, "a channel: auto");
+        let def = with("", "").unwrap();
+        assert_eq!(def.agent, None);
+        assert_eq!(def.quiesce_default(), QuiesceMode::No, "no channel: no");
+        let def = with(qga, "<snapshot policy='disk-only' quiesce='yes'/>").unwrap();
+        assert_eq!(def.quiesce_default(), QuiesceMode::Yes);
+        assert_eq!(def.policy, SnapshotPolicy::DiskOnly);
+        let def = with("", "<snapshot quiesce='auto'/>").unwrap();
+        assert_eq!(def.quiesce_default(), QuiesceMode::Auto);
+        assert_eq!(
+            with(qga, "<snapshot quiesce='no'/>")
+                .unwrap()
+                .quiesce_default(),
+            QuiesceMode::No
+        );
+        // Other channels are not the agent; libvirt's own (no path) is
+        // known but not reachable; a connect-mode socket is not QEMU's.
+        let other = "<channel type='unix'><source mode='bind' path='/x'/>\
+                     <target type='virtio' name='org.example.0'/></channel>\
+                     <channel type='pty'><target type='serial'/></channel>";
+        assert_eq!(with(other, "").unwrap().agent, None);
+        let libvirts = "<channel type='unix'>\
+                        <target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+        assert!(matches!(
+            with(libvirts, "").unwrap().agent,
+            Some(AgentChannel::Unreachable(_))
+        ));
+        let connect = "<channel type='unix'><source mode='connect' path='/x'/>\
+                       <target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+        assert!(matches!(
+            with(connect, "").unwrap().agent,
+            Some(AgentChannel::Unreachable(_))
+        ));
+        // Refusals: a relative path, two agents, an unknown value.
+        let relative = "<channel type='unix'><source mode='bind' path='qga.sock'/>\
+                        <target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+        assert!(with(relative, "").is_err());
+        assert!(with(&format!("{qga}{qga}"), "").is_err());
+        let e = with(qga, "<snapshot quiesce='maybe'/>").unwrap_err();
+        assert!(e.to_string().contains("auto, yes, no"), "{e}");
     }
 
     #[test]

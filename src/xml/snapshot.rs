@@ -112,8 +112,9 @@ pub struct SnapshotSpec {
     pub machine: Option<String>,
     /// Whether the guest's file systems are to be frozen for a disk-only
     /// snapshot: a `<quiesce/>` element (text, if any, `yes` or `no`) or a
-    /// `quiesce='yes'` attribute on the root.
-    pub quiesce: bool,
+    /// `quiesce='yes'|'no'` attribute on the root; `None` when neither is
+    /// given (the domain's default applies).
+    pub quiesce: Option<bool>,
 }
 
 /// Writes `snap` as a libvirt-compatible `<domainsnapshot>` document,
@@ -302,12 +303,13 @@ pub fn parse_snapshot_xml(xml: &str) -> Result<SnapshotSpec, XmlError> {
         None => None,
     };
     let mut quiesce = match root.attr("quiesce") {
-        Some(flag) => parse_flag(flag, "<domainsnapshot quiesce>")?,
-        None => false,
+        Some(flag) => Some(parse_flag(flag, "<domainsnapshot quiesce>")?),
+        None => None,
     };
     if let Some(element) = root.child("quiesce")? {
         let flag = trim_xml(&element.text);
-        quiesce |= flag.is_empty() || parse_flag(flag, "<quiesce>")?;
+        let element = flag.is_empty() || parse_flag(flag, "<quiesce>")?;
+        quiesce = Some(quiesce.unwrap_or(false) || element);
     }
 
     Ok(SnapshotSpec {
@@ -844,7 +846,7 @@ mod tests {
         assert_eq!(spec.disks[1].kind, None);
         assert_eq!(spec.disks[1].source, None);
         assert_eq!(spec.disks[2].kind, Some(DiskSnapshotKind::Internal));
-        assert!(!spec.quiesce);
+        assert_eq!(spec.quiesce, None);
 
         let spec = parse_snapshot_xml("<domainsnapshot/>").expect("parses");
         assert_eq!(spec, SnapshotSpec::default());
@@ -854,17 +856,17 @@ mod tests {
         .expect("parses");
         assert_eq!(spec.name.as_deref(), Some("spaced"));
         assert_eq!(spec.memory, Some(MemorySpec::External(Some("/m".into()))));
-        assert!(spec.quiesce);
+        assert_eq!(spec.quiesce, Some(true));
         let spec = parse_snapshot_xml(
             "<domainsnapshot quiesce='yes'><memory snapshot='external'/><memory-x/></domainsnapshot>",
         )
         .expect("parses");
-        assert!(spec.quiesce);
+        assert_eq!(spec.quiesce, Some(true));
         assert_eq!(spec.memory, Some(MemorySpec::External(None)));
         let spec =
             parse_snapshot_xml("<domainsnapshot><quiesce>no</quiesce><memory/></domainsnapshot>")
                 .expect("parses");
-        assert!(!spec.quiesce);
+        assert_eq!(spec.quiesce, Some(false));
         assert_eq!(spec.memory, None);
         let spec = parse_snapshot_xml("<domainsnapshot><state>shutdown</state></domainsnapshot>")
             .expect("parses");
