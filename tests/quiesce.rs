@@ -407,3 +407,115 @@ fn an_agent_that_never_answers_times_out_and_ls_stays_responsive() {
     assert!(!fx.path("s2").exists());
     assert_eq!(image_state(&fx), before);
 }
+
+/// A scripted agent on a socket (the test's own; the real guest's agent
+/// cannot be told to fail): answers the sync, `thawed` and freezes, but
+/// the first thaw is never answered and the next two close the
+/// connection; later thaws are answered. Counts the thaws it saw.
+struct StubbornAgent {
+    stop: Arc<AtomicBool>,
+    thaws: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StubbornAgent {
+    fn listen(path: &Path) -> StubbornAgent {
+        use std::io::{BufRead, Write};
+        use std::sync::atomic::AtomicUsize;
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thaws = Arc::new(AtomicUsize::new(0));
+        let (s, t) = (stop.clone(), thaws.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((c, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().unwrap();
+                    let mut r = std::io::BufReader::new(c);
+                    let mut line = Vec::new();
+                    while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                        let text = String::from_utf8_lossy(&line).replace('\u{fffd}', "");
+                        line.clear();
+                        let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim()) else {
+                            let _ = w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"parse\"}}\n");
+                            continue;
+                        };
+                        let answer = match v["execute"].as_str().unwrap_or("") {
+                            "guest-sync-delimited" => {
+                                format!("\u{0}{{\"return\": {}}}\n", v["arguments"]["id"])
+                            }
+                            "guest-fsfreeze-status" => "{\"return\": \"thawed\"}\n".into(),
+                            "guest-fsfreeze-freeze" => "{\"return\": 1}\n".into(),
+                            "guest-fsfreeze-thaw" => match t.fetch_add(1, Ordering::SeqCst) {
+                                0 => continue,
+                                1 | 2 => return,
+                                _ => "{\"return\": 1}\n".into(),
+                            },
+                            _ => "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"\"}}\n"
+                                .into(),
+                        };
+                        // The sync answer starts with the 0xFF sentinel.
+                        let mut bytes = answer.into_bytes();
+                        if bytes[0] == 0 {
+                            bytes[0] = 0xff;
+                        }
+                        if w.write_all(&bytes).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        StubbornAgent {
+            stop,
+            thaws,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StubbornAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_thaw_that_fails_is_retried_until_it_is_done() {
+    let (fx, socket) = fixture_with_channel("qz-thaw", "");
+    let agent = StubbornAgent::listen(&socket);
+    fs::create_dir(fx.path("s1")).unwrap();
+    let log = fx.read(".log");
+    for l in [
+        "mkdir \"s1\": thaw attempt 1 failed: the guest agent did not answer guest-fsfreeze-thaw within 5 s",
+        "mkdir \"s1\": thaw attempt 2 failed: the guest agent closed the connection",
+        "mkdir \"s1\": the guest's file systems may still be frozen",
+        "mkdir \"s1\": created (disk-snapshot)",
+    ] {
+        assert!(log.contains(l), "{l:?} not in .log:\n{log}");
+    }
+    // The thaw record stays until a thaw is answered; the domain's
+    // thread tries again (every 10 s).
+    assert_eq!(journal(&fx.daemon.state).len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !fx.read(".log").contains("thawed 1 file system(s)") {
+        assert!(
+            Instant::now() < deadline,
+            "never thawed:\n{}",
+            fx.read(".log")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(agent.thaws.load(Ordering::SeqCst), 4);
+    assert!(journal(&fx.daemon.state).is_empty());
+    assert_eq!(fx.ls(), vec!["s1".to_owned()]);
+}
