@@ -12,7 +12,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use vmsnapfs::store::{check_record_parsers, meta, Intent};
+use vmsnapfs::store::{check_record_parsers, meta, Intent, RevertRecord};
 
 /// Whether the record parser for `kind` accepts `bytes`.
 fn accepts(kind: &str, bytes: &[u8]) -> bool {
@@ -77,14 +77,16 @@ fn old_records_mean_what_they_said() {
     assert_eq!(
         read("ok-old-revert-relocate.intent"),
         Some(Intent::RevertRelocate {
-            id: "vs-18f3a-3".into(),
-            target: "shutoff".into(),
+            revert: RevertRecord {
+                id: "vs-18f3a-3".into(),
+                target: "shutoff".into(),
+                left: None,
+                discard: vec!["/img/x.qcow2".into()],
+            },
             moved: vec![(
                 "/img/base.qcow2".into(),
                 "/img/base.moved-1795315805-1.qcow2".into()
             )],
-            left: None,
-            discard: vec!["/img/x.qcow2".into()],
         })
     );
     let layers = meta::parse_layers(&fs::read(root.join("ok-old.layers")).unwrap()).unwrap();

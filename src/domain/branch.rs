@@ -166,11 +166,8 @@ impl Domain {
             .map(|(t, _, o, _)| (t.clone(), o.clone()))
             .collect();
         let record = self.journal.begin(Intent::RevertExternal {
-            id: snap.id.clone(),
-            target: target.as_str().into(),
+            revert: self.revert_record(to, left.as_ref(), &discard),
             overlays: overlays.clone(),
-            left: left.as_ref().map(|l| self.plan_xml(l)),
-            discard: discard.clone(),
         })?;
         let t1 = Instant::now();
         let prepared = crate::failpoint::hit("revert.begin")

@@ -84,19 +84,12 @@ fn replay(dom: &Domain, record: IntentRecord) {
             id, overlays, plan, ..
         } => dom.replay_create_external(id, overlays, plan),
         Intent::RevertExternal {
-            id,
+            revert: r,
             overlays,
-            left,
-            discard,
-            ..
-        } => dom.replay_revert_external(id, overlays, left.as_deref(), discard),
-        Intent::RevertRelocate {
-            id,
-            moved,
-            left,
-            discard,
-            ..
-        } => dom.replay_revert_relocate(id, moved, left.as_deref(), discard),
+        } => dom.replay_revert_external(&r.id, overlays, r.left.as_deref(), &r.discard),
+        Intent::RevertRelocate { revert: r, moved } => {
+            dom.replay_revert_relocate(&r.id, moved, r.left.as_deref(), &r.discard)
+        }
         Intent::DeleteExternal { id, candidates } => dom.replay_delete_external(id, candidates),
         Intent::Delete { id } => {
             dom.backend.delete_internal(id)?;

@@ -158,11 +158,8 @@ impl Domain {
             Vec::new()
         };
         let record = self.journal.begin(Intent::RevertRelocate {
-            id: snap.id.clone(),
-            target: target.as_str().into(),
+            revert: self.revert_record(to, left.as_ref(), &discard),
             moved: moved.clone(),
-            left: left.as_ref().map(|l| self.plan_xml(l)),
-            discard: discard.clone(),
         })?;
         let t1 = Instant::now();
         let kept = left.as_ref().map(|l| l.name.clone());

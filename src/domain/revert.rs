@@ -1,13 +1,14 @@
 //! Reverting a domain to a snapshot: parsing what was written to `revert`,
 //! the safety rules (`force`, `EPERM`) and the steps for each case.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use super::revert_rule::{self, Refusal, RevertCase, RevertPlace, RevertPlan};
 use super::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DomainState, Snapshot, SnapshotState};
-use crate::store::Intent;
+use crate::store::{Intent, RevertRecord};
 
 /// What a write to a `revert` file asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +212,23 @@ impl Domain {
         r.or_else(|e| self.refuse(&what, e))
     }
 
-    /// What the rule looks at for a revert to `snap` (see [`revert_rule`]).
+    /// The journal's record of revert `to`, leaving snapshot `left`
+    /// behind (or removing the files in `discard`).
+    pub(super) fn revert_record(
+        &self,
+        to: &RevertTo<'_>,
+        left: Option<&Snapshot>,
+        discard: &[PathBuf],
+    ) -> RevertRecord {
+        RevertRecord {
+            id: to.snap.id.clone(),
+            target: to.target.as_str().into(),
+            left: left.map(|l| self.plan_xml(l)),
+            discard: discard.to_vec(),
+        }
+    }
+
+    /// What the rule looks at for revert `to` (see [`revert_rule`]).
     pub(super) fn revert_case(&self, to: &RevertTo<'_>, place: RevertPlace) -> RevertCase {
         let (snap, live, target, req) = (to.snap, to.live, to.target, to.req);
         RevertCase {

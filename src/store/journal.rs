@@ -45,36 +45,25 @@ pub enum Intent {
     /// active layers; the layers left behind are kept as snapshot `left`
     /// (its metadata) or their files in `discard` are removed.
     RevertExternal {
-        /// Snapshot id.
-        id: String,
-        /// `running`, `paused` or `shutoff`.
-        target: String,
+        /// The snapshot, the state asked for and what is left behind.
+        #[serde(flatten)]
+        revert: RevertRecord,
         /// The new overlay of each switched disk, by target.
         #[serde(with = "record::targets")]
         overlays: Vec<(String, PathBuf)>,
-        /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
-        left: Option<String>,
-        /// Files of the state left behind, removed as asked (`discard`).
-        #[serde(with = "record::paths")]
-        discard: Vec<PathBuf>,
     },
     /// Reverting to internal snapshot `id` whose tags live in images that
     /// are not all active layers: each (image, copy) in `moved` first gets
     /// its current contents copied out and its dependents moved onto the
     /// copy; then every image is reverted in place and becomes active.
     RevertRelocate {
-        /// Snapshot id (the tag).
-        id: String,
-        /// `running`, `paused` or `shutoff`.
-        target: String,
+        /// The snapshot (its id is the tag), the state asked for and what
+        /// is left behind.
+        #[serde(flatten)]
+        revert: RevertRecord,
         /// (image, copy of its current contents).
         #[serde(with = "record::path_pairs")]
         moved: Vec<(PathBuf, PathBuf)>,
-        /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
-        left: Option<String>,
-        /// Files of the state left behind, removed as asked (`discard`).
-        #[serde(with = "record::paths")]
-        discard: Vec<PathBuf>,
     },
     /// Deleting external snapshot `id`: images merged, then the files in
     /// `candidates` that nothing needs any more are removed.
@@ -109,6 +98,21 @@ pub enum Intent {
     },
 }
 
+/// What the record of a revert that leaves state behind holds besides
+/// its own steps (the same JSON fields as the variant's own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertRecord {
+    /// Snapshot id.
+    pub id: String,
+    /// `running`, `paused` or `shutoff`.
+    pub target: String,
+    /// The `<domainsnapshot>` XML of the snapshot keeping the state left behind.
+    pub left: Option<String>,
+    /// Files of the state left behind, removed as asked (`discard`).
+    #[serde(with = "record::paths")]
+    pub discard: Vec<PathBuf>,
+}
+
 impl Intent {
     /// A short description for logs: the operation and the snapshot.
     pub fn describe(&self) -> String {
@@ -119,13 +123,13 @@ impl Intent {
             }
             Intent::Delete { id } => format!("delete of {id}"),
             Intent::DeleteExternal { id, .. } => format!("delete of external {id}"),
-            Intent::RevertRelocate { id, target, .. } => {
-                format!("revert to {id} in backing images ({target})")
+            Intent::RevertRelocate { revert: r, .. } => {
+                format!("revert to {} in backing images ({})", r.id, r.target)
             }
             Intent::Revert { id, target } => format!("revert to {id} ({target})"),
             Intent::Thaw { id, .. } => format!("freeze of the guest's file systems for {id}"),
-            Intent::RevertExternal { id, target, .. } => {
-                format!("revert to external {id} ({target})")
+            Intent::RevertExternal { revert: r, .. } => {
+                format!("revert to external {} ({})", r.id, r.target)
             }
         }
     }
@@ -170,15 +174,11 @@ mod legacy {
                 plan: unescape(&get("plan")?),
             },
             "revert-external" => Intent::RevertExternal {
-                id,
-                target: get("target")?,
+                revert: revert_record(id, &get, text)?,
                 overlays: overlays(text)?,
-                left: get("left").map(|l| unescape(&l)),
-                discard: paths(text, "discard="),
             },
             "revert-relocate" => Intent::RevertRelocate {
-                id,
-                target: get("target")?,
+                revert: revert_record(id, &get, text)?,
                 moved: text
                     .lines()
                     .filter_map(|l| l.strip_prefix("moved="))
@@ -187,8 +187,6 @@ mod legacy {
                         Some((PathBuf::from(unescape(a)), PathBuf::from(unescape(b))))
                     })
                     .collect::<Option<Vec<_>>>()?,
-                left: get("left").map(|l| unescape(&l)),
-                discard: paths(text, "discard="),
             },
             "delete-external" => Intent::DeleteExternal {
                 id,
@@ -200,6 +198,20 @@ mod legacy {
                 target: get("target")?,
             },
             _ => return None,
+        })
+    }
+
+    /// The fields every revert record has.
+    fn revert_record(
+        id: String,
+        get: &dyn Fn(&str) -> Option<String>,
+        text: &str,
+    ) -> Option<RevertRecord> {
+        Some(RevertRecord {
+            id,
+            target: get("target")?,
+            left: get("left").map(|l| unescape(&l)),
+            discard: paths(text, "discard="),
         })
     }
 
@@ -285,6 +297,15 @@ impl Journal {
 mod tests {
     use super::*;
 
+    fn revert(id: &str, target: &str, left: Option<&str>, discard: &[&str]) -> RevertRecord {
+        RevertRecord {
+            id: id.into(),
+            target: target.into(),
+            left: left.map(str::to_owned),
+            discard: discard.iter().map(PathBuf::from).collect(),
+        }
+    }
+
     #[test]
     fn records_round_trip_and_complete() {
         let dir = std::env::temp_dir().join(format!("vmsnapfs-journal-{}", std::process::id()));
@@ -306,11 +327,13 @@ mod tests {
         j.begin(a.clone()).unwrap();
         j.begin(c.clone()).unwrap();
         let d = Intent::RevertExternal {
-            id: "s4".into(),
-            target: "running".into(),
+            revert: revert(
+                "s4",
+                "running",
+                Some("<domainsnapshot/>"),
+                &["/img/old.qcow2"],
+            ),
             overlays: vec![("vda".into(), "/img/a.r.qcow2".into())],
-            left: Some("<domainsnapshot/>".into()),
-            discard: vec!["/img/old.qcow2".into()],
         };
         j.begin(d.clone()).unwrap();
         let e = Intent::Thaw {
@@ -360,11 +383,13 @@ mod tests {
                  discard=/img/old.qcow2\nleft=<domainsnapshot/>\n"
             ),
             Some(Intent::RevertExternal {
-                id: "s4".into(),
-                target: "running".into(),
+                revert: revert(
+                    "s4",
+                    "running",
+                    Some("<domainsnapshot/>"),
+                    &["/img/old.qcow2"]
+                ),
                 overlays: vec![("vda".into(), "/img/a.r.qcow2".into())],
-                left: Some("<domainsnapshot/>".into()),
-                discard: vec!["/img/old.qcow2".into()],
             })
         );
         assert_eq!(
@@ -373,11 +398,8 @@ mod tests {
                  discard=/i/x\n"
             ),
             Some(Intent::RevertRelocate {
-                id: "s5".into(),
-                target: "shutoff".into(),
+                revert: revert("s5", "shutoff", None, &["/i/x"]),
                 moved: vec![("/i/a.qcow2".into(), "/i/a.moved.qcow2".into())],
-                left: None,
-                discard: vec!["/i/x".into()],
             })
         );
         assert_eq!(

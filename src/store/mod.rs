@@ -7,7 +7,7 @@ pub mod owned;
 pub mod record;
 pub mod safe_dir;
 
-pub use journal::{Intent, IntentRecord, Journal};
+pub use journal::{Intent, IntentRecord, Journal, RevertRecord};
 pub use meta::{DomainStore, Layer, Loaded};
 
 /// Entry point of the `journal` fuzz target and of the corpus test: runs
