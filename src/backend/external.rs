@@ -270,10 +270,22 @@ impl QemuBackend {
             };
             match &plan.memory {
                 None => {
+                    // The agent's freeze (the hook) comes right before
+                    // the pause or the switch, its thaw right after the
+                    // guest runs again; the time is the switch's alone.
                     let hook = hook.filter(|_| live == DomainState::Running);
-                    let switched =
-                        self.switch_disks_checked(conn, &actions, plan, live, &overlays, hook)?;
-                    outcome.paused_for = Some(switched);
+                    let mut started = None;
+                    let switched = super::hooked(hook, || {
+                        started = Some(Instant::now());
+                        self.switch_disks_checked(conn, &actions, plan, live, &overlays)
+                    });
+                    if switched.is_err() && started.is_none() {
+                        for o in &overlays {
+                            let _ = self.remove_made(o);
+                        }
+                    }
+                    switched?;
+                    outcome.paused_for = started.map(|t| t.elapsed());
                 }
                 Some(memory) => {
                     self.checkpoint(conn, &actions, plan, memory, live, &mut outcome)?;
@@ -313,38 +325,8 @@ impl QemuBackend {
     /// before the switch until the check passed; where only root could,
     /// it keeps running. If the check fails the guest is left paused:
     /// QEMU writes a file that is not the snapshot's overlay, and none of
-    /// the guest's writes may reach it. `hook` (the guest agent's freeze)
-    /// runs right before the pause or the switch, and its end (the thaw)
-    /// right after the guest runs again, on every path. Returns how long
-    /// the switch took (the hook's time apart).
+    /// the guest's writes may reach it.
     fn switch_disks_checked(
-        &self,
-        conn: &mut Conn,
-        actions: &[SnapshotAction],
-        plan: &ExternalPlan,
-        live: DomainState,
-        overlays: &[&Path],
-        hook: Option<&dyn super::SwitchHook>,
-    ) -> Result<Duration> {
-        if let Some(h) = hook {
-            if let Err(e) = h.before_switch() {
-                for o in overlays {
-                    let _ = self.remove_made(o);
-                }
-                return Err(e);
-            }
-        }
-        let t = Instant::now();
-        let r = self.switch_disks_unhooked(conn, actions, plan, live, overlays);
-        let took = t.elapsed();
-        if let Some(h) = hook {
-            h.after_switch();
-        }
-        r.map(|()| took)
-    }
-
-    /// [`Self::switch_disks_checked`] without the hook.
-    fn switch_disks_unhooked(
         &self,
         conn: &mut Conn,
         actions: &[SnapshotAction],

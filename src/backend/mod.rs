@@ -156,6 +156,20 @@ pub trait SwitchHook {
     fn after_switch(&self);
 }
 
+/// Runs `switch` inside `hook` (when there is one): the switch does not
+/// start when [`SwitchHook::before_switch`] fails, and
+/// [`SwitchHook::after_switch`] runs whatever the switch did.
+pub fn hooked<T>(hook: Option<&dyn SwitchHook>, switch: impl FnOnce() -> Result<T>) -> Result<T> {
+    if let Some(h) = hook {
+        h.before_switch()?;
+    }
+    let r = switch();
+    if let Some(h) = hook {
+        h.after_switch();
+    }
+    r
+}
+
 /// The primitive actions on one domain. The domain layer decides which to
 /// run (and refuses what is unsafe); a backend just does them.
 pub trait Backend: Send + Sync {

@@ -1046,17 +1046,11 @@ impl Backend for QemuBackend {
             self.with_qmp(|conn| {
                 let job = self.job_args(conn, "disks")?;
                 let hook = hook.filter(|_| live == DomainState::Running);
-                if let Some(h) = hook {
-                    h.before_switch()?;
-                }
-                let r = conn
-                    .qmp
-                    .internal_snapshot_transaction(&job.nodes, tag)
-                    .map_err(qmp_err);
-                if let Some(h) = hook {
-                    h.after_switch();
-                }
-                r
+                super::hooked(hook, || {
+                    conn.qmp
+                        .internal_snapshot_transaction(&job.nodes, tag)
+                        .map_err(qmp_err)
+                })
             })?;
             return Ok(SnapshotState::DiskSnapshot);
         }

@@ -137,29 +137,15 @@ impl Domain {
         let (mut left, mut discard) = if req.discard {
             (None, discardable.clone())
         } else {
-            let forest = self.forest.read();
-            let left = Snapshot {
-                id: super::new_id(),
-                name: left_name(|n| forest.by_name(n).is_some()),
-                description: Some(format!(
-                    "the state left behind by the revert to {:?}",
-                    snap.name
-                )),
-                creation_time: now_secs(),
-                state: if live == DomainState::Shutoff {
-                    SnapshotState::Shutoff
-                } else {
-                    SnapshotState::DiskSnapshot
-                },
-                parent: forest.current().map(str::to_owned),
-                memory: MemoryLocation::No,
-                disks: left_points,
-                domain_xml: Some(self.def.xml.clone()),
-                memory_format: Default::default(),
-                machine: None,
+            let state = if live == DomainState::Shutoff {
+                SnapshotState::Shutoff
+            } else {
+                SnapshotState::DiskSnapshot
             };
-            drop(forest);
-            (Some(left), Vec::new())
+            (
+                Some(self.left_snapshot(snap, state, left_points)),
+                Vec::new(),
+            )
         };
         let overlays: Vec<(String, PathBuf)> = branches
             .iter()

@@ -104,7 +104,7 @@ impl Domain {
             .map_or(MemoryLocation::No, MemoryLocation::External);
         let snap = Snapshot {
             memory_format,
-            ..self.new_snapshot(id, request, state, saved, points)
+            ..self.new_snapshot(id, request.named(), state, saved, points)
         };
         let plan = ExternalPlan {
             overlays,

@@ -174,6 +174,17 @@ impl FakeBackend {
         }
     }
 
+    /// A disk switch inside `hook`, recorded as a call `switch`.
+    fn switch(&self, hook: Option<&dyn crate::backend::SwitchHook>) -> Result<()> {
+        if hook.is_none() {
+            return Ok(());
+        }
+        crate::backend::hooked(hook, || {
+            self.call("switch".into());
+            Ok(())
+        })
+    }
+
     fn call(&self, what: String) {
         self.calls.lock().push(what);
     }
@@ -213,11 +224,7 @@ impl Backend for FakeBackend {
     ) -> Result<SnapshotState> {
         let ram = memory && live != DomainState::Shutoff;
         let hook = hook.filter(|_| live == DomainState::Running && !ram);
-        if let Some(h) = hook {
-            h.before_switch()?;
-            self.call("switch".into());
-            h.after_switch();
-        }
+        self.switch(hook)?;
         for d in self.active.lock().iter() {
             if let Some(i) = self.images.images.lock().get_mut(&d.source) {
                 i.tags.push((tag.to_owned(), ram));
@@ -348,11 +355,7 @@ impl Backend for FakeBackend {
         hook: Option<&dyn crate::backend::SwitchHook>,
     ) -> Result<ExternalOutcome> {
         let hook = hook.filter(|_| live == DomainState::Running && plan.memory.is_none());
-        if let Some(h) = hook {
-            h.before_switch()?;
-            self.call("switch".into());
-            h.after_switch();
-        }
+        self.switch(hook)?;
         let mut points = Vec::new();
         let mut active = self.active.lock();
         for (target, overlay) in &plan.overlays {

@@ -100,6 +100,13 @@ pub struct CreateRequest<'a> {
     pub quiesce: Option<bool>,
 }
 
+impl CreateRequest<'_> {
+    /// The new snapshot's name and description.
+    fn named(&self) -> (&str, Option<String>) {
+        (self.name, self.description.clone())
+    }
+}
+
 /// Internal or external, and what to include.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateKind {
@@ -621,24 +628,24 @@ impl Domain {
             SnapshotState::Running | SnapshotState::Paused => MemoryLocation::Internal,
             _ => MemoryLocation::No,
         };
-        let snap = self.new_snapshot(id, request, state, memory, self.internal_points());
+        let snap = self.new_snapshot(id, request.named(), state, memory, self.internal_points());
         self.record_new(snap)
     }
 
-    /// The record of snapshot `id` made now for `request`: its parent is
-    /// the current snapshot, its definition the domain's.
+    /// The record of snapshot `id` made now, `named` (name, description):
+    /// its parent is the current snapshot, its definition the domain's.
     fn new_snapshot(
         &self,
         id: &str,
-        request: &CreateRequest<'_>,
+        (name, description): (&str, Option<String>),
         state: SnapshotState,
         memory: MemoryLocation,
         disks: Vec<DiskPoint>,
     ) -> Snapshot {
         Snapshot {
             id: id.to_owned(),
-            name: request.name.to_owned(),
-            description: request.description.clone(),
+            name: name.to_owned(),
+            description,
             creation_time: now_secs(),
             state,
             parent: self.forest.read().current().map(str::to_owned),

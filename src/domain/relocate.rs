@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::branch::left_name;
 use super::oplog::now_secs;
 use super::prune::ImageGraph;
 use super::revert::{left_behind, RevertTo};
@@ -17,9 +16,7 @@ use super::revert_rule::RevertPlace;
 use super::Domain;
 use crate::backend::qemu_img::canonical;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{
-    DiskPoint, DiskSnapshotKind, DomainState, MemoryLocation, Snapshot, SnapshotState,
-};
+use crate::model::{DiskPoint, DiskSnapshotKind, DomainState, Snapshot, SnapshotState};
 use crate::store::Intent;
 
 /// Where the current contents of `image` are copied.
@@ -133,25 +130,7 @@ impl Domain {
             });
         }
         let keep = !req.discard && left_points.iter().any(|p| p.image.is_some());
-        let left = keep.then(|| {
-            let forest = self.forest.read();
-            Snapshot {
-                id: super::new_id(),
-                name: left_name(|n| forest.by_name(n).is_some()),
-                description: Some(format!(
-                    "the state left behind by the revert to {:?}",
-                    snap.name
-                )),
-                creation_time: now_secs(),
-                state: SnapshotState::Shutoff,
-                parent: forest.current().map(str::to_owned),
-                memory: MemoryLocation::No,
-                disks: left_points,
-                domain_xml: Some(self.def.xml.clone()),
-                memory_format: Default::default(),
-                machine: None,
-            }
-        });
+        let left = keep.then(|| self.left_snapshot(snap, SnapshotState::Shutoff, left_points));
         let discard = if req.discard {
             self.discardable(&left_images)
         } else {

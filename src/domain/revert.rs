@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::revert_rule::{self, Refusal, RevertCase, RevertPlace, RevertPlan};
 use super::Domain;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{DomainState, Snapshot, SnapshotState};
+use crate::model::{DiskPoint, DomainState, MemoryLocation, Snapshot, SnapshotState};
 use crate::store::{Intent, RevertRecord};
 
 /// What a write to a `revert` file asks for.
@@ -212,6 +212,33 @@ impl Domain {
         r.or_else(|e| self.refuse(&what, e))
     }
 
+    /// The record of a new snapshot `left-*` keeping the state a revert to
+    /// `to` leaves behind, in `state`, with `disks`.
+    pub(super) fn left_snapshot(
+        &self,
+        to: &Snapshot,
+        state: SnapshotState,
+        disks: Vec<DiskPoint>,
+    ) -> Snapshot {
+        let (name, description) = self.left_names(to);
+        let id = super::new_id();
+        self.new_snapshot(
+            &id,
+            (&name, Some(description)),
+            state,
+            MemoryLocation::No,
+            disks,
+        )
+    }
+
+    /// A free name `left-*` and the description of the snapshot keeping
+    /// the state a revert to `to` leaves behind.
+    fn left_names(&self, to: &Snapshot) -> (String, String) {
+        let name = super::branch::left_name(|n| self.forest.read().by_name(n).is_some());
+        let description = format!("the state left behind by the revert to {:?}", to.name);
+        (name, description)
+    }
+
     /// The journal's record of revert `to`, leaving snapshot `left`
     /// behind (or removing the files in `discard`).
     pub(super) fn revert_record(
@@ -292,17 +319,14 @@ impl Domain {
         target: &Snapshot,
         live: DomainState,
     ) -> Result<String> {
-        let name = super::branch::left_name(|n| self.forest.read().by_name(n).is_some());
+        let (name, description) = self.left_names(target);
         let checkpoints = matches!(
             self.def.policy,
             crate::model::SnapshotPolicy::Internal | crate::model::SnapshotPolicy::External
         );
         let request = super::CreateRequest {
             name: &name,
-            description: Some(format!(
-                "the state left behind by the revert to {:?}",
-                target.name
-            )),
+            description: Some(description),
             kind: super::CreateKind::Internal {
                 memory: live != DomainState::Shutoff && checkpoints,
             },
