@@ -186,15 +186,6 @@ fn mkdir(fx: &Fixture, name: &str) {
         .unwrap_or_else(|e| panic!("mkdir {name}: {e}\n{}", fx.read(".log")));
 }
 
-fn names(fx: &Fixture, rel: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(fx.path(rel))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn internal_snapshots_across_deletes_and_crashes() {
     let mut fx = Fixture::new("chg-int");
@@ -210,10 +201,10 @@ fn internal_snapshots_across_deletes_and_crashes() {
     io(&fx, "vda", "write -P 0xa5 40M 1M");
 
     assert_eq!(
-        names(&fx, "s2/changes"),
+        names(&fx.path("s2/changes")),
         vec!["vda", "vda.map", "vdb", "vdb.map"]
     );
-    assert_eq!(names(&fx, "s2/since"), vec!["s1", "s3"]);
+    assert_eq!(names(&fx.path("s2/since")), vec!["s1", "s3"]);
     // `ls -l`: sizes are the disk's and the map's.
     let map_len = fs::metadata(fx.path("s2/changes/vda.map")).unwrap().len();
     assert_eq!(
@@ -412,7 +403,7 @@ fn a_raw_disk_under_external_snapshots() {
          <disk name='vda' snapshot='external'/><disk name='vdb' snapshot='no'/>\
          </disks></domainsnapshot>",
     );
-    assert_eq!(names(&fx, "x1/changes"), vec!["vda", "vda.map"]);
+    assert_eq!(names(&fx.path("x1/changes")), vec!["vda", "vda.map"]);
     assert!(!fx.path("x1/since/r3/vdb").exists());
     let (runs, _) = map_of(&fx.path("r3/since/x1/vdb.map"));
     assert_eq!(runs, vec![(0, M), (2 * M, 64 * K), (4 * M, 64 * K)]);

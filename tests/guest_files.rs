@@ -251,15 +251,6 @@ fn assert_same_fat(tree: &Path, shown: &Path) {
     );
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 fn spec() -> VmSpec {
     let mut spec = VmSpec::small("vm1");
     spec.disks = vec![("vda".into(), 64), ("vdb".into(), 48), ("vdc".into(), 16)];

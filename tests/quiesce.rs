@@ -78,16 +78,6 @@ fn frozen_line(log: &str, what: &str) -> String {
         .to_owned()
 }
 
-/// The names of the files in `dir`.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// The intent records in vm1's journal.
 fn journal(state: &Path) -> Vec<String> {
     let dir = state.join("vm1/journal");

@@ -30,16 +30,6 @@ fn images_dir(vm: &Vm) -> PathBuf {
     vm.disks[0].image.parent().unwrap().to_owned()
 }
 
-/// The names in a directory, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Gives the images and their directory to `uid`:`gid` with `mode`.
 fn own_images(vm: &Vm, uid: u32, gid: u32, dir_mode: u32, image_mode: u32) {
     let dir = images_dir(vm);

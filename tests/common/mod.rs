@@ -358,6 +358,16 @@ impl Fixture {
 }
 
 /// Writes `data` in one write(2) call; returns the errno on failure.
+/// The names of the entries of `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn write_file(path: &Path, data: &[u8]) -> Result<(), i32> {
     let mut f = fs::OpenOptions::new()
         .write(true)
