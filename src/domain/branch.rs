@@ -110,12 +110,14 @@ impl Domain {
                         target: def.target.clone(),
                         kind: DiskSnapshotKind::External,
                         image: now.map(|a| a.source.clone()),
+                        overlay: None,
                     });
                 }
                 _ => left_points.push(DiskPoint {
                     target: def.target.clone(),
                     kind: DiskSnapshotKind::No,
                     image: None,
+                    overlay: None,
                 }),
             }
         }

@@ -46,19 +46,23 @@ pub fn description_change(
         return differs("<memory>");
     }
     for d in &spec.disks {
+        // libvirt's shape names an external disk's overlay; earlier
+        // documents named the point.
         let same = snap.disks.iter().any(|p| {
             p.target == d.name
                 && d.kind.is_none_or(|k| k == p.kind)
                 && d.source
                     .as_ref()
-                    .is_none_or(|s| Some(s) == p.image.as_ref())
+                    .is_none_or(|s| Some(s) == p.image.as_ref() || Some(s) == p.overlay.as_ref())
         });
         if !same {
             return differs(&format!("<disk name='{}'>", d.name));
         }
     }
     if let (Some(new), Some(old)) = (&spec.domain_xml, &snap.domain_xml) {
-        if new.trim() != old.trim() {
+        // As snapshot.xml shows it (on the snapshot's points) or as recorded.
+        let shown = crate::libvirt::snapshots::domain_at_point(snap, old);
+        if new.trim() != old.trim() && shown.as_deref().map(str::trim) != Some(new.trim()) {
             return differs("<domain>");
         }
     }
@@ -115,6 +119,7 @@ mod tests {
                 target: "vda".into(),
                 kind: DiskSnapshotKind::Internal,
                 image: Some("/img/vda.qcow2".into()),
+                overlay: None,
             }],
             domain_xml: Some("<domain><name>vm1</name></domain>".into()),
             memory_format: Default::default(),
@@ -132,6 +137,13 @@ mod tests {
         s.description = Some("new words".into());
         let xml = write_snapshot_xml(&s, None);
         assert_eq!(apply(&xml).unwrap().as_deref(), Some("new words"));
+        let shown = crate::libvirt::snapshots::snapshot_xml(
+            &s,
+            None,
+            s.domain_xml.as_deref(),
+            &Default::default(),
+        );
+        assert_eq!(apply(&shown).unwrap().as_deref(), Some("new words"));
         let short = "<domainsnapshot><description>only this</description></domainsnapshot>";
         assert_eq!(apply(short).unwrap().as_deref(), Some("only this"));
         assert_eq!(apply("<domainsnapshot/>").unwrap(), None);

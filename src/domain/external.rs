@@ -65,17 +65,19 @@ impl Domain {
                     let overlay = path
                         .clone()
                         .unwrap_or_else(|| default_overlay(&def.source, request.name));
-                    overlays.push((def.target.clone(), overlay));
+                    overlays.push((def.target.clone(), overlay.clone()));
                     points.push(DiskPoint {
                         target: def.target.clone(),
                         kind: DiskSnapshotKind::External,
                         image: Some(now.source.clone()),
+                        overlay: Some(overlay),
                     });
                 }
                 None => points.push(DiskPoint {
                     target: def.target.clone(),
                     kind: DiskSnapshotKind::No,
                     image: None,
+                    overlay: None,
                 }),
             }
         }

@@ -689,6 +689,7 @@ impl Domain {
                 target: d.target.clone(),
                 kind: DiskSnapshotKind::Internal,
                 image: Some(d.source.clone()),
+                overlay: None,
             })
             .collect()
     }

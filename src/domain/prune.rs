@@ -391,8 +391,8 @@ impl Domain {
         })
     }
 
-    /// Snapshots whose point was `from` (now merged into `to`) point at
-    /// `to`; those with an open view keep `from`, which then stays.
+    /// Snapshots whose point (or overlay) was `from` (now merged into
+    /// `to`) name `to`; those with an open view keep `from`, which then stays.
     pub(super) fn repoint(&self, from: &Path, to: &Path) -> Result<()> {
         let mut forest = self.forest.write();
         let ids: Vec<String> = forest
@@ -401,7 +401,9 @@ impl Domain {
             .filter(|s| {
                 s.disks.iter().any(|d| {
                     d.kind == DiskSnapshotKind::External
-                        && d.image.as_deref().map(canonical).as_deref() == Some(from)
+                        && [&d.image, &d.overlay]
+                            .iter()
+                            .any(|p| p.as_deref().map(canonical).as_deref() == Some(from))
                 })
             })
             .map(|s| s.id.clone())
@@ -413,6 +415,12 @@ impl Domain {
             for d in &mut s.disks {
                 if d.image.as_deref().map(canonical).as_deref() == Some(from) {
                     d.image = Some(to.to_owned());
+                }
+                // The overlay merged away: its writes are in `to` now,
+                // unless `to` is the point itself (then none is left).
+                if d.overlay.as_deref().map(canonical).as_deref() == Some(from) {
+                    let is_point = d.image.as_deref().map(canonical) == Some(canonical(to));
+                    d.overlay = (!is_point).then(|| to.to_owned());
                 }
             }
             self.store.save_snapshot(&s, &forest)?;

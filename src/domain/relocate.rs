@@ -127,6 +127,7 @@ impl Domain {
                     DiskSnapshotKind::No
                 },
                 image: point,
+                overlay: None,
             });
         }
         let keep = !req.discard && left_points.iter().any(|p| p.image.is_some());

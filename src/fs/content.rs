@@ -3,7 +3,6 @@
 use super::inode::{DomainFile, SnapFile};
 use crate::domain::Domain;
 use crate::xml::domain::redact_secrets;
-use crate::xml::snapshot::write_snapshot_xml;
 
 /// Contents of a domain file; `uid` decides whether secrets are shown.
 pub fn domain_file(dom: &Domain, file: DomainFile, uid: u32) -> Vec<u8> {
@@ -38,7 +37,12 @@ pub fn snapshot_file(dom: &Domain, id: &str, file: SnapFile, uid: u32) -> Option
     Some(match file {
         SnapFile::SnapshotXml => {
             let parent = snap.parent.as_deref().and_then(|p| forest.name_of(p));
-            let xml = write_snapshot_xml(snap, parent);
+            let xml = crate::libvirt::snapshots::snapshot_xml(
+                snap,
+                parent,
+                snap.domain_xml.as_deref(),
+                &Default::default(),
+            );
             if uid == 0 { xml } else { redact_secrets(&xml) }.into_bytes()
         }
         SnapFile::State => {

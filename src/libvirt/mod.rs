@@ -138,9 +138,7 @@ impl LibvirtDomain {
             .collect();
         // Every chain from the active layers and from each point image.
         let mut chains: Vec<Vec<PathBuf>> = Vec::new();
-        let mut formats: BTreeMap<String, String> = BTreeMap::new();
         for d in active {
-            formats.insert(d.target.clone(), d.format.clone());
             if let Ok(c) = crate::backend::qemu_img::chain(&d.source, &d.format) {
                 chains.push(c.into_iter().map(|i| i.path).collect());
             }
@@ -161,17 +159,20 @@ impl LibvirtDomain {
         order.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
         let mut want: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for s in &order {
+            // Records of earlier versions name no overlay: found in the chains.
             let overlays = s
                 .disks
                 .iter()
-                .filter(|d| d.kind == DiskSnapshotKind::External)
+                .filter(|d| d.kind == DiskSnapshotKind::External && d.overlay.is_none())
                 .filter_map(|d| {
                     let o = snapshots::overlay_over(d.image.as_deref()?, &chains)?;
                     Some((d.target.clone(), o))
                 })
                 .collect();
             let parent = s.parent.as_deref().and_then(|p| names.get(p).copied());
-            let xml = snapshots::snapshot_xml(s, parent, &domain, &formats, &overlays);
+            // libvirt's definition recorded at the snapshot, else today's.
+            let recorded = s.domain_xml.as_deref().unwrap_or(&domain);
+            let xml = snapshots::snapshot_xml(s, parent, Some(recorded), &overlays);
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             xml.hash(&mut h);

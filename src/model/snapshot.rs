@@ -121,6 +121,11 @@ pub struct DiskPoint {
     pub kind: DiskSnapshotKind,
     /// The image file that holds the snapshot's point (the "disk link").
     pub image: Option<PathBuf>,
+    /// For an external disk, the overlay the snapshot created: the image
+    /// that became the active layer when it was taken (libvirt's
+    /// `<source>`). `None` for other kinds, for snapshots that made no
+    /// overlay, and in records of earlier versions.
+    pub overlay: Option<PathBuf>,
 }
 
 /// A snapshot as the metadata store records it.

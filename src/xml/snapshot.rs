@@ -1,14 +1,17 @@
 //! `<domainsnapshot>` documents, as libvirt writes and reads them.
 //!
-//! [`write_snapshot_xml`] writes the metadata of one snapshot (what
-//! `snapshot.xml` shows and the store keeps); [`parse_snapshot_xml`] reads
-//! those documents back and also the creation specs users write for
-//! `virsh snapshot-create` (and for `.create`), where every element is
-//! optional. [`snapshot_from_spec`] turns a parsed stored document into a
-//! [`Snapshot`].
+//! [`write_snapshot_xml`] writes vmsnapfs's own record of one snapshot
+//! (what the store and the journal keep; `snapshot.xml` in the tree is
+//! the libvirt-shaped document of `crate::libvirt::snapshots`);
+//! [`parse_snapshot_xml`] reads both back and also the creation specs
+//! users write for `virsh snapshot-create` (and for `.create`), where
+//! every element is optional. [`snapshot_from_spec`] turns a parsed
+//! record into a [`Snapshot`].
 //!
-//! A stored document looks like this (`<vmsnapfs>` is our extension; libvirt
-//! ignores it):
+//! A record looks like this: each disk's `<source>` is its point (the
+//! image holding the snapshot), `overlay` the image an external snapshot
+//! created, `<vmsnapfs>` what libvirt has no words for (in `snapshot.xml`
+//! it sits inside libvirt's `<cookie>`, where libvirt's schema allows it):
 //!
 //! ```xml
 //! <domainsnapshot>
@@ -21,9 +24,11 @@
 //!   <creationTime>1700000000</creationTime>
 //!   <memory snapshot='internal'/>
 //!   <disks>
-//!     <disk name='vda' snapshot='internal'/>
-//!     <disk name='vdb' snapshot='external' type='file'>
-//!       <source file='/var/lib/vm1/vdb.pre-upgrade.qcow2'/>
+//!     <disk name='vda' snapshot='internal' type='file'>
+//!       <source file='/var/lib/vm1/vda.qcow2'/>
+//!     </disk>
+//!     <disk name='vdb' snapshot='external' overlay='/var/lib/vm1/vdb.pre-upgrade.qcow2' type='file'>
+//!       <source file='/var/lib/vm1/vdb.qcow2'/>
 //!     </disk>
 //!   </disks>
 //!   <domain>...</domain>
@@ -77,6 +82,9 @@ pub struct DiskSpec {
     pub kind: Option<DiskSnapshotKind>,
     /// `<source file='...'/>` (or `dev`): the overlay or image file.
     pub source: Option<PathBuf>,
+    /// The `overlay` attribute of vmsnapfs's own record: the overlay an
+    /// external snapshot created (its `<source>` there is the point).
+    pub overlay: Option<PathBuf>,
 }
 
 /// A parsed `<domainsnapshot>`: a stored document or a creation spec.
@@ -160,6 +168,10 @@ pub fn write_snapshot_xml(snap: &Snapshot, parent_name: Option<&str>) -> String 
             push_attr_value(&mut out, &disk.target);
             out.push_str("' snapshot='");
             out.push_str(disk.kind.as_str());
+            if let Some(overlay) = &disk.overlay {
+                out.push_str("' overlay='");
+                push_path(&mut out, overlay);
+            }
             match &disk.image {
                 None => out.push_str("'/>\n"),
                 Some(image) => {
@@ -184,12 +196,21 @@ pub fn write_snapshot_xml(snap: &Snapshot, parent_name: Option<&str>) -> String 
             ),
         }
     }
-    out.push_str("  <vmsnapfs id='");
-    push_attr_value(&mut out, &snap.id);
+    out.push_str("  ");
+    push_vmsnapfs_element(&mut out, snap);
+    out.push_str("\n</domainsnapshot>\n");
+    out
+}
+
+/// Appends `<vmsnapfs id=... parent-id=... memory-format=... machine=.../>`:
+/// what vmsnapfs keeps of a snapshot beyond libvirt's terms.
+pub fn push_vmsnapfs_element(out: &mut String, snap: &Snapshot) {
+    out.push_str("<vmsnapfs id='");
+    push_attr_value(out, &snap.id);
     out.push('\'');
     if let Some(parent) = &snap.parent {
         out.push_str(" parent-id='");
-        push_attr_value(&mut out, parent);
+        push_attr_value(out, parent);
         out.push('\'');
     }
     if matches!(snap.memory, MemoryLocation::External(_)) {
@@ -199,11 +220,10 @@ pub fn write_snapshot_xml(snap: &Snapshot, parent_name: Option<&str>) -> String 
     }
     if let Some(machine) = &snap.machine {
         out.push_str(" machine='");
-        push_attr_value(&mut out, machine);
+        push_attr_value(out, machine);
         out.push('\'');
     }
-    out.push_str("/>\n</domainsnapshot>\n");
-    out
+    out.push_str("/>");
 }
 
 /// Appends `<tag>text</tag>` on a line of its own at `level` indentation.
@@ -227,7 +247,7 @@ fn push_path(out: &mut String, path: &Path) {
 
 /// The `<domain>` root element of `xml` as a slice, if `xml` is a
 /// well-formed domain document that still parses one level deeper.
-fn embeddable_domain(xml: &str) -> Result<&str, XmlError> {
+pub fn embeddable_domain(xml: &str) -> Result<&str, XmlError> {
     let root = tree::parse_with_depth(xml, MAX_DEPTH - 1)?;
     root.expect_root("domain")?;
     xml.get(root.span.clone())
@@ -280,7 +300,16 @@ pub fn parse_snapshot_xml(xml: &str) -> Result<SnapshotSpec, XmlError> {
         ),
         None => None,
     };
-    let (id, parent_id) = match root.child("vmsnapfs")? {
+    // At the root in vmsnapfs's records, inside libvirt's <cookie> in
+    // the libvirt-shaped snapshot.xml.
+    let ours = match root.child("vmsnapfs")? {
+        Some(ours) => Some(ours),
+        None => match root.child("cookie")? {
+            Some(cookie) => cookie.child("vmsnapfs")?,
+            None => None,
+        },
+    };
+    let (id, parent_id) = match ours {
         Some(ours) => (
             ours.attr("id")
                 .map(|id| checked_id(id, "snapshot id"))
@@ -291,7 +320,6 @@ pub fn parse_snapshot_xml(xml: &str) -> Result<SnapshotSpec, XmlError> {
         ),
         None => (None, None),
     };
-    let ours = root.child("vmsnapfs")?;
     let memory_format = match ours.and_then(|o| o.attr("memory-format")) {
         Some(f) => Some(MemoryFormat::parse(f).ok_or_else(|| {
             XmlError::bad_choice("<vmsnapfs memory-format>", f, &["stream", "mapped-ram"])
@@ -459,10 +487,15 @@ fn parse_disks(disks: &Element) -> Result<Vec<DiskSpec>, XmlError> {
         };
         // libvirt: a source without a snapshot attribute implies external.
         let kind = kind.or(source.as_ref().map(|_| DiskSnapshotKind::External));
+        let overlay = disk
+            .attr("overlay")
+            .map(|o| non_empty_path(o, "<disk overlay>"))
+            .transpose()?;
         specs.push(DiskSpec {
             name: name.to_string(),
             kind,
             source,
+            overlay,
         });
     }
     Ok(specs)
@@ -516,6 +549,7 @@ pub fn snapshot_from_spec(spec: SnapshotSpec) -> Result<(Snapshot, Option<String
                 target: disk.name,
                 kind,
                 image: disk.source,
+                overlay: disk.overlay,
             })
         })
         .collect::<Result<Vec<_>, XmlError>>()?;
@@ -553,11 +587,13 @@ mod tests {
                     target: "vda".into(),
                     kind: DiskSnapshotKind::Internal,
                     image: None,
+                    overlay: None,
                 },
                 DiskPoint {
                     target: "vdb".into(),
                     kind: DiskSnapshotKind::External,
                     image: Some("/path/vdb.snap1.qcow2".into()),
+                    overlay: None,
                 },
             ],
             domain_xml: Some("<domain type='kvm'>\n  <name>vm1</name>\n</domain>".into()),
@@ -638,16 +674,19 @@ mod tests {
                     target: "vda".into(),
                     kind: DiskSnapshotKind::External,
                     image: Some("/var/lib/vm1/vda.pre-upgrade.qcow2".into()),
+                    overlay: None,
                 },
                 DiskPoint {
                     target: "vdb".into(),
                     kind: DiskSnapshotKind::No,
                     image: None,
+                    overlay: None,
                 },
                 DiskPoint {
                     target: "vdc".into(),
                     kind: DiskSnapshotKind::Internal,
                     image: Some("/var/lib/vm1/vdc.qcow2".into()),
+                    overlay: None,
                 },
             ],
             ..snap()
@@ -674,6 +713,7 @@ mod tests {
                 target: "v d&'\"<>".into(),
                 kind: DiskSnapshotKind::External,
                 image: Some("/a\tb/c\r\nd é".into()),
+                overlay: Some("/a\tb/o'voverlay: None,\"l".into()),
             }],
             ..snap()
         };
@@ -805,11 +845,13 @@ mod tests {
                         name: "vda".into(),
                         kind: Some(DiskSnapshotKind::External),
                         source: Some("/var/lib/vda.x.qcow2".into()),
+                        overlay: None,
                     },
                     DiskSpec {
                         name: "vdb".into(),
                         kind: Some(DiskSnapshotKind::No),
                         source: None,
+                        overlay: None,
                     },
                 ],
                 ..SnapshotSpec::default()
@@ -1039,6 +1081,7 @@ mod tests {
                         name: "vda".into(),
                         kind: None,
                         source: None,
+                        overlay: None,
                     }],
                     ..full.clone()
                 },
@@ -1050,6 +1093,7 @@ mod tests {
                         name: "/path/to/old".into(),
                         kind: Some(DiskSnapshotKind::External),
                         source: None,
+                        overlay: None,
                     }],
                     ..full.clone()
                 },
