@@ -155,8 +155,7 @@ impl LibvirtDomain {
         // Branches: an overlay over a point is found in the chain of an
         // image above it, so every chain is searched from every top.
         let domain = inactive_xml(&self.virsh, &self.name)?;
-        let mut order: Vec<&Snapshot> = snaps.iter().collect();
-        order.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
+        let order = parents_first(snaps);
         let mut want: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for s in &order {
             // Records of earlier versions name no overlay: found in the chains.
@@ -260,6 +259,24 @@ impl LibvirtDomain {
     }
 }
 
+/// `snaps` oldest first, each after its parent (libvirt refuses a
+/// snapshot whose parent it does not know; times tie within a second).
+fn parents_first(snaps: &[Snapshot]) -> Vec<&Snapshot> {
+    let mut pending: Vec<&Snapshot> = snaps.iter().collect();
+    pending.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
+    let mut order: Vec<&Snapshot> = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let ready = pending.iter().position(|s| {
+            s.parent.as_deref().is_none_or(|p| {
+                order.iter().any(|o| o.id == p) || !pending.iter().any(|q| q.id == p)
+            })
+        });
+        // A cycle cannot be in a forest; if one were, the oldest goes on.
+        order.push(pending.remove(ready.unwrap_or(0)));
+    }
+    order
+}
+
 /// libvirt's persistent definition of `name`, with its secrets (it is
 /// defined again from this text).
 fn inactive_xml(virsh: &Virsh, name: &str) -> Result<String> {
@@ -339,5 +356,43 @@ impl Manager for LibvirtDomain {
 
     fn describe(&self) -> String {
         format!("libvirt {}", self.virsh.uri())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MemoryLocation, SnapshotState};
+
+    fn snap(id: &str, name: &str, parent: Option<&str>, t: i64) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            name: name.into(),
+            description: None,
+            creation_time: t,
+            state: SnapshotState::Shutoff,
+            parent: parent.map(Into::into),
+            memory: MemoryLocation::No,
+            disks: Vec::new(),
+            domain_xml: None,
+            memory_format: Default::default(),
+            machine: None,
+        }
+    }
+
+    #[test]
+    fn parents_go_before_their_children_whatever_the_names_and_times() {
+        let snaps = vec![
+            snap("3", "a", Some("2"), 5),
+            snap("1", "z", None, 5),
+            snap("2", "m", Some("1"), 5),
+            snap("4", "b", None, 4),
+            snap("5", "c", Some("gone"), 6),
+        ];
+        let names: Vec<&str> = parents_first(&snaps)
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["b", "z", "m", "a", "c"]);
     }
 }

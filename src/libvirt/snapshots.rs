@@ -122,7 +122,10 @@ pub fn domain_at_point(s: &Snapshot, domain_xml: &str) -> Option<String> {
     match embeddable_domain(text) {
         Ok(element) => Some(element.to_owned()),
         Err(e) => {
-            log::warn!("snapshot {:?}: domain XML left out of snapshot.xml: {e}", s.id);
+            log::warn!(
+                "snapshot {:?}: domain XML left out of snapshot.xml: {e}",
+                s.id
+            );
             None
         }
     }

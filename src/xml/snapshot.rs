@@ -713,7 +713,7 @@ mod tests {
                 target: "v d&'\"<>".into(),
                 kind: DiskSnapshotKind::External,
                 image: Some("/a\tb/c\r\nd é".into()),
-                overlay: Some("/a\tb/o'voverlay: None,\"l".into()),
+                overlay: Some("/a\tb/o'v&\"l".into()),
             }],
             ..snap()
         };
