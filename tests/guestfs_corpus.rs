@@ -6,6 +6,8 @@
 //! other file (one a fuzzer found) only must not panic.
 //! `scripts/make-guestfs-corpus.sh` makes the seed images.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,16 +27,9 @@ fn corpus(name: &str) -> Vec<u8> {
 
 #[test]
 fn every_corpus_image_reads_or_is_refused_as_named() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/guestfs");
-    let mut paths: Vec<_> = fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
     let (mut ok, mut bad) = (0, 0);
-    for path in &paths {
-        let name = path.file_name().unwrap().to_str().unwrap();
-        let bytes = fs::read(path).unwrap();
+    for (name, bytes) in common::corpus("guestfs") {
+        let name = name.as_str();
         let checked = std::panic::catch_unwind(|| check_image(&bytes))
             .unwrap_or_else(|_| panic!("{name}: the reader panicked"));
         eprintln!("{name}: {checked:?}");

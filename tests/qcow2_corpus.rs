@@ -5,21 +5,13 @@
 //! other file (one a fuzzer found) only must not panic.
 //! `scripts/make-qcow2-corpus.py` makes the seed files.
 
-use std::fs;
-use std::path::Path;
+mod common;
 
 #[test]
 fn every_corpus_image_reads_or_is_refused_as_named() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/qcow2");
-    let mut paths: Vec<_> = fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
     let (mut ok, mut bad) = (0, 0);
-    for path in &paths {
-        let name = path.file_name().unwrap().to_str().unwrap();
-        let bytes = fs::read(path).unwrap();
+    for (name, bytes) in common::corpus("qcow2") {
+        let name = name.as_str();
         let result = std::panic::catch_unwind(|| vmsnapfs::views::check_image(&bytes))
             .unwrap_or_else(|_| panic!("{name}: the reader panicked"));
         if name.starts_with("ok-") {

@@ -358,6 +358,23 @@ impl Fixture {
 }
 
 /// Writes `data` in one write(2) call; returns the errno on failure.
+/// Every file of `tests/corpus/<dir>/`, by name (sorted), with its bytes.
+pub fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(dir);
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            (name, fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 /// The names of the entries of `dir`, sorted.
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
