@@ -470,3 +470,81 @@ fn another_user_reads_only_what_the_images_and_the_guest_allow() {
         "root reads it"
     );
 }
+
+/// A guest can corrupt its filesystem so that a directory is its own
+/// descendant (`dir/sub` made to share `dir`'s block). `files/` follows
+/// the loop down to its depth bound, then refuses with `EIO` and a `.log`
+/// line; the files along the way and elsewhere read as stored, and the
+/// mount answers throughout.
+#[test]
+fn a_directory_loop_in_the_guest_is_cut_at_a_bounded_depth() {
+    let mut fx = Fixture::with_policy("gfloop", "external-disk-only", &[]);
+    let work = fx.dir.0.join("work");
+    let tree = work.join("tree");
+    fs::create_dir_all(tree.join("dir/sub")).unwrap();
+    fs::write(tree.join("hello.txt"), "hello\n").unwrap();
+    fs::write(tree.join("dir/inner.txt"), "inner\n").unwrap();
+    let img = work.join("loop.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2", "-b", "1024", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("2M"));
+    let out = Command::new("debugfs")
+        .args(["-R", "bmap /dir 0"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let block = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(block.parse::<u64>().is_ok(), "bmap: {block:?}");
+    run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("set_inode_field /dir/sub block[0] {block}"))
+        .arg(&img));
+    put_on_disk(&fx.vm, "vda", &img);
+
+    fs::create_dir(fx.path("s1")).unwrap();
+    let root = fx.path("s1/files/vda");
+    assert_eq!(
+        fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hello\n"
+    );
+    // Down the loop: each level lists `inner.txt` and `sub`, until the
+    // bound refuses a listing with EIO.
+    let mut dir = root.join("dir");
+    let mut levels = 0;
+    let refused = loop {
+        let listed: std::io::Result<Vec<String>> = fs::read_dir(&dir).and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        });
+        match listed {
+            Ok(mut seen) => {
+                seen.sort();
+                assert_eq!(seen, ["inner.txt", "sub"], "level {levels}");
+                if levels % 50 == 0 {
+                    assert_eq!(
+                        fs::read_to_string(dir.join("inner.txt")).unwrap(),
+                        "inner\n"
+                    );
+                }
+            }
+            Err(e) => break e,
+        }
+        levels += 1;
+        assert!(levels <= 300, "the loop was followed past its bound");
+        dir = dir.join("sub");
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    assert_eq!(levels, 256, "refused at level {levels}");
+    let log = fx.read(".log");
+    assert!(log.contains("deeper than 256 directories"), "{log}");
+    // The mount answers, and the snapshot's other files still read.
+    assert!(fx.read(".state").contains("running"));
+    assert_eq!(
+        fs::read_to_string(root.join("dir/inner.txt")).unwrap(),
+        "inner\n"
+    );
+    fx.daemon.stop();
+}

@@ -243,9 +243,7 @@ impl Inner {
         if place.path.is_empty() {
             return Ok(None);
         }
-        match disk.with_fs(place.part_number(), &mut ctx.note(), |fs| {
-            fs.stat(&place.path)
-        }) {
+        match disk.stat(place.part_number(), &place.path, &mut ctx.note()) {
             None => Err(Errno::ENOENT),
             Some(r) => r.map(Some).map_err(|e| io_errno(&e)),
         }
@@ -380,11 +378,7 @@ impl Inner {
     /// `readlink` of a guest symlink.
     pub(super) fn guest_readlink(self: &Arc<Self>, at: DiskAt, place: GuestPath, reply: ReplyData) {
         self.guest_job(at, reply, move |_fs, ctx, disk, reply| {
-            let r = ctx.held(|| {
-                disk.with_fs(place.part_number(), &mut ctx.note(), |fs| {
-                    fs.read_link(&place.path)
-                })
-            });
+            let r = ctx.held(|| disk.read_link(place.part_number(), &place.path, &mut ctx.note()));
             match r {
                 Ok(Some(Ok(t))) => reply.data(&t),
                 Ok(Some(Err(e))) => reply.error(io_errno(&e)),
@@ -461,9 +455,13 @@ impl Inner {
             let mut buf = vec![0u8; size as usize];
             let place = &open.place;
             let r = open.hold.read(|| {
-                match disk.with_fs(place.part_number(), &mut ctx.note(), |fs| {
-                    fs.read(&place.path, offset, &mut buf)
-                }) {
+                match disk.read(
+                    place.part_number(),
+                    &place.path,
+                    offset,
+                    &mut buf,
+                    &mut ctx.note(),
+                ) {
                     Some(r) => r,
                     None => Err(std::io::Error::from_raw_os_error(libc::EIO)),
                 }

@@ -5,11 +5,12 @@
 //! Every call into a reader runs under `catch_unwind`: a reader that
 //! panics on a hostile disk is dropped, noted, and its directory empty.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use super::budget::{check_depth, Budget, REQUEST_TIME};
 use super::ext::ExtFs;
 use super::fat::FatFs;
 use super::source::{MemView, Slice};
@@ -38,7 +39,19 @@ pub struct Disk {
     fss: BTreeMap<u32, Opened>,
     /// The last listing: (partition, path) and its entries.
     listing: Option<((u32, Vec<u8>), Listing)>,
+    /// The attributes of every entry listed so far, by (partition,
+    /// path): a lookup after a listing is answered without walking the
+    /// path again (a reader resolves each path from the root, and a
+    /// hostile directory of many entries makes each walk long). The view
+    /// is frozen, so an entry never goes stale.
+    attrs: HashMap<(u32, Vec<u8>), Attr>,
+    /// The deadline of the request in progress, checked by every read.
+    budget: Budget,
 }
+
+/// At most this many attributes are kept per disk; past it the cache
+/// starts again (a bound on memory, not a correctness limit).
+pub const MAX_CACHED_ATTRS: usize = 1 << 18;
 
 /// Runs `f`, turning a panic into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
@@ -85,7 +98,7 @@ impl Disk {
 
     fn slice(&self, start: u64, len: u64, cached: bool) -> io::Result<Slice> {
         let view = self.view.clone().ok_or_else(|| errno(libc::ESTALE))?;
-        Ok(Slice::new(view, start, len, cached))
+        Ok(Slice::new(view, start, len, cached).with_budget(self.budget.clone()))
     }
 
     /// The disk's layout, read once; a disk with nothing known is noted.
@@ -178,8 +191,9 @@ impl Disk {
     }
 
     /// Runs `op` on the filesystem of partition `part` (0: the whole
-    /// disk); `None` when there is none to read. A reader that panics is
-    /// dropped and noted.
+    /// disk); `None` when there is none to read. Opening and `op` each
+    /// read for at most [`REQUEST_TIME`]. A reader that panics is dropped
+    /// and noted.
     pub fn with_fs<T>(
         &mut self,
         part: u32,
@@ -187,21 +201,48 @@ impl Disk {
         op: impl FnOnce(&mut dyn GuestFs) -> io::Result<T>,
     ) -> Option<io::Result<T>> {
         if !self.fss.contains_key(&part) {
+            self.budget.start(REQUEST_TIME);
             let opened = self.open(part, note);
+            self.budget.clear();
             self.fss.insert(part, opened);
         }
         let Some(Opened::Fs(fs)) = self.fss.get_mut(&part) else {
             return None;
         };
+        self.budget.start(REQUEST_TIME);
         let r = guarded("filesystem", || op(fs.as_mut()));
+        self.budget.clear();
         if let Err(e) = &r {
             if e.to_string().contains("the reader failed (panic") {
                 note(format!("partition {part}: {e}: no longer read"));
                 self.fss.insert(part, Opened::Nothing);
                 self.listing = None;
+                self.attrs.clear();
             }
         }
         Some(r)
+    }
+
+    /// Runs `op` on `path` of partition `part`, like [`Disk::with_fs`],
+    /// after checking the path's depth; an error with a reason (a corrupt
+    /// or hostile filesystem) is noted with the path.
+    fn at_path<T>(
+        &mut self,
+        part: u32,
+        path: &[u8],
+        note: &mut dyn FnMut(String),
+        op: impl FnOnce(&mut dyn GuestFs) -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let r = self.with_fs(part, note, |fs| {
+            check_depth(path)?;
+            op(fs)
+        });
+        if let Some(Err(e)) = &r {
+            if e.raw_os_error().is_none() {
+                note(format!("{}: {e} (EIO)", shown(part, path)));
+            }
+        }
+        r
     }
 
     /// The entries of directory `path` of partition `part`; empty when
@@ -218,7 +259,10 @@ impl Disk {
                 return Ok(l.clone());
             }
         }
-        let l: Listing = match self.with_fs(part, note, |fs| fs.list(path)) {
+        let l: Listing = match self.with_fs(part, note, |fs| {
+            check_depth(path)?;
+            fs.list(path)
+        }) {
             None => Arc::new(Vec::new()),
             Some(Ok(l)) => Arc::new(l),
             // A corrupt directory: said in `.log`; the root is shown empty.
@@ -241,8 +285,63 @@ impl Disk {
             }
             Some(Err(e)) => return Err(e),
         };
+        if self.attrs.len() + l.len() > MAX_CACHED_ATTRS {
+            self.attrs.clear();
+        }
+        if l.len() <= MAX_CACHED_ATTRS {
+            for (name, attr) in l.iter() {
+                self.attrs.insert((part, join(path, name)), attr.clone());
+            }
+        }
         self.listing = Some(((part, path.to_vec()), l.clone()));
         Ok(l)
+    }
+
+    /// The attributes of `path` of partition `part` (not following a
+    /// final symlink): from an earlier listing when there was one, else
+    /// from the reader. `None` when there is no filesystem.
+    pub fn stat(
+        &mut self,
+        part: u32,
+        path: &[u8],
+        note: &mut dyn FnMut(String),
+    ) -> Option<io::Result<Attr>> {
+        if let Some(a) = self.attrs.get(&(part, path.to_vec())) {
+            return Some(Ok(a.clone()));
+        }
+        self.at_path(part, path, note, |fs| fs.stat(path))
+    }
+
+    /// The target of symlink `path` of partition `part`.
+    pub fn read_link(
+        &mut self,
+        part: u32,
+        path: &[u8],
+        note: &mut dyn FnMut(String),
+    ) -> Option<io::Result<Vec<u8>>> {
+        self.at_path(part, path, note, |fs| fs.read_link(path))
+    }
+
+    /// Reads regular file `path` of partition `part` at `offset`.
+    pub fn read(
+        &mut self,
+        part: u32,
+        path: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+        note: &mut dyn FnMut(String),
+    ) -> Option<io::Result<usize>> {
+        self.at_path(part, path, note, |fs| fs.read(path, offset, buf))
+    }
+}
+
+/// `path` of partition `part` as `.log` names it.
+fn shown(part: u32, path: &[u8]) -> String {
+    let p = String::from_utf8_lossy(if path.is_empty() { b"/" } else { path });
+    if part == 0 {
+        p.into_owned()
+    } else {
+        format!("partition {part}: {p}")
     }
 }
 
@@ -291,17 +390,16 @@ pub fn check_image(bytes: &[u8]) -> Checked {
                 }
                 checked.entries += 1;
                 let path = join(&dir, name);
-                let _ = disk.with_fs(part, &mut note, |fs| fs.stat(&path));
+                let _ = disk.stat(part, &path, &mut note);
                 match attr.kind {
                     Kind::Dir => dirs.push(path),
                     Kind::Symlink => {
-                        let _ = disk.with_fs(part, &mut note, |fs| fs.read_link(&path));
+                        let _ = disk.read_link(part, &path, &mut note);
                     }
                     Kind::File => {
                         let mut off = 0u64;
                         while off < (1 << 20) {
-                            match disk.with_fs(part, &mut note, |fs| fs.read(&path, off, &mut buf))
-                            {
+                            match disk.read(part, &path, off, &mut buf, &mut note) {
                                 Some(Ok(n)) if n > 0 => {
                                     off += n as u64;
                                     checked.bytes += n as u64;

@@ -12,6 +12,7 @@
 //! - [`disk`]: one snapshot's disk: its layout and its opened
 //!   filesystems, probed and opened lazily; [`disk::check_image`] is the
 //!   fuzzing entry point.
+//! - [`budget`]: what one request may cost: a path depth and a time.
 //! - [`workers`]: one thread per disk in use, which owns its readers; the
 //!   FUSE threads hand it work and never wait for it.
 //!
@@ -19,6 +20,7 @@
 //! (`EIO` with a sentence for `.log`), every reader call runs under
 //! `catch_unwind`, and sizes and counts are bounded.
 
+pub mod budget;
 pub mod disk;
 pub mod ext;
 pub mod fat;

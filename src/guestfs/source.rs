@@ -8,6 +8,7 @@
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
+use super::budget::Budget;
 use crate::views::FrozenView;
 
 /// Bytes per cached window.
@@ -24,6 +25,7 @@ pub struct Slice {
     /// Cached windows, most recently used last: (offset in the slice, bytes).
     cache: Vec<(u64, Vec<u8>)>,
     cached: bool,
+    budget: Budget,
 }
 
 impl std::fmt::Debug for Slice {
@@ -43,6 +45,7 @@ impl Slice {
             pos: 0,
             cache: Vec::new(),
             cached,
+            budget: Budget::default(),
         }
     }
 
@@ -58,6 +61,12 @@ impl Slice {
 
     /// Reads at `offset` (within the slice) straight from the view; short
     /// only at the slice's end.
+    /// The same bytes, each read checking `budget` first.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = budget;
+        self
+    }
+
     fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let Some(left) = self.len.checked_sub(offset) else {
             return Ok(0);
@@ -76,6 +85,7 @@ impl Slice {
 
     /// Reads at `offset` (within the slice); short only at its end.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.budget.check()?;
         if !self.cached || buf.len() >= WINDOW {
             return self.read_direct(offset, buf);
         }
