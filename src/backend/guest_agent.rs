@@ -78,6 +78,15 @@ pub enum AgentError {
         /// What was wrong.
         why: String,
     },
+    /// The agent did not answer, in the words of whoever relays it
+    /// (libvirt: not configured, not connected, not responding).
+    #[error("the guest agent did not answer {what}: {said}")]
+    Unanswered {
+        /// The command.
+        what: String,
+        /// What the relay said.
+        said: String,
+    },
     /// An earlier command of this session failed; a new session is needed.
     #[error("the guest agent session is broken by an earlier failure")]
     Broken,
@@ -101,6 +110,44 @@ pub enum FreezeStatus {
     Thawed,
     /// They are frozen.
     Frozen,
+}
+
+/// How many file systems a freeze or thaw acted on: `None` when the
+/// relay does not say (libvirt); shown as `all` (neither freezes a
+/// chosen few).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count(pub Option<u64>);
+
+impl std::fmt::Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("all"),
+        }
+    }
+}
+
+/// A way to freeze and thaw a guest's file systems: a session with its
+/// agent ([`Agent`]), or libvirt's calls on the agent it holds.
+pub trait Freeze: Send {
+    /// Whether the guest's file systems are frozen now.
+    fn status(&mut self) -> Result<FreezeStatus, AgentError>;
+    /// Freezes them: how many file systems froze.
+    fn freeze(&mut self) -> Result<Count, AgentError>;
+    /// Thaws them: how many thawed.
+    fn thaw(&mut self) -> Result<Count, AgentError>;
+}
+
+impl Freeze for Agent {
+    fn status(&mut self) -> Result<FreezeStatus, AgentError> {
+        Agent::status(self)
+    }
+    fn freeze(&mut self) -> Result<Count, AgentError> {
+        Agent::freeze(self).map(|n| Count(Some(n)))
+    }
+    fn thaw(&mut self) -> Result<Count, AgentError> {
+        Agent::thaw(self).map(|n| Count(Some(n)))
+    }
 }
 
 /// One session with a guest agent, past `guest-sync-delimited`.

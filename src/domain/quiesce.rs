@@ -11,13 +11,13 @@
 //! [`RETRY_EVERY`] while the record stays, and start-up recovery thaws a
 //! freeze a crashed daemon left.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
 use super::Domain;
-use crate::backend::guest_agent::{Agent, AgentError, FreezeStatus};
+use crate::backend::guest_agent::{Agent, AgentError, Count, Freeze, FreezeStatus};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{AgentChannel, DomainState, QuiesceMode};
 use crate::store::{Intent, IntentRecord};
@@ -33,8 +33,9 @@ pub enum Plan {
     /// No freeze; the note, if any, goes to `.log` (a crash-consistent
     /// snapshot where `auto` would have quiesced).
     Skip(Option<String>),
-    /// Freeze through the agent at this socket (if it answers).
-    Freeze(PathBuf),
+    /// Freeze through this agent channel (if it answers): a socket, or
+    /// libvirt's agent.
+    Freeze(AgentChannel),
 }
 
 /// The rule: `mode` (from the `.create` spec when `asked`, else the
@@ -92,7 +93,9 @@ pub fn decide(
         };
     }
     let why = match agent {
-        Some(AgentChannel::Socket(path)) => return Ok(Plan::Freeze(path.clone())),
+        Some(ch @ (AgentChannel::Socket(_) | AgentChannel::Libvirt { .. })) => {
+            return Ok(Plan::Freeze(ch.clone()))
+        }
         Some(AgentChannel::Unreachable(why)) => why.clone(),
         None => "the definition has no guest agent channel (<channel> with target \
                  org.qemu.guest_agent.0)"
@@ -109,11 +112,35 @@ pub fn decide(
     }
 }
 
+/// A session with the agent of `channel`.
+pub fn connect(channel: &AgentChannel) -> std::result::Result<Box<dyn Freeze>, AgentError> {
+    match channel {
+        AgentChannel::Socket(path) => Ok(Box::new(Agent::connect(path)?)),
+        AgentChannel::Libvirt { uri, domain } => Ok(Box::new(
+            crate::libvirt::agent::LibvirtAgent::new(uri, domain),
+        )),
+        AgentChannel::Unreachable(why) => Err(AgentError::Unanswered {
+            what: "a connection".into(),
+            said: why.clone(),
+        }),
+    }
+}
+
+/// What the `Thaw` intent records as the agent: the socket, or a
+/// description of libvirt's agent (recovery uses the definition's
+/// channel; the record is its fallback for a socket).
+fn recorded(channel: &AgentChannel) -> PathBuf {
+    match channel {
+        AgentChannel::Socket(p) => p.clone(),
+        other => PathBuf::from(other.describe()),
+    }
+}
+
 /// When the agent of a [`Plan::Freeze`] does not answer (or refuses the
 /// freeze): `yes` fails (ENOTCONN when it did not answer, EIO when it
 /// refused), `auto` goes on crash-consistent with this note.
-pub fn without_agent(mode: QuiesceMode, socket: &Path, e: &AgentError) -> Result<String> {
-    let why = format!("{e} (socket {})", socket.display());
+pub fn without_agent(mode: QuiesceMode, channel: &AgentChannel, e: &AgentError) -> Result<String> {
+    let why = format!("{e} ({})", channel.describe());
     if mode == QuiesceMode::Yes {
         let kind = if e.unanswered() {
             ErrorKind::NotConnected
@@ -144,7 +171,7 @@ pub(super) struct Freezer<'a> {
     dom: &'a Domain,
     what: String,
     id: String,
-    socket: PathBuf,
+    channel: AgentChannel,
     mode: QuiesceMode,
     _agent_use: MutexGuard<'a, ()>,
     inner: Mutex<FreezerState>,
@@ -152,10 +179,10 @@ pub(super) struct Freezer<'a> {
 
 #[derive(Default)]
 struct FreezerState {
-    agent: Option<Agent>,
+    agent: Option<Box<dyn Freeze>>,
     record: Option<IntentRecord>,
     /// When the freeze was sent, and how many file systems it froze.
-    frozen: Option<(Instant, Option<u64>)>,
+    frozen: Option<(Instant, Option<Count>)>,
 }
 
 impl Domain {
@@ -176,18 +203,18 @@ impl Domain {
             Some(false) => (QuiesceMode::No, true),
             None => (self.def.quiesce_default(), false),
         };
-        let socket = match decide(mode, explicit, memory, live, self.def.agent.as_ref())? {
+        let channel = match decide(mode, explicit, memory, live, self.def.agent.as_ref())? {
             Plan::Skip(None) => return Ok(None),
             Plan::Skip(Some(note)) => {
                 self.log.line(&format!("{what}: {note}"));
                 return Ok(None);
             }
-            Plan::Freeze(socket) => socket,
+            Plan::Freeze(channel) => channel,
         };
         // A freeze left by an earlier failure is thawed first.
         self.retry_thaws(true);
         let guard = self.agent_use.lock();
-        let probed = Agent::connect(&socket).and_then(|mut a| a.status().map(|s| (a, s)));
+        let probed = connect(&channel).and_then(|mut a| a.status().map(|s| (a, s)));
         let agent = match probed {
             Ok((agent, FreezeStatus::Thawed)) => agent,
             Ok((_, FreezeStatus::Frozen)) => {
@@ -198,7 +225,7 @@ impl Domain {
                 return Ok(None);
             }
             Err(e) => {
-                let note = without_agent(mode, &socket, &e)?;
+                let note = without_agent(mode, &channel, &e)?;
                 self.log.line(&format!("{what}: {note}"));
                 return Ok(None);
             }
@@ -207,7 +234,7 @@ impl Domain {
             dom: self,
             what: what.to_owned(),
             id: id.to_owned(),
-            socket,
+            channel,
             mode,
             _agent_use: guard,
             inner: Mutex::new(FreezerState {
@@ -240,15 +267,15 @@ impl Domain {
             let Intent::Thaw { id, agent } = &p.record.intent else {
                 continue;
             };
-            let socket = match &self.def.agent {
-                Some(AgentChannel::Socket(s)) => s.clone(),
-                _ => agent.clone(),
+            let channel = match &self.def.agent {
+                Some(ch @ (AgentChannel::Socket(_) | AgentChannel::Libvirt { .. })) => ch.clone(),
+                _ => AgentChannel::Socket(agent.clone()),
             };
             let done = match state {
                 DomainState::Shutoff => {
                     Ok("the domain is shut off, nothing stays frozen".to_owned())
                 }
-                DomainState::Running => Agent::connect(&socket)
+                DomainState::Running => connect(&channel)
                     .and_then(|mut a| a.thaw())
                     .map(|n| format!("thawed {n} file system(s)"))
                     .map_err(|e| e.to_string()),
@@ -335,7 +362,7 @@ impl Freezer<'_> {
         for attempt in 0..THAW_ATTEMPTS {
             let agent = match st.agent.take() {
                 Some(a) if attempt == 0 => Ok(a),
-                _ => Agent::connect(&self.socket),
+                _ => connect(&self.channel),
             };
             match agent.and_then(|mut a| a.thaw().map(|n| (a, n))) {
                 Ok((a, n)) => {
@@ -344,10 +371,10 @@ impl Freezer<'_> {
                     if let Some(froze) = froze {
                         self.dom.log.line(&format!(
                             "{}: quiesced: the guest's file systems were frozen for {:.3} s \
-                             ({froze} frozen, {n} thawed, guest agent {})",
+                             ({froze} frozen, {n} thawed, {})",
                             self.what,
                             window.as_secs_f64(),
-                            self.socket.display()
+                            self.channel.describe()
                         ));
                     }
                     if let Some(r) = st.record.take() {
@@ -393,13 +420,13 @@ impl crate::backend::SwitchHook for Freezer<'_> {
         let mut st = self.inner.lock();
         let record = self.dom.journal.begin(Intent::Thaw {
             id: self.id.clone(),
-            agent: self.socket.clone(),
+            agent: recorded(&self.channel),
         })?;
         st.record = Some(record);
         let t = Instant::now();
         let froze = match st.agent.as_mut() {
             Some(a) => a.freeze(),
-            None => Agent::connect(&self.socket).and_then(|mut a| a.freeze()),
+            None => connect(&self.channel).and_then(|mut a| a.freeze()),
         };
         match froze {
             Ok(n) => {
@@ -415,7 +442,7 @@ impl crate::backend::SwitchHook for Freezer<'_> {
                 // thaw in any case.
                 st.frozen = Some((t, None));
                 self.thaw(&mut st);
-                let note = without_agent(self.mode, &self.socket, &e)?;
+                let note = without_agent(self.mode, &self.channel, &e)?;
                 self.dom.log.line(&format!("{}: {note}", self.what));
                 Ok(())
             }
@@ -452,8 +479,11 @@ mod tests {
     /// (mode, asked, memory, live, agent) -> the plan or the errno.
     #[test]
     fn the_decision_table() {
-        let libvirt = AgentChannel::Unreachable("libvirt holds the agent".into());
-        let freeze = Ok(Plan::Freeze("/run/vm/qga.sock".into()));
+        let unusable = AgentChannel::Unreachable("the channel names no socket".into());
+        let libvirt = AgentChannel::Libvirt {
+            uri: "qemu:///system".into(),
+            domain: "vm1".into(),
+        };
         type Row = (
             QuiesceMode,
             bool,
@@ -470,6 +500,11 @@ mod tests {
             (Yes, true, false, Running, Some(socket()), "freeze"),
             (Yes, false, false, Running, Some(socket()), "freeze"),
             (Auto, false, false, Running, Some(socket()), "freeze"),
+            // libvirt's agent, through libvirt: the same rule
+            (Yes, true, false, Running, Some(libvirt.clone()), "freeze"),
+            (Auto, false, false, Running, Some(libvirt.clone()), "freeze"),
+            (Auto, false, true, Running, Some(libvirt.clone()), "skip"),
+            (Yes, true, false, Paused, Some(libvirt.clone()), "ENOTCONN"),
             // without a reachable agent channel
             (Yes, true, false, Running, None, "EOPNOTSUPP"),
             (
@@ -477,11 +512,11 @@ mod tests {
                 false,
                 false,
                 Running,
-                Some(libvirt.clone()),
+                Some(unusable.clone()),
                 "EOPNOTSUPP",
             ),
             (Auto, false, false, Running, None, "note"),
-            (Auto, false, false, Running, Some(libvirt.clone()), "note"),
+            (Auto, false, false, Running, Some(unusable.clone()), "note"),
             // a checkpoint: libvirt's rule
             (Yes, true, true, Running, Some(socket()), "EINVAL"),
             (Yes, false, true, Running, Some(socket()), "skip"),
@@ -501,8 +536,8 @@ mod tests {
             let shown = match &got {
                 Ok(Plan::Skip(None)) => "skip",
                 Ok(Plan::Skip(Some(_))) => "note",
-                Ok(Plan::Freeze(_)) => {
-                    assert_eq!(got, freeze);
+                Ok(Plan::Freeze(ch)) => {
+                    assert_eq!(Some(ch), agent.as_ref(), "the definition's channel");
                     "freeze"
                 }
                 Err(e) => e.kind.errno_name(),
@@ -516,7 +551,7 @@ mod tests {
 
     #[test]
     fn an_agent_that_does_not_answer() {
-        let s = Path::new("/run/vm/qga.sock");
+        let s = &socket();
         let silent = AgentError::Timeout {
             what: "guest-sync-delimited".into(),
             after: Duration::from_secs(3),

@@ -9,6 +9,7 @@
 //! domain change through libvirt itself ([`live`]), so that its live
 //! definition follows too.
 
+pub mod agent;
 pub mod define;
 pub mod live;
 pub mod shim;
@@ -86,11 +87,12 @@ impl LibvirtDomain {
             .map_err(|e| Error::from(e).context(format!("monitor endpoint {}", path.display())))?;
         def.monitor = Some(shim.path().to_owned());
         if def.agent.is_some() {
-            // libvirt holds the agent's socket itself.
-            def.agent = Some(crate::model::AgentChannel::Unreachable(
-                "in libvirt mode libvirt holds the guest agent's socket, and vmsnapfs does                  not freeze through libvirt"
-                    .into(),
-            ));
+            // libvirt holds the agent's socket itself: freezes go
+            // through libvirt.
+            def.agent = Some(crate::model::AgentChannel::Libvirt {
+                uri: virsh.uri().to_owned(),
+                domain: name.to_owned(),
+            });
         }
         Ok((
             def,

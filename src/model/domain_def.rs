@@ -82,9 +82,30 @@ pub enum AgentChannel {
     /// QEMU listens on this Unix socket (libvirt's `<channel type='unix'>`
     /// with `<source mode='bind' path=...>`); the daemon connects to it.
     Socket(PathBuf),
-    /// A channel without a socket path the daemon can use (libvirt's own,
-    /// in libvirt mode, or a definition that names none).
+    /// In libvirt mode: libvirt holds the socket, and the daemon freezes
+    /// and thaws through libvirt (`virsh domfsfreeze`, `domfsthaw`).
+    Libvirt {
+        /// libvirt's connection URI.
+        uri: String,
+        /// The domain's name in libvirt.
+        domain: String,
+    },
+    /// A channel without a socket path the daemon can use (a definition
+    /// that names none).
     Unreachable(String),
+}
+
+impl AgentChannel {
+    /// How `.log` names the channel.
+    pub fn describe(&self) -> String {
+        match self {
+            AgentChannel::Socket(p) => format!("guest agent socket {}", p.display()),
+            AgentChannel::Libvirt { domain, .. } => {
+                format!("libvirt's guest agent of domain {domain}")
+            }
+            AgentChannel::Unreachable(why) => why.clone(),
+        }
+    }
 }
 
 /// One disk of a domain.

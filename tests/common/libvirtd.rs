@@ -164,6 +164,12 @@ impl Libvirtd {
              </devices></domain>",
             img.display()
         );
+        self.define_xml(name, &xml);
+        img
+    }
+
+    /// Defines domain `name` from `xml` (removed again on drop).
+    pub fn define_xml(&mut self, name: &str, xml: &str) {
         let file = self.dir.join(format!("{name}.xml"));
         fs::write(&file, xml).unwrap();
         // A domain an interrupted run left behind goes first.
@@ -171,7 +177,6 @@ impl Libvirtd {
         let _ = self.try_virsh(&["undefine", name, "--snapshots-metadata", "--managed-save"]);
         self.virsh(&["define", file.to_str().unwrap()]);
         self.domains.push(name.to_owned());
-        img
     }
 
     /// The images of the domain's disk vda: (live top, persistent source).
