@@ -22,6 +22,12 @@ pub trait Manager: Send + Sync {
     /// guest runs (the backend checks the disks, then resumes it).
     fn start_paused(&self) -> Result<()>;
 
+    /// Starts QEMU from the manager's definition with the disks on
+    /// `disks`, loading the guest's RAM from `memory` (a QEMU migration
+    /// stream, read from its start, never written), and leaves the guest
+    /// paused (the backend checks the disks, then resumes it).
+    fn restore_paused(&self, memory: &std::fs::File, disks: &[DiskDef]) -> Result<()>;
+
     /// Stops QEMU at once (the guest's RAM is lost, the images stay).
     fn destroy(&self) -> Result<()>;
 

@@ -781,7 +781,7 @@ impl QemuBackend {
         paused: bool,
     ) -> Result<()> {
         if let Some(m) = &self.manager {
-            return self.start_managed(m.as_ref(), loadvm, incoming.is_some(), paused);
+            return self.start_managed(m.as_ref(), loadvm, incoming, paused);
         }
         let (mut argv, creds) = self.layered_argv()?;
         // The memory file is checked and held before QEMU starts.
@@ -840,27 +840,25 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// Starts a managed QEMU (paused), checks its chains, loads
-    /// checkpoint `loadvm` with `snapshot-load`, and resumes it unless
-    /// `paused`. A memory file cannot be loaded: the manager starts QEMU
-    /// without `-incoming`.
+    /// Starts a managed QEMU (paused): from its definition, or restored
+    /// from memory file `incoming` (a stream: the manager loads nothing
+    /// else); checks its chains, loads checkpoint `loadvm` with
+    /// `snapshot-load`, and resumes it unless `paused`.
     fn start_managed(
         &self,
         m: &dyn super::managed::Manager,
         loadvm: Option<&str>,
-        incoming: bool,
+        incoming: Option<&Incoming<'_>>,
         paused: bool,
     ) -> Result<()> {
-        if incoming {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "a memory file cannot be loaded into a QEMU that {} starts",
-                    m.describe()
-                ),
-            ));
+        match incoming {
+            Some(i) => {
+                managed_can_load(m, i.format)?;
+                let held = self.open_memory(i.file)?;
+                m.restore_paused(&held, &self.active())?;
+            }
+            None => m.start_paused()?,
         }
-        m.start_paused()?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             {
@@ -1255,8 +1253,12 @@ impl Backend for QemuBackend {
     }
 
     fn memory_format(&self, live: DomainState, memory: &Path) -> MemoryFormat {
-        // `file:` URIs end at a comma (`file:PATH,offset=N`).
-        if live != DomainState::Paused || memory.to_string_lossy().contains(',') {
+        // `file:` URIs end at a comma (`file:PATH,offset=N`); a manager
+        // loads streams only (see `managed_can_load`).
+        if self.manager.is_some()
+            || live != DomainState::Paused
+            || memory.to_string_lossy().contains(',')
+        {
             return MemoryFormat::Stream;
         }
         let parallel = self
@@ -1270,6 +1272,9 @@ impl Backend for QemuBackend {
     }
 
     fn can_load_memory(&self, format: MemoryFormat) -> Result<()> {
+        if let Some(m) = &self.manager {
+            managed_can_load(m.as_ref(), format)?;
+        }
         if !self.is_up()? {
             return Ok(());
         }
@@ -1398,6 +1403,24 @@ impl Backend for QemuBackend {
     fn merge(&self, merge: &super::Merge, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         self.merge_impl(merge, progress)
     }
+}
+
+/// ENOTSUP when a QEMU that `m` starts cannot load a memory file of
+/// `format`: a manager restores a migration stream only (libvirt 9.0's
+/// `virsh restore` sets no migration capability, so RAM at fixed
+/// offsets cannot go through it).
+fn managed_can_load(m: &dyn super::managed::Manager, format: MemoryFormat) -> Result<()> {
+    if format == MemoryFormat::MappedRam {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the memory file holds RAM at fixed offsets (mapped-ram), which {} cannot \
+                 load; revert to 'shutoff' to get the disks back",
+                m.describe()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

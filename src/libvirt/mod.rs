@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod define;
 pub mod live;
+pub mod save_image;
 pub mod shim;
 pub mod snapshots;
 pub mod virsh;
@@ -35,6 +36,8 @@ pub use virsh::Virsh;
 const QUICK: Duration = Duration::from_secs(30);
 /// Deadline of `virsh start` (libvirt probes QEMU the first time).
 const START: Duration = Duration::from_secs(120);
+/// Deadline of `virsh restore` (QEMU reads the whole memory file).
+const RESTORE: Duration = Duration::from_secs(900);
 /// Deadline of `virsh destroy`.
 const DESTROY: Duration = Duration::from_secs(60);
 /// Where a privileged libvirtd keeps the pid of each domain's QEMU.
@@ -313,6 +316,14 @@ impl Manager for LibvirtDomain {
         self.virsh
             .run(&["start", "--paused", "--domain", &self.name], START)
             .map(drop)
+    }
+
+    fn restore_paused(&self, memory: &std::fs::File, disks: &[DiskDef]) -> Result<()> {
+        // libvirt's persistent definition (what `virsh start` boots),
+        // on the disks given: the live definition of the restored QEMU.
+        let xml = inactive_xml(&self.virsh, &self.name)?;
+        let xml = define::with_sources(&xml, disks)?.unwrap_or(xml);
+        save_image::restore(&self.virsh, &self.state_dir, &xml, memory, RESTORE)
     }
 
     fn destroy(&self) -> Result<()> {
