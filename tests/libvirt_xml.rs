@@ -186,3 +186,95 @@ fn libvirt_redefines_each_snapshot_xml_unchanged_and_reads_it_the_same() {
     }
     drop(fx);
 }
+
+/// The guest of domain lvx reads `byte` over the first 64 KiB of vda.
+fn guest_reads(lv: &Libvirtd, byte: u8) -> bool {
+    let out = lv.virsh(&[
+        "qemu-monitor-command",
+        "lvx",
+        "--hmp",
+        &format!("qemu-io -d virtio-disk0/virtio-backend \"read -P {byte:#x} 0 64k\""),
+    ]);
+    !out.contains("fail") && !out.contains("rror")
+}
+
+/// libvirt's own `virsh snapshot-revert` finds an internal snapshot
+/// vmsnapfs took, once its `snapshot.xml` is redefined on a fresh
+/// definition: the qcow2 tag is the snapshot's name. The guest then
+/// reads the snapshot's bytes; after a re-mount every view holds its own.
+#[test]
+fn libvirt_reverts_to_an_internal_checkpoint_vmsnapfs_took() {
+    let _turn = ONE_LIBVIRTD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut fx) = LibvirtTest::start("libvirt-tags") else {
+        return;
+    };
+    let (dir, images, lv) = (&fx.dir, fx.images.clone(), &mut fx.lv);
+    let img = lv.define("lvx", &images);
+    let fresh = dir.0.join("lvx-fresh.xml");
+    fs::write(&fresh, lv.virsh(&["dumpxml", "--inactive", "lvx"])).unwrap();
+    lv.virsh(&["start", "lvx"]);
+    lv.guest_write("lvx", 0x41);
+    let uri = lv.uri.clone();
+    let daemon = Daemon::start_with_args(&dir.0, &[], &["--libvirt", &uri]);
+    let mnt = daemon.mnt.clone();
+    wait_until("lvx running", Duration::from_secs(30), || {
+        state_of(&mnt, "lvx") == "running"
+    });
+    create(
+        &mnt,
+        "<domainsnapshot><name>i1</name><memory snapshot='internal'/>\
+         <disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>",
+    );
+    lv.guest_write("lvx", 0x42);
+    create(
+        &mnt,
+        "<domainsnapshot><name>i2</name><memory snapshot='no'/>\
+         <disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>",
+    );
+    lv.guest_write("lvx", 0x43);
+    let mut tags = image_tags(&img);
+    tags.sort();
+    assert_eq!(tags, ["i1", "i2"]);
+    let xmls: Vec<String> = ["i1", "i2"]
+        .iter()
+        .map(|n| fs::read_to_string(mnt.join("lvx").join(n).join("snapshot.xml")).unwrap())
+        .collect();
+    drop(daemon);
+
+    // A fresh definition, the snapshots redefined from the files.
+    lv.virsh(&["destroy", "lvx"]);
+    lv.virsh(&["undefine", "lvx", "--snapshots-metadata"]);
+    lv.virsh(&["define", fresh.to_str().unwrap()]);
+    for (n, xml) in ["i1", "i2"].iter().zip(&xmls) {
+        let file = dir.0.join(format!("{n}.snapshot.xml"));
+        fs::write(&file, xml).unwrap();
+        lv.virsh(&[
+            "snapshot-create",
+            "lvx",
+            file.to_str().unwrap(),
+            "--redefine",
+            "--validate",
+        ]);
+    }
+    // libvirt reverts the running domain to the checkpoint by its name.
+    lv.virsh(&["start", "lvx"]);
+    lv.guest_write("lvx", 0x44);
+    lv.virsh(&["snapshot-revert", "lvx", "i1"]);
+    assert_eq!(lv.state("lvx"), "running");
+    assert!(guest_reads(lv, 0x41), "the guest after libvirt's revert");
+    assert_eq!(
+        lv.virsh(&["snapshot-current", "lvx", "--name"]).trim(),
+        "i1"
+    );
+
+    // Mounted again: the views hold their bytes, the domain runs.
+    let daemon = Daemon::start_with_args(&dir.0, &[], &["--libvirt", &uri]);
+    let mnt = daemon.mnt.clone();
+    wait_until("lvx running again", Duration::from_secs(30), || {
+        state_of(&mnt, "lvx") == "running"
+    });
+    assert!(view_holds(&mnt, "lvx/i1/disks/vda", 0x41));
+    assert!(view_holds(&mnt, "lvx/i2/disks/vda", 0x42));
+    drop(daemon);
+    drop(fx);
+}

@@ -142,6 +142,10 @@ impl Drop for DeleteHold<'_> {
 /// look at the monitor, then recovery) before it gives up with EBUSY.
 const START_WAIT: Duration = Duration::from_secs(60);
 
+/// The longest name that becomes an internal snapshot's id (the store
+/// keeps `snapshots/<id>.xml`, within one 255-byte path component).
+const MAX_NAME_AS_TAG: usize = 200;
+
 /// Builds a fresh snapshot id (also the qcow2 tag of internal snapshots).
 fn new_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -538,7 +542,10 @@ impl Domain {
                 ));
             }
             let t0 = Instant::now();
-            let id = new_id();
+            let id = match request.kind {
+                CreateKind::Internal { .. } => self.internal_id(what, name),
+                CreateKind::External { .. } => new_id(),
+            };
             let live = self.live_state()?;
             self.check_images_active(live)?;
             let memory = live != DomainState::Shutoff
@@ -612,6 +619,59 @@ impl Domain {
             ));
             Ok(id)
         }
+    }
+
+    /// The id of a new internal snapshot named `name`, which is also its
+    /// qcow2 tag: the name itself, so that what reads the images by name
+    /// (`qemu-img snapshot -l`, libvirt's `snapshot-revert` of the
+    /// snapshot redefined from `snapshot.xml`) finds it, and a rename
+    /// keeps it; a fresh id, with a `.log` line saying why, where the
+    /// name could be taken for another snapshot.
+    fn internal_id(&self, what: &str, name: &str) -> String {
+        match self.name_as_tag(name) {
+            Ok(()) => name.to_owned(),
+            Err(why) => {
+                let id = new_id();
+                self.log.line(&format!(
+                    "{what}: qcow2 tag {id:?} instead of the name: {why}"
+                ));
+                id
+            }
+        }
+    }
+
+    /// Why `name` cannot be the qcow2 tag (and id) of a new internal
+    /// snapshot: a tag already in one of the images of a disk's chain
+    /// (`snapshot -a` and `snapshot-load` would find two), a number
+    /// (qcow2 numbers its snapshots, and `qemu-img snapshot -a` looks a
+    /// number up as one first), another snapshot's id, or too long for
+    /// the store's file name.
+    fn name_as_tag(&self, name: &str) -> std::result::Result<(), String> {
+        if name.len() > MAX_NAME_AS_TAG {
+            return Err(format!("the name is longer than {MAX_NAME_AS_TAG} bytes"));
+        }
+        if name.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("a number is read as a qcow2 snapshot number".into());
+        }
+        for d in self.backend.active_disks() {
+            let chain = self
+                .images
+                .chain(&d.source, &d.format)
+                .map_err(|e| format!("the images of disk {} cannot be read: {e}", d.target))?;
+            if let Some(img) = chain
+                .iter()
+                .find(|i| i.snapshots.iter().any(|s| s.tag == name))
+            {
+                return Err(format!(
+                    "{} already has a snapshot tagged {name:?}",
+                    img.path.display()
+                ));
+            }
+        }
+        if self.forest.read().get(name).is_some() {
+            return Err("the name is another snapshot's id".into());
+        }
+        Ok(())
     }
 
     fn create_steps(
