@@ -105,7 +105,10 @@ impl Virsh {
     }
 
     fn run_command(&self, cmd: Command, what: String, timeout: Duration) -> Result<String> {
-        let out = child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()))?;
+        let t = std::time::Instant::now();
+        let out = child::output(cmd, timeout).map_err(|e| Error::io(e.to_string()));
+        log::debug!("virsh {what}: {:?}", t.elapsed());
+        let out = out?;
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr);
             return Err(Error::io(format!(
