@@ -469,7 +469,9 @@ fn crash_during_external_create_on_a_stopped_vm() {
 
 /// When QEMU refuses background-snapshot (here: RAM in a shared file),
 /// the checkpoint is still taken, with the guest paused for the RAM save,
-/// and `.log` says so.
+/// and `.log` says so. A QEMU that copies RAM live first is made to give
+/// that copy up (it did not converge), so that it reaches the background
+/// snapshot too.
 #[test]
 fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
     let dir = TempDir::new("ext-fallback");
@@ -489,7 +491,10 @@ fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
     vm.launch().unwrap();
     vm.policy = Some("external".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
-    let daemon = Daemon::start(&dir.0, &[]);
+    let daemon = Daemon::start(
+        &dir.0,
+        &[("VMSNAPFS_FAILPOINTS", "checkpoint.converging=error")],
+    );
     let fx = Fixture { daemon, vm, dir };
     fx.vm.qemu_io("vda", "write -P 0x7a 0 1M").unwrap();
     let want = fx.vm.read_disk("vda").unwrap();

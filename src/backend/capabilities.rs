@@ -47,6 +47,7 @@ pub struct Capabilities {
     pub package: String,
     commands: BTreeSet<String>,
     migrate_caps: BTreeSet<String>,
+    migrate_params: BTreeSet<String>,
     migration_transports: BTreeSet<String>,
 }
 
@@ -103,6 +104,12 @@ impl Capabilities {
             enums.get(member_type(elem, "capability")?).cloned()
         })()
         .unwrap_or_default();
+        // migrate-set-parameters {downtime-limit, direct-io, ...}
+        let migrate_params = commands
+            .get("migrate-set-parameters")
+            .and_then(|c| objects.get(c.arg_type.as_str()))
+            .map(|o| o.members.iter().map(|m| m.name.clone()).collect())
+            .unwrap_or_default();
         // The transports a migration address may use (`exec`, `file`, ...).
         let migration_transports = enums
             .values()
@@ -118,6 +125,7 @@ impl Capabilities {
             package: version.package.trim().to_owned(),
             commands: commands.keys().map(|c| (*c).to_owned()).collect(),
             migrate_caps,
+            migrate_params,
             migration_transports,
         }
     }
@@ -145,6 +153,25 @@ impl Capabilities {
         self.has_file_migration()
             && self.has_migrate_capability("mapped-ram")
             && self.has_migrate_capability("multifd")
+    }
+
+    /// True when `migrate-set-parameters` accepts parameter `name`
+    /// (e.g. `direct-io`, `downtime-limit`).
+    pub fn has_migrate_parameter(&self, name: &str) -> bool {
+        self.migrate_params.contains(name)
+    }
+
+    /// True when a running guest's checkpoint can be a live copy of RAM
+    /// into a file at fixed offsets: a precopy migration with `mapped-ram`
+    /// and `multifd` written with `direct-io` (durable as it is written),
+    /// which stops at `pre-switchover` (`pause-before-switchover`,
+    /// `migrate-continue`) so that the disks switch at the same instant.
+    pub fn has_live_parallel_checkpoints(&self) -> bool {
+        self.has_parallel_memory_files()
+            && self.has_migrate_capability("pause-before-switchover")
+            && self.has_command("migrate-continue")
+            && self.has_migrate_parameter("direct-io")
+            && self.has_migrate_parameter("downtime-limit")
     }
 
     /// `7.2.22`.
@@ -190,8 +217,31 @@ mod tests {
 
     /// A schema shaped like QEMU's (type names are masked numbers).
     fn schema(caps: &[&str], transports: &[&str]) -> Vec<qmp::SchemaInfo> {
+        schema_with(caps, transports, &[], &[])
+    }
+
+    /// [`schema`] with more commands and `migrate-set-parameters` members.
+    fn schema_with(
+        caps: &[&str],
+        transports: &[&str],
+        commands: &[&str],
+        params: &[&str],
+    ) -> Vec<qmp::SchemaInfo> {
         let members = |v: &[&str]| v.iter().map(|t| json!({"name": t})).collect::<Vec<_>>();
-        serde_json::from_value(json!([
+        let param_members: Vec<_> = params
+            .iter()
+            .map(|p| json!({"name": p, "type": "int", "default": null}))
+            .collect();
+        let mut entries: Vec<serde_json::Value> = commands
+            .iter()
+            .map(|c| json!({"name": c, "meta-type": "command", "arg-type": "0", "ret-type": "0"}))
+            .collect();
+        entries.push(
+            json!({"name": "migrate-set-parameters", "meta-type": "command",
+             "arg-type": "20", "ret-type": "0"}),
+        );
+        entries.push(json!({"name": "20", "meta-type": "object", "members": param_members}));
+        let mut base: Vec<serde_json::Value> = serde_json::from_value(json!([
             {"name": "migrate-set-capabilities", "meta-type": "command",
              "arg-type": "10", "ret-type": "0"},
             {"name": "query-status", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
@@ -204,7 +254,56 @@ mod tests {
             {"name": "13", "meta-type": "enum", "values": transports,
              "members": members(transports)},
         ]))
-        .unwrap()
+        .unwrap();
+        base.extend(entries);
+        serde_json::from_value(serde_json::Value::Array(base)).unwrap()
+    }
+
+    #[test]
+    fn a_live_parallel_checkpoint_needs_every_piece() {
+        let caps = [
+            "background-snapshot",
+            "mapped-ram",
+            "multifd",
+            "pause-before-switchover",
+        ];
+        let transports = ["socket", "exec", "file"];
+        let params = ["downtime-limit", "direct-io", "max-bandwidth"];
+        let full = Capabilities::from_answers(
+            &version(10, 0),
+            &schema_with(&caps, &transports, &["migrate-continue"], &params),
+        );
+        assert!(full.has_migrate_parameter("direct-io"));
+        assert!(full.has_live_parallel_checkpoints());
+        // Each piece missing on its own keeps today's background snapshot.
+        let without = |caps: &[&str], cmds: &[&str], params: &[&str]| {
+            Capabilities::from_answers(
+                &version(10, 0),
+                &schema_with(caps, &transports, cmds, params),
+            )
+            .has_live_parallel_checkpoints()
+        };
+        assert!(!without(&caps[..3], &["migrate-continue"], &params));
+        assert!(!without(&caps, &[], &params));
+        assert!(!without(&caps, &["migrate-continue"], &["downtime-limit"]));
+        assert!(!without(&caps, &["migrate-continue"], &["direct-io"]));
+        assert!(!without(
+            &["background-snapshot", "multifd", "pause-before-switchover"],
+            &["migrate-continue"],
+            &params
+        ));
+        // QEMU 7.2's answers: pause-before-switchover and migrate-continue
+        // exist, mapped-ram, the file transport and direct-io do not.
+        let old = Capabilities::from_answers(
+            &version(7, 2),
+            &schema_with(
+                &["background-snapshot", "multifd", "pause-before-switchover"],
+                &["socket", "exec", "rdma"],
+                &["migrate-continue"],
+                &["downtime-limit", "max-bandwidth"],
+            ),
+        );
+        assert!(!old.has_live_parallel_checkpoints());
     }
 
     fn version(major: u64, minor: u64) -> qmp::VersionInfo {

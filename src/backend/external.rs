@@ -34,7 +34,7 @@ const LEFT_PAUSED: &str = "the guest is left paused so that none of its writes r
      file; stop QEMU, put the snapshot's files back and start it again";
 
 /// `e`, saying that the guest stays paused.
-fn left_paused(e: Error) -> Error {
+pub(super) fn left_paused(e: Error) -> Error {
     Error::new(e.kind, format!("{}; {LEFT_PAUSED}", e.message))
 }
 
@@ -150,7 +150,10 @@ fn seal_memory(part: &Path, memory: &Path, id: crate::store::owned::FileId) -> R
 }
 
 /// A guest pause measured from our `stop` to QEMU's RESUME event.
-fn pause_from_events(events: &[serde_json::Value], stopped_at: SystemTime) -> Option<Duration> {
+pub(super) fn pause_from_events(
+    events: &[serde_json::Value],
+    stopped_at: SystemTime,
+) -> Option<Duration> {
     let at = events.iter().rev().find_map(super::qmp_ops::resumed_at)?;
     at.duration_since(stopped_at).ok()
 }
@@ -188,6 +191,7 @@ impl QemuBackend {
             note: None,
             paused_for: None,
             machine: None,
+            memory_format: None,
         })
     }
 
@@ -267,6 +271,7 @@ impl QemuBackend {
                 note: None,
                 paused_for: None,
                 machine: None,
+                memory_format: None,
             };
             match &plan.memory {
                 None => {
@@ -464,10 +469,13 @@ impl QemuBackend {
         old
     }
 
-    /// A checkpoint: guest stopped, disks switched, RAM saved from that
-    /// instant. With background-snapshot QEMU resumes the guest at once
-    /// and writes RAM while it runs; without, the guest stays paused
-    /// until the file is written.
+    /// A checkpoint: RAM and disks of one instant. A running guest on a
+    /// QEMU that can ([`super::precopy`]) is copied live into a mapped-ram
+    /// file and paused only for the last pass and the disk switch; if that
+    /// copy does not converge, or elsewhere, the guest is stopped, the disks
+    /// switched, and RAM saved from that instant: with background-snapshot
+    /// QEMU resumes the guest at once and writes RAM while it runs;
+    /// without, the guest stays paused until the file is written.
     fn checkpoint(
         &self,
         conn: &mut Conn,
@@ -477,11 +485,44 @@ impl QemuBackend {
         live: DomainState,
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
-        let mapped = plan.memory_format == MemoryFormat::MappedRam;
-        if mapped {
+        let mut format = plan.memory_format;
+        if format == MemoryFormat::MappedRam {
             // Refused before anything is made.
             check_can_load(&conn.caps, MemoryFormat::MappedRam)?;
         }
+        if format == MemoryFormat::MappedRam && live == DomainState::Running {
+            let Some(why) =
+                self.checkpoint_into(conn, actions, plan, memory, live, outcome, None)?
+            else {
+                return Ok(());
+            };
+            add_note(
+                outcome,
+                format!("live copy of RAM given up ({why}); RAM written as a background snapshot"),
+            );
+            format = MemoryFormat::Stream;
+            outcome.memory_format = Some(format);
+        }
+        self.checkpoint_into(conn, actions, plan, memory, live, outcome, Some(format))
+            .map(drop)
+    }
+
+    /// [`Self::checkpoint`] into a new file at `memory`: written as
+    /// `memory.part`, renamed when complete. `format` `None` is the live
+    /// copy ([`Self::precopy_save`]), which returns `Some(why)` when it
+    /// gave up before anything changed (no file left, the guest runs).
+    #[allow(clippy::too_many_arguments)]
+    fn checkpoint_into(
+        &self,
+        conn: &mut Conn,
+        actions: &[SnapshotAction],
+        plan: &ExternalPlan,
+        memory: &Path,
+        live: DomainState,
+        outcome: &mut ExternalOutcome,
+        format: Option<MemoryFormat>,
+    ) -> Result<Option<String>> {
+        let mapped = format == Some(MemoryFormat::MappedRam);
         let part = memory_part_path(memory);
         // Guest RAM holds secrets: the file is never readable by others.
         // An existing file (or symlink) at either name is never replaced.
@@ -522,7 +563,28 @@ impl QemuBackend {
         }
         outcome.machine = Self::machine_type(conn);
         let old_bandwidth = Self::set_max_bandwidth(conn, UNTHROTTLED);
-        let result = self.checkpoint_save(conn, actions, plan, (&part, &file), live, outcome);
+        let result = match format {
+            Some(_) => self
+                .checkpoint_save(conn, actions, plan, (&part, &file), live, mapped, outcome)
+                .map(|()| None),
+            None => {
+                let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
+                let mut paused_for = None;
+                let r = self.precopy_save(
+                    conn,
+                    (&part, &file),
+                    &overlays,
+                    &mut |conn| self.switch_disks(conn, actions, plan),
+                    &mut |conn| self.undo_live_overlays(conn, plan),
+                    &mut paused_for,
+                );
+                outcome.paused_for = paused_for;
+                r.map(|p| match p {
+                    super::precopy::Precopy::Done => None,
+                    super::precopy::Precopy::GaveUp(why) => Some(why),
+                })
+            }
+        };
         drop(file);
         if mapped {
             // The memory file's fd set goes once the save ended.
@@ -532,13 +594,19 @@ impl QemuBackend {
         if let Some(b) = old_bandwidth {
             Self::set_max_bandwidth(conn, b);
         }
-        result?;
+        if let Some(why) = result? {
+            // Nothing was written that stays: the part is gone already.
+            return Ok(Some(why));
+        }
         seal_memory(&part, memory, id)?;
         // The name `.part` is gone; its record goes too.
-        self.remove_made(&part)
+        self.remove_made(&part)?;
+        Ok(None)
     }
 
-    /// The save of [`Self::checkpoint`] into `part`.
+    /// The save of [`Self::checkpoint`] into `part` (`mapped`: RAM at
+    /// fixed offsets, for a paused guest).
+    #[allow(clippy::too_many_arguments)]
     fn checkpoint_save(
         &self,
         conn: &mut Conn,
@@ -546,20 +614,23 @@ impl QemuBackend {
         plan: &ExternalPlan,
         (part, held): (&Path, &fs::File),
         live: DomainState,
+        mapped: bool,
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
         let running = live == DomainState::Running;
-        let mapped = plan.memory_format == MemoryFormat::MappedRam;
         // A mapped-ram file is the plain RAM of a paused guest; a running
         // guest's RAM is written in the background as a stream.
         let mut background = running && !mapped;
         if background {
             if let Err(e) = Self::set_background_snapshot(conn, true) {
                 background = false;
-                outcome.note = Some(format!(
-                    "background-snapshot refused ({}); RAM saved with the guest paused",
-                    e.message
-                ));
+                add_note(
+                    outcome,
+                    format!(
+                        "background-snapshot refused ({}); RAM saved with the guest paused",
+                        e.message
+                    ),
+                );
             }
         }
         conn.qmp.take_events();
@@ -615,10 +686,13 @@ impl QemuBackend {
         if let (Err(e), true) = (&started, background) {
             let _ = Self::set_background_snapshot(conn, false);
             background = false;
-            outcome.note = Some(format!(
-                "background-snapshot refused ({}); RAM saved with the guest paused",
-                e.message
-            ));
+            add_note(
+                outcome,
+                format!(
+                    "background-snapshot refused ({}); RAM saved with the guest paused",
+                    e.message
+                ),
+            );
             started = conn.qmp.migrate(&uri).map_err(qmp_err);
         }
         log::debug!(
@@ -819,6 +893,11 @@ impl QemuBackend {
     pub(super) fn settle_external_impl(&self, plan: &ExternalPlan) -> Result<bool> {
         // Connecting makes the record follow what a running QEMU has open.
         let up = self.is_up()?;
+        if up {
+            // A live copy QEMU may still run, or wait in with the guest
+            // stopped, ends first.
+            self.with_qmp(|conn| self.settle_leftover_precopy(conn))?;
+        }
         let layers = self.layers.lock().clone();
         let is_active = |t: &str, o: &Path| {
             layers
@@ -860,6 +939,14 @@ impl QemuBackend {
     }
 }
 
+/// Adds `line` to what the user should know about this snapshot.
+fn add_note(outcome: &mut ExternalOutcome, line: String) {
+    outcome.note = Some(match outcome.note.take() {
+        Some(n) => format!("{n}; {line}"),
+        None => line,
+    });
+}
+
 /// The capabilities of a memory file with RAM at fixed offsets.
 const PARALLEL_CAPS: &[MigrationCapability] = &[
     MigrationCapability::mapped_ram,
@@ -894,7 +981,7 @@ const MEMORY_FD: &str = "vmsnapfs-memory";
 /// The path through which this process opens again exactly the file it
 /// holds open as `file` (`/proc/self/fd/<n>`), never a name in a
 /// directory someone else may change.
-fn held_file_path(file: &fs::File) -> String {
+pub(super) fn held_file_path(file: &fs::File) -> String {
     use std::os::fd::AsRawFd;
     format!("/proc/self/fd/{}", file.as_raw_fd())
 }

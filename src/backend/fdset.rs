@@ -72,6 +72,19 @@ pub fn add(qmp: &mut Qmp, file: &impl AsFd, path: &Path) -> Result<i64, QmpError
     Ok(info.fdset_id)
 }
 
+/// Adds `file` to the existing fd set `set` (QEMU picks, among a set's
+/// descriptors, one whose access mode and `O_DIRECT` flag match its open).
+pub fn add_to(qmp: &mut Qmp, set: i64, file: &impl AsFd, path: &Path) -> Result<(), QmpError> {
+    qmp.execute_with_fds(
+        &qapi::qmp::add_fd {
+            fdset_id: Some(set),
+            opaque: Some(opaque_of(path)),
+        },
+        &[file.as_fd()],
+    )
+    .map(drop)
+}
+
 /// Removes the fd set `set` (QEMU closes its descriptors once nothing it
 /// opened from them is in use).
 pub fn remove(qmp: &mut Qmp, set: i64) -> Result<(), QmpError> {

@@ -13,8 +13,10 @@ pub mod images;
 pub mod liveness;
 pub mod machine;
 pub mod managed;
+pub mod memory_file;
 pub mod merge;
 pub mod opened;
+pub mod precopy;
 pub mod process;
 pub mod qemu;
 pub mod qemu_img;
@@ -91,6 +93,9 @@ pub struct ExternalOutcome {
     pub paused_for: Option<std::time::Duration>,
     /// The machine type of the saved state (`pc-q35-7.2`), for a checkpoint.
     pub machine: Option<String>,
+    /// The memory file's format when it differs from the plan's (a live
+    /// copy that did not converge fell back to a background stream).
+    pub memory_format: Option<MemoryFormat>,
 }
 
 /// A revert to an external snapshot: each disk gets a new overlay over

@@ -1255,15 +1255,20 @@ impl Backend for QemuBackend {
     fn memory_format(&self, live: DomainState, memory: &Path) -> MemoryFormat {
         // `file:` URIs end at a comma (`file:PATH,offset=N`); a manager
         // loads streams only (see `managed_can_load`).
-        if self.manager.is_some()
-            || live != DomainState::Paused
-            || memory.to_string_lossy().contains(',')
-        {
+        if self.manager.is_some() || memory.to_string_lossy().contains(',') {
             return MemoryFormat::Stream;
         }
-        let parallel = self
-            .with_qmp(|c| Ok(c.caps.has_parallel_memory_files()))
-            .unwrap_or(false);
+        let parallel = match live {
+            // A paused guest: RAM at fixed offsets, written in parallel.
+            DomainState::Paused => self
+                .with_qmp(|c| Ok(c.caps.has_parallel_memory_files()))
+                .unwrap_or(false),
+            // A running guest: the same file copied live (see `precopy`).
+            DomainState::Running => self
+                .with_qmp(|c| Ok(c.caps.has_live_parallel_checkpoints()))
+                .unwrap_or(false),
+            _ => false,
+        };
         if parallel {
             MemoryFormat::MappedRam
         } else {

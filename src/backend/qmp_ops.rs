@@ -221,6 +221,44 @@ impl Qmp {
         self.execute(&qmp::migrate_set_parameters(p)).map(drop)
     }
 
+    /// The migration parameters vmsnapfs changes for a live checkpoint:
+    /// (`downtime-limit` in ms, `direct-io`), as QEMU reports them.
+    pub fn downtime_and_direct_io(&mut self) -> Result<(Option<u64>, Option<bool>), QmpError> {
+        let p = self.execute(&qmp::query_migrate_parameters {})?;
+        Ok((p.downtime_limit, p.direct_io))
+    }
+
+    /// Sets `downtime-limit` (ms) and `direct-io` (`migrate-set-parameters`).
+    pub fn set_downtime_and_direct_io(
+        &mut self,
+        downtime_ms: u64,
+        direct_io: bool,
+    ) -> Result<(), QmpError> {
+        let p: qmp::MigrateSetParameters = from_json(serde_json::json!({
+            "downtime-limit": downtime_ms,
+            "direct-io": direct_io,
+        }))?;
+        self.execute(&qmp::migrate_set_parameters(p)).map(drop)
+    }
+
+    /// Lets a migration waiting in `pre-switchover` go on (`migrate-continue`).
+    pub fn migrate_continue(&mut self) -> Result<(), QmpError> {
+        self.execute(&qmp::migrate_continue {
+            state: qmp::MigrationStatus::pre_switchover,
+        })
+        .map(drop)
+    }
+
+    /// True when migration capability `name` is on (`query-migrate-capabilities`,
+    /// read untyped: a QEMU may list capabilities this build does not know).
+    pub fn migrate_capability_on(&mut self, name: &str) -> Result<bool, QmpError> {
+        let caps = self.execute_raw("query-migrate-capabilities", serde_json::json!({}))?;
+        Ok(caps.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|c| c["capability"] == name && c["state"] == serde_json::Value::Bool(true))
+        }))
+    }
+
     /// The jobs QEMU runs (`query-jobs`).
     pub fn jobs(&mut self) -> Result<Vec<qmp::JobInfo>, QmpError> {
         self.execute(&qmp::query_jobs {})
@@ -302,6 +340,31 @@ pub fn resumed_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
         timestamp: Stamp,
     }
     let Ok(qmp::Event::RESUME { .. }) = serde_json::from_value::<qmp::Event>(event.clone()) else {
+        return None;
+    };
+    let t = serde_json::from_value::<Stamped>(event.clone())
+        .ok()?
+        .timestamp;
+    Some(
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(t.seconds)
+            + Duration::from_micros(t.microseconds),
+    )
+}
+
+/// When QEMU sent `event`, if it is a `STOP`.
+pub fn stopped_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
+    /// The time of an event (the `qapi` crate keeps its own private).
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        seconds: u64,
+        microseconds: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stamped {
+        timestamp: Stamp,
+    }
+    let Ok(qmp::Event::STOP { .. }) = serde_json::from_value::<qmp::Event>(event.clone()) else {
         return None;
     };
     let t = serde_json::from_value::<Stamped>(event.clone())

@@ -173,6 +173,9 @@ impl Domain {
         crate::failpoint::hit("create.after-backend")?;
         snap.state = outcome.state;
         snap.machine = outcome.machine;
+        if let Some(format) = outcome.memory_format {
+            snap.memory_format = format;
+        }
         if !outcome.memory_saved {
             snap.memory = MemoryLocation::No;
         }
@@ -214,6 +217,13 @@ impl Domain {
         }
         if !self.backend.settle_external(&plan)? {
             return Ok("rolled back");
+        }
+        if let Some(m) = memory.as_deref().filter(|m| m.exists()) {
+            // A live copy that fell back to a background stream wrote
+            // another format than the plan says: the file tells.
+            if let Ok(Some(format)) = crate::backend::memory_file::format_of_file(m) {
+                snap.memory_format = format;
+            }
         }
         if memory.is_some_and(|m| !m.exists()) {
             // The disks switched but RAM was not saved: a disk snapshot.

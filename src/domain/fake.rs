@@ -392,6 +392,7 @@ impl Backend for FakeBackend {
             note: None,
             paused_for: None,
             machine: None,
+            memory_format: None,
         })
     }
 
