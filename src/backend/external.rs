@@ -999,6 +999,25 @@ pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>, held: &fs::F
         MemoryFormat::MappedRam => {
             set_migrate_capabilities(conn, PARALLEL_CAPS, true)?;
             let set = super::fdset::add(&mut conn.qmp, held, incoming.file).map_err(qmp_err)?;
+            // A file mostly on disk only (a live copy is written past the
+            // page cache; any file after a reboot) reads faster with
+            // O_DIRECT; one in the page cache reads faster from there.
+            let resident = super::memory_file::resident_share(held);
+            log::debug!(
+                "memory file {:?} in the page cache: {resident:?}",
+                incoming.file
+            );
+            if conn.caps.has_migrate_parameter("direct-io") && resident.is_some_and(|r| r < 0.5) {
+                let direct = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(held_file_path(held));
+                if let Ok(direct) = direct {
+                    super::fdset::add_to(&mut conn.qmp, set, &direct, incoming.file)
+                        .map_err(qmp_err)?;
+                    conn.qmp.set_direct_io(true).map_err(qmp_err)?;
+                }
+            }
             format!("file:/dev/fdset/{set}")
         }
         MemoryFormat::Stream => {
@@ -1009,6 +1028,13 @@ pub(super) fn load_memory(conn: &mut Conn, incoming: &Incoming<'_>, held: &fs::F
     conn.qmp.migrate_incoming(&uri).map_err(qmp_err)?;
     let loaded = QemuBackend::wait_migration(conn);
     let _ = super::fdset::release_unused(&mut conn.qmp);
+    if incoming.format == MemoryFormat::MappedRam {
+        // The settings of the load are not those of a later save.
+        if conn.caps.has_migrate_parameter("direct-io") {
+            let _ = conn.qmp.set_direct_io(false);
+        }
+        let _ = set_migrate_capabilities(conn, PARALLEL_CAPS, false);
+    }
     loaded
 }
 

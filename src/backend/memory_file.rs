@@ -40,6 +40,42 @@ pub fn format_of_file(path: &Path) -> std::io::Result<Option<MemoryFormat>> {
     Ok(format_of(&head))
 }
 
+/// The share (0 to 1) of `file`'s pages in the page cache (`mincore` of
+/// a read-only mapping); `None` when that cannot be told.
+pub fn resident_share(file: &std::fs::File) -> Option<f64> {
+    use std::os::fd::AsRawFd;
+    let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+    if len == 0 {
+        return None;
+    }
+    // SAFETY: a read-only shared mapping of a file we hold open, never
+    // read through, unmapped before returning.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: the mapping made above, of `len` bytes.
+    unsafe { libc::munmap(addr, len) };
+    if r != 0 {
+        return None;
+    }
+    let resident = vec.iter().filter(|b| *b & 1 == 1).count();
+    Some(resident as f64 / vec.len() as f64)
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -67,5 +103,30 @@ mod tests {
         let mut odd = STREAM.to_vec();
         odd.extend_from_slice(b"\x0amapped-ram");
         assert_eq!(format_of(&odd), Some(MemoryFormat::Stream));
+    }
+
+    #[test]
+    fn tells_how_much_of_a_file_is_in_the_page_cache() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("vmsnapfs-resident-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        // Just written: in the page cache.
+        assert!(resident_share(&f).unwrap() > 0.9);
+        f.sync_all().unwrap();
+        use std::os::fd::AsRawFd;
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert!(resident_share(&f).unwrap() < 0.5);
+        std::fs::remove_file(&path).unwrap();
+        let empty = tempfile_empty();
+        assert_eq!(resident_share(&empty), None);
+    }
+
+    fn tempfile_empty() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("vmsnapfs-empty-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
     }
 }

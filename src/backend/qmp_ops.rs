@@ -241,6 +241,12 @@ impl Qmp {
         self.execute(&qmp::migrate_set_parameters(p)).map(drop)
     }
 
+    /// Sets `direct-io` (`migrate-set-parameters`).
+    pub fn set_direct_io(&mut self, on: bool) -> Result<(), QmpError> {
+        let p: qmp::MigrateSetParameters = from_json(serde_json::json!({ "direct-io": on }))?;
+        self.execute(&qmp::migrate_set_parameters(p)).map(drop)
+    }
+
     /// Lets a migration waiting in `pre-switchover` go on (`migrate-continue`).
     pub fn migrate_continue(&mut self) -> Result<(), QmpError> {
         self.execute(&qmp::migrate_continue {
