@@ -491,9 +491,21 @@ impl QemuBackend {
             check_can_load(&conn.caps, MemoryFormat::MappedRam)?;
         }
         if format == MemoryFormat::MappedRam && live == DomainState::Running {
-            let Some(why) =
+            // QEMU opens the overlays by name at the switch; where someone
+            // other than root could swap one meanwhile, the guest must be
+            // stopped by vmsnapfs (and stay paused if QEMU opened something
+            // else), which a live copy cannot do: QEMU stops it itself and
+            // a cancelled copy resumes it.
+            let swappable = plan.overlays.iter().any(|(_, o)| {
+                !o.parent()
+                    .is_some_and(crate::store::safe_dir::only_root_can_change)
+            });
+            let why = if swappable {
+                Some("the overlays' directory can be changed by others than root".to_owned())
+            } else {
                 self.checkpoint_into(conn, actions, plan, memory, live, outcome, None)?
-            else {
+            };
+            let Some(why) = why else {
                 return Ok(());
             };
             add_note(
