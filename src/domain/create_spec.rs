@@ -89,6 +89,38 @@ pub fn normalize_spec(
     Ok(spec)
 }
 
+/// Takes out of `spec` the disks it names among `others` (the domain's
+/// writable disks that are not image files): each must be left out
+/// (`snapshot='no'`), which is all vmsnapfs can do with them
+/// (EOPNOTSUPP otherwise). Returns the spec without them and their
+/// targets.
+pub fn take_other_disks(
+    mut spec: SnapshotSpec,
+    others: &[&str],
+) -> Result<(SnapshotSpec, Vec<String>)> {
+    let mut left_out = Vec::new();
+    let mut kept = Vec::new();
+    for d in spec.disks {
+        if !others.contains(&d.name.as_str()) {
+            kept.push(d);
+            continue;
+        }
+        if d.kind != Some(DiskSnapshotKind::No) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "disk {} is not an image file; vmsnapfs can only leave it out of a \
+                     snapshot (<disk name='{}' snapshot='no'/>)",
+                    d.name, d.name
+                ),
+            ));
+        }
+        left_out.push(d.name);
+    }
+    spec.disks = kept;
+    Ok((spec, left_out))
+}
+
 /// Checks a spec: names, disks of this domain, what is supported.
 ///
 /// Unspecified parts follow the rest: a disk without `snapshot=` is
@@ -192,6 +224,13 @@ impl Domain {
             let text =
                 std::str::from_utf8(xml).map_err(|_| Error::invalid("the spec is not UTF-8"))?;
             let spec = parse_snapshot_xml(text).map_err(|e| Error::invalid(e.to_string()))?;
+            let others: Vec<&str> = self
+                .def
+                .other_disks
+                .iter()
+                .map(|d| d.target.as_str())
+                .collect();
+            let (spec, left_out) = take_other_disks(spec, &others)?;
             let active = self.backend.active_disks();
             let known: Vec<(&str, Vec<&std::path::Path>)> = self
                 .def
@@ -221,9 +260,9 @@ impl Domain {
                     self.check_caller_path(caller, "memory file", p)?;
                 }
             }
-            Ok(checked)
+            Ok((checked, left_out))
         })();
-        let checked = match r {
+        let (checked, left_out) = match r {
             Ok(c) => c,
             Err(e) => return self.refuse(&what, e),
         };
@@ -233,6 +272,7 @@ impl Domain {
             description: checked.description.clone(),
             kind: checked.kind.clone(),
             quiesce: checked.quiesce,
+            left_out,
         };
         self.create_as(&what, request)
             .or_else(|e| self.refuse(&what, e))
@@ -242,6 +282,32 @@ impl Domain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_disks_can_only_be_left_out() {
+        let spec = |xml: &str| parse_snapshot_xml(xml).unwrap();
+        let (rest, left) = take_other_disks(
+            spec(
+                "<domainsnapshot><disks><disk name='vda' snapshot='internal'/>\
+                  <disk name='sdb' snapshot='no'/></disks></domainsnapshot>",
+            ),
+            &["sdb"],
+        )
+        .unwrap();
+        assert_eq!(left, vec!["sdb".to_owned()]);
+        assert_eq!(rest.disks.len(), 1);
+        assert_eq!(rest.disks[0].name, "vda");
+        for kind in ["snapshot='external'", "snapshot='internal'", ""] {
+            let e = take_other_disks(
+                spec(&format!(
+                    "<domainsnapshot><disks><disk name='sdb' {kind}/></disks></domainsnapshot>"
+                )),
+                &["sdb"],
+            )
+            .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Unsupported, "{kind}");
+        }
+    }
 
     fn check(xml: &str) -> Result<CheckedSpec> {
         check_spec(parse_snapshot_xml(xml).unwrap(), &["vda", "vdb"])

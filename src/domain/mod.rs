@@ -98,6 +98,9 @@ pub struct CreateRequest<'a> {
     pub kind: CreateKind,
     /// The spec's `quiesce` (`None`: the domain's default).
     pub quiesce: Option<bool>,
+    /// Disks the spec leaves out on purpose (`snapshot='no'`) among the
+    /// domain's [`crate::model::OtherDisk`]s.
+    pub left_out: Vec<String>,
 }
 
 impl CreateRequest<'_> {
@@ -519,10 +522,42 @@ impl Domain {
                     description: None,
                     kind,
                     quiesce: None,
+                    left_out: Vec::new(),
                 };
                 self.create_as(&what, request)
             });
         r.or_else(|e| self.refuse(&what, e))
+    }
+
+    /// Refuses a snapshot that would silently miss a writable disk
+    /// vmsnapfs cannot snapshot (EOPNOTSUPP): each must be left out on
+    /// purpose, in the definition or by the spec (`left_out`); those left
+    /// out are named in `.log`.
+    fn check_other_disks(&self, what: &str, left_out: &[String]) -> Result<()> {
+        let mut skipped = Vec::new();
+        for d in &self.def.other_disks {
+            if d.left_out || left_out.contains(&d.target) {
+                skipped.push(format!("{} ({})", d.target, d.what));
+                continue;
+            }
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "disk {} is a {}, which vmsnapfs cannot snapshot, and a snapshot without \
+                     it would not match the guest's state; leave it out on purpose with \
+                     snapshot='no' on the disk in the domain's definition, or with <disk \
+                     name='{}' snapshot='no'/> in a .create spec; nothing was made",
+                    d.target, d.what, d.target
+                ),
+            ));
+        }
+        if !skipped.is_empty() {
+            self.log.line(&format!(
+                "{what}: left out on purpose, and not reverted by this snapshot: {}",
+                skipped.join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// Takes a snapshot as `request` says; `what` names the action in `.log`.
@@ -541,6 +576,7 @@ impl Domain {
                     format!("snapshot {name:?} exists"),
                 ));
             }
+            self.check_other_disks(what, &request.left_out)?;
             let t0 = Instant::now();
             let id = match request.kind {
                 CreateKind::Internal { .. } => self.internal_id(what, name),

@@ -332,6 +332,13 @@ impl Domain {
             },
             // The guest is about to be reverted: never frozen for it.
             quiesce: Some(false),
+            // What the revert keeps is left as it is.
+            left_out: self
+                .def
+                .other_disks
+                .iter()
+                .map(|d| d.target.clone())
+                .collect(),
         };
         self.create_busy(&format!("{what}: keeping the state left behind"), request)
             .map_err(|e| {

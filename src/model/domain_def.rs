@@ -119,6 +119,21 @@ pub struct DiskDef {
     pub format: String,
 }
 
+/// A writable disk that vmsnapfs cannot snapshot (a block device, a
+/// network disk, SCSI passthrough): a snapshot without it would not match
+/// the guest's state, so snapshots are refused unless it is left out on
+/// purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherDisk {
+    /// Target name, e.g. `sdb`.
+    pub target: String,
+    /// What it is, for `.log` (`block device /dev/vg0/data`).
+    pub what: String,
+    /// The definition leaves it out of every snapshot (libvirt's
+    /// `<disk ... snapshot='no'>`).
+    pub left_out: bool,
+}
+
 /// A domain definition: a subset of libvirt's `<domain>` XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainDef {
@@ -128,6 +143,8 @@ pub struct DomainDef {
     pub monitor: Option<PathBuf>,
     /// Its disks.
     pub disks: Vec<DiskDef>,
+    /// Its writable disks that cannot be snapshotted.
+    pub other_disks: Vec<OtherDisk>,
     /// The QEMU command line to start it again (argv), if given.
     pub commandline: Option<Vec<String>>,
     /// What `mkdir` creates.

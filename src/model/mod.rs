@@ -6,7 +6,9 @@ pub mod forest;
 pub mod name;
 pub mod snapshot;
 
-pub use domain_def::{AgentChannel, DiskDef, DomainDef, DomainState, QuiesceMode, SnapshotPolicy};
+pub use domain_def::{
+    AgentChannel, DiskDef, DomainDef, DomainState, OtherDisk, QuiesceMode, SnapshotPolicy,
+};
 pub use forest::{Forest, ForestError};
 pub use name::{validate_name, validate_name_bytes, NameError, MAX_NAME_BYTES};
 pub use snapshot::{

@@ -28,8 +28,11 @@
 //! </domain>
 //! ```
 //!
-//! Disks with `device='cdrom'`, `'floppy'` or `'lun'`, and disks without a
-//! `<source file>`, are skipped: they cannot be snapshotted as files.
+//! Disks with `device='cdrom'` or `'floppy'`, `<readonly/>` disks and disks
+//! without a `<source>` are skipped: the guest cannot write them. Other
+//! writable disks that are not image files (`type='block'`, `'network'`,
+//! `'volume'`, `device='lun'`) are kept as [`OtherDisk`]s: snapshots must
+//! leave them out on purpose (`snapshot='no'`).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -41,7 +44,9 @@ use quick_xml::Reader;
 
 use super::tree::{self, Element};
 use super::{trim_xml, XmlError};
-use crate::model::{validate_name, AgentChannel, DiskDef, DomainDef, QuiesceMode, SnapshotPolicy};
+use crate::model::{
+    validate_name, AgentChannel, DiskDef, DomainDef, OtherDisk, QuiesceMode, SnapshotPolicy,
+};
 
 /// Values of `<disk device=...>` that libvirt knows.
 const DISK_DEVICES: &[&str] = &["disk", "cdrom", "floppy", "lun"];
@@ -81,6 +86,7 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
     };
 
     let mut disks: Vec<DiskDef> = Vec::new();
+    let mut other_disks: Vec<OtherDisk> = Vec::new();
     let mut agent = None;
     if let Some(devices) = root.child("devices")? {
         for channel in devices.children_named("channel") {
@@ -96,16 +102,25 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         }
         let mut targets = HashSet::new();
         for disk in devices.children_named("disk") {
-            let Some(disk) = parse_disk(disk)? else {
-                continue;
+            let target = match parse_disk(disk)? {
+                ParsedDisk::Skipped => continue,
+                ParsedDisk::File(d) => {
+                    let t = d.target.clone();
+                    disks.push(d);
+                    t
+                }
+                ParsedDisk::Other(d) => {
+                    let t = d.target.clone();
+                    other_disks.push(d);
+                    t
+                }
             };
-            if !targets.insert(disk.target.clone()) {
+            if !targets.insert(target.clone()) {
                 return Err(XmlError::Duplicate {
                     what: "disk target",
-                    value: disk.target,
+                    value: target,
                 });
             }
-            disks.push(disk);
         }
     }
 
@@ -138,6 +153,7 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         name: name.to_string(),
         monitor,
         disks,
+        other_disks,
         commandline,
         policy,
         quiesce,
@@ -187,21 +203,60 @@ fn parse_agent_channel(channel: &Element) -> Result<Option<AgentChannel>, XmlErr
     Ok(Some(AgentChannel::Socket(path)))
 }
 
-/// Reads one `<disk>`; `None` when it is not a snapshottable file disk.
-fn parse_disk(disk: &Element) -> Result<Option<DiskDef>, XmlError> {
-    match disk.attr("device").unwrap_or("disk") {
-        "disk" => {}
-        "cdrom" | "floppy" | "lun" => return Ok(None),
-        other => return Err(XmlError::bad_choice("<disk device>", other, DISK_DEVICES)),
+/// What one `<disk>` is to vmsnapfs.
+enum ParsedDisk {
+    /// An image file: snapshotted.
+    File(DiskDef),
+    /// Writable, but not a file: snapshots must leave it out on purpose.
+    Other(OtherDisk),
+    /// Removable media, read-only or empty: never part of the guest's
+    /// written state.
+    Skipped,
+}
+
+/// What a disk that is not an image file is, for `.log`.
+fn other_what(disk: &Element, source: Option<&Element>, lun: bool) -> String {
+    let attr = |name: &str| source.and_then(|s| s.attr(name)).unwrap_or("?");
+    let what = match disk.attr("type").unwrap_or("file") {
+        "block" => format!("block device {}", attr("dev")),
+        "network" => format!("network disk {} {}", attr("protocol"), attr("name")),
+        "volume" => format!("storage volume {}/{}", attr("pool"), attr("volume")),
+        "dir" => format!("directory {}", attr("dir")),
+        other => format!("{other} disk"),
+    };
+    if lun {
+        format!("SCSI passthrough (device='lun') of the {what}")
+    } else {
+        what
     }
+}
+
+/// Reads one `<disk>`.
+fn parse_disk(disk: &Element) -> Result<ParsedDisk, XmlError> {
+    let lun = match disk.attr("device").unwrap_or("disk") {
+        "disk" => false,
+        "lun" => true,
+        "cdrom" | "floppy" => return Ok(ParsedDisk::Skipped),
+        other => return Err(XmlError::bad_choice("<disk device>", other, DISK_DEVICES)),
+    };
     let target = disk.required_child("target")?.required_attr("dev")?;
     validate_name(target).map_err(|e| XmlError::invalid_name("disk target", target, e))?;
+    if disk.child("readonly")?.is_some() {
+        return Ok(ParsedDisk::Skipped);
+    }
 
     let Some(source) = disk.child("source")? else {
-        return Ok(None);
+        return Ok(ParsedDisk::Skipped);
     };
-    let Some(file) = source.attr("file") else {
-        return Ok(None);
+    let file = match source.attr("file") {
+        Some(file) if !lun && disk.attr("type").unwrap_or("file") == "file" => file,
+        _ => {
+            return Ok(ParsedDisk::Other(OtherDisk {
+                target: target.to_string(),
+                what: other_what(disk, Some(source), lun),
+                left_out: disk.attr("snapshot") == Some("no"),
+            }))
+        }
     };
     if file.is_empty() {
         return Err(XmlError::bad_value("<source file>", file, "empty path"));
@@ -219,7 +274,7 @@ fn parse_disk(disk: &Element) -> Result<Option<DiskDef>, XmlError> {
         None => DEFAULT_FORMAT,
     };
 
-    Ok(Some(DiskDef {
+    Ok(ParsedDisk::File(DiskDef {
         target: target.to_string(),
         source: PathBuf::from(file),
         format: format.to_string(),
@@ -473,6 +528,62 @@ mod tests {
         );
         assert_eq!(def.policy, SnapshotPolicy::Internal);
         assert_eq!(def.xml, FULL);
+        // The SCSI passthrough and the rbd disk are writable and not
+        // image files; the cdrom and the empty floppy are skipped.
+        let others: Vec<(&str, &str, bool)> = def
+            .other_disks
+            .iter()
+            .map(|d| (d.target.as_str(), d.what.as_str(), d.left_out))
+            .collect();
+        assert_eq!(
+            others,
+            vec![
+                (
+                    "sdb",
+                    "SCSI passthrough (device='lun') of the block device /dev/sdz",
+                    false
+                ),
+                ("vdc", "network disk rbd pool/img", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn writable_disks_that_are_not_files_are_kept_apart() {
+        let xml = "<domain><name>v</name><devices>\
+            <disk type='block' device='disk'><source dev='/dev/vg/a'/><target dev='vdb'/></disk>\
+            <disk type='block' device='disk' snapshot='no'><source dev='/dev/vg/b'/>\
+            <target dev='vdc'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/vg/c'/><target dev='vdd'/>\
+            <readonly/></disk>\
+            <disk type='volume' device='disk'><source pool='p' volume='v1'/>\
+            <target dev='vde'/></disk>\
+            <disk type='file' device='disk'><target dev='vdf'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/vg/d'/><target dev='vdb'/></disk>\
+            </devices></domain>";
+        // vdb twice: a duplicate target, whatever the kinds.
+        assert!(parse_domain_def(xml).is_err());
+        let xml = xml.replacen(
+            "<target dev='vdb'/></disk></devices>",
+            "<target dev='vdg'/></disk></devices>",
+            1,
+        );
+        let def = parse_domain_def(&xml).unwrap();
+        assert!(def.disks.is_empty());
+        let others: Vec<(&str, &str, bool)> = def
+            .other_disks
+            .iter()
+            .map(|d| (d.target.as_str(), d.what.as_str(), d.left_out))
+            .collect();
+        assert_eq!(
+            others,
+            vec![
+                ("vdb", "block device /dev/vg/a", false),
+                ("vdc", "block device /dev/vg/b", true),
+                ("vde", "storage volume p/v1", false),
+                ("vdg", "block device /dev/vg/d", false),
+            ]
+        );
     }
 
     #[test]
