@@ -47,6 +47,8 @@ pub struct Disk {
     attrs: HashMap<(u32, Vec<u8>), Attr>,
     /// The deadline of the request in progress, checked by every read.
     budget: Budget,
+    /// What one request may read for (zero: [`REQUEST_TIME`]).
+    request_time: std::time::Duration,
 }
 
 /// At most this many attributes are kept per disk; past it the cache
@@ -91,8 +93,23 @@ impl Disk {
             *self = Disk {
                 view: Some(view),
                 size,
+                request_time: self.request_time,
                 ..Disk::default()
             };
+        }
+    }
+
+    /// Lets each request read for at most `time` instead of
+    /// [`REQUEST_TIME`].
+    pub fn set_request_time(&mut self, time: std::time::Duration) {
+        self.request_time = time;
+    }
+
+    fn request_time(&self) -> std::time::Duration {
+        if self.request_time.is_zero() {
+            REQUEST_TIME
+        } else {
+            self.request_time
         }
     }
 
@@ -201,15 +218,16 @@ impl Disk {
         op: impl FnOnce(&mut dyn GuestFs) -> io::Result<T>,
     ) -> Option<io::Result<T>> {
         if !self.fss.contains_key(&part) {
-            self.budget.start(REQUEST_TIME);
+            self.budget.start(self.request_time());
             let opened = self.open(part, note);
             self.budget.clear();
             self.fss.insert(part, opened);
         }
+        let time = self.request_time();
         let Some(Opened::Fs(fs)) = self.fss.get_mut(&part) else {
             return None;
         };
-        self.budget.start(REQUEST_TIME);
+        self.budget.start(time);
         let r = guarded("filesystem", || op(fs.as_mut()));
         self.budget.clear();
         if let Err(e) = &r {
@@ -358,12 +376,22 @@ pub struct Checked {
     pub notes: Vec<String>,
 }
 
+/// What one request of [`check_image`] may read for.
+pub const CHECK_REQUEST_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long [`check_image`] walks a disk in all before it stops.
+pub const CHECK_WALK_TIME: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Reads a whole disk image held in memory as `files/` would: the
-/// layout, each filesystem, every directory (at most 4096 entries in all),
-/// every symlink and up to 1 MiB of every file. The fuzzing entry point:
-/// it must never panic, hang or allocate without bound, whatever the bytes.
+/// layout, each filesystem, every directory (at most 4096 entries in all,
+/// for at most [`CHECK_WALK_TIME`], each request for at most
+/// [`CHECK_REQUEST_TIME`]), every symlink and up to 1 MiB of every file.
+/// The fuzzing entry point: no single call may panic, hang or allocate
+/// without bound, whatever the bytes (a walk of many requests, each
+/// bounded, may be long on a hostile disk: that is why the walk stops).
 pub fn check_image(bytes: &[u8]) -> Checked {
+    let started = std::time::Instant::now();
     let mut disk = Disk::new();
+    disk.set_request_time(CHECK_REQUEST_TIME);
     disk.set_view(Arc::new(MemView(bytes.to_vec())), bytes.len() as u64);
     let mut checked = Checked::default();
     let mut notes = Vec::new();
@@ -385,7 +413,7 @@ pub fn check_image(bytes: &[u8]) -> Checked {
                 continue;
             };
             for (name, attr) in listing.iter() {
-                if checked.entries >= 4096 {
+                if checked.entries >= 4096 || started.elapsed() > CHECK_WALK_TIME {
                     break;
                 }
                 checked.entries += 1;
