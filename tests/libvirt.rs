@@ -328,6 +328,9 @@ fn libvirt_internal_checkpoints_and_a_silent_libvirtd() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let resume = Resume(pid);
     wait_until("lvint unreachable", Duration::from_secs(60), || {
+        // The mount's listing asks libvirt for new domains in the
+        // background, never on the FUSE thread.
+        prompt("ls of the mount", || fs::read_dir(&mnt).unwrap().count());
         prompt("ls", || fs::read_dir(mnt.join("lvint")).unwrap().count());
         prompt("stat .state", || {
             fs::metadata(mnt.join("lvint/.state")).unwrap()

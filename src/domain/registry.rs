@@ -50,6 +50,8 @@ pub struct Registry {
     state_dir: PathBuf,
     domains: RwLock<BTreeMap<String, Arc<Domain>>>,
     stop: Arc<AtomicBool>,
+    /// A background listing of libvirt's domains runs ([`Registry::rescan_soon`]).
+    rescanning: AtomicBool,
     me: Weak<Registry>,
 }
 
@@ -128,6 +130,7 @@ impl Registry {
             state_dir: state_dir.to_owned(),
             domains: RwLock::new(BTreeMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            rescanning: AtomicBool::new(false),
             me: me.clone(),
         });
         let opened = Instant::now();
@@ -140,6 +143,32 @@ impl Registry {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(reg)
+    }
+
+    /// [`Registry::rescan`] for a FUSE request (a listing of the
+    /// mount): definition files are read at once (no wait on anything
+    /// but a local file system); libvirt's domains are listed by a
+    /// background thread (a FUSE thread never waits on virsh), so a
+    /// domain libvirt defined appears in a listing right after that one.
+    pub fn rescan_soon(&self) {
+        if self.libvirt.is_none() {
+            return self.rescan();
+        }
+        if self.rescanning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return self.rescanning.store(false, Ordering::Release);
+        };
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-list".into())
+            .spawn(move || {
+                me.rescan();
+                me.rescanning.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.rescanning.store(false, Ordering::Release);
+        }
     }
 
     /// Adds domains whose definition files appeared since the last scan.

@@ -306,7 +306,7 @@ impl Inner {
     pub(super) fn entries(&self, node: &Node) -> Option<Vec<(Node, FileType, String)>> {
         Some(match node {
             Node::Root => {
-                self.reg.rescan();
+                self.reg.rescan_soon();
                 let mut v: Vec<_> = self
                     .reg
                     .all()
