@@ -13,6 +13,7 @@ pub mod agent;
 pub mod define;
 pub mod live;
 pub mod save_image;
+pub mod session;
 pub mod shim;
 pub mod snapshots;
 pub mod virsh;

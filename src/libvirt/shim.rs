@@ -224,7 +224,12 @@ fn answer(virsh: &Virsh, domain: &str, line: &[u8], fds: &[OwnedFd]) -> Value {
             }
             args.push(&text);
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            match virsh.run_with_fds(&args, &borrowed, COMMAND_DEADLINE) {
+            let r = if borrowed.is_empty() {
+                virsh.run(&args, COMMAND_DEADLINE)
+            } else {
+                virsh.run_with_fds(&args, &borrowed, COMMAND_DEADLINE)
+            };
+            match r {
                 Ok(out) => match serde_json::from_str::<Value>(out.trim()) {
                     Ok(mut v) => {
                         if let Some(o) = v.as_object_mut() {

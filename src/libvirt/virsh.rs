@@ -1,10 +1,15 @@
-//! `virsh` as the daemon runs it: one connection URI, argv only (no
-//! shell), every call with a deadline after which the child is killed by
-//! pid, descriptors handed over at fixed numbers for `--pass-fds`.
+//! `virsh` as the daemon runs it: one connection URI, every call with a
+//! deadline after which the virsh is killed by pid. Commands go to
+//! long-lived virsh shells ([`super::session`]) when every argument can
+//! be quoted for virsh's parser unchanged; otherwise, and whenever
+//! descriptors go with the command (`--pass-fds`, at fixed numbers) or a
+//! command streams (events), a virsh process of its own runs with the
+//! arguments as argv (no shell).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::child;
@@ -15,10 +20,17 @@ const FIRST_PASSED_FD: i32 = 3;
 /// The most descriptors passed with one command.
 pub const MAX_PASSED_FDS: usize = 8;
 
-/// A `virsh` command line for one libvirt connection.
-#[derive(Debug, Clone)]
+/// `virsh` for one libvirt connection; clones share its shells.
+#[derive(Clone)]
 pub struct Virsh {
     uri: String,
+    shells: Arc<super::session::Pool>,
+}
+
+impl std::fmt::Debug for Virsh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Virsh").field("uri", &self.uri).finish()
+    }
 }
 
 impl Virsh {
@@ -26,6 +38,7 @@ impl Virsh {
     pub fn new(uri: &str) -> Self {
         Virsh {
             uri: uri.to_owned(),
+            shells: Arc::default(),
         }
     }
 
@@ -53,10 +66,42 @@ impl Virsh {
         c
     }
 
-    /// Runs `virsh ARGS` within `timeout`; its standard output on
-    /// success, an EIO error with what virsh said otherwise.
+    /// Runs `virsh ARGS` within `timeout`, on a long-lived shell when
+    /// the arguments allow it (see the module's doc); its standard
+    /// output on success, an EIO error with what virsh said otherwise.
     pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], timeout: Duration) -> Result<String> {
+        let Some(line) = super::session::line(args) else {
+            return self.run_alone(args, timeout);
+        };
+        let what = args_text(args);
+        let said = self.shells.run(&self.uri, &line, &what, timeout)?;
+        let errors = said.errors();
+        if !errors.is_empty() {
+            return Err(Error::io(format!(
+                "virsh {what}: {}",
+                errors
+                    .iter()
+                    .map(|l| l.trim_start_matches("error: "))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+        String::from_utf8(said.out).map_err(|_| Error::io(format!("virsh {what}: not UTF-8")))
+    }
+
+    /// Runs `virsh ARGS` in a process of its own (arguments as argv)
+    /// within `timeout`; as [`Virsh::run`].
+    pub fn run_alone<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        timeout: Duration,
+    ) -> Result<String> {
         self.run_command(self.command(args), args_text(args), timeout)
+    }
+
+    /// How many long-lived shells wait for a command.
+    pub fn idle_shells(&self) -> usize {
+        self.shells.idle()
     }
 
     /// Like [`Virsh::run`], with `fds` open in virsh as descriptors 3,
@@ -125,7 +170,7 @@ impl Virsh {
 /// Closes every descriptor from `first` on (the daemon's own, such as
 /// /dev/fuse, which a long-lived virsh would otherwise keep open).
 /// Async-signal-safe: one system call.
-fn close_from(first: i32) -> std::io::Result<()> {
+pub(super) fn close_from(first: i32) -> std::io::Result<()> {
     // SAFETY: close_range(2) with no pointer arguments.
     let r = unsafe {
         libc::syscall(
