@@ -161,6 +161,16 @@ impl Shell {
     /// Runs one command line and waits until `deadline` for both end
     /// markers.
     fn run(&mut self, line: &str, deadline: Instant) -> std::result::Result<Said, Failed> {
+        // What the shell printed while idle (a keepalive's complaint)
+        // belongs to no command.
+        while let Ok(c) = self.rx.try_recv() {
+            match c {
+                Chunk::Out(c) => self.out.extend_from_slice(&c),
+                Chunk::Err(_) => {}
+                Chunk::Closed => return Err(Failed::NotSent("virsh exited".into())),
+            }
+        }
+        self.err.clear();
         let w = &self.word;
         let text =
             format!("echo '{w}''-start'\n{line}\necho '{w}''-end'\necho --err '{w}''-end'\n");
