@@ -13,7 +13,9 @@
 //!   image when stopped) the last bytes written;
 //!
 //! and at chosen points `virsh destroy; virsh start` or `virsh
-//! managedsave; virsh start` boots the active layer. At the end each `snapshot.xml` is taken unchanged by `virsh
+//! managedsave; virsh start` boots the active layer. A combination that
+//! cannot be done says why with its errno and a `.log` line and changes
+//! nothing. At the end each `snapshot.xml` is taken unchanged by `virsh
 //! snapshot-create --redefine --validate` on a fresh definition of the
 //! domain, which then lists the same names and parents. Skipped, saying
 //! so, where libvirtd is not installed.
@@ -421,6 +423,38 @@ fn libvirt_matrix_on_a_running_domain() {
     m.write(0x16);
     m.destroy_and_start("revert to d1x");
 
+    // A revert to the external checkpoint, running: its memory file is
+    // loaded into a QEMU libvirt starts, or, where that cannot be done,
+    // the revert is refused with EOPNOTSUPP, says why, and changes
+    // nothing.
+    let before = (m.tree(), m.active(), m.current());
+    let logged = m.log().len();
+    match fs::write(m.path("c1/revert"), "running") {
+        Ok(()) => {
+            let left: Vec<String> = m
+                .tree()
+                .into_keys()
+                .filter(|n| !before.0.contains_key(n))
+                .collect();
+            assert_eq!(left.len(), 1, "{left:?}");
+            m.views.insert(left[0].clone(), m.live);
+            m.live = m.views["c1"];
+            assert!(m.running());
+            m.check("revert to external checkpoint c1, running");
+            m.write(0x16);
+        }
+        Err(e) => {
+            let log = m.log();
+            assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}: {log}");
+            assert!(
+                log[logged.min(log.len())..].contains("memory file cannot be loaded"),
+                "{log}"
+            );
+            assert!(m.running(), "a refused revert stopped the domain: {log}");
+            assert_eq!(before, (m.tree(), m.active(), m.current()), "{log}");
+            m.check("refused revert to external checkpoint c1");
+        }
+    }
     // Its disks alone: the domain stops, libvirt boots them.
     m.revert("c1", "shutoff force");
     m.wait_state("shutoff");
