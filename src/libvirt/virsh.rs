@@ -74,7 +74,10 @@ impl Virsh {
             return self.run_alone(args, timeout);
         };
         let what = args_text(args);
-        let said = self.shells.run(&self.uri, &line, &what, timeout)?;
+        let t = std::time::Instant::now();
+        let said = self.shells.run(&self.uri, &line, &what, timeout);
+        log::debug!("virsh {what} (shell): {:?}", t.elapsed());
+        let said = said?;
         let errors = said.errors();
         if !errors.is_empty() {
             return Err(Error::io(format!(
