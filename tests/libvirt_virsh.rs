@@ -60,7 +60,7 @@ fn shells_give_what_a_process_gives_and_no_argument_injects_a_command() {
     // The same commands on a shell and in a process of their own.
     for args in [
         &["list", "--all", "--name"][..],
-        &["dominfo", "--domain", "test"][..],
+        &["dumpxml", "--domain", "test"][..],
         &["domstate", "--domain", "test"][..],
     ] {
         assert_eq!(v.run(args, T).unwrap(), v.run_alone(args, T).unwrap());
