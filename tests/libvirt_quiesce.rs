@@ -11,7 +11,6 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::guest::*;
@@ -19,27 +18,6 @@ use common::libvirtd::*;
 use common::*;
 
 const DOM: &str = "lvquiesce";
-
-/// `e2fsck -fn` of a frozen view: clean as it is, no journal to replay.
-fn assert_clean(view: &Path) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(view)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "e2fsck -fn {}:\n{text}",
-        view.display()
-    );
-    assert!(!text.contains("journal recovery"), "{text}");
-}
 
 /// Whether libvirt's agent answers a command qemu-ga refuses while the
 /// guest is frozen: Some(true) thawed, Some(false) frozen.

@@ -335,31 +335,19 @@ pub fn is_status_change_of(event: &serde_json::Value, id: &str) -> bool {
 
 /// When QEMU sent `event`, if it is a `RESUME`.
 pub fn resumed_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
-    /// The time of an event (the `qapi` crate keeps its own private).
-    #[derive(serde::Deserialize)]
-    struct Stamp {
-        seconds: u64,
-        microseconds: u64,
-    }
-    #[derive(serde::Deserialize)]
-    struct Stamped {
-        timestamp: Stamp,
-    }
-    let Ok(qmp::Event::RESUME { .. }) = serde_json::from_value::<qmp::Event>(event.clone()) else {
-        return None;
-    };
-    let t = serde_json::from_value::<Stamped>(event.clone())
-        .ok()?
-        .timestamp;
-    Some(
-        std::time::UNIX_EPOCH
-            + Duration::from_secs(t.seconds)
-            + Duration::from_micros(t.microseconds),
-    )
+    sent_at(event, |e| matches!(e, qmp::Event::RESUME { .. }))
 }
 
 /// When QEMU sent `event`, if it is a `STOP`.
 pub fn stopped_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
+    sent_at(event, |e| matches!(e, qmp::Event::STOP { .. }))
+}
+
+/// When QEMU sent `event`, if it is one `wanted` accepts.
+fn sent_at(
+    event: &serde_json::Value,
+    wanted: impl Fn(&qmp::Event) -> bool,
+) -> Option<std::time::SystemTime> {
     /// The time of an event (the `qapi` crate keeps its own private).
     #[derive(serde::Deserialize)]
     struct Stamp {
@@ -370,9 +358,10 @@ pub fn stopped_at(event: &serde_json::Value) -> Option<std::time::SystemTime> {
     struct Stamped {
         timestamp: Stamp,
     }
-    let Ok(qmp::Event::STOP { .. }) = serde_json::from_value::<qmp::Event>(event.clone()) else {
+    let e = serde_json::from_value::<qmp::Event>(event.clone()).ok()?;
+    if !wanted(&e) {
         return None;
-    };
+    }
     let t = serde_json::from_value::<Stamped>(event.clone())
         .ok()?
         .timestamp;

@@ -537,3 +537,45 @@ impl Drop for RealGuest {
         }
     }
 }
+
+/// `e2fsck -fn` of a frozen view (read-only) and its superblock features
+/// (`dumpe2fs -h`): (e2fsck's exit code, its output, the features).
+pub fn fsck(view: &Path) -> (i32, String, String) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(view)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(view)
+        .output()
+        .unwrap();
+    let features = String::from_utf8_lossy(&d.stdout)
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or("")
+        .to_owned();
+    (out.status.code().unwrap_or(-1), text, features)
+}
+
+/// Asserts that the ext4 file system of `view` is clean as it is: no
+/// journal to replay, nothing for e2fsck to fix.
+pub fn assert_clean(view: &Path) {
+    let (code, text, features) = fsck(view);
+    assert_eq!(code, 0, "e2fsck -fn {}:\n{text}", view.display());
+    assert!(
+        !text.contains("journal recovery") && !text.contains("Fix?"),
+        "e2fsck -fn {}:\n{text}",
+        view.display()
+    );
+    assert!(
+        features.contains("has_journal") && !features.contains("needs_recovery"),
+        "{features}"
+    );
+}
