@@ -530,11 +530,7 @@ mod tests {
         assert_eq!(def.xml, FULL);
         // The SCSI passthrough and the rbd disk are writable and not
         // image files; the cdrom and the empty floppy are skipped.
-        let others: Vec<(&str, &str, bool)> = def
-            .other_disks
-            .iter()
-            .map(|d| (d.target.as_str(), d.what.as_str(), d.left_out))
-            .collect();
+        let others = others_of(&def);
         assert_eq!(
             others,
             vec![
@@ -546,6 +542,14 @@ mod tests {
                 ("vdc", "network disk rbd pool/img", false),
             ]
         );
+    }
+
+    /// (target, what, left out) of each of `def`'s other disks.
+    fn others_of(def: &DomainDef) -> Vec<(&str, &str, bool)> {
+        def.other_disks
+            .iter()
+            .map(|d| (d.target.as_str(), d.what.as_str(), d.left_out))
+            .collect()
     }
 
     #[test]
@@ -570,11 +574,7 @@ mod tests {
         );
         let def = parse_domain_def(&xml).unwrap();
         assert!(def.disks.is_empty());
-        let others: Vec<(&str, &str, bool)> = def
-            .other_disks
-            .iter()
-            .map(|d| (d.target.as_str(), d.what.as_str(), d.left_out))
-            .collect();
+        let others = others_of(&def);
         assert_eq!(
             others,
             vec![
