@@ -110,53 +110,33 @@ fn allocated(p: &Path) -> u64 {
 fn copies_are_sparse(fx: &Fixture, rel: &str, data: u64) {
     let src = fx.path(rel);
     let want = fs::read(&src).unwrap();
-    let cp = fx.dir.0.join("cp.copy");
-    let st = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&src)
-        .arg(&cp)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(fs::read(&cp).unwrap() == want);
-    let got = allocated(&cp);
-    assert!(got >= data && got <= data + 64 * K, "cp allocated {got}");
-    fs::remove_file(&cp).unwrap();
     // rsync (scripts/install-deps.sh installs it) writes holes for the
-    // runs of zeros it reads.
-    {
-        let rs = fx.dir.0.join("rsync.copy");
-        let st = Command::new("rsync")
-            .arg("--sparse")
+    // runs of zeros it reads, as `cp --sparse=always` does.
+    for (tool, flag) in [("cp", "--sparse=always"), ("rsync", "--sparse")] {
+        let copy = fx.dir.0.join(format!("{tool}.copy"));
+        let st = Command::new(tool)
+            .arg(flag)
             .arg(&src)
-            .arg(&rs)
+            .arg(&copy)
             .status()
             .unwrap();
-        assert!(st.success());
-        assert!(fs::read(&rs).unwrap() == want);
-        let got = allocated(&rs);
-        assert!(got >= data && got <= data + 64 * K, "rsync allocated {got}");
-        fs::remove_file(&rs).unwrap();
+        assert!(st.success(), "{tool} failed");
+        assert!(
+            fs::read(&copy).unwrap() == want,
+            "{tool} copied other bytes"
+        );
+        let got = allocated(&copy);
+        assert!(
+            got >= data && got <= data + 64 * K,
+            "{tool} allocated {got}"
+        );
+        fs::remove_file(&copy).unwrap();
     }
     // restic reads every byte (it does not seek holes); deduplicated and
     // compressed, the runs of zeros cost nothing: its repository holds
     // at most the changed data, and restores the file.
     let repo = fx.dir.0.join("restic-repo");
-    let restic = |args: &[&str]| {
-        let out = Command::new("restic")
-            .args(args)
-            .env("RESTIC_PASSWORD", "test")
-            .env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_CACHE_DIR", fx.dir.0.join("restic-cache"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "restic {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let restic = |args: &[&str]| common::restic(&repo, args);
     restic(&["init"]);
     restic(&["backup", src.to_str().unwrap()]);
     let stats: serde_json::Value =

@@ -156,20 +156,7 @@ fn restic_backs_up_a_view_byte_for_byte() {
     fs::create_dir(fx.path("nightly")).unwrap();
     fx.vm.qemu_io("vda", "write -P 0x00 3M 5M").unwrap();
     let repo = fx.dir.0.join("repo");
-    let restic = |args: &[&str]| {
-        let out = Command::new("restic")
-            .args(args)
-            .env("RESTIC_PASSWORD", "test")
-            .env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_CACHE_DIR", fx.dir.0.join("restic-cache"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "restic {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let restic = |args: &[&str]| common::restic(&repo, args);
     restic(&["init"]);
     let disks = fx.path("nightly/disks");
     restic(&["backup", disks.to_str().unwrap()]);

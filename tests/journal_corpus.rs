@@ -9,6 +9,8 @@
 //! other file (one a fuzzer found) only must not panic. `ok-old-*` files
 //! are records in the line format of earlier versions.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -29,20 +31,15 @@ fn accepts(kind: &str, bytes: &[u8]) -> bool {
 
 #[test]
 fn journal_corpus() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/journal");
-    let mut paths: Vec<PathBuf> = fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 20, "{} holds too few files", root.display());
+    let files = common::corpus("journal");
+    assert!(
+        files.len() >= 20,
+        "tests/corpus/journal holds too few files"
+    );
     let (mut ok, mut bad) = (0, 0);
-    for path in paths {
-        let bytes = fs::read(&path).unwrap();
+    for (name, bytes) in files {
         check_record_parsers(&bytes);
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let kind = path
+        let kind = Path::new(&name)
             .extension()
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default();

@@ -8,26 +8,17 @@
 //! by line; files named `bad-*` must have a line refused; any other file
 //! (one a fuzzer found) only must not panic.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+mod common;
 
 use vmsnapfs::backend::qmp_message::check_lines;
 
 #[test]
 fn qmp_corpus() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/qmp");
-    let mut paths: Vec<PathBuf> = fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 40, "{} holds too few files", root.display());
+    let files = common::corpus("qmp");
+    assert!(files.len() >= 40, "tests/corpus/qmp holds too few files");
     let (mut ok, mut bad) = (0, 0);
-    for path in paths {
-        let bytes = fs::read(&path).unwrap();
+    for (name, bytes) in files {
         let accepted = check_lines(&bytes);
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("ok-") {
             assert!(accepted.iter().all(|a| *a), "{name}: a line is refused");
             ok += 1;

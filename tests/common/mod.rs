@@ -357,16 +357,16 @@ impl Fixture {
     }
 }
 
-/// Writes `data` in one write(2) call; returns the errno on failure.
 /// Every file of `tests/corpus/<dir>/`, by name (sorted), with its bytes.
 pub fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/corpus")
         .join(dir);
     let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(&root)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .map(|path| {
             let name = path.file_name().unwrap().to_str().unwrap().to_owned();
             (name, fs::read(&path).unwrap())
         })
@@ -385,6 +385,25 @@ pub fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Runs restic on the repository `repo` (password `test`, its cache
+/// beside the repository), asserts it succeeded and returns its stdout.
+pub fn restic(repo: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("restic")
+        .args(args)
+        .env("RESTIC_PASSWORD", "test")
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_CACHE_DIR", repo.with_extension("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restic {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Writes `data` in one write(2) call; returns the errno on failure.
 pub fn write_file(path: &Path, data: &[u8]) -> Result<(), i32> {
     let mut f = fs::OpenOptions::new()
         .write(true)
