@@ -125,22 +125,8 @@ fn run_point(point: &str, op: Op, running: bool) {
         r.is_err(),
         "{point}: the operation should not have returned"
     );
-    assert!(
-        fx.daemon.wait_exit(Duration::from_secs(30)),
-        "{point}: daemon did not crash"
-    );
-    fx.daemon.kill9();
-
     // Restart: recovery runs.
-    fx.restart_daemon(&[]);
-    let journal: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .collect();
-    assert!(
-        journal.is_empty(),
-        "{point}: journal not empty: {journal:?}\n{}",
-        fx.read(".log")
-    );
+    fx.recover_after_crash(point, Duration::from_secs(30));
     let temps: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/snapshots"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

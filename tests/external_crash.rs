@@ -102,21 +102,8 @@ fn crash_run(point: &str, op: Op, running: bool) {
         .map_err(std::io::Error::from_raw_os_error),
     };
     assert!(r.is_err(), "{point}: returned");
-    assert!(
-        fx.daemon.wait_exit(Duration::from_secs(60)),
-        "{point}: daemon did not crash"
-    );
-    fx.daemon.kill9();
-    fx.restart_daemon(&[]);
+    fx.recover_after_crash(point, Duration::from_secs(60));
 
-    let journal: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .collect();
-    assert!(
-        journal.is_empty(),
-        "{point}: journal {journal:?}\n{}",
-        fx.read(".log")
-    );
     // What recovery merged is not damage to a frozen image.
     assert!(
         !fx.read(".state").contains("damaged"),

@@ -276,10 +276,7 @@ fn external_checkpoints_are_live_and_keep_the_memory() {
     assert_eq!(errno(fs::create_dir(fx.path("p2"))), libc::EBUSY);
     assert_eq!(errno(fs::remove_dir(fx.path("c2"))), libc::EBUSY);
     assert_eq!(fs::read_dir(&images).unwrap().count(), files_before);
-    assert!(fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .next()
-        .is_none());
+    assert!(fx.journal().is_empty());
     assert!(fx.read(".log").contains("resume the guest first"));
     fx.vm
         .control()
@@ -361,17 +358,8 @@ fn external_crash(point: &str, running: bool) {
 
     fx.restart_daemon(&[("VMSNAPFS_FAILPOINTS", &format!("{point}=crash"))]);
     assert!(fs::create_dir(fx.path("c")).is_err(), "{point}: returned");
-    assert!(
-        fx.daemon.wait_exit(Duration::from_secs(60)),
-        "{point}: daemon did not crash"
-    );
-    fx.daemon.kill9();
-    fx.restart_daemon(&[]);
+    fx.recover_after_crash(point, Duration::from_secs(60));
 
-    let journal: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .collect();
-    assert!(journal.is_empty(), "{point}: journal {journal:?}");
     let names = fx.ls();
     let has_c = match names.as_slice() {
         [a] if a == "a" => false,

@@ -82,19 +82,14 @@ fn crash_run(point: &str, op: &str) {
     );
     fx.daemon.kill9();
     // The intent on disk names the files by their bytes.
-    let journal: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let journal = fx.journal();
     assert_eq!(journal.len(), 1, "{point}: {journal:?}");
     let intent = vmsnapfs::store::Intent::from_record(&fs::read(&journal[0]).unwrap())
         .expect("the intent reads back");
     eprintln!("{point}: pending {}", intent.describe());
     fx.restart_daemon(&[]);
 
-    let left: Vec<_> = fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .collect();
+    let left = fx.journal();
     assert!(
         left.is_empty(),
         "{point}: journal {left:?}\n{}",

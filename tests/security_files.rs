@@ -279,10 +279,7 @@ fn create_paths_of_a_group_member_stay_where_it_may_write() {
     want.extend(["a5.mem.part".to_owned(), "evil.qcow2".to_owned()]);
     want.sort();
     assert_eq!(names(&images), want);
-    assert!(fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .next()
-        .is_none());
+    assert!(fx.journal().is_empty());
 
     // Where it may write, the member's snapshot is made, and the overlay
     // takes the base image's owner, group and mode.
@@ -371,10 +368,7 @@ fn names_too_long_for_the_files_fail_before_anything_is_made() {
         before.len() + 3,
         "two overlays and a memory file"
     );
-    assert!(fs::read_dir(fx.daemon.state.join("vm1/journal"))
-        .unwrap()
-        .next()
-        .is_none());
+    assert!(fx.journal().is_empty());
     // No intent is left to retry at the next start.
     fx.restart_daemon(&[]);
     assert_eq!(fx.ls(), vec![fits.clone()]);

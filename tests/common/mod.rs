@@ -331,7 +331,34 @@ impl Fixture {
         self.daemon = Daemon::start(&self.dir.0, env);
     }
 
-    /// Waits until `.state` says `want`.
+    /// The files in the domain's journal (intents not finished), sorted.
+    pub fn journal(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(self.daemon.state.join("vm1/journal"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// After a crash injected at `point`: waits (up to `within`) for the
+    /// daemon to die, restarts it so that recovery runs, and asserts that
+    /// recovery finished every intent.
+    pub fn recover_after_crash(&mut self, point: &str, within: Duration) {
+        assert!(
+            self.daemon.wait_exit(within),
+            "{point}: daemon did not crash"
+        );
+        self.daemon.kill9();
+        self.restart_daemon(&[]);
+        let journal = self.journal();
+        assert!(
+            journal.is_empty(),
+            "{point}: journal not empty: {journal:?}\n{}",
+            self.read(".log")
+        );
+    }
+
     /// Stops the VM as its guest would power off: its disks flushed,
     /// QEMU told to quit; waits until the daemon sees it shut off.
     pub fn quit_vm(&self) {
@@ -344,6 +371,7 @@ impl Fixture {
         self.wait_state("shutoff");
     }
 
+    /// Waits until `.state` says `want`.
     pub fn wait_state(&self, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
