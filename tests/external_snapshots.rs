@@ -459,7 +459,9 @@ fn crash_during_external_create_on_a_stopped_vm() {
 /// the checkpoint is still taken, with the guest paused for the RAM save,
 /// and `.log` says so. A QEMU that copies RAM live first is made to give
 /// that copy up (it did not converge), so that it reaches the background
-/// snapshot too.
+/// snapshot too, and so is the live copy into a stream that a QEMU
+/// refusing background-snapshot takes instead; nothing of that copy is
+/// left.
 #[test]
 fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
     let dir = TempDir::new("ext-fallback");
@@ -490,6 +492,21 @@ fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
     let log = fx.read(".log");
     assert!(log.contains("background-snapshot refused"), "{log}");
     assert!(log.contains("RAM saved with the guest paused"), "{log}");
+    assert!(
+        log.contains("live copy of RAM given up (not converged"),
+        "{log}"
+    );
+    let parts: Vec<_> = fs::read_dir(&fx.vm.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".part"))
+        .collect();
+    assert!(parts.is_empty(), "{parts:?}");
+    {
+        let mut q = fx.vm.control().unwrap();
+        assert!(!q.migrate_capability_on("pause-before-switchover").unwrap());
+        assert_eq!(q.downtime_and_direct_io().unwrap().0, Some(300));
+    }
     assert_eq!(fx.read("c1/state"), "running\n");
     assert_eq!(fx.read(".state"), "running\n", "the guest runs again");
     assert!(fs::metadata(fx.path("c1/memory")).unwrap().len() > 0);

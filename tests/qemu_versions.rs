@@ -487,3 +487,91 @@ fn a_checkpoint_recovered_after_a_crash_records_the_format_its_file_has() {
     assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x7a);
 }
+
+/// A running VM whose RAM is a shared file, so that QEMU refuses
+/// background-snapshot (it cannot track writes to shared memory), under
+/// a daemon with `env`.
+fn shared_ram_fixture(tag: &str, env: &[(&str, &str)]) -> Fixture {
+    let dir = TempDir::new(tag);
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+    vm.kill();
+    let ram = dir.0.join("guest-ram");
+    vm.argv.extend([
+        "-object".to_owned(),
+        format!(
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            vm.memory_mb,
+            ram.display()
+        ),
+        "-machine".to_owned(),
+        "memory-backend=ram0".to_owned(),
+    ]);
+    vm.launch().unwrap();
+    vm.policy = Some("external".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let daemon = Daemon::start(&dir.0, env);
+    Fixture { daemon, vm, dir }
+}
+
+/// What a live copy changes in QEMU's migration settings is back as it
+/// was: `pause-before-switchover` off, `downtime-limit` (and `direct-io`
+/// where QEMU has it) at QEMU's defaults, no descriptor left.
+fn live_copy_settings_restored(fx: &Fixture) {
+    let mut q = fx.vm.control().unwrap();
+    assert!(!q.migrate_capability_on("pause-before-switchover").unwrap());
+    assert!(!q.migrate_capability_on("background-snapshot").unwrap());
+    let (downtime, direct) = q.downtime_and_direct_io().unwrap();
+    assert_eq!(downtime, Some(300));
+    assert_ne!(direct, Some(true));
+}
+
+#[test]
+fn a_running_checkpoint_is_a_live_copy_where_background_snapshot_is_refused() {
+    let fx = shared_ram_fixture("qv-shared", &[]);
+    let c = caps(&fx);
+    let (want, format) = if c.has_live_parallel_checkpoints() {
+        ("mapped-ram", MemoryFormat::MappedRam)
+    } else {
+        ("stream", MemoryFormat::Stream)
+    };
+    assert!(
+        c.has_live_stream_checkpoints(),
+        "QEMU {} has no pause-before-switchover",
+        c.version_text()
+    );
+    fx.vm.fill_ram(8).unwrap();
+    let ram = guest_ram(&fx, 8 << 20);
+    fx.vm.qemu_io("vda", "write -P 0x3c 0 64k").unwrap();
+
+    fs::create_dir(fx.path("c1")).unwrap();
+    assert_eq!(fx.read("c1/state"), "running\n");
+    assert_eq!(fx.read(".state"), "running\n", "the guest runs on");
+    let log = fx.read(".log");
+    assert!(
+        log.contains(&format!("RAM copied live into a {want} file")),
+        "{log}"
+    );
+    if format == MemoryFormat::Stream {
+        assert!(
+            log.contains("background-snapshot refused") && log.contains("RAM copied live"),
+            "{log}"
+        );
+    }
+    assert!(!log.contains("given up"), "{log}");
+    assert!(log.contains("guest paused"), "{log}");
+    for l in log.lines().filter(|l| l.contains("guest paused")) {
+        eprintln!("{l}");
+    }
+    assert_eq!(memory_format_of(&fx, "c1"), Some(format));
+    assert_eq!(memory_files(&fx), vec!["vm1.c1.memory"]);
+    live_copy_settings_restored(&fx);
+    assert_eq!(fs::read(fx.path("c1/disks/vda")).unwrap()[0], 0x3c);
+
+    fx.vm.qemu_io("vda", "write -P 0x3d 0 64k").unwrap();
+    scribble_ram(&fx, 8 << 20);
+    assert_ne!(guest_ram(&fx, 8 << 20), ram);
+    fx.revert("c1", "running").unwrap();
+    assert_eq!(fx.read(".state"), "running\n");
+    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert_eq!(first_byte(&fx), 0x3c);
+}

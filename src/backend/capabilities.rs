@@ -168,9 +168,18 @@ impl Capabilities {
     /// `migrate-continue`) so that the disks switch at the same instant.
     pub fn has_live_parallel_checkpoints(&self) -> bool {
         self.has_parallel_memory_files()
-            && self.has_migrate_capability("pause-before-switchover")
-            && self.has_command("migrate-continue")
+            && self.has_live_stream_checkpoints()
             && self.has_migrate_parameter("direct-io")
+    }
+
+    /// True when a running guest's checkpoint can be a live copy of RAM
+    /// into a migration stream: a precopy migration (`downtime-limit`)
+    /// that stops at `pre-switchover` (`pause-before-switchover`,
+    /// `migrate-continue`) so that the disks switch at the same instant.
+    /// Needs no userfaultfd (which background-snapshot does).
+    pub fn has_live_stream_checkpoints(&self) -> bool {
+        self.has_migrate_capability("pause-before-switchover")
+            && self.has_command("migrate-continue")
             && self.has_migrate_parameter("downtime-limit")
     }
 
@@ -304,6 +313,36 @@ mod tests {
             ),
         );
         assert!(!old.has_live_parallel_checkpoints());
+        // ... but a live copy into a stream.
+        assert!(old.has_live_stream_checkpoints());
+        assert!(full.has_live_stream_checkpoints());
+        let stream_without = |caps: &[&str], cmds: &[&str], params: &[&str]| {
+            Capabilities::from_answers(
+                &version(7, 2),
+                &schema_with(caps, &["socket", "exec"], cmds, params),
+            )
+            .has_live_stream_checkpoints()
+        };
+        assert!(stream_without(
+            &["pause-before-switchover"],
+            &["migrate-continue"],
+            &["downtime-limit"]
+        ));
+        assert!(!stream_without(
+            &["background-snapshot"],
+            &["migrate-continue"],
+            &["downtime-limit"]
+        ));
+        assert!(!stream_without(
+            &["pause-before-switchover"],
+            &[],
+            &["downtime-limit"]
+        ));
+        assert!(!stream_without(
+            &["pause-before-switchover"],
+            &["migrate-continue"],
+            &["max-bandwidth"]
+        ));
     }
 
     fn version(major: u64, minor: u64) -> qmp::VersionInfo {

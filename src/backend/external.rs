@@ -190,6 +190,7 @@ impl QemuBackend {
             memory_saved: false,
             note: None,
             paused_for: None,
+            pause_steps: None,
             machine: None,
             memory_format: None,
         })
@@ -270,6 +271,7 @@ impl QemuBackend {
                 memory_saved: false,
                 note: None,
                 paused_for: None,
+                pause_steps: None,
                 machine: None,
                 memory_format: None,
             };
@@ -474,8 +476,12 @@ impl QemuBackend {
     /// file and paused only for the last pass and the disk switch; if that
     /// copy does not converge, or elsewhere, the guest is stopped, the disks
     /// switched, and RAM saved from that instant: with background-snapshot
-    /// QEMU resumes the guest at once and writes RAM while it runs;
-    /// without, the guest stays paused until the file is written.
+    /// QEMU resumes the guest at once and writes RAM while it runs. Where
+    /// QEMU refuses background-snapshot (it needs userfaultfd, which the
+    /// kernel may deny to an unprivileged QEMU such as libvirt's), a running
+    /// guest's RAM is copied live into the stream instead; without either
+    /// (or when that copy does not converge) the guest stays paused until
+    /// the file is written.
     fn checkpoint(
         &self,
         conn: &mut Conn,
@@ -485,25 +491,36 @@ impl QemuBackend {
         live: DomainState,
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
+        use super::precopy::LiveFile;
         let mut format = plan.memory_format;
         if format == MemoryFormat::MappedRam {
             // Refused before anything is made.
             check_can_load(&conn.caps, MemoryFormat::MappedRam)?;
         }
-        if format == MemoryFormat::MappedRam && live == DomainState::Running {
-            // QEMU opens the overlays by name at the switch; where someone
-            // other than root could swap one meanwhile, the guest must be
-            // stopped by vmsnapfs (and stay paused if QEMU opened something
-            // else), which a live copy cannot do: QEMU stops it itself and
-            // a cancelled copy resumes it.
-            let swappable = plan.overlays.iter().any(|(_, o)| {
-                !o.parent()
-                    .is_some_and(crate::store::safe_dir::only_root_can_change)
-            });
+        let running = live == DomainState::Running;
+        // QEMU opens the overlays by name at the switch; where someone
+        // other than root could swap one meanwhile, the guest must be
+        // stopped by vmsnapfs (and stay paused if QEMU opened something
+        // else), which a live copy cannot do: QEMU stops it itself and a
+        // cancelled copy resumes it.
+        let swappable = plan.overlays.iter().any(|(_, o)| {
+            !o.parent()
+                .is_some_and(crate::store::safe_dir::only_root_can_change)
+        });
+        let mut try_background = true;
+        if format == MemoryFormat::MappedRam && running {
             let why = if swappable {
                 Some("the overlays' directory can be changed by others than root".to_owned())
             } else {
-                self.checkpoint_into(conn, actions, plan, memory, live, outcome, None)?
+                self.checkpoint_into(
+                    conn,
+                    actions,
+                    plan,
+                    memory,
+                    live,
+                    outcome,
+                    Way::Live(LiveFile::MappedRam),
+                )?
             };
             let Some(why) = why else {
                 return Ok(());
@@ -514,15 +531,64 @@ impl QemuBackend {
             );
             format = MemoryFormat::Stream;
             outcome.memory_format = Some(format);
+        } else if running && !swappable && conn.caps.has_live_stream_checkpoints() {
+            // Asked before anything is made: QEMU checks at once that the
+            // kernel lets it track writes (userfaultfd).
+            match Self::set_background_snapshot(conn, true) {
+                Ok(()) => {
+                    let _ = Self::set_background_snapshot(conn, false);
+                }
+                Err(refused) => {
+                    try_background = false;
+                    let why = self.checkpoint_into(
+                        conn,
+                        actions,
+                        plan,
+                        memory,
+                        live,
+                        outcome,
+                        Way::Live(LiveFile::Stream),
+                    )?;
+                    let Some(why) = why else {
+                        add_note(
+                            outcome,
+                            format!(
+                                "background-snapshot refused ({}); RAM copied live",
+                                refused.message
+                            ),
+                        );
+                        return Ok(());
+                    };
+                    add_note(
+                        outcome,
+                        format!(
+                            "background-snapshot refused ({}); live copy of RAM given up \
+                             ({why}); RAM saved with the guest paused",
+                            refused.message
+                        ),
+                    );
+                }
+            }
         }
-        self.checkpoint_into(conn, actions, plan, memory, live, outcome, Some(format))
-            .map(drop)
+        self.checkpoint_into(
+            conn,
+            actions,
+            plan,
+            memory,
+            live,
+            outcome,
+            Way::Save {
+                format,
+                background: try_background,
+            },
+        )
+        .map(drop)
     }
 
     /// [`Self::checkpoint`] into a new file at `memory`: written as
-    /// `memory.part`, renamed when complete. `format` `None` is the live
-    /// copy ([`Self::precopy_save`]), which returns `Some(why)` when it
-    /// gave up before anything changed (no file left, the guest runs).
+    /// `memory.part`, renamed when complete. A live copy
+    /// ([`Self::precopy_save`]) returns `Some(why)` when it gave up before
+    /// anything changed (no file left, the guest runs).
     #[allow(clippy::too_many_arguments)]
     fn checkpoint_into(
         &self,
@@ -532,9 +598,15 @@ impl QemuBackend {
         memory: &Path,
         live: DomainState,
         outcome: &mut ExternalOutcome,
-        format: Option<MemoryFormat>,
+        way: Way,
     ) -> Result<Option<String>> {
-        let mapped = format == Some(MemoryFormat::MappedRam);
+        let mapped = matches!(
+            way,
+            Way::Save {
+                format: MemoryFormat::MappedRam,
+                ..
+            }
+        );
         let part = memory_part_path(memory);
         // Guest RAM holds secrets: the file is never readable by others.
         // An existing file (or symlink) at either name is never replaced.
@@ -575,24 +647,34 @@ impl QemuBackend {
         }
         outcome.machine = Self::machine_type(conn);
         let old_bandwidth = Self::set_max_bandwidth(conn, UNTHROTTLED);
-        let result = match format {
-            Some(_) => self
-                .checkpoint_save(conn, actions, plan, (&part, &file), live, mapped, outcome)
+        let result = match way {
+            Way::Save { background, .. } => self
+                .checkpoint_save(
+                    conn,
+                    actions,
+                    plan,
+                    (&part, &file),
+                    live,
+                    (mapped, background),
+                    outcome,
+                )
                 .map(|()| None),
-            None => {
+            Way::Live(kind) => {
                 let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
-                let mut paused_for = None;
                 let r = self.precopy_save(
                     conn,
+                    kind,
                     (&part, &file),
                     &overlays,
                     &mut |conn| self.switch_disks(conn, actions, plan),
                     &mut |conn| self.undo_live_overlays(conn, plan),
-                    &mut paused_for,
                 );
-                outcome.paused_for = paused_for;
                 r.map(|p| match p {
-                    super::precopy::Precopy::Done => None,
+                    super::precopy::Precopy::Done(pause) => {
+                        outcome.paused_for = pause.paused_for;
+                        outcome.pause_steps = Some(pause.steps);
+                        None
+                    }
                     super::precopy::Precopy::GaveUp(why) => Some(why),
                 })
             }
@@ -617,7 +699,8 @@ impl QemuBackend {
     }
 
     /// The save of [`Self::checkpoint`] into `part` (`mapped`: RAM at
-    /// fixed offsets, for a paused guest).
+    /// fixed offsets, for a paused guest; `try_background`: a running
+    /// guest's stream written with background-snapshot if QEMU allows it).
     #[allow(clippy::too_many_arguments)]
     fn checkpoint_save(
         &self,
@@ -626,13 +709,13 @@ impl QemuBackend {
         plan: &ExternalPlan,
         (part, held): (&Path, &fs::File),
         live: DomainState,
-        mapped: bool,
+        (mapped, try_background): (bool, bool),
         outcome: &mut ExternalOutcome,
     ) -> Result<()> {
         let running = live == DomainState::Running;
         // A mapped-ram file is the plain RAM of a paused guest; a running
         // guest's RAM is written in the background as a stream.
-        let mut background = running && !mapped;
+        let mut background = running && !mapped && try_background;
         if background {
             if let Err(e) = Self::set_background_snapshot(conn, true) {
                 background = false;
@@ -645,6 +728,27 @@ impl QemuBackend {
                 );
             }
         }
+        // QEMU writes the file vmsnapfs created and holds open, handed
+        // over as a descriptor before the guest pauses (through a manager
+        // a descriptor may cost a process of its own): whatever the image
+        // directory's owner renames or swaps in at `part` meanwhile is
+        // never written.
+        let uri = match Self::hand_over_memory(conn, part, held, mapped) {
+            Ok(uri) => uri,
+            Err(e) => {
+                if background {
+                    let _ = Self::set_background_snapshot(conn, false);
+                }
+                let _ = self.remove_made(part);
+                return Err(e);
+            }
+        };
+        let forget_fd = |conn: &mut Conn| {
+            // A mapped-ram fd set goes after the save (the caller).
+            if !mapped {
+                let _ = super::fdset::close_named(&mut conn.qmp, MEMORY_FD);
+            }
+        };
         conn.qmp.take_events();
         let stopped_at = SystemTime::now();
         let t0 = Instant::now();
@@ -655,6 +759,7 @@ impl QemuBackend {
             if running {
                 let _ = conn.qmp.cont();
             }
+            forget_fd(conn);
             let _ = self.remove_made(part);
             e
         };
@@ -672,28 +777,17 @@ impl QemuBackend {
             if background {
                 let _ = Self::set_background_snapshot(conn, false);
             }
+            forget_fd(conn);
             let _ = self.remove_made(part);
             return Err(left_paused(e));
         }
+        let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1000.0;
+        let switched = Instant::now();
         log::debug!(
             "{}: checkpoint: guest stopped and disks switched in {:?}",
             self.def.name,
             t0.elapsed()
         );
-        // QEMU writes the file vmsnapfs created and holds open, handed
-        // over as a descriptor: whatever the image directory's owner
-        // renames or swaps in at `part` meanwhile is never written.
-        let uri = match Self::hand_over_memory(conn, part, held, mapped) {
-            Ok(uri) => uri,
-            Err(e) => {
-                let undone = self.undo_live_overlays(conn, plan);
-                let e = match undone {
-                    Ok(()) => e,
-                    Err(u) => e.context(format!("and merging the overlays back failed: {u}")),
-                };
-                return Err(fail(conn, background, e));
-            }
-        };
         let mut started = conn.qmp.migrate(&uri).map_err(qmp_err);
         if let (Err(e), true) = (&started, background) {
             let _ = Self::set_background_snapshot(conn, false);
@@ -707,6 +801,7 @@ impl QemuBackend {
             );
             started = conn.qmp.migrate(&uri).map_err(qmp_err);
         }
+        let migrating = Instant::now();
         log::debug!(
             "{}: checkpoint: migrate started after {:?}",
             self.def.name,
@@ -732,8 +827,17 @@ impl QemuBackend {
             let _ = Self::set_background_snapshot(conn, false);
             outcome.paused_for = pause_from_events(&conn.qmp.take_events(), stopped_at);
         } else if running {
+            let saved = Instant::now();
             conn.qmp.cont().map_err(qmp_err)?;
             outcome.paused_for = Some(t0.elapsed());
+            outcome.pause_steps = Some(format!(
+                "RAM saved with the guest paused: disks switched at {:.1} ms, RAM save started \
+                 at {:.1} ms, saved at {:.1} ms, guest continued at {:.1} ms",
+                ms(switched),
+                ms(migrating),
+                ms(saved),
+                ms(Instant::now())
+            ));
         }
         Ok(())
     }
@@ -959,6 +1063,18 @@ fn add_note(outcome: &mut ExternalOutcome, line: String) {
     });
 }
 
+/// How [`QemuBackend::checkpoint_into`] writes RAM.
+enum Way {
+    /// A live copy (see [`super::precopy`]).
+    Live(super::precopy::LiveFile),
+    /// A save from the instant the guest stopped (`background`: try
+    /// background-snapshot for a running guest's stream).
+    Save {
+        format: MemoryFormat,
+        background: bool,
+    },
+}
+
 /// The capabilities of a memory file with RAM at fixed offsets.
 const PARALLEL_CAPS: &[MigrationCapability] = &[
     MigrationCapability::mapped_ram,
@@ -988,7 +1104,7 @@ pub(super) fn check_can_load(caps: &Capabilities, format: MemoryFormat) -> Resul
 }
 
 /// The name under which a memory file's descriptor is handed to QEMU.
-const MEMORY_FD: &str = "vmsnapfs-memory";
+pub(super) const MEMORY_FD: &str = "vmsnapfs-memory";
 
 /// The path through which this process opens again exactly the file it
 /// holds open as `file` (`/proc/self/fd/<n>`), never a name in a

@@ -107,6 +107,15 @@ pub fn add_named(qmp: &mut Qmp, file: &impl AsFd, name: &str) -> Result<(), QmpE
     .map(|_| ())
 }
 
+/// Closes the descriptor QEMU holds under `name` (from [`add_named`]),
+/// when no migration took it.
+pub fn close_named(qmp: &mut Qmp, name: &str) -> Result<(), QmpError> {
+    qmp.execute(&qapi::qmp::closefd {
+        fdname: name.to_owned(),
+    })
+    .map(|_| ())
+}
+
 /// The fd sets vmsnapfs added to this QEMU, by id, with their paths.
 pub fn ours(qmp: &mut Qmp) -> Result<HashMap<i64, PathBuf>, QmpError> {
     let sets = qmp.execute(&qapi::qmp::query_fdsets {})?;

@@ -91,6 +91,9 @@ pub struct ExternalOutcome {
     pub note: Option<String>,
     /// How long the guest was paused, when QEMU runs.
     pub paused_for: Option<std::time::Duration>,
+    /// Where the pause went, for `.log` (`disks switched at 120.1 ms,
+    /// ...`), when the guest was paused.
+    pub pause_steps: Option<String>,
     /// The machine type of the saved state (`pc-q35-7.2`), for a checkpoint.
     pub machine: Option<String>,
     /// The memory file's format when it differs from the plan's (a live

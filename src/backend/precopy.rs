@@ -1,18 +1,31 @@
-//! A running guest's checkpoint as a live copy of its RAM (QEMU with
-//! [`super::capabilities::Capabilities::has_live_parallel_checkpoints`]): a precopy migration
-//! into the memory file with `mapped-ram` + `multifd`, written with
-//! `direct-io` (on disk as it is written), while the guest runs. QEMU
-//! copies RAM until what is left fits in `downtime-limit`, then stops the
-//! guest and waits in `pre-switchover` (`pause-before-switchover`): the
-//! disks switch there, `migrate-continue` writes the last dirty pages and
-//! the device state, and the guest resumes (`cont`). RAM and disks are of
-//! the same instant; the guest pause is the last pass plus the switch.
+//! A running guest's checkpoint as a live copy of its RAM: a precopy
+//! migration into the memory file while the guest runs, in one of two
+//! forms ([`LiveFile`]):
+//!
+//! - RAM at fixed offsets (QEMU with
+//!   [`super::capabilities::Capabilities::has_live_parallel_checkpoints`]):
+//!   `mapped-ram` + `multifd`, written with `direct-io` (on disk as it is
+//!   written);
+//! - a migration stream through a passed descriptor (QEMU with
+//!   [`super::capabilities::Capabilities::has_live_stream_checkpoints`]),
+//!   used where background-snapshot is refused (it needs userfaultfd,
+//!   which a kernel may deny to an unprivileged QEMU, such as libvirt's):
+//!   the format every QEMU and libvirt's restore load.
+//!
+//! QEMU copies RAM until what is left fits in `downtime-limit`, then stops
+//! the guest and waits in `pre-switchover` (`pause-before-switchover`):
+//! the disks switch there, `migrate-continue` writes the last dirty pages
+//! and the device state, and the guest resumes (`cont`). RAM and disks
+//! are of the same instant; the guest pause is the last pass plus the
+//! switch.
 //!
 //! A guest that dirties RAM faster than the file is written never gets
 //! there: after [`MAX_PASSES`] passes, or as long again as the first pass
-//! took, the migration is cancelled before anything changed (the guest
-//! runs on, the partial file is removed) and the caller falls back to a
-//! background snapshot.
+//! took, or once a stream (where a page sent again is appended) grew past
+//! [`STREAM_GROWTH`] times guest RAM, or the filesystem has less than
+//! [`FREE_RESERVE`] left, the migration is cancelled before anything
+//! changed (the guest runs on, the partial file is removed) and the
+//! caller takes another way.
 
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,25 +41,67 @@ use crate::error::{Error, Result};
 pub const DOWNTIME_MS: u64 = 20;
 /// The most passes over dirty RAM before giving up.
 pub const MAX_PASSES: i64 = 8;
+/// How many times guest RAM a stream may grow to before giving up.
+pub const STREAM_GROWTH: u64 = 2;
+/// The free space a live copy leaves on the memory file's filesystem
+/// (the overlays the guest writes to are usually there too), in bytes.
+pub const FREE_RESERVE: u64 = 256 << 20;
 /// The least time allowed after the first pass before giving up.
 const MIN_SETTLE: Duration = Duration::from_secs(1);
 /// How often the migration's progress is read.
 const POLL: Duration = Duration::from_millis(1);
+/// How long QEMU's `RESUME` event is awaited after `cont` (through a
+/// manager, events come on another channel than the answers).
+const RESUME_EVENT_WAIT: Duration = Duration::from_secs(2);
+/// QEMU's `downtime-limit` when it reports none.
+const DEFAULT_DOWNTIME_MS: u64 = 300;
 
-/// The capabilities of a live parallel checkpoint.
-const CAPS: &[MigrationCapability] = &[
-    MigrationCapability::mapped_ram,
-    MigrationCapability::multifd,
-    MigrationCapability::pause_before_switchover,
-];
+/// The memory file a live copy writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LiveFile {
+    /// RAM at fixed offsets (`mapped-ram` + `multifd`, `direct-io`).
+    MappedRam,
+    /// A migration stream through a named descriptor (`fd:`).
+    Stream,
+}
+
+impl LiveFile {
+    /// The migration capabilities this copy turns on (and off after).
+    fn caps(self) -> &'static [MigrationCapability] {
+        match self {
+            LiveFile::MappedRam => &[
+                MigrationCapability::mapped_ram,
+                MigrationCapability::multifd,
+                MigrationCapability::pause_before_switchover,
+            ],
+            LiveFile::Stream => &[MigrationCapability::pause_before_switchover],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LiveFile::MappedRam => "mapped-ram",
+            LiveFile::Stream => "stream",
+        }
+    }
+}
 
 /// How an attempt ended when it did not fail.
 pub(super) enum Precopy {
     /// The memory file is complete; the disks switched with it.
-    Done,
+    Done(LivePause),
     /// Given up before the guest stopped or any disk changed (why): the
     /// partial file is removed, the guest runs; take another way.
     GaveUp(String),
+}
+
+/// The guest pause of a live copy that completed.
+pub(super) struct LivePause {
+    /// From QEMU's `STOP` to its `RESUME` (both events' times), if both
+    /// came.
+    pub paused_for: Option<Duration>,
+    /// What happened meanwhile, for `.log`.
+    pub steps: String,
 }
 
 /// When a precopy that has not reached `pre-switchover` is given up:
@@ -72,42 +127,108 @@ pub fn gives_up(passes: i64, first_pass: Option<Duration>, since: Duration) -> O
     })
 }
 
+/// When a live copy is given up for the room it takes: `written` bytes
+/// of the file so far (a stream grows with each page sent again; `ram`
+/// is the guest's, 0 while QEMU has not said), `free` bytes left on its
+/// filesystem.
+pub fn space_gives_up(stream: bool, written: u64, ram: u64, free: u64) -> Option<String> {
+    let mib = |b: u64| b >> 20;
+    if stream && ram > 0 && written > STREAM_GROWTH.saturating_mul(ram) {
+        return Some(format!(
+            "the stream grew to {} MiB, more than {STREAM_GROWTH} times the guest's {} MiB \
+             of RAM",
+            mib(written),
+            mib(ram)
+        ));
+    }
+    (free < FREE_RESERVE).then(|| {
+        format!(
+            "{} MiB left on the memory file's filesystem, under the {} MiB a live copy \
+             leaves free",
+            mib(free),
+            mib(FREE_RESERVE)
+        )
+    })
+}
+
+/// The length of `held` and the bytes its filesystem has left for
+/// unprivileged writers (QEMU may be one).
+fn room(held: &fs::File) -> Result<(u64, u64)> {
+    let st = nix::sys::statvfs::fstatvfs(held).map_err(std::io::Error::from)?;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    Ok((held.metadata()?.len(), free))
+}
+
+/// What [`QemuBackend::converge`] saw at `pre-switchover`.
+struct Converged {
+    /// Passes over RAM (QEMU's `dirty-sync-count`).
+    passes: i64,
+    /// When vmsnapfs saw QEMU waiting.
+    seen: SystemTime,
+}
+
 impl QemuBackend {
-    /// The save of a running guest's checkpoint as a live copy into
-    /// `part` (held open as `held`), with the disks switched by `switch`
-    /// while QEMU waits in `pre-switchover`. On an error nothing is left
-    /// (the overlays merged back and removed, `part` removed) and the
-    /// guest runs, except when QEMU opened a file other than the overlay
-    /// vmsnapfs made: then it stays paused.
+    /// The save of a running guest's checkpoint as a live copy of
+    /// `kind` into `part` (held open as `held`), with the disks switched
+    /// by `switch` while QEMU waits in `pre-switchover`. On an error
+    /// nothing is left (the overlays merged back and removed, `part`
+    /// removed) and the guest runs, except when QEMU opened a file other
+    /// than the overlay vmsnapfs made: then it stays paused.
     pub(super) fn precopy_save(
         &self,
         conn: &mut Conn,
+        kind: LiveFile,
         (part, held): (&Path, &fs::File),
         overlays: &[&Path],
         switch: &mut dyn FnMut(&mut Conn) -> Result<()>,
         undo: &mut dyn FnMut(&mut Conn) -> Result<()>,
-        paused_for: &mut Option<Duration>,
     ) -> Result<Precopy> {
         let old = conn.qmp.downtime_and_direct_io().map_err(qmp_err);
         let restore = |conn: &mut Conn| {
-            let _ = conn.qmp.set_migrate_capabilities(CAPS, false);
+            let _ = conn.qmp.set_migrate_capabilities(kind.caps(), false);
             if let Ok((downtime, direct)) = &old {
-                let _ = conn
-                    .qmp
-                    .set_downtime_and_direct_io(downtime.unwrap_or(300), direct.unwrap_or(false));
+                let downtime = downtime.unwrap_or(DEFAULT_DOWNTIME_MS);
+                let _ = match kind {
+                    LiveFile::MappedRam => conn
+                        .qmp
+                        .set_downtime_and_direct_io(downtime, direct.unwrap_or(false)),
+                    LiveFile::Stream => conn.qmp.set_downtime(downtime),
+                };
             }
-            // The memory file's fd set goes once the save ended.
-            let _ = super::fdset::release_unused(&mut conn.qmp);
+            match kind {
+                // The memory file's fd set goes once the save ended.
+                LiveFile::MappedRam => {
+                    let _ = super::fdset::release_unused(&mut conn.qmp);
+                }
+                // Still there only if no migration took it.
+                LiveFile::Stream => {
+                    let _ = super::fdset::close_named(&mut conn.qmp, super::external::MEMORY_FD);
+                }
+            }
         };
         let started = (|| {
             old.as_ref().map_err(Clone::clone)?;
+            let (_, free) = room(held)?;
+            if let Some(why) = space_gives_up(false, 0, 0, free) {
+                return Err(Error::io(why));
+            }
             conn.qmp
-                .set_migrate_capabilities(CAPS, true)
+                .set_migrate_capabilities(kind.caps(), true)
                 .map_err(qmp_err)?;
-            conn.qmp
-                .set_downtime_and_direct_io(DOWNTIME_MS, true)
-                .map_err(qmp_err)?;
-            let uri = hand_over_direct(conn, part, held)?;
+            let uri = match kind {
+                LiveFile::MappedRam => {
+                    conn.qmp
+                        .set_downtime_and_direct_io(DOWNTIME_MS, true)
+                        .map_err(qmp_err)?;
+                    hand_over_direct(conn, part, held)?
+                }
+                LiveFile::Stream => {
+                    conn.qmp.set_downtime(DOWNTIME_MS).map_err(qmp_err)?;
+                    super::fdset::add_named(&mut conn.qmp, held, super::external::MEMORY_FD)
+                        .map_err(qmp_err)?;
+                    format!("fd:{}", super::external::MEMORY_FD)
+                }
+            };
             conn.qmp.take_events();
             conn.qmp.migrate(&uri).map_err(qmp_err)
         })();
@@ -118,15 +239,17 @@ impl QemuBackend {
             return Ok(Precopy::GaveUp(e.message));
         }
         let started_at = SystemTime::now();
-        if let Err(why) = Self::converge(conn) {
-            // Cancelled before the switch: QEMU resumes a guest it stopped.
-            cancel(conn);
-            restore(conn);
-            let _ = self.remove_made(part);
-            return Ok(Precopy::GaveUp(why));
-        }
+        let converged = match Self::converge(conn, kind, held) {
+            Ok(c) => c,
+            Err(why) => {
+                // Cancelled before the switch: QEMU resumes a guest it stopped.
+                cancel(conn);
+                restore(conn);
+                let _ = self.remove_made(part);
+                return Ok(Precopy::GaveUp(why));
+            }
+        };
         // The guest is stopped; the disks switch at this instant.
-        let t = Instant::now();
         let switched =
             crate::failpoint::hit("checkpoint.pre-switchover").and_then(|_| switch(conn));
         if let Err(e) = switched {
@@ -135,20 +258,14 @@ impl QemuBackend {
             let _ = self.remove_made(part);
             return Err(e);
         }
-        let t_switch = t.elapsed();
+        let switched_at = SystemTime::now();
         let overlays_checked = self.check_opened_made(conn, overlays);
-        let t_check = t.elapsed();
         let finished = conn
             .qmp
             .migrate_continue()
             .map_err(qmp_err)
             .and_then(|_| finish(conn));
-        log::debug!(
-            "{}: live copy: disks switched in {t_switch:?}, checked at {t_check:?}, \
-             the last pass ended at {:?}",
-            self.def.name,
-            t.elapsed()
-        );
+        let saved_at = SystemTime::now();
         if let Err(e) = overlays_checked {
             // QEMU opened something else: the guest stays paused (see
             // `switch_disks_checked`), in `postmigrate` once QEMU ends.
@@ -172,29 +289,74 @@ impl QemuBackend {
         }
         // QEMU leaves the guest in `postmigrate`: it runs again now.
         let resumed = conn.qmp.cont().map_err(qmp_err);
+        let continued_at = SystemTime::now();
         // From QEMU's own STOP (when it stopped the guest for the last
-        // pass) to the RESUME.
+        // pass) to its RESUME.
+        let resume = match &resumed {
+            Ok(()) => conn
+                .qmp
+                .wait_event(RESUME_EVENT_WAIT, |e| {
+                    super::qmp_ops::resumed_at(e).is_some()
+                })
+                .ok(),
+            Err(_) => None,
+        };
         let events = conn.qmp.take_events();
-        let stopped = events
-            .iter()
-            .find_map(super::qmp_ops::stopped_at)
-            .unwrap_or(started_at);
-        *paused_for = super::external::pause_from_events(&events, stopped);
+        let stopped = events.iter().find_map(super::qmp_ops::stopped_at);
+        let paused_for = match (
+            stopped,
+            resume.as_ref().and_then(super::qmp_ops::resumed_at),
+        ) {
+            (Some(s), Some(r)) => r.duration_since(s).ok(),
+            _ => None,
+        };
+        let written = held.metadata().map(|m| m.len()).unwrap_or(0);
+        let from = stopped.unwrap_or(converged.seen);
+        let ms = |t: SystemTime| t.duration_since(from).unwrap_or_default().as_secs_f64() * 1000.0;
+        let steps = format!(
+            "RAM copied live into a {} file: {} passes, {:.1} MiB written in {:.1} s; after QEMU \
+             stopped the guest: seen at {:.1} ms, disks switched at {:.1} ms, RAM saved at \
+             {:.1} ms, guest continued at {:.1} ms",
+            kind.name(),
+            converged.passes,
+            written as f64 / (1u64 << 20) as f64,
+            converged
+                .seen
+                .duration_since(started_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            ms(converged.seen),
+            ms(switched_at),
+            ms(saved_at),
+            ms(continued_at),
+        );
+        log::debug!("{}: {steps}", self.def.name);
         restore(conn);
         resumed?;
-        Ok(Precopy::Done)
+        Ok(Precopy::Done(LivePause { paused_for, steps }))
     }
 
     /// Waits until QEMU stopped the guest in `pre-switchover`; `Err(why)`
-    /// when it will not (see [`gives_up`]) or the migration ended.
-    fn converge(conn: &mut Conn) -> std::result::Result<(), String> {
+    /// when it will not (see [`gives_up`], [`space_gives_up`]) or the
+    /// migration ended.
+    fn converge(
+        conn: &mut Conn,
+        kind: LiveFile,
+        held: &fs::File,
+    ) -> std::result::Result<Converged, String> {
         let t0 = Instant::now();
         let deadline = t0 + JOB_TIMEOUT;
         let mut first_pass_end: Option<Instant> = None;
         loop {
             let m = conn.qmp.migration().map_err(|e| e.to_string())?;
+            let passes = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
             match m.status {
-                Some(MigrationStatus::pre_switchover) => return Ok(()),
+                Some(MigrationStatus::pre_switchover) => {
+                    return Ok(Converged {
+                        passes,
+                        seen: SystemTime::now(),
+                    })
+                }
                 Some(MigrationStatus::completed) => {
                     return Err("the migration ended without stopping for the switch".into())
                 }
@@ -204,13 +366,17 @@ impl QemuBackend {
                 }
                 _ => {}
             }
-            let passes = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
             if passes >= 2 && first_pass_end.is_none() {
                 first_pass_end = Some(Instant::now());
             }
             let first = first_pass_end.map(|e| e - t0);
             let since = first_pass_end.map_or(Duration::ZERO, |e| e.elapsed());
             if let Some(why) = gives_up(passes, first, since) {
+                return Err(why);
+            }
+            let ram = m.ram.as_ref().map_or(0, |r| r.total.max(0) as u64);
+            let (written, free) = room(held).map_err(|e| e.message)?;
+            if let Some(why) = space_gives_up(kind == LiveFile::Stream, written, ram, free) {
                 return Err(why);
             }
             if crate::failpoint::hit("checkpoint.converging").is_err() {
@@ -229,7 +395,7 @@ impl QemuBackend {
     /// checkpoint found running. Nothing to do when no live checkpoint was
     /// under way (`pause-before-switchover` off).
     pub(super) fn settle_leftover_precopy(&self, conn: &mut Conn) -> Result<()> {
-        if !conn.caps.has_live_parallel_checkpoints()
+        if !conn.caps.has_live_stream_checkpoints()
             || !conn
                 .qmp
                 .migrate_capability_on("pause-before-switchover")
@@ -238,11 +404,22 @@ impl QemuBackend {
             return Ok(());
         }
         cancel(conn);
+        let kind = if conn.caps.has_live_parallel_checkpoints() {
+            LiveFile::MappedRam
+        } else {
+            LiveFile::Stream
+        };
         conn.qmp
-            .set_migrate_capabilities(CAPS, false)
+            .set_migrate_capabilities(kind.caps(), false)
             .map_err(qmp_err)?;
-        let _ = conn.qmp.set_downtime_and_direct_io(300, false);
+        let _ = match kind {
+            LiveFile::MappedRam => conn
+                .qmp
+                .set_downtime_and_direct_io(DEFAULT_DOWNTIME_MS, false),
+            LiveFile::Stream => conn.qmp.set_downtime(DEFAULT_DOWNTIME_MS),
+        };
         let _ = super::fdset::release_unused(&mut conn.qmp);
+        let _ = super::fdset::close_named(&mut conn.qmp, super::external::MEMORY_FD);
         let state = conn
             .qmp
             .run_state(super::qemu::STATUS_TIMEOUT)
@@ -350,5 +527,27 @@ mod tests {
         assert!(gives_up(MAX_PASSES, Some(s(10)), Duration::ZERO).is_none());
         let why = gives_up(MAX_PASSES + 1, Some(s(10)), Duration::ZERO).unwrap();
         assert!(why.contains("passes"), "{why}");
+    }
+
+    #[test]
+    fn gives_up_a_stream_past_its_bound_or_a_filesystem_nearly_full() {
+        let (gib, plenty) = (1u64 << 30, 100u64 << 30);
+        // A stream up to STREAM_GROWTH times RAM goes on.
+        assert!(space_gives_up(true, 0, gib, plenty).is_none());
+        assert!(space_gives_up(true, STREAM_GROWTH * gib, gib, plenty).is_none());
+        let why = space_gives_up(true, STREAM_GROWTH * gib + 1, gib, plenty).unwrap();
+        assert!(why.contains("stream grew"), "{why}");
+        // A file at fixed offsets never grows past RAM: no such bound.
+        assert!(space_gives_up(false, 5 * gib, gib, plenty).is_none());
+        // Before QEMU says how much RAM there is: no bound yet.
+        assert!(space_gives_up(true, 5 * gib, 0, plenty).is_none());
+        // The filesystem keeps its reserve, whatever the file.
+        assert!(space_gives_up(false, 0, gib, FREE_RESERVE).is_none());
+        let why = space_gives_up(false, 0, gib, FREE_RESERVE - 1).unwrap();
+        assert!(
+            why.contains("left on the memory file's filesystem"),
+            "{why}"
+        );
+        assert!(space_gives_up(true, 0, gib, 0).is_some());
     }
 }

@@ -241,6 +241,14 @@ impl Qmp {
         self.execute(&qmp::migrate_set_parameters(p)).map(drop)
     }
 
+    /// Sets `downtime-limit` (ms) alone (`migrate-set-parameters`), for
+    /// a QEMU without `direct-io`.
+    pub fn set_downtime(&mut self, downtime_ms: u64) -> Result<(), QmpError> {
+        let p: qmp::MigrateSetParameters =
+            from_json(serde_json::json!({ "downtime-limit": downtime_ms }))?;
+        self.execute(&qmp::migrate_set_parameters(p)).map(drop)
+    }
+
     /// Sets `direct-io` (`migrate-set-parameters`).
     pub fn set_direct_io(&mut self, on: bool) -> Result<(), QmpError> {
         let p: qmp::MigrateSetParameters = from_json(serde_json::json!({ "direct-io": on }))?;

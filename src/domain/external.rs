@@ -165,8 +165,13 @@ impl Domain {
             self.log.line(&format!("{what}: {note}"));
         }
         if let Some(p) = outcome.paused_for {
+            let steps = outcome
+                .pause_steps
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
             self.log.line(&format!(
-                "{what}: guest paused {:.1} ms",
+                "{what}: guest paused {:.1} ms{steps}",
                 p.as_secs_f64() * 1000.0
             ));
         }

@@ -391,6 +391,7 @@ impl Backend for FakeBackend {
             memory_saved: memory,
             note: None,
             paused_for: None,
+            pause_steps: None,
             machine: None,
             memory_format: None,
         })
