@@ -19,8 +19,11 @@
 //!
 //! The guest has [`MIB`] MiB of RAM (TCG, no guest OS, RAM untouched:
 //! the RAM written is small; libvirt's and vmsnapfs's saves write the same
-//! RAM). Run: `cargo bench --bench libvirt` (root, libvirt installed by
-//! scripts/install-deps.sh, /dev/fuse).
+//! RAM). Then [`FILL_MIB`] MiB of it are filled with data (written from
+//! outside, through `/proc/PID/mem` of libvirt's QEMU), and the guest
+//! pause of the default `mkdir` and of virsh's internal checkpoint are
+//! measured again on that guest. Run: `cargo bench --bench libvirt`
+//! (root, libvirt installed by scripts/install-deps.sh, /dev/fuse).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -35,6 +38,39 @@ use common::*;
 
 const ROUNDS: usize = 9;
 const MIB: u64 = 1024;
+/// How much of the guest's RAM the second part fills with data (from
+/// guest-physical 16 MiB on).
+const FILL_MIB: u64 = 896;
+
+/// Fills [`FILL_MIB`] MiB of the running domain's RAM, from guest-physical
+/// 16 MiB on, with pseudo-random bytes, through `/proc/PID/mem` of
+/// libvirt's QEMU at the address QEMU's `gpa2hva` gives.
+fn fill_guest_ram(lv: &Libvirtd, dom: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let pid = fs::read_to_string(format!("/run/libvirt/qemu/{dom}.pid")).unwrap();
+    let out = lv.virsh(&["qemu-monitor-command", dom, "--hmp", "gpa2hva 0x1000000"]);
+    let hva = out
+        .rsplit("0x")
+        .next()
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("gpa2hva: {out}"));
+    let mut mem = fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{}/mem", pid.trim()))
+        .unwrap();
+    mem.seek(SeekFrom::Start(hva)).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..FILL_MIB {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        mem.write_all(&buf).unwrap();
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -212,6 +248,49 @@ fn main() {
     for l in log
         .lines()
         .filter(|l| l.contains("mkdir \"e") && l.contains("guest paused"))
+    {
+        println!("  {l}");
+    }
+
+    // The same guest with most of its RAM holding data: each save writes
+    // it all. Each snapshot goes again after it is measured (disk space).
+    fill_guest_ram(&lv, dom);
+    let (mut full_ours, mut full_took, mut full_theirs, mut full_their_took) =
+        (vec![], vec![], vec![], vec![]);
+    for i in 0..ROUNDS {
+        let (t, p) = timed_with_pause(&lv, dom, || {
+            lv.virsh(&["snapshot-create-as", dom, &format!("f{i}")]);
+        });
+        full_their_took.push(t);
+        full_theirs.push(p);
+        lv.virsh(&["snapshot-delete", dom, &format!("f{i}")]);
+        let (t, p) = timed_with_pause(&lv, dom, || {
+            fs::create_dir(d.join(format!("g{i}"))).unwrap();
+        });
+        full_took.push(t);
+        full_ours.push(p);
+        fs::remove_dir(d.join(format!("g{i}"))).unwrap();
+    }
+    println!("the same guest with {FILL_MIB} MiB of its {MIB} MiB RAM filled with data:");
+    println!(
+        "{:<40} virsh    {:>8.3} s",
+        "  snapshot-create-as (internal), wall",
+        median(full_their_took)
+    );
+    row(
+        "  mkdir pause (external) vs virsh internal",
+        full_ours,
+        full_theirs,
+    );
+    println!(
+        "{:<40} vmsnapfs {:>8.3} s",
+        "  mkdir (external checkpoint), wall",
+        median(full_took)
+    );
+    let log = fs::read_to_string(d.join(".log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("mkdir \"g") && l.contains("guest paused"))
     {
         println!("  {l}");
     }

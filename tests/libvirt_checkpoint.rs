@@ -9,7 +9,9 @@
 //! through `/proc/PID/mem` of libvirt's QEMU (at addresses QEMU's
 //! `gpa2hva` gives), its clock by SeaBIOS's tick counter, its disk by
 //! patterns written with qemu-io and read back through the tree.
-//! Skipped, saying so, where libvirtd is not installed.
+//! Also: a copy made to give up, a failure and a daemon killed while
+//! QEMU waits for the switch, each leaving nothing half-made. Skipped,
+//! saying so, where libvirtd is not installed.
 
 mod common;
 
@@ -371,5 +373,66 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert!(!mnt.join(DOM).join("c3").exists());
     assert!(guest_reads(lv, 0xb3));
     assert_eq!(read_ram(lv), ram3);
+
+    // The daemon killed while QEMU waits for the switch, the guest
+    // stopped: the next start cancels the copy and the guest runs on its
+    // disks, with nothing of the checkpoint left.
+    drop(daemon);
+    daemon = Daemon::start_with_args(
+        &t.dir.0,
+        &[("VMSNAPFS_FAILPOINTS", "checkpoint.pre-switchover=crash")],
+        &["--libvirt", &uri],
+    );
+    let mnt = daemon.mnt.clone();
+    wait_until("running", Duration::from_secs(30), || {
+        state_of(&mnt, DOM) == "running"
+    });
+    assert!(
+        fs::create_dir(mnt.join(DOM).join("c4")).is_err(),
+        "returned"
+    );
+    assert!(daemon.wait_exit(Duration::from_secs(60)), "no crash");
+    daemon.kill9();
+    let m = lv.virsh(&[
+        "qemu-monitor-command",
+        DOM,
+        r#"{"execute":"query-migrate"}"#,
+    ]);
+    assert!(m.contains("pre-switchover"), "{m}");
+    assert_eq!(lv.state(DOM), "paused");
+    drop(daemon);
+    daemon = Daemon::start_with_args(&t.dir.0, &[], &["--libvirt", &uri]);
+    let mnt = daemon.mnt.clone();
+    wait_until("running again", Duration::from_secs(60), || {
+        log_of(&mnt).contains("live checkpoint interrupted") && state_of(&mnt, DOM) == "running"
+    });
+    assert_eq!(lv.state(DOM), "running");
+    assert!(!mnt.join(DOM).join("c4").exists());
+    assert_eq!(active_layer_of(&state, DOM), top);
+    definitions_agree(lv, &state, "interrupted mkdir c4");
+    migration_settings_restored(lv);
+    assert_eq!(
+        memory_files(&t.images),
+        vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
+        "nothing half-made"
+    );
+    let overlays: Vec<String> = fs::read_dir(&t.images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("c4"))
+        .collect();
+    assert!(overlays.is_empty(), "{overlays:?}");
+    assert!(guest_reads(lv, 0xb3));
+    assert_eq!(read_ram(lv), ram3);
+    // And the next checkpoint is a live copy again.
+    must("mkdir c5", &mnt, fs::create_dir(mnt.join(DOM).join("c5")));
+    let log = log_of(&mnt);
+    assert_eq!(
+        log.matches("RAM copied live into a stream file").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(lv.state(DOM), "running");
+    definitions_agree(lv, &state, "mkdir c5");
     drop(daemon);
 }

@@ -314,11 +314,12 @@ impl QemuBackend {
         let from = stopped.unwrap_or(converged.seen);
         let ms = |t: SystemTime| t.duration_since(from).unwrap_or_default().as_secs_f64() * 1000.0;
         let steps = format!(
-            "RAM copied live into a {} file: {} passes, {:.1} MiB written in {:.1} s; after QEMU \
-             stopped the guest: seen at {:.1} ms, disks switched at {:.1} ms, RAM saved at \
-             {:.1} ms, guest continued at {:.1} ms",
+            "RAM copied live into a {} file: {} pass{} over RAM, a {:.1} MiB file in {:.1} s; \
+             after QEMU stopped the guest: seen at {:.1} ms, disks switched at {:.1} ms, RAM \
+             saved at {:.1} ms, guest continued at {:.1} ms",
             kind.name(),
             converged.passes,
+            if converged.passes == 1 { "" } else { "es" },
             written as f64 / (1u64 << 20) as f64,
             converged
                 .seen
