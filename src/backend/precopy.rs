@@ -349,6 +349,11 @@ impl QemuBackend {
         let deadline = t0 + JOB_TIMEOUT;
         let mut first_pass_end: Option<Instant> = None;
         loop {
+            // Injected before QEMU's state is read, so that a copy quick
+            // enough to be waiting already is given up all the same.
+            if crate::failpoint::hit("checkpoint.converging").is_err() {
+                return Err("not converged (injected)".into());
+            }
             let m = conn.qmp.migration().map_err(|e| e.to_string())?;
             let passes = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
             match m.status {
@@ -379,9 +384,6 @@ impl QemuBackend {
             let (written, free) = room(held).map_err(|e| e.message)?;
             if let Some(why) = space_gives_up(kind == LiveFile::Stream, written, ram, free) {
                 return Err(why);
-            }
-            if crate::failpoint::hit("checkpoint.converging").is_err() {
-                return Err("not converged (injected)".into());
             }
             if Instant::now() > deadline {
                 return Err("the live copy took too long".into());
