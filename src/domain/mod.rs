@@ -418,6 +418,11 @@ impl Domain {
         self.begin_unchecked(what)
     }
 
+    /// True while an operation runs on the domain.
+    pub fn is_busy(&self) -> bool {
+        self.busy.lock().is_some()
+    }
+
     fn begin_unchecked(&self, what: &str) -> Result<BusyGuard<'_>> {
         let mut busy = self.busy.lock();
         if let Some(other) = busy.as_ref() {

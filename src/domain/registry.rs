@@ -274,7 +274,10 @@ impl Registry {
                     }
                     dom.poll_state();
                     dom.views().release_idle(VIEW_IDLE);
-                    if let Some((link, backend)) = &libvirt {
+                    // Not while an operation changes what it mirrors (nor
+                    // in the way of its commands to libvirt): the next
+                    // poll does it.
+                    if let Some((link, backend)) = libvirt.as_ref().filter(|_| !dom.is_busy()) {
                         mirror_snapshots(&dom, link, backend.as_ref());
                     }
                 }

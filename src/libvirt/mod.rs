@@ -142,24 +142,19 @@ impl LibvirtDomain {
             .iter()
             .map(|s| (s.id.as_str(), s.name.as_str()))
             .collect();
-        // Every chain from the active layers and from each point image.
-        let mut chains: Vec<Vec<PathBuf>> = Vec::new();
-        for d in active {
-            if let Ok(c) = crate::backend::qemu_img::chain(&d.source, &d.format) {
-                chains.push(c.into_iter().map(|i| i.path).collect());
-            }
-        }
-        for s in snaps {
-            for d in &s.disks {
-                if let (Some(img), DiskSnapshotKind::External) = (&d.image, d.kind) {
-                    if let Ok(c) = crate::backend::qemu_img::chain(img, "qcow2") {
-                        chains.push(c.into_iter().map(|i| i.path).collect());
-                    }
-                }
-            }
-        }
-        // Branches: an overlay over a point is found in the chain of an
-        // image above it, so every chain is searched from every top.
+        // Records of earlier versions name no overlay: found in every
+        // chain from the active layers and from each point image, read
+        // only when such a record exists (each image is a qemu-img run).
+        let unrecorded = snaps.iter().any(|s| {
+            s.disks
+                .iter()
+                .any(|d| d.kind == DiskSnapshotKind::External && d.overlay.is_none())
+        });
+        let chains = if unrecorded {
+            all_chains(snaps, active)
+        } else {
+            Vec::new()
+        };
         let domain = inactive_xml(&self.virsh, &self.name)?;
         let order = parents_first(snaps);
         let mut want: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -263,6 +258,29 @@ impl LibvirtDomain {
         crate::store::atomic::write_atomic(&record, &text)?;
         result
     }
+}
+
+/// The backing chains (paths, top first) of the active layers and of
+/// every external snapshot's point image. Branches: an overlay over a
+/// point is found in the chain of an image above it, so every chain is
+/// searched from every top.
+fn all_chains(snaps: &[Snapshot], active: &[DiskDef]) -> Vec<Vec<PathBuf>> {
+    let mut chains: Vec<Vec<PathBuf>> = Vec::new();
+    for d in active {
+        if let Ok(c) = crate::backend::qemu_img::chain(&d.source, &d.format) {
+            chains.push(c.into_iter().map(|i| i.path).collect());
+        }
+    }
+    for s in snaps {
+        for d in &s.disks {
+            if let (Some(img), DiskSnapshotKind::External) = (&d.image, d.kind) {
+                if let Ok(c) = crate::backend::qemu_img::chain(img, "qcow2") {
+                    chains.push(c.into_iter().map(|i| i.path).collect());
+                }
+            }
+        }
+    }
+    chains
 }
 
 /// `snaps` oldest first, each after its parent (libvirt refuses a
