@@ -155,17 +155,43 @@ impl Hold {
     }
 }
 
-/// The command line of process `pid`, shortened, for `.log`.
+/// How much of a command line `.log` shows.
+const COMMAND_SHOWN: usize = 80;
+
+/// The command line of process `pid`, shortened, for `.log`. Only its
+/// start is read: `xargs cat` opens thousands of files with a command
+/// line of hundreds of KiB, and every open records its holder.
 fn command_of(pid: u32) -> String {
-    let argv = crate::backend::process::read_argv(pid as i32).unwrap_or_default();
-    let mut line = argv.join(" ");
+    use std::io::Read;
+    let limit = 4 * COMMAND_SHOWN;
+    let mut raw = Vec::with_capacity(limit + 1);
+    let _ = std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|f| f.take(limit as u64 + 1).read_to_end(&mut raw));
+    let cut = raw.len() > limit;
+    raw.truncate(limit);
+    let mut line = shown_command(&raw, cut);
     if line.is_empty() {
         line = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim().to_owned())
             .unwrap_or_else(|_| "?".into());
     }
-    if let Some((i, _)) = line.char_indices().nth(80) {
+    line
+}
+
+/// The start of a NUL-separated argv as one line of at most
+/// [`COMMAND_SHOWN`] characters, `...` where cut (`cut`: `raw` is only
+/// the start of it).
+fn shown_command(raw: &[u8], cut: bool) -> String {
+    let mut line = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some((i, _)) = line.char_indices().nth(COMMAND_SHOWN) {
         line.truncate(i);
+        line.push_str("...");
+    } else if cut {
         line.push_str("...");
     }
     line
@@ -467,5 +493,37 @@ impl DiskViews {
             self.allocation.lock().running.remove(&key);
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_line_is_shown_short() {
+        assert_eq!(shown_command(b"cat\0/snaps/a\0", false), "cat /snaps/a");
+        assert_eq!(shown_command(b"", false), "");
+        let long: Vec<u8> = b"xargs\0".iter().chain(&[b'f'; 400]).copied().collect();
+        let line = shown_command(&long, false);
+        assert_eq!(line.chars().count(), COMMAND_SHOWN + 3);
+        assert!(line.starts_with("xargs fff") && line.ends_with("..."));
+        assert_eq!(shown_command(b"cat\0a", true), "cat a...");
+        // A character cut in two by the limit is not a panic.
+        assert_eq!(
+            shown_command("cat é".as_bytes().split_last().unwrap().1, true),
+            "cat \u{fffd}..."
+        );
+    }
+
+    #[test]
+    fn the_holder_of_a_view_is_named_by_its_command() {
+        let me = std::process::id();
+        let line = command_of(me);
+        assert!(
+            !line.is_empty() && line.chars().count() <= COMMAND_SHOWN + 3,
+            "{line}"
+        );
+        assert_eq!(command_of(u32::MAX), "?");
     }
 }
