@@ -171,6 +171,19 @@ fn memory_files(images: &Path) -> Vec<String> {
     v
 }
 
+/// libvirt's QEMU holds no descriptor of a memory file being written
+/// (a `.part`, removed or not): none was left behind in it.
+fn qemu_holds_no_part(step: &str) {
+    let pid = fs::read_to_string(format!("/run/libvirt/qemu/{DOM}.pid")).unwrap();
+    let held: Vec<String> = fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| p.contains(".memory"))
+        .collect();
+    assert!(held.is_empty(), "{step}: QEMU holds {held:?}");
+}
+
 /// QEMU's migration settings as before any checkpoint: no
 /// pause-before-switchover, `downtime-limit` at its default.
 fn migration_settings_restored(lv: &Libvirtd) {
@@ -271,6 +284,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(memory_files(&t.images), vec![format!("{DOM}.c1.memory")]);
     definitions_agree(lv, &state, "mkdir c1");
     migration_settings_restored(lv);
+    qemu_holds_no_part("mkdir c1");
     view_is_image(&mnt, "c1", &img);
     assert!(view_holds(&mnt, &format!("{DOM}/c1/disks/vda"), 0xb1));
     assert_eq!(read_ram(lv), ram, "the live copy changed the guest's RAM");
@@ -336,6 +350,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     );
     definitions_agree(lv, &state, "mkdir c2");
     migration_settings_restored(lv);
+    qemu_holds_no_part("mkdir c2");
     view_is_image(&mnt, "c2", &before_c2);
     assert!(view_holds(&mnt, &format!("{DOM}/c2/disks/vda"), 0xb3));
     assert_eq!(read_ram(lv), ram3);
@@ -359,6 +374,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(active_layer_of(&state, DOM), top);
     definitions_agree(lv, &state, "failed mkdir c3");
     migration_settings_restored(lv);
+    qemu_holds_no_part("failed mkdir c3");
     assert_eq!(
         memory_files(&t.images),
         vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
@@ -411,6 +427,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(active_layer_of(&state, DOM), top);
     definitions_agree(lv, &state, "interrupted mkdir c4");
     migration_settings_restored(lv);
+    qemu_holds_no_part("interrupted mkdir c4");
     assert_eq!(
         memory_files(&t.images),
         vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
