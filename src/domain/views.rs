@@ -125,7 +125,6 @@ pub struct Holder {
 pub struct Hold {
     snapshot: String,
     holder: Holder,
-    command: String,
     broken: parking_lot::RwLock<bool>,
 }
 
@@ -146,11 +145,16 @@ impl Hold {
         read()
     }
 
-    /// `pid 123 (cat /snaps/...) uid 1000`, for `.log`.
+    /// `pid 123 (cat /snaps/...) uid 1000`, for `.log`. The command line
+    /// is read now, never while a lock a view's reader takes is held:
+    /// reading `/proc/PID/cmdline` waits for the memory map lock of a
+    /// process that may itself wait on a read from this mount.
     pub fn describe(&self) -> String {
         format!(
             "pid {} ({}) uid {}",
-            self.holder.pid, self.command, self.holder.uid
+            self.holder.pid,
+            command_of(self.holder.pid),
+            self.holder.uid
         )
     }
 }
@@ -159,8 +163,7 @@ impl Hold {
 const COMMAND_SHOWN: usize = 80;
 
 /// The command line of process `pid`, shortened, for `.log`. Only its
-/// start is read: `xargs cat` opens thousands of files with a command
-/// line of hundreds of KiB, and every open records its holder.
+/// start is read: `xargs cat` runs with hundreds of KiB of arguments.
 fn command_of(pid: u32) -> String {
     use std::io::Read;
     let limit = 4 * COMMAND_SHOWN;
@@ -305,7 +308,6 @@ impl DiskViews {
     /// Records a new hold of `snap` unless it is being deleted (EBUSY);
     /// [`DiskViews::close`] ends it.
     pub fn hold(&self, snap: &Snapshot, holder: Holder) -> Result<Arc<Hold>> {
-        let command = command_of(holder.pid);
         let mut holds = self.holds.lock();
         if holds.deleting.contains(&snap.id) {
             return Err(Error::busy(format!(
@@ -316,7 +318,6 @@ impl DiskViews {
         let hold = Arc::new(Hold {
             snapshot: snap.id.clone(),
             holder,
-            command,
             broken: parking_lot::RwLock::new(false),
         });
         holds
@@ -355,17 +356,12 @@ impl DiskViews {
 
     /// Who holds snapshot `id` open: `pid 123 (cat ...) uid 1000, ...`.
     pub fn holders(&self, id: &str) -> String {
-        let holds = self.holds.lock();
-        holds
-            .open
-            .get(id)
-            .map(|v| {
-                v.iter()
-                    .map(|h| h.describe())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
+        // Described once the lock is let go (see `Hold::describe`).
+        let held: Vec<Arc<Hold>> = self.holds.lock().open.get(id).cloned().unwrap_or_default();
+        held.iter()
+            .map(|h| h.describe())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Breaks every hold of snapshot `id` (root's `force`): later reads
