@@ -5,8 +5,9 @@
 //!   against `virsh snapshot-create-as DOM NAME` (libvirt: internal, RAM);
 //!   the guest pause of each (QEMU's STOP to RESUME events, read with
 //!   `virsh qemu-monitor-event`); goal: never slower than virsh;
-//! - the guest pause of the default `mkdir` (an external checkpoint) from
-//!   `.log` against virsh's internal checkpoint; goal: <= 1/10;
+//! - the guest pause of the default `mkdir` (an external checkpoint,
+//!   QEMU's STOP to RESUME; where it went is printed from `.log`) against
+//!   virsh's internal checkpoint; goal: <= 1/10;
 //! - revert: `echo running discard > NAME/revert` against `virsh
 //!   snapshot-revert DOM NAME` (each its own internal checkpoint);
 //! - delete: `rmdir` of the internal checkpoint against `virsh
@@ -186,7 +187,7 @@ fn main() {
         lv.virsh(&["snapshot-delete", dom, &format!("l{i}")]);
         their_del.push(t.elapsed().as_secs_f64());
     }
-    // The default mkdir: an external checkpoint, its pause from .log.
+    // The default mkdir: an external checkpoint, its pause from events.
     let (mut ext_pause, mut ext_took) = (vec![], vec![]);
     for i in 0..ROUNDS {
         let (t, p) = timed_with_pause(&lv, dom, || {
