@@ -84,7 +84,9 @@ fn fixture(tag: &str, qemu: &Path) -> Fixture {
         Vm::start_with_qemu(&spec, &dir.0.join("images"), &qemu.to_string_lossy()).unwrap();
     vm.policy = Some("external".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
-    let daemon = Daemon::start(&dir.0, &[]);
+    // VMSNAPFS_BENCH_RUST_LOG=trace shows each QMP message with its time.
+    let level = std::env::var("VMSNAPFS_BENCH_RUST_LOG").unwrap_or_else(|_| "debug".into());
+    let daemon = Daemon::start(&dir.0, &[("RUST_LOG", level.as_str())]);
     Fixture { daemon, vm, dir }
 }
 
@@ -193,8 +195,11 @@ fn measure(qemu: &Path) -> Figures {
     };
     fx.vm.fill_ram(DIRTY_MB).unwrap();
 
-    let (mut bare, mut bare_pause) = (vec![], vec![]);
-    for _ in 0..2 {
+    // VMSNAPFS_BENCH_ONLY=revert: the running guest's checkpoints and
+    // reverts only (no bare peer, no paused guest).
+    let only_revert = std::env::var("VMSNAPFS_BENCH_ONLY").is_ok_and(|v| v == "revert");
+    let (mut bare, mut bare_pause) = (vec![Duration::ZERO], vec![Duration::ZERO]);
+    for _ in 0..if only_revert { 0 } else { 2 } {
         let (w, p) = bare_background_snapshot(&fx.vm, &fx.dir.0.join("bare.mem"));
         bare.push(w);
         bare_pause.push(p);
@@ -230,6 +235,26 @@ fn measure(qemu: &Path) -> Figures {
     }
     wait_state(&fx, "running");
     let format = memory_format(&fx.read("c0/snapshot.xml"));
+    if let Ok(keep) = std::env::var("VMSNAPFS_BENCH_KEEP_LOG") {
+        let to = Path::new(&keep).join(format!("daemon-{version}.log"));
+        fs::copy(fx.dir.0.join("daemon.log"), &to).unwrap();
+        println!("daemon log of QEMU {version}: {}", to.display());
+    }
+    if only_revert {
+        return Figures {
+            version,
+            pause: median(pause),
+            mkdir: median(mkdir),
+            bare_default_bw: median(bare),
+            bare_pause: median(bare_pause),
+            revert: median(revert),
+            cold_revert: median(cold_revert),
+            format,
+            paused_mkdir: Duration::ZERO,
+            paused_revert: Duration::ZERO,
+            paused_format: String::new(),
+        };
+    }
 
     // A paused guest: the fastest memory file this QEMU can write.
     fx.vm

@@ -60,6 +60,33 @@ impl Capabilities {
         Ok(Self::from_answers(&version, &schema))
     }
 
+    /// [`Capabilities::read`] of the QEMU process `pid`, whose schema is
+    /// asked only once per QEMU executable: a process of the same
+    /// executable file (same device, inode, size and times of
+    /// `/proc/PID/exe`) reporting the same version has the same schema,
+    /// which is compiled into it. `query-version` is asked every time.
+    /// Without a pid, or when the executable cannot be told, it is asked.
+    pub fn read_cached(qmp: &mut Qmp, pid: Option<i32>) -> Result<Self, QmpError> {
+        type Cache = std::sync::Mutex<BTreeMap<(ExeId, String), Capabilities>>;
+        static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let exe = pid.and_then(ExeId::of);
+        let version = qmp.version()?;
+        let key = exe.map(|e| (e, format!("{:?} {}", version.qemu, version.package)));
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(hit) = key
+            .as_ref()
+            .and_then(|k| cache.lock().ok()?.get(k).cloned())
+        {
+            return Ok(hit);
+        }
+        let schema = qmp.execute(&qmp::query_qmp_schema {})?;
+        let caps = Self::from_answers(&version, &schema);
+        if let (Some(k), Ok(mut c)) = (key, cache.lock()) {
+            c.insert(k, caps.clone());
+        }
+        Ok(caps)
+    }
+
     /// Builds the answers from `query-version` and `query-qmp-schema` replies.
     pub fn from_answers(version: &qmp::VersionInfo, schema: &[qmp::SchemaInfo]) -> Self {
         let num = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -207,6 +234,28 @@ impl Capabilities {
                 hi.1
             )
         })
+    }
+}
+
+/// The identity of a process's executable file: device, inode, size,
+/// modification and change times of `/proc/PID/exe` (a rebuilt or
+/// replaced binary differs in one of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ExeId([i64; 7]);
+
+impl ExeId {
+    fn of(pid: i32) -> Option<ExeId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+        Some(ExeId([
+            m.dev() as i64,
+            m.ino() as i64,
+            m.size() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ]))
     }
 }
 

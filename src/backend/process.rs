@@ -51,7 +51,7 @@ pub fn wait_exit(pid: i32, timeout: Duration) -> bool {
         if !is_alive(pid, started) {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
     !is_alive(pid, started)
 }

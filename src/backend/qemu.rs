@@ -258,6 +258,11 @@ impl QemuBackend {
         self.store.save_layers(&next)?;
         *layers = next;
         drop(layers);
+        // The domain's own layers from now on (no second look needed
+        // when QEMU reports them).
+        for (_, l) in changes {
+            self.learn_image(&l.path);
+        }
         if let Some(m) = &self.manager {
             if let Err(e) = m.layers_changed(&self.active()) {
                 self.note(format!(
@@ -377,7 +382,7 @@ impl QemuBackend {
                         self.record_argv(pid, qmp.peer_ids());
                     }
                     self.record_process(pid.and_then(QemuProcess::of));
-                    let caps = Capabilities::read(&mut qmp).unwrap_or_else(|e| {
+                    let caps = Capabilities::read_cached(&mut qmp, pid).unwrap_or_else(|e| {
                         log::warn!("{}: cannot read QEMU's capabilities: {e}", self.def.name);
                         Capabilities::default()
                     });
@@ -783,7 +788,10 @@ impl QemuBackend {
         if let Some(m) = &self.manager {
             return self.start_managed(m.as_ref(), loadvm, incoming, paused);
         }
-        let (mut argv, creds) = self.layered_argv()?;
+        // The active layers' chains, read once: for the command line and
+        // for the check of what QEMU opened.
+        let chains = self.active_chains();
+        let (mut argv, creds) = self.layered_argv_with(&chains)?;
         // The memory file is checked and held before QEMU starts.
         let held = incoming.map(|i| self.open_memory(i.file)).transpose()?;
         if let Some(machine) = incoming.and_then(|i| i.machine) {
@@ -822,9 +830,9 @@ impl QemuBackend {
             if Instant::now() > deadline {
                 return Err(Error::io("QEMU did not open its monitor in time"));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        if let Err(e) = self.check_started_chains() {
+        if let Err(e) = self.check_started_chains_with(&chains) {
             let _ = self.stop_process();
             return Err(e);
         }
@@ -893,28 +901,61 @@ impl QemuBackend {
     /// The domain's command line pointed at the active layers, and who
     /// runs it (see `start_command`).
     fn layered_argv(&self) -> Result<(Vec<String>, process::Credentials)> {
+        self.layered_argv_with(&self.active_chains())
+    }
+
+    /// [`Self::layered_argv`] with the active layers' chains already read.
+    fn layered_argv_with(
+        &self,
+        chains: &[(DiskDef, Result<Vec<qemu_img::ChainImage>>)],
+    ) -> Result<(Vec<String>, process::Credentials)> {
         let (argv, creds) = self.start_command()?;
         Ok((
             super::cmdline::point_at_layers(
                 &super::cmdline::strip_start_options(&argv),
-                &self.swaps(),
+                &self.swaps(chains),
             ),
             creds,
         ))
     }
 
+    /// Each disk's active layer with its backing chain, top first, read
+    /// with `qemu-img` (one process per disk, side by side).
+    fn active_chains(&self) -> Vec<(DiskDef, Result<Vec<qemu_img::ChainImage>>)> {
+        let active = self.active();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = active
+                .iter()
+                .map(|d| scope.spawn(move || qemu_img::chain(&d.source, &d.format)))
+                .collect();
+            active
+                .iter()
+                .zip(handles)
+                .map(|(d, h)| {
+                    let chain = h
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::io("reading a backing chain panicked")));
+                    (d.clone(), chain)
+                })
+                .collect()
+        })
+    }
+
     /// For each disk: the image paths a command line may name (the
     /// definition's and every image below the active layer), the active
     /// layer, and whether a raw disk now has a qcow2 overlay.
-    fn swaps(&self) -> Vec<(Vec<String>, String, bool)> {
+    fn swaps(
+        &self,
+        chains: &[(DiskDef, Result<Vec<qemu_img::ChainImage>>)],
+    ) -> Vec<(Vec<String>, String, bool)> {
         let history = self.store.layer_history();
         self.def
             .disks
             .iter()
-            .zip(self.active())
-            .map(|(def, now)| {
+            .zip(chains)
+            .map(|(def, (now, chain))| {
                 let mut olds = vec![def.source.to_string_lossy().into_owned()];
-                if let Ok(chain) = qemu_img::chain(&now.source, &now.format) {
+                if let Ok(chain) = chain {
                     olds.extend(chain.iter().map(|i| i.path.to_string_lossy().into_owned()));
                 }
                 olds.extend(
@@ -934,12 +975,20 @@ impl QemuBackend {
     /// another image, or cut the chain (`backing: null`), would show the
     /// guest the wrong bytes: refused before the guest runs.
     fn check_started_chains(&self) -> Result<()> {
+        self.check_started_chains_with(&self.active_chains())
+    }
+
+    /// [`Self::check_started_chains`] against the active layers' chains
+    /// as read before QEMU started (`chains`).
+    fn check_started_chains_with(
+        &self,
+        chains: &[(DiskDef, Result<Vec<qemu_img::ChainImage>>)],
+    ) -> Result<()> {
         let mut named = Vec::new();
-        let expected: Vec<(String, Vec<PathBuf>)> = self
-            .active()
+        let expected: Vec<(String, Vec<PathBuf>)> = chains
             .iter()
-            .map(|d| {
-                let chain = qemu_img::chain(&d.source, &d.format)?;
+            .map(|(d, chain)| {
+                let chain = chain.as_ref().map_err(Clone::clone)?;
                 named.extend(chain.iter().map(|i| i.path.clone()));
                 Ok((
                     d.target.clone(),

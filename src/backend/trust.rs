@@ -33,6 +33,12 @@ impl QemuBackend {
         Ok(())
     }
 
+    /// Adds `path`, recorded as an active layer, to the domain's images
+    /// (the set is otherwise gathered again, image by image, on a miss).
+    pub(super) fn learn_image(&self, path: &Path) {
+        self.known_images.lock().insert(canonical(path));
+    }
+
     /// True when `path` is one of the domain's images; the set is
     /// gathered again once on a miss (a layer made since).
     fn is_known_image(&self, path: &Path) -> bool {
