@@ -157,11 +157,17 @@ impl Guest {
     /// with the console on a file and the agent channel on a socket.
     /// Returns at once; [`Guest::wait_wrote`] waits for the guest.
     pub fn boot(dir: &Path, name: &str) -> (Vm, Guest) {
+        Self::boot_with(dir, name, "qemu-system-x86_64")
+    }
+
+    /// [`Guest::boot`] on the QEMU binary `qemu` (a path, or a name
+    /// looked up in PATH).
+    pub fn boot_with(dir: &Path, name: &str, qemu: &str) -> (Vm, Guest) {
         let build = guest_build();
         let mut spec = VmSpec::small(name);
         spec.disks = vec![("vda".into(), 128), ("vdb".into(), 16)];
         spec.memory_mb = 192;
-        let mut vm = Vm::create(&spec, dir, "qemu-system-x86_64").expect("create the VM");
+        let mut vm = Vm::create(&spec, dir, qemu).expect("create the VM");
         for d in &vm.disks {
             fs::copy(build.join(format!("{}.qcow2", d.target)), &d.image).unwrap();
         }
@@ -288,6 +294,60 @@ impl Guest {
         self.agent(Duration::from_secs(60))
             .exec("/bin/sh", &["-c", script], Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("guest-exec {script:?}: {e}"))
+    }
+
+    /// Starts a loop in the guest that dirties RAM without end: two files
+    /// of `mib` MiB of random bytes, `/dirty/a` and `/dirty/b` (in the
+    /// initramfs, i.e. in RAM), copied in turn to `/dirty/tmp`, renamed
+    /// to `/dirty/cur`, the round counted in `/dirty/k`. `/dirty/cur` is
+    /// always a whole copy of one of them: a RAM image that mixed pages
+    /// of two instants shows as a `cur` matching neither
+    /// ([`Guest::check_dirtier`]). Returns the rate at which it dirties
+    /// RAM, in MiB/s, over two seconds.
+    pub fn dirty_ram(&self, mib: u64) -> f64 {
+        let out = self.sh(&format!(
+            "mkdir -p /dirty && cd /dirty && \
+             head -c {bytes} /dev/urandom > a && head -c {bytes} /dev/urandom > b && \
+             md5sum a b > sums && cp a cur && echo 0 > k && \
+             (k=0; while :; do k=$((k+1)); if [ $((k%2)) = 0 ]; then cp a tmp; else cp b tmp; fi; \
+              mv tmp cur; echo $k > k; done) </dev/null >/dev/null 2>&1 &",
+            bytes = mib << 20
+        ));
+        assert_eq!(out.code, 0, "{out:?}");
+        let rounds = |g: &Guest| -> u64 {
+            let out = g.sh("cat /dirty/k");
+            out.text().trim().parse().unwrap_or(0)
+        };
+        let (k0, t0) = (rounds(self), Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        let (k1, t1) = (rounds(self), t0.elapsed());
+        assert!(
+            k1 > k0,
+            "the loop dirtying RAM does not run ({k0} then {k1} rounds)"
+        );
+        ((k1 - k0) * mib) as f64 / t1.as_secs_f64()
+    }
+
+    /// Checks the files of [`Guest::dirty_ram`]: `a` and `b` as made,
+    /// `cur` a whole copy of one of them, and the loop still going.
+    /// Returns the round count it had reached.
+    pub fn check_dirtier(&self) -> u64 {
+        let out = self.sh("cd /dirty && md5sum -c -s sums && c=$(md5sum < cur) && \
+             grep -q \"^${c%% *} \" sums && k0=$(cat k) && sleep 1 && echo $k0 $(cat k)");
+        assert_eq!(
+            out.code, 0,
+            "the guest's RAM-only files are not whole copies: {out:?}"
+        );
+        let text = out.text();
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert!(
+            v.len() == 2 && v[1] > v[0],
+            "the loop dirtying RAM stopped: {text:?}"
+        );
+        v[0]
     }
 }
 
@@ -480,8 +540,13 @@ impl RealGuest {
     /// definition (with the agent channel), starts the daemon with `env`,
     /// and waits for the guest's first written file.
     pub fn start(tag: &str, policy: &str, env: &[(&str, &str)]) -> RealGuest {
+        Self::start_with(tag, policy, env, "qemu-system-x86_64")
+    }
+
+    /// [`RealGuest::start`] on the QEMU binary `qemu`.
+    pub fn start_with(tag: &str, policy: &str, env: &[(&str, &str)], qemu: &str) -> RealGuest {
         let dir = TempDir::new(tag);
-        let (mut vm, guest) = Guest::boot(&dir.0.join("images"), "vm1");
+        let (mut vm, guest) = Guest::boot_with(&dir.0.join("images"), "vm1", qemu);
         vm.policy = Some(policy.into());
         guest.write_definition(&vm, &dir.0.join("domains"));
         let booted = Instant::now();
