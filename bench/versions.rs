@@ -14,6 +14,17 @@
 //!    before each revert), as after a reboot or a long while.
 //! 3. Checkpoint and revert of a paused guest (QEMU 10.0: RAM at fixed
 //!    offsets, written and read by several threads).
+//! 4. A real Linux guest (tests/common/guest.rs: 192 MiB, TCG) that
+//!    dirties RAM the whole time (a loop rewriting 12 MiB files in its
+//!    initramfs) and syncs files on its disk: guest pause and time until
+//!    `mkdir` returns, and how each checkpoint wrote RAM (a live copy that
+//!    converged, or given up for the background snapshot).
+//!
+//! `VMSNAPFS_BENCH_ONLY=revert` runs the running guest's checkpoints and
+//! reverts only, `VMSNAPFS_BENCH_ONLY=dirty` part 4 only;
+//! `VMSNAPFS_BENCH_KEEP_LOG=DIR` keeps each daemon's log in DIR and
+//! `VMSNAPFS_BENCH_RUST_LOG=trace` has it show every QMP message with its
+//! time (where a revert's time goes).
 //!
 //! Run: `cargo bench --bench versions` (root, /dev/fuse, both QEMUs
 //! installed by scripts/install-deps.sh).
@@ -295,13 +306,88 @@ fn measure(qemu: &Path) -> Figures {
     }
 }
 
+/// What a guest that dirties RAM gives on one QEMU version.
+struct DirtyFigures {
+    version: String,
+    rate: f64,
+    pause: Vec<Duration>,
+    mkdir: Vec<Duration>,
+    live: usize,
+    given_up: usize,
+}
+
+fn measure_dirty(qemu: &Path) -> DirtyFigures {
+    use common::guest::RealGuest;
+    let rg = RealGuest::start_with("bench-dirty", "external", &[], &qemu.to_string_lossy());
+    let version = {
+        let v = rg.qmp().execute_raw("query-version", json!({})).unwrap();
+        format!(
+            "{}.{}.{}",
+            v["qemu"]["major"], v["qemu"]["minor"], v["qemu"]["micro"]
+        )
+    };
+    rg.guest.wait_wrote(3, Duration::from_secs(180));
+    let rate = rg.guest.dirty_ram(12);
+    let (mut pause, mut mkdir) = (vec![], vec![]);
+    for i in 0..REPS {
+        let mut wall = Duration::ZERO;
+        let p = guest_pause(&rg.vm, || {
+            let t = Instant::now();
+            fs::create_dir(rg.path(&format!("d{i}"))).unwrap();
+            wall = t.elapsed();
+        });
+        pause.push(p.expect("the checkpoint stopped the guest"));
+        mkdir.push(wall);
+    }
+    let log = rg.read(".log");
+    if let Ok(keep) = std::env::var("VMSNAPFS_BENCH_KEEP_LOG") {
+        let to = Path::new(&keep).join(format!("daemon-dirty-{version}.log"));
+        fs::copy(rg.dir.0.join("daemon.log"), &to).unwrap();
+    }
+    rg.guest.check_dirtier();
+    DirtyFigures {
+        version,
+        rate,
+        pause,
+        mkdir,
+        live: log.matches("RAM copied live").count(),
+        given_up: log.matches("live copy of RAM given up").count(),
+    }
+}
+
 fn main() {
+    let only = std::env::var("VMSNAPFS_BENCH_ONLY").unwrap_or_default();
     let mut all = vec![];
+    let mut dirty = vec![];
     for prefix in ["7.2", "10."] {
         match qemu_binary(prefix) {
-            Some(q) => all.push(measure(&q)),
+            Some(q) => {
+                if only != "dirty" {
+                    all.push(measure(&q));
+                }
+                if only.is_empty() || only == "dirty" {
+                    dirty.push(measure_dirty(&q));
+                }
+            }
             None => println!("QEMU {prefix}x not installed: skipped (scripts/install-deps.sh)"),
         }
+    }
+    for d in &dirty {
+        let list = |v: &[Duration], f: &dyn Fn(Duration) -> String| {
+            v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
+        };
+        println!(
+            "QEMU {}: mkdir of a real guest (192 MiB, TCG) dirtying RAM at {:.0} MiB/s: guest \
+             paused {} ms, mkdir returns after {} s; {} live cop{} converged, {} given up for \
+             the background snapshot",
+            d.version,
+            d.rate,
+            list(&d.pause, &|x| format!("{:.1}", ms(x))),
+            list(&d.mkdir, &|x| format!("{:.2}", x.as_secs_f64())),
+            d.live,
+            if d.live == 1 { "y" } else { "ies" },
+            d.given_up,
+        );
     }
     let gb = (DIRTY_MB as f64) * 1.048576 / 1000.0;
     for f in &all {
