@@ -234,7 +234,6 @@ impl Drop for Feed {
 /// The feeder thread: `head` then all of `memory` to the first reader
 /// of the FIFO, unless stopped first.
 fn feed(path: &Path, ino: u64, head: &[u8], memory: &File, stop: &AtomicBool) -> io::Result<u64> {
-    let mut buf = vec![0u8; CHUNK];
     let Some(pipe) = open_writer(path, ino, stop)? else {
         return Ok(0);
     };
@@ -244,7 +243,7 @@ fn feed(path: &Path, ino: u64, head: &[u8], memory: &File, stop: &AtomicBool) ->
         libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int);
     }
     let mut written = 0u64;
-    match copy(&pipe, head, memory, &mut buf, stop, &mut written) {
+    match copy(&pipe, head, memory, stop, &mut written) {
         Ok(()) => Ok(written),
         Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
             // Gone before the pipe closes: a second open cannot wait
@@ -289,12 +288,13 @@ fn open_writer(path: &Path, ino: u64, stop: &AtomicBool) -> io::Result<Option<Fi
 }
 
 /// Writes `head` then `memory` into `pipe`, counting in `written`;
-/// returns early when stopped.
+/// returns early when stopped. The memory file's pages move into the
+/// pipe with splice(2), not copied through this process (read and write
+/// where the file's filesystem cannot splice).
 fn copy(
     pipe: &File,
     head: &[u8],
     memory: &File,
-    buf: &mut [u8],
     stop: &AtomicBool,
     written: &mut u64,
 ) -> io::Result<()> {
@@ -303,7 +303,54 @@ fn copy(
     }
     let mut at = 0u64;
     loop {
-        let n = memory.read_at(buf, at)?;
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut off = at as libc::loff_t;
+        // SAFETY: splice(2) between two descriptors this thread holds,
+        // with a valid offset pointer for the input and none for the pipe.
+        let n = unsafe {
+            libc::splice(
+                memory.as_raw_fd(),
+                &mut off,
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                CHUNK,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        match n {
+            0 => return Ok(()),
+            n if n > 0 => {
+                at += n as u64;
+                *written += n as u64;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => wait_writable(pipe),
+                    Some(libc::EINTR) => {}
+                    Some(libc::EINVAL | libc::ENOSYS) => {
+                        return copy_through(pipe, memory, at, stop, written)
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Writes `memory` from offset `at` into `pipe` through a buffer.
+fn copy_through(
+    pipe: &File,
+    memory: &File,
+    mut at: u64,
+    stop: &AtomicBool,
+    written: &mut u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = memory.read_at(&mut buf, at)?;
         if n == 0 || !write_all(pipe, &buf[..n], stop, written)? {
             return Ok(());
         }
@@ -329,20 +376,24 @@ fn write_all(
                 data = &data[n..];
                 *written += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: pipe.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: poll(2) on one pollfd this function owns.
-                unsafe { libc::poll(&mut p, 1, POLL_MS) };
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(pipe),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
     Ok(true)
+}
+
+/// Waits until `pipe` has room, at most [`POLL_MS`] (the caller then
+/// checks its stop flag).
+fn wait_writable(pipe: &File) {
+    let mut p = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd this function owns.
+    unsafe { libc::poll(&mut p, 1, POLL_MS) };
 }
 
 #[cfg(test)]
@@ -421,6 +472,29 @@ mod tests {
         let feed = Feed::start(&path, b"HEAD".to_vec(), File::open(&mem).unwrap()).unwrap();
         assert_eq!(feed.finish().unwrap(), 0);
         assert!(std::fs::symlink_metadata(&path).is_err());
+        // Where splice cannot be used, the same bytes through a buffer,
+        // from the offset reached.
+        {
+            use std::io::Read;
+            use std::os::fd::FromRawFd;
+            let mut fds = [0; 2];
+            // SAFETY: pipe2(2) into a two-element array.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: pipe2 just made both descriptors, owned from here on.
+            let (mut r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).unwrap();
+                got
+            });
+            let mut written = 0;
+            let memory = File::open(&mem).unwrap();
+            copy_through(&w, &memory, 5, &AtomicBool::new(false), &mut written).unwrap();
+            drop(w);
+            let got = reader.join().unwrap();
+            assert_eq!(got.len() as u64, written);
+            assert_eq!(&got[..], &[STREAM_MAGIC.as_slice(), &data].concat()[5..]);
+        }
         // Not a stream: refused before anything is made.
         std::fs::write(&mem, b"nope").unwrap();
         assert!(check_stream(&File::open(&mem).unwrap()).is_err());
