@@ -22,7 +22,8 @@
 //! the RAM written is small; libvirt's and vmsnapfs's saves write the same
 //! RAM). Then [`FILL_MIB`] MiB of it are filled with data (written from
 //! outside, through `/proc/PID/mem` of libvirt's QEMU), and the guest
-//! pause of the default `mkdir` and of virsh's internal checkpoint are
+//! pause of the default `mkdir` and of virsh's internal checkpoint, and
+//! the revert to an external checkpoint against virsh's restore, are
 //! measured again on that guest. Run: `cargo bench --bench libvirt`
 //! (root, libvirt installed by scripts/install-deps.sh, /dev/fuse).
 
@@ -200,20 +201,9 @@ fn main() {
     let (mut our_ext, mut their_restore) = (vec![], vec![]);
     let save = dir.0.join("bench.save");
     for i in 0..ROUNDS {
-        let t = Instant::now();
-        fs::write(d.join(format!("e{i}/revert")), "running discard").unwrap();
-        our_ext.push(t.elapsed().as_secs_f64());
-        lv.virsh(&["save", dom, save.to_str().unwrap()]);
-        let t = Instant::now();
-        lv.virsh(&["restore", save.to_str().unwrap()]);
-        their_restore.push(t.elapsed().as_secs_f64());
-        fs::remove_file(&save).unwrap();
-        wait_until("running", Duration::from_secs(60), || {
-            fs::read_to_string(d.join(".state"))
-                .unwrap_or_default()
-                .trim()
-                == "running"
-        });
+        let (ours, theirs) = revert_against_restore(&lv, dom, &d, &format!("e{i}"), &save);
+        our_ext.push(ours);
+        their_restore.push(theirs);
     }
     let row = |what: &str, a: Vec<f64>, b: Vec<f64>| {
         let (a, b) = (median(a), median(b));
@@ -295,5 +285,57 @@ fn main() {
     {
         println!("  {l}");
     }
+    // Revert to a checkpoint of the filled guest (its memory file holds
+    // the data), against virsh's restore of a save image of it.
+    let (mut full_rev, mut full_restore) = (vec![], vec![]);
+    for i in 0..ROUNDS {
+        fs::create_dir(d.join(format!("h{i}"))).unwrap();
+        let (ours, theirs) = revert_against_restore(&lv, dom, &d, &format!("h{i}"), &save);
+        full_rev.push(ours);
+        full_restore.push(theirs);
+        fs::remove_dir(d.join(format!("h{i}"))).unwrap();
+    }
+    row(
+        "  revert to external checkpoint vs restore",
+        full_rev,
+        full_restore,
+    );
+    // Where the reverts went (the daemon's debug log): libvirt's destroy,
+    // then its restore and what follows it.
+    let log = fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("virsh destroy ") || l.contains(" started QEMU in "))
+    {
+        println!("  {}", l.rsplit("] ").next().unwrap_or(l));
+    }
     drop(daemon);
+}
+
+/// Reverts the running domain to its external checkpoint `name` through
+/// the tree, then times `virsh restore` of a `virsh save` image (at
+/// `save`, removed afterwards) of the guest it runs: (ours, virsh's) in
+/// seconds. Returns once vmsnapfs sees the domain running again.
+fn revert_against_restore(
+    lv: &Libvirtd,
+    dom: &str,
+    d: &std::path::Path,
+    name: &str,
+    save: &std::path::Path,
+) -> (f64, f64) {
+    let t = Instant::now();
+    fs::write(d.join(format!("{name}/revert")), "running discard").unwrap();
+    let ours = t.elapsed().as_secs_f64();
+    lv.virsh(&["save", dom, save.to_str().unwrap()]);
+    let t = Instant::now();
+    lv.virsh(&["restore", save.to_str().unwrap()]);
+    let theirs = t.elapsed().as_secs_f64();
+    fs::remove_file(save).unwrap();
+    wait_until("running", Duration::from_secs(60), || {
+        fs::read_to_string(d.join(".state"))
+            .unwrap_or_default()
+            .trim()
+            == "running"
+    });
+    (ours, theirs)
 }
