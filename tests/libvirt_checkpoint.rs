@@ -90,28 +90,6 @@ fn pattern(seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// SeaBIOS's timer tick count in the guest's RAM.
-fn ticks(lv: &Libvirtd) -> u64 {
-    let out = lv.virsh(&["qemu-monitor-command", DOM, "--hmp", "xp /1wx 0x46c"]);
-    let hex = out
-        .trim()
-        .rsplit_once("0x")
-        .unwrap_or_else(|| panic!("xp: {out}"))
-        .1;
-    u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|_| panic!("xp: {out}"))
-}
-
-/// The guest reads `byte` over the first 64 KiB of vda.
-fn guest_reads(lv: &Libvirtd, byte: u8) -> bool {
-    let out = lv.virsh(&[
-        "qemu-monitor-command",
-        DOM,
-        "--hmp",
-        &format!("qemu-io -d virtio-disk0/virtio-backend \"read -P {byte:#x} 0 64k\""),
-    ]);
-    !out.contains("fail") && !out.contains("rror")
-}
-
 /// QEMU's events for the domain while `f` runs (`virsh
 /// qemu-monitor-event`), one line each.
 fn events_during(lv: &Libvirtd, f: impl FnOnce()) -> Vec<String> {
@@ -149,15 +127,6 @@ fn pause_in(events: &[String]) -> Option<f64> {
         .skip_while(|l| !l.starts_with("event STOP "))
         .find(|l| l.starts_with("event RESUME "))?;
     Some(at(resume)? - at(stop)?)
-}
-
-/// libvirt's live and persistent definitions name the active layer
-/// vmsnapfs recorded.
-fn definitions_agree(lv: &Libvirtd, state: &Path, step: &str) {
-    let (live, persistent) = lv.sources(DOM);
-    let ours = active_layer_of(state, DOM).to_string_lossy().into_owned();
-    assert_eq!(live, ours, "{step}: libvirt's live definition");
-    assert_eq!(persistent, ours, "{step}: libvirt's persistent definition");
 }
 
 /// Memory files (and their `.part`s) beside the images.
@@ -248,7 +217,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     lv.guest_write(DOM, 0xb1);
 
     // The default mkdir of the running domain: a live copy.
-    let saved = ticks(lv);
+    let saved = lv.bios_ticks(DOM);
     let events = events_during(lv, || {
         must("mkdir c1", &mnt, fs::create_dir(mnt.join(DOM).join("c1")));
     });
@@ -282,7 +251,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     let xml = fs::read_to_string(mnt.join(DOM).join("c1/snapshot.xml")).unwrap();
     assert!(xml.contains("memory-format='stream'"), "{xml}");
     assert_eq!(memory_files(&t.images), vec![format!("{DOM}.c1.memory")]);
-    definitions_agree(lv, &state, "mkdir c1");
+    lv.definitions_agree(DOM, &state, "mkdir c1");
     migration_settings_restored(lv);
     qemu_holds_no_part("mkdir c1");
     view_is_image(&mnt, "c1", &img);
@@ -293,7 +262,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     std::thread::sleep(Duration::from_secs(2));
     lv.guest_write(DOM, 0xb2);
     write_ram(lv, &pattern(0xbad));
-    let later = ticks(lv);
+    let later = lv.bios_ticks(DOM);
     assert!(later > saved + 18, "the guest's clock does not run");
     assert!(view_holds(&mnt, &format!("{DOM}/c1/disks/vda"), 0xb1));
 
@@ -308,14 +277,17 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
         state_of(&mnt, DOM) == "running"
     });
     assert!(read_ram(lv) == ram, "RAM is not the checkpoint's");
-    let now = ticks(lv);
+    let now = lv.bios_ticks(DOM);
     assert!(
         now >= saved && now < later,
         "the guest's clock is not the checkpoint's: ticks {now}, saved at >= {saved}, \
          {later} before the revert"
     );
-    assert!(guest_reads(lv, 0xb1), "the guest's disk after the revert");
-    definitions_agree(lv, &state, "revert c1");
+    assert!(
+        lv.guest_reads(DOM, 0xb1),
+        "the guest's disk after the revert"
+    );
+    lv.definitions_agree(DOM, &state, "revert c1");
     view_is_image(&mnt, "c1", &img);
 
     // A live copy that does not converge is given up before anything
@@ -348,7 +320,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
         vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
         "nothing half-made"
     );
-    definitions_agree(lv, &state, "mkdir c2");
+    lv.definitions_agree(DOM, &state, "mkdir c2");
     migration_settings_restored(lv);
     qemu_holds_no_part("mkdir c2");
     view_is_image(&mnt, "c2", &before_c2);
@@ -372,7 +344,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(errno(r), libc::EIO, "{}", log_of(&mnt));
     assert_eq!(lv.state(DOM), "running");
     assert_eq!(active_layer_of(&state, DOM), top);
-    definitions_agree(lv, &state, "failed mkdir c3");
+    lv.definitions_agree(DOM, &state, "failed mkdir c3");
     migration_settings_restored(lv);
     qemu_holds_no_part("failed mkdir c3");
     assert_eq!(
@@ -387,7 +359,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
         .collect();
     assert!(overlays.is_empty(), "{overlays:?}");
     assert!(!mnt.join(DOM).join("c3").exists());
-    assert!(guest_reads(lv, 0xb3));
+    assert!(lv.guest_reads(DOM, 0xb3));
     assert_eq!(read_ram(lv), ram3);
 
     // The daemon killed while QEMU waits for the switch, the guest
@@ -425,7 +397,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(lv.state(DOM), "running");
     assert!(!mnt.join(DOM).join("c4").exists());
     assert_eq!(active_layer_of(&state, DOM), top);
-    definitions_agree(lv, &state, "interrupted mkdir c4");
+    lv.definitions_agree(DOM, &state, "interrupted mkdir c4");
     migration_settings_restored(lv);
     qemu_holds_no_part("interrupted mkdir c4");
     assert_eq!(
@@ -439,7 +411,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
         .filter(|n| n.contains("c4"))
         .collect();
     assert!(overlays.is_empty(), "{overlays:?}");
-    assert!(guest_reads(lv, 0xb3));
+    assert!(lv.guest_reads(DOM, 0xb3));
     assert_eq!(read_ram(lv), ram3);
     // And the next checkpoint is a live copy again.
     must("mkdir c5", &mnt, fs::create_dir(mnt.join(DOM).join("c5")));
@@ -450,6 +422,6 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
         "{log}"
     );
     assert_eq!(lv.state(DOM), "running");
-    definitions_agree(lv, &state, "mkdir c5");
+    lv.definitions_agree(DOM, &state, "mkdir c5");
     drop(daemon);
 }

@@ -33,15 +33,6 @@ fn log_of(mnt: &Path) -> String {
     fs::read_to_string(mnt.join(DOM).join(".log")).unwrap_or_default()
 }
 
-/// libvirt's live and persistent definitions name the active layer
-/// vmsnapfs recorded.
-fn definitions_agree(lv: &Libvirtd, state: &Path, step: &str) {
-    let (live, persistent) = lv.sources(DOM);
-    let ours = active_layer_of(state, DOM).to_string_lossy().into_owned();
-    assert_eq!(live, ours, "{step}: libvirt's live definition");
-    assert_eq!(persistent, ours, "{step}: libvirt's persistent definition");
-}
-
 /// `virsh managedsave; virsh start`: libvirt restores the guest from its
 /// live definition; the tree sees the domain running again.
 fn managedsave_and_start(lv: &Libvirtd, mnt: &Path) {
@@ -106,12 +97,12 @@ fn libvirt_live_definition_follows_every_change_of_images() {
             .trim(),
         "disk-snapshot"
     );
-    definitions_agree(lv, &state, "external disk-only");
+    lv.definitions_agree(DOM, &state, "external disk-only");
     let d1_overlay = active_layer_of(&state, DOM).to_string_lossy().into_owned();
     let frozen = checksum(&base);
     lv.guest_write(DOM, 0xa2);
     managedsave_and_start(lv, &mnt);
-    definitions_agree(lv, &state, "managedsave after d1");
+    lv.definitions_agree(DOM, &state, "managedsave after d1");
     lv.guest_write(DOM, 0xa3);
     assert_eq!(checksum(&base), frozen, "d1's frozen image was written");
     views_hold(&mnt, &[("d1", 0xa1)], "managedsave after d1");
@@ -131,22 +122,22 @@ fn libvirt_live_definition_follows_every_change_of_images() {
         .map(str::to_owned);
     eprintln!("checkpoint through libvirt: {paused:?}");
     assert!(paused.is_some(), "{}", log_of(&mnt));
-    definitions_agree(lv, &state, "external checkpoint");
+    lv.definitions_agree(DOM, &state, "external checkpoint");
     lv.guest_write(DOM, 0xa4);
     managedsave_and_start(lv, &mnt);
-    definitions_agree(lv, &state, "managedsave after c1");
+    lv.definitions_agree(DOM, &state, "managedsave after c1");
     lv.guest_write(DOM, 0xa5);
     views_hold(&mnt, &[("d1", 0xa1), ("c1", 0xa3)], "managedsave after c1");
 
     // Deleting d1 merges its overlay into the image below it while c1's
     // overlay is the active layer (libvirt's blockcommit --top/--base).
     must("rmdir d1", &mnt, fs::remove_dir(mnt.join(DOM).join("d1")));
-    definitions_agree(lv, &state, "merge below the active layer");
+    lv.definitions_agree(DOM, &state, "merge below the active layer");
     // libvirt's live chain lost the merged image too.
     let x = lv.virsh(&["dumpxml", DOM]);
     assert!(!x.contains(&d1_overlay), "{x}");
     managedsave_and_start(lv, &mnt);
-    definitions_agree(lv, &state, "managedsave after rmdir d1");
+    lv.definitions_agree(DOM, &state, "managedsave after rmdir d1");
     lv.guest_write(DOM, 0xa6);
     views_hold(&mnt, &[("c1", 0xa3)], "managedsave after rmdir d1");
 
@@ -155,7 +146,7 @@ fn libvirt_live_definition_follows_every_change_of_images() {
     let before = active_layer_of(&state, DOM);
     must("rmdir c1", &mnt, fs::remove_dir(mnt.join(DOM).join("c1")));
     assert_ne!(active_layer_of(&state, DOM), before, "an active commit");
-    definitions_agree(lv, &state, "merge of the active layer");
+    lv.definitions_agree(DOM, &state, "merge of the active layer");
 
     // An internal disk-only snapshot: the images stay.
     let spec = "<domainsnapshot><name>i1</name><memory snapshot='no'/>\
@@ -166,7 +157,7 @@ fn libvirt_live_definition_follows_every_change_of_images() {
         write_file(&mnt.join(DOM).join(".create"), spec.as_bytes())
             .map_err(std::io::Error::from_raw_os_error),
     );
-    definitions_agree(lv, &state, "internal");
+    lv.definitions_agree(DOM, &state, "internal");
     managedsave_and_start(lv, &mnt);
     lv.guest_write(DOM, 0xa7);
     views_hold(&mnt, &[("i1", 0xa6)], "managedsave after i1");
@@ -191,9 +182,9 @@ fn libvirt_live_definition_follows_every_change_of_images() {
     wait_until("running after the revert", Duration::from_secs(30), || {
         state_of(&mnt, DOM) == "running"
     });
-    definitions_agree(lv, &state, "revert");
+    lv.definitions_agree(DOM, &state, "revert");
     managedsave_and_start(lv, &mnt);
-    definitions_agree(lv, &state, "managedsave after the revert");
+    lv.definitions_agree(DOM, &state, "managedsave after the revert");
     must(
         "mkdir after",
         &mnt,
@@ -240,7 +231,7 @@ fn libvirt_live_definition_follows_every_change_of_images() {
         log_of(&mnt)
     );
     assert_eq!(active_layer_of(&state, DOM), top);
-    definitions_agree(lv, &state, "a stream into the active layer");
+    lv.definitions_agree(DOM, &state, "a stream into the active layer");
     let x = lv.virsh(&["dumpxml", DOM]);
     assert!(!x.contains(&e1_overlay), "{x}");
     managedsave_and_start(lv, &mnt);
@@ -273,7 +264,7 @@ fn libvirt_live_definition_follows_every_change_of_images() {
     assert_eq!(files(&t.images), before);
     assert!(fs::metadata(mnt.join(DOM).join("refused")).is_err());
     assert_eq!(lv.state(DOM), "running");
-    definitions_agree(lv, &state, "a refused switch");
+    lv.definitions_agree(DOM, &state, "a refused switch");
     lv.virsh(&["blockjob", DOM, "vda", "--abort"]);
 
     // libvirt's own disk-only snapshot works on the chain vmsnapfs left.

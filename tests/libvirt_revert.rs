@@ -30,28 +30,6 @@ fn must<T>(what: &str, mnt: &Path, r: std::io::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e}\n{}", log_of(mnt)))
 }
 
-/// SeaBIOS's timer tick count in the guest's RAM.
-fn ticks(lv: &Libvirtd) -> u64 {
-    let out = lv.virsh(&["qemu-monitor-command", DOM, "--hmp", "xp /1wx 0x46c"]);
-    let hex = out
-        .trim()
-        .rsplit_once("0x")
-        .unwrap_or_else(|| panic!("xp: {out}"))
-        .1;
-    u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|_| panic!("xp: {out}"))
-}
-
-/// The guest reads `byte` over the first 64 KiB of vda.
-fn guest_reads(lv: &Libvirtd, byte: u8) -> bool {
-    let out = lv.virsh(&[
-        "qemu-monitor-command",
-        DOM,
-        "--hmp",
-        &format!("qemu-io -d virtio-disk0/virtio-backend \"read -P {byte:#x} 0 64k\""),
-    ]);
-    !out.contains("fail") && !out.contains("rror")
-}
-
 /// QEMU's status of its incoming migration: `completed` once it loaded
 /// RAM from a stream, absent in a QEMU that booted.
 fn incoming_status(lv: &Libvirtd) -> String {
@@ -63,15 +41,6 @@ fn incoming_status(lv: &Libvirtd) -> String {
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["return"]["status"].as_str().unwrap_or("none").to_owned()
-}
-
-/// libvirt's live and persistent definitions name the active layer
-/// vmsnapfs recorded.
-fn definitions_agree(lv: &Libvirtd, state: &Path, step: &str) {
-    let (live, persistent) = lv.sources(DOM);
-    let ours = active_layer_of(state, DOM).to_string_lossy().into_owned();
-    assert_eq!(live, ours, "{step}: libvirt's live definition");
-    assert_eq!(persistent, ours, "{step}: libvirt's persistent definition");
 }
 
 /// Nothing of a restore is left in the domain's state directory.
@@ -122,14 +91,17 @@ fn revert_and_check(
         state_of(mnt, DOM) == tree_state
     });
     assert_eq!(incoming_status(lv), "completed", "QEMU did not load RAM");
-    let now = ticks(lv);
+    let now = lv.bios_ticks(DOM);
     assert!(
         now >= saved && now < later,
         "the guest's RAM is not the snapshot's: ticks {now}, saved at >= {saved}, \
          {later} before the revert"
     );
-    assert!(guest_reads(lv, byte), "the guest's disk after the revert");
-    definitions_agree(lv, state, &format!("revert {snap} {request}"));
+    assert!(
+        lv.guest_reads(DOM, byte),
+        "the guest's disk after the revert"
+    );
+    lv.definitions_agree(DOM, state, &format!("revert {snap} {request}"));
     no_restore_leftovers(state);
     took
 }
@@ -156,7 +128,7 @@ fn libvirt_reverts_load_a_checkpoints_memory_file_through_libvirt() {
     std::thread::sleep(Duration::from_secs(2));
 
     // An external checkpoint (the default of a running domain).
-    let saved = ticks(lv);
+    let saved = lv.bios_ticks(DOM);
     must("mkdir c1", &mnt, fs::create_dir(mnt.join(DOM).join("c1")));
     assert_eq!(
         fs::read_to_string(mnt.join(DOM).join("c1/state"))
@@ -168,7 +140,7 @@ fn libvirt_reverts_load_a_checkpoints_memory_file_through_libvirt() {
     let memory_digest = digest(&memory);
     std::thread::sleep(Duration::from_secs(2));
     lv.guest_write(DOM, 0xa2);
-    let later = ticks(lv);
+    let later = lv.bios_ticks(DOM);
     assert!(later > saved + 18, "the guest's clock does not run");
 
     // Revert the running domain: destroyed, restored from c1's memory
@@ -200,7 +172,7 @@ fn libvirt_reverts_load_a_checkpoints_memory_file_through_libvirt() {
 
     // The guest writes on; a revert to `paused` leaves it paused.
     lv.guest_write(DOM, 0xa3);
-    let later = ticks(lv);
+    let later = lv.bios_ticks(DOM);
     revert_and_check(
         lv,
         &mnt,
@@ -220,7 +192,7 @@ fn libvirt_reverts_load_a_checkpoints_memory_file_through_libvirt() {
     lv.virsh(&["save", DOM, save.to_str().unwrap()]);
     lv.virsh(&["restore", save.to_str().unwrap()]);
     assert_eq!(lv.state(DOM), "running");
-    assert!(guest_reads(lv, 0xa1));
+    assert!(lv.guest_reads(DOM, 0xa1));
     fs::remove_file(&save).unwrap();
 
     // From a stopped domain: `virsh restore` of the shut-off domain.

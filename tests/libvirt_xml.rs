@@ -187,17 +187,6 @@ fn libvirt_redefines_each_snapshot_xml_unchanged_and_reads_it_the_same() {
     drop(fx);
 }
 
-/// The guest of domain lvx reads `byte` over the first 64 KiB of vda.
-fn guest_reads(lv: &Libvirtd, byte: u8) -> bool {
-    let out = lv.virsh(&[
-        "qemu-monitor-command",
-        "lvx",
-        "--hmp",
-        &format!("qemu-io -d virtio-disk0/virtio-backend \"read -P {byte:#x} 0 64k\""),
-    ]);
-    !out.contains("fail") && !out.contains("rror")
-}
-
 /// libvirt's own `virsh snapshot-revert` finds an internal snapshot
 /// vmsnapfs took, once its `snapshot.xml` is redefined on a fresh
 /// definition: the qcow2 tag is the snapshot's name. The guest then
@@ -261,7 +250,10 @@ fn libvirt_reverts_to_an_internal_checkpoint_vmsnapfs_took() {
     lv.guest_write("lvx", 0x44);
     lv.virsh(&["snapshot-revert", "lvx", "i1"]);
     assert_eq!(lv.state("lvx"), "running");
-    assert!(guest_reads(lv, 0x41), "the guest after libvirt's revert");
+    assert!(
+        lv.guest_reads("lvx", 0x41),
+        "the guest after libvirt's revert"
+    );
     assert_eq!(
         lv.virsh(&["snapshot-current", "lvx", "--name"]).trim(),
         "i1"

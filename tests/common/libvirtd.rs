@@ -207,6 +207,37 @@ impl Libvirtd {
         self.virsh(&["domstate", name]).trim().to_owned()
     }
 
+    /// SeaBIOS's timer tick count in the RAM of domain `name`'s guest.
+    pub fn bios_ticks(&self, name: &str) -> u64 {
+        let out = self.virsh(&["qemu-monitor-command", name, "--hmp", "xp /1wx 0x46c"]);
+        let hex = out
+            .trim()
+            .rsplit_once("0x")
+            .unwrap_or_else(|| panic!("xp: {out}"))
+            .1;
+        u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|_| panic!("xp: {out}"))
+    }
+
+    /// The guest of domain `name` reads `byte` over the first 64 KiB of vda.
+    pub fn guest_reads(&self, name: &str, byte: u8) -> bool {
+        let out = self.virsh(&[
+            "qemu-monitor-command",
+            name,
+            "--hmp",
+            &format!("qemu-io -d virtio-disk0/virtio-backend \"read -P {byte:#x} 0 64k\""),
+        ]);
+        !out.contains("fail") && !out.contains("rror")
+    }
+
+    /// libvirt's live and persistent definitions of domain `name` name
+    /// the active layer vmsnapfs recorded in `state`.
+    pub fn definitions_agree(&self, name: &str, state: &Path, step: &str) {
+        let (live, persistent) = self.sources(name);
+        let ours = active_layer_of(state, name).to_string_lossy().into_owned();
+        assert_eq!(live, ours, "{step}: libvirt's live definition");
+        assert_eq!(persistent, ours, "{step}: libvirt's persistent definition");
+    }
+
     /// Writes `byte` over the first 64 KiB of the running guest's vda.
     pub fn guest_write(&self, name: &str, byte: u8) {
         let out = self.virsh(&[
