@@ -129,6 +129,27 @@ fn pause_in(events: &[String]) -> Option<f64> {
     Some(at(resume)? - at(stop)?)
 }
 
+/// After a checkpoint `name` that failed at `step`: libvirt's definitions
+/// name the active layer, QEMU's migration settings are back and it holds
+/// no memory file, and no memory file or overlay of `name` is left (the
+/// memory files of c1 and c2 stay).
+fn nothing_left_of(lv: &Libvirtd, state: &Path, images: &Path, name: &str, step: &str) {
+    lv.definitions_agree(DOM, state, step);
+    migration_settings_restored(lv);
+    qemu_holds_no_part(step);
+    assert_eq!(
+        memory_files(images),
+        vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
+        "{step}: nothing half-made"
+    );
+    let overlays: Vec<String> = fs::read_dir(images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(name))
+        .collect();
+    assert!(overlays.is_empty(), "{step}: {overlays:?}");
+}
+
 /// Memory files (and their `.part`s) beside the images.
 fn memory_files(images: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(images)
@@ -344,20 +365,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(errno(r), libc::EIO, "{}", log_of(&mnt));
     assert_eq!(lv.state(DOM), "running");
     assert_eq!(active_layer_of(&state, DOM), top);
-    lv.definitions_agree(DOM, &state, "failed mkdir c3");
-    migration_settings_restored(lv);
-    qemu_holds_no_part("failed mkdir c3");
-    assert_eq!(
-        memory_files(&t.images),
-        vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
-        "nothing half-made"
-    );
-    let overlays: Vec<String> = fs::read_dir(&t.images)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("c3"))
-        .collect();
-    assert!(overlays.is_empty(), "{overlays:?}");
+    nothing_left_of(lv, &state, &t.images, "c3", "failed mkdir c3");
     assert!(!mnt.join(DOM).join("c3").exists());
     assert!(lv.guest_reads(DOM, 0xb3));
     assert_eq!(read_ram(lv), ram3);
@@ -397,20 +405,7 @@ fn libvirt_default_mkdir_copies_ram_live_and_reverts_to_it() {
     assert_eq!(lv.state(DOM), "running");
     assert!(!mnt.join(DOM).join("c4").exists());
     assert_eq!(active_layer_of(&state, DOM), top);
-    lv.definitions_agree(DOM, &state, "interrupted mkdir c4");
-    migration_settings_restored(lv);
-    qemu_holds_no_part("interrupted mkdir c4");
-    assert_eq!(
-        memory_files(&t.images),
-        vec![format!("{DOM}.c1.memory"), format!("{DOM}.c2.memory")],
-        "nothing half-made"
-    );
-    let overlays: Vec<String> = fs::read_dir(&t.images)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("c4"))
-        .collect();
-    assert!(overlays.is_empty(), "{overlays:?}");
+    nothing_left_of(lv, &state, &t.images, "c4", "interrupted mkdir c4");
     assert!(lv.guest_reads(DOM, 0xb3));
     assert_eq!(read_ram(lv), ram3);
     // And the next checkpoint is a live copy again.
