@@ -157,23 +157,10 @@ fn checkpoint_and_revert(tag: &str, ending: Ending) -> bool {
 
     // The guest goes on, then goes back to the checkpoint.
     let later = rg.guest.wait_wrote(n1_end + 2, Duration::from_secs(120));
-    let text = rg.guest.console_text();
-    let seen = text.len();
-    let last_seen = wrote_lines(&text).last().copied().unwrap_or(later);
+    let seen = rg.guest.console_text().len();
     rg.revert("c1", "running").unwrap();
     rg.wait_state("running");
-    // The old guest may still write a line or two (`last_seen`+1, +2,
-    // ...) after `seen` and before the revert stops it; the reverted
-    // guest counts on from the checkpoint, below those.
-    let resumed = |g: &Guest| {
-        let mut lines = wrote_lines(&g.console_text()[seen..]);
-        let stray = lines
-            .iter()
-            .zip(last_seen + 1..)
-            .take_while(|(n, old)| **n == *old)
-            .count();
-        lines.split_off(stray)
-    };
+    let resumed = |g: &Guest| g.wrote_after_revert(seen);
     let deadline = Instant::now() + Duration::from_secs(120);
     while resumed(&rg.guest).is_empty() {
         assert!(

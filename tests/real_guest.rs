@@ -337,7 +337,7 @@ fn external_snapshots_of_a_writing_guest() {
     let seen = rg.guest.console_text().len();
     rg.revert("e1", "running").unwrap();
     rg.wait_state("running");
-    let resumed = |g: &Guest| wrote_lines(&g.console_text()[seen..]);
+    let resumed = |g: &Guest| g.wrote_after_revert(seen);
     let deadline = Instant::now() + Duration::from_secs(120);
     while resumed(&rg.guest).len() < 2 {
         assert!(

@@ -225,6 +225,23 @@ impl Guest {
         path
     }
 
+    /// The `WROTE` numbers the console shows after its first `seen`
+    /// bytes, for a guest reverted to a checkpoint since: lines its
+    /// earlier self still printed before the revert stopped it (they
+    /// continue the count of the last line before `seen`) are left out;
+    /// the reverted guest counts on from the checkpoint, below them.
+    pub fn wrote_after_revert(&self, seen: usize) -> Vec<u64> {
+        let text = self.console_text();
+        let before = wrote_lines(&text[..seen]).last().copied().unwrap_or(0);
+        let mut lines = wrote_lines(&text[seen..]);
+        let stray = lines
+            .iter()
+            .zip(before + 1..)
+            .take_while(|(n, old)| **n == *old)
+            .count();
+        lines.split_off(stray)
+    }
+
     /// Everything the console shows so far (every boot of this guest).
     pub fn console_text(&self) -> String {
         String::from_utf8_lossy(&fs::read(&self.console).unwrap_or_default()).replace('\r', "")
