@@ -142,55 +142,25 @@ fn reverting_a_running_vm_branches_and_keeps_every_snapshot() {
     assert!(log.contains("the state left behind is snapshot"), "{log}");
 }
 
-/// Guest-physical bytes [16 MiB, +len) through `pmemsave`.
-fn guest_ram(fx: &Fixture, len: u64) -> Vec<u8> {
-    let out = fx.dir.0.join("ram.dump");
-    let mut q = fx.vm.control().unwrap();
-    q.execute_raw(
-        "pmemsave",
-        serde_json::json!({"val": 16u64 << 20, "size": len, "filename": out}),
-    )
-    .unwrap();
-    let data = fs::read(&out).unwrap();
-    let _ = fs::remove_file(&out);
-    data
-}
-
-/// Overwrites guest RAM at 16 MiB with zeros through /proc/PID/mem.
-fn scribble_ram(fx: &Fixture, len: usize) {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut q = fx.vm.control().unwrap();
-    let out = q.hmp(&format!("gpa2hva 0x{:x}", 16u64 << 20)).unwrap();
-    let pid = q.peer_pid().unwrap();
-    drop(q);
-    let hva = u64::from_str_radix(out.rsplit("0x").next().unwrap().trim(), 16).unwrap();
-    let mut mem = fs::OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/{pid}/mem"))
-        .unwrap();
-    mem.seek(SeekFrom::Start(hva)).unwrap();
-    mem.write_all(&vec![0u8; len]).unwrap();
-}
-
 #[test]
 fn reverting_to_a_checkpoint_loads_its_ram_into_a_new_qemu() {
     let fx = Fixture::with_policy("xrevert-ckpt", "external", &[]);
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     assert!(ram.iter().any(|b| *b != 0));
     write_both(&fx, 0x1a);
     fs::create_dir(fx.path("c1")).unwrap();
     assert_eq!(fx.read("c1/state"), "running\n");
     write_both(&fx, 0x1b);
-    scribble_ram(&fx, 8 << 20);
-    assert_ne!(guest_ram(&fx, 8 << 20), ram);
+    fx.scribble_ram(8 << 20);
+    assert_ne!(fx.guest_ram(8 << 20), ram);
     let pid = fx.vm.current_pid();
 
     // A checkpoint brings RAM back: no force needed.
     fx.revert("c1", "running").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
     assert_ne!(fx.vm.current_pid(), pid, "a new QEMU process");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(live_byte(&fx), 0x1a);
     let left = left_snapshots(&fx);
     assert_eq!(left.len(), 1);
@@ -203,7 +173,7 @@ fn reverting_to_a_checkpoint_loads_its_ram_into_a_new_qemu() {
     fx.wait_state("shutoff");
     fx.revert("c1", "paused").unwrap();
     assert_eq!(fx.read(".state"), "paused\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram);
+    assert!(fx.guest_ram(8 << 20) == ram);
     assert_eq!(live_byte(&fx), 0x1a);
     check_images(&fx);
 }

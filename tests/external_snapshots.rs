@@ -464,28 +464,10 @@ fn crash_during_external_create_on_a_stopped_vm() {
 /// left.
 #[test]
 fn a_refused_background_snapshot_falls_back_to_a_paused_save() {
-    let dir = TempDir::new("ext-fallback");
-    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
-    vm.kill();
-    let ram = dir.0.join("guest-ram");
-    vm.argv.extend([
-        "-object".to_owned(),
-        format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
-            vm.memory_mb,
-            ram.display()
-        ),
-        "-machine".to_owned(),
-        "memory-backend=ram0".to_owned(),
-    ]);
-    vm.launch().unwrap();
-    vm.policy = Some("external".into());
-    vm.write_definition(&dir.0.join("domains")).unwrap();
-    let daemon = Daemon::start(
-        &dir.0,
+    let fx = Fixture::with_shared_ram(
+        "ext-fallback",
         &[("VMSNAPFS_FAILPOINTS", "checkpoint.converging=error")],
     );
-    let fx = Fixture { daemon, vm, dir };
     fx.vm.qemu_io("vda", "write -P 0x7a 0 1M").unwrap();
     let want = fx.vm.read_disk("vda").unwrap();
     fs::create_dir(fx.path("c1")).unwrap();

@@ -18,36 +18,6 @@ use vmsnapfs::backend::capabilities::Capabilities;
 use vmsnapfs::backend::memory_file;
 use vmsnapfs::model::MemoryFormat;
 
-/// Guest-physical bytes [16 MiB, +len) through `pmemsave`.
-fn guest_ram(fx: &Fixture, len: u64) -> Vec<u8> {
-    let out = fx.dir.0.join("ram.dump");
-    let mut q = fx.vm.control().unwrap();
-    q.execute_raw(
-        "pmemsave",
-        serde_json::json!({"val": 16u64 << 20, "size": len, "filename": out}),
-    )
-    .unwrap();
-    let data = fs::read(&out).unwrap();
-    let _ = fs::remove_file(&out);
-    data
-}
-
-/// Overwrites guest RAM at 16 MiB with zeros through /proc/PID/mem.
-fn scribble_ram(fx: &Fixture, len: usize) {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut q = fx.vm.control().unwrap();
-    let out = q.hmp(&format!("gpa2hva 0x{:x}", 16u64 << 20)).unwrap();
-    let pid = q.peer_pid().unwrap();
-    drop(q);
-    let hva = u64::from_str_radix(out.rsplit("0x").next().unwrap().trim(), 16).unwrap();
-    let mut mem = fs::OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/{pid}/mem"))
-        .unwrap();
-    mem.seek(SeekFrom::Start(hva)).unwrap();
-    mem.write_all(&vec![0u8; len]).unwrap();
-}
-
 fn first_byte(fx: &Fixture) -> u8 {
     fx.vm.read_disk("vda").unwrap()[0]
 }
@@ -90,7 +60,7 @@ fn qemu_binary(prefix: &str) -> PathBuf {
 fn a_paused_checkpoint_writes_the_fastest_memory_file_the_qemu_has() {
     let fx = Fixture::with_policy("qv-paused", "external", &[]);
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x2a 0 64k").unwrap();
     control(&fx, "stop");
     fx.wait_state("paused");
@@ -119,12 +89,12 @@ fn a_paused_checkpoint_writes_the_fastest_memory_file_the_qemu_has() {
     control(&fx, "cont");
     fx.wait_state("running");
     fx.vm.qemu_io("vda", "write -P 0x2b 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
-    assert_ne!(guest_ram(&fx, 8 << 20), ram);
+    fx.scribble_ram(8 << 20);
+    assert_ne!(fx.guest_ram(8 << 20), ram);
 
     fx.revert("c1", "paused").unwrap();
     assert_eq!(fx.read(".state"), "paused\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x2a);
     let log = fx.read(".log");
     assert!(!log.contains("refused"), "{log}");
@@ -148,7 +118,7 @@ fn a_memory_file_saved_by_qemu_7_2_reverts_on_qemu_10() {
     assert_eq!(caps(&fx).version.0, 7);
 
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x3a 0 64k").unwrap();
     fs::create_dir(fx.path("c1")).unwrap();
     assert_eq!(fx.read("c1/state"), "running\n");
@@ -156,7 +126,7 @@ fn a_memory_file_saved_by_qemu_7_2_reverts_on_qemu_10() {
     assert!(xml.contains("memory-format='stream'"), "{xml}");
     assert!(xml.contains("machine='pc-q35-7.2'"), "{xml}");
     fx.vm.qemu_io("vda", "write -P 0x3b 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
+    fx.scribble_ram(8 << 20);
 
     // QEMU is upgraded: the definition now starts QEMU 10.
     fx.vm.argv[0] = q10.to_string_lossy().into_owned();
@@ -167,7 +137,7 @@ fn a_memory_file_saved_by_qemu_7_2_reverts_on_qemu_10() {
     assert_eq!(fx.read(".state"), "running\n");
     let now = caps(&fx);
     assert_eq!(now.version.0, 10, "the new QEMU is 10.x");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x3a);
     let log = fx.read(".log");
     assert!(!log.contains("refused"), "{log}");
@@ -309,7 +279,7 @@ fn a_running_checkpoint_is_a_live_copy_where_the_qemu_can() {
         ("stream", MemoryFormat::Stream)
     };
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x4a 0 64k").unwrap();
 
     fs::create_dir(fx.path("c1")).unwrap();
@@ -337,11 +307,11 @@ fn a_running_checkpoint_is_a_live_copy_where_the_qemu_can() {
     // The guest goes on; a revert brings back RAM and disks of the
     // checkpoint.
     fx.vm.qemu_io("vda", "write -P 0x4b 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
-    assert_ne!(guest_ram(&fx, 8 << 20), ram);
+    fx.scribble_ram(8 << 20);
+    assert_ne!(fx.guest_ram(8 << 20), ram);
     fx.revert("c1", "running").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x4a);
 
     // And the QEMU the revert started takes one too.
@@ -361,7 +331,7 @@ fn a_live_copy_that_does_not_converge_falls_back_to_a_background_snapshot() {
     );
     let live_copy = caps(&fx).has_live_parallel_checkpoints();
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x5a 0 64k").unwrap();
 
     fs::create_dir(fx.path("c1")).unwrap();
@@ -387,10 +357,10 @@ fn a_live_copy_that_does_not_converge_falls_back_to_a_background_snapshot() {
     }
 
     fx.vm.qemu_io("vda", "write -P 0x5b 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
+    fx.scribble_ram(8 << 20);
     fx.revert("c1", "running discard").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x5a);
 }
 
@@ -463,7 +433,7 @@ fn a_daemon_killed_while_qemu_waits_for_the_disk_switch_leaves_the_guest_running
 fn a_checkpoint_recovered_after_a_crash_records_the_format_its_file_has() {
     let mut fx = Fixture::with_policy("qv-recfmt", "external", &[]);
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x7a 0 64k").unwrap();
     // The live copy gives up (where there is one) and the stream that
     // replaces it is written; the daemon dies before the record is.
@@ -481,36 +451,11 @@ fn a_checkpoint_recovered_after_a_crash_records_the_format_its_file_has() {
     assert!(xml.contains("memory-format='stream'"), "{xml}");
     assert_eq!(memory_format_of(&fx, "c"), Some(MemoryFormat::Stream));
     fx.vm.qemu_io("vda", "write -P 0x7b 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
+    fx.scribble_ram(8 << 20);
     fx.revert("c", "running discard").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x7a);
-}
-
-/// A running VM whose RAM is a shared file, so that QEMU refuses
-/// background-snapshot (it cannot track writes to shared memory), under
-/// a daemon with `env`.
-fn shared_ram_fixture(tag: &str, env: &[(&str, &str)]) -> Fixture {
-    let dir = TempDir::new(tag);
-    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
-    vm.kill();
-    let ram = dir.0.join("guest-ram");
-    vm.argv.extend([
-        "-object".to_owned(),
-        format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
-            vm.memory_mb,
-            ram.display()
-        ),
-        "-machine".to_owned(),
-        "memory-backend=ram0".to_owned(),
-    ]);
-    vm.launch().unwrap();
-    vm.policy = Some("external".into());
-    vm.write_definition(&dir.0.join("domains")).unwrap();
-    let daemon = Daemon::start(&dir.0, env);
-    Fixture { daemon, vm, dir }
 }
 
 /// What a live copy changes in QEMU's migration settings is back as it
@@ -527,7 +472,7 @@ fn live_copy_settings_restored(fx: &Fixture) {
 
 #[test]
 fn a_running_checkpoint_is_a_live_copy_where_background_snapshot_is_refused() {
-    let fx = shared_ram_fixture("qv-shared", &[]);
+    let fx = Fixture::with_shared_ram("qv-shared", &[]);
     let c = caps(&fx);
     let (want, format) = if c.has_live_parallel_checkpoints() {
         ("mapped-ram", MemoryFormat::MappedRam)
@@ -540,7 +485,7 @@ fn a_running_checkpoint_is_a_live_copy_where_background_snapshot_is_refused() {
         c.version_text()
     );
     fx.vm.fill_ram(8).unwrap();
-    let ram = guest_ram(&fx, 8 << 20);
+    let ram = fx.guest_ram(8 << 20);
     fx.vm.qemu_io("vda", "write -P 0x3c 0 64k").unwrap();
 
     fs::create_dir(fx.path("c1")).unwrap();
@@ -568,10 +513,10 @@ fn a_running_checkpoint_is_a_live_copy_where_background_snapshot_is_refused() {
     assert_eq!(fs::read(fx.path("c1/disks/vda")).unwrap()[0], 0x3c);
 
     fx.vm.qemu_io("vda", "write -P 0x3d 0 64k").unwrap();
-    scribble_ram(&fx, 8 << 20);
-    assert_ne!(guest_ram(&fx, 8 << 20), ram);
+    fx.scribble_ram(8 << 20);
+    assert_ne!(fx.guest_ram(8 << 20), ram);
     fx.revert("c1", "running").unwrap();
     assert_eq!(fx.read(".state"), "running\n");
-    assert!(guest_ram(&fx, 8 << 20) == ram, "RAM as at the checkpoint");
+    assert!(fx.guest_ram(8 << 20) == ram, "RAM as at the checkpoint");
     assert_eq!(first_byte(&fx), 0x3c);
 }

@@ -291,6 +291,61 @@ impl Fixture {
     }
 
     /// A fixture whose definition sets `<snapshot policy=...>`.
+    /// A running VM whose RAM is a shared file, so that QEMU refuses
+    /// background-snapshot (it cannot track writes to shared memory),
+    /// policy `external`, under a daemon with `env`.
+    pub fn with_shared_ram(tag: &str, env: &[(&str, &str)]) -> Fixture {
+        let dir = TempDir::new(tag);
+        let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).unwrap();
+        vm.kill();
+        let ram = dir.0.join("guest-ram");
+        vm.argv.extend([
+            "-object".to_owned(),
+            format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                vm.memory_mb,
+                ram.display()
+            ),
+            "-machine".to_owned(),
+            "memory-backend=ram0".to_owned(),
+        ]);
+        vm.launch().unwrap();
+        vm.policy = Some("external".into());
+        vm.write_definition(&dir.0.join("domains")).unwrap();
+        let daemon = Daemon::start(&dir.0, env);
+        Fixture { daemon, vm, dir }
+    }
+
+    /// Guest-physical bytes [16 MiB, +len) through `pmemsave`.
+    pub fn guest_ram(&self, len: u64) -> Vec<u8> {
+        let out = self.dir.0.join("ram.dump");
+        let mut q = self.vm.control().unwrap();
+        q.execute_raw(
+            "pmemsave",
+            serde_json::json!({"val": 16u64 << 20, "size": len, "filename": out}),
+        )
+        .unwrap();
+        let data = fs::read(&out).unwrap();
+        let _ = fs::remove_file(&out);
+        data
+    }
+
+    /// Overwrites guest RAM at 16 MiB with zeros through /proc/PID/mem.
+    pub fn scribble_ram(&self, len: usize) {
+        use std::io::{Seek, SeekFrom};
+        let mut q = self.vm.control().unwrap();
+        let out = q.hmp(&format!("gpa2hva 0x{:x}", 16u64 << 20)).unwrap();
+        let pid = q.peer_pid().unwrap();
+        drop(q);
+        let hva = u64::from_str_radix(out.rsplit("0x").next().unwrap().trim(), 16).unwrap();
+        let mut mem = fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .unwrap();
+        mem.seek(SeekFrom::Start(hva)).unwrap();
+        mem.write_all(&vec![0u8; len]).unwrap();
+    }
+
     pub fn with_policy(tag: &str, policy: &str, env: &[(&str, &str)]) -> Fixture {
         let dir = TempDir::new(tag);
         let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
