@@ -17,8 +17,11 @@
 //! 4. A real Linux guest (tests/common/guest.rs: 192 MiB, TCG) that
 //!    dirties RAM the whole time (a loop rewriting 12 MiB files in its
 //!    initramfs) and syncs files on its disk: guest pause and time until
-//!    `mkdir` returns, and how each checkpoint wrote RAM (a live copy that
-//!    converged, or given up for the background snapshot).
+//!    `mkdir` returns, and how each checkpoint wrote RAM (the background
+//!    snapshot chosen for the guest's dirty rate, a live copy that
+//!    converged, or one given up for the background snapshot); where the
+//!    dirty rate chooses, again with the live copy forced (its
+//!    measurement failed by injection), as vmsnapfs did before.
 //!
 //! `VMSNAPFS_BENCH_ONLY=revert` runs the running guest's checkpoints and
 //! reverts only, `VMSNAPFS_BENCH_ONLY=dirty` part 4 only;
@@ -309,16 +312,29 @@ fn measure(qemu: &Path) -> Figures {
 /// What a guest that dirties RAM gives on one QEMU version.
 struct DirtyFigures {
     version: String,
+    /// "as chosen", or "live copy forced" (the dirty rate not measured:
+    /// what vmsnapfs did before it chose).
+    how: &'static str,
     rate: f64,
     pause: Vec<Duration>,
     mkdir: Vec<Duration>,
+    /// The dirty rates QEMU measured before each checkpoint (MiB/s).
+    measured: Vec<String>,
+    chosen_background: usize,
     live: usize,
     given_up: usize,
 }
 
-fn measure_dirty(qemu: &Path) -> DirtyFigures {
+/// Part 4 on `qemu`; `forced_live`: the dirty rate's measurement fails
+/// by injection, so that the live copy is taken as before the choice.
+fn measure_dirty(qemu: &Path, forced_live: bool) -> DirtyFigures {
     use common::guest::RealGuest;
-    let rg = RealGuest::start_with("bench-dirty", "external", &[], &qemu.to_string_lossy());
+    let env: &[(&str, &str)] = if forced_live {
+        &[("VMSNAPFS_FAILPOINTS", "checkpoint.dirty-rate=error")]
+    } else {
+        &[]
+    };
+    let rg = RealGuest::start_with("bench-dirty", "external", env, &qemu.to_string_lossy());
     let version = {
         let v = rg.qmp().execute_raw("query-version", json!({})).unwrap();
         format!(
@@ -341,15 +357,30 @@ fn measure_dirty(qemu: &Path) -> DirtyFigures {
     }
     let log = rg.read(".log");
     if let Ok(keep) = std::env::var("VMSNAPFS_BENCH_KEEP_LOG") {
-        let to = Path::new(&keep).join(format!("daemon-dirty-{version}.log"));
+        let to = Path::new(&keep).join(format!(
+            "daemon-dirty-{version}{}.log",
+            if forced_live { "-forced" } else { "" }
+        ));
         fs::copy(rg.dir.0.join("daemon.log"), &to).unwrap();
     }
     rg.guest.check_dirtier();
+    let measured = log
+        .split("the guest dirties ")
+        .skip(1)
+        .filter_map(|r| r.split(' ').next().map(str::to_owned))
+        .collect();
     DirtyFigures {
         version,
+        how: if forced_live {
+            "live copy forced"
+        } else {
+            "as chosen"
+        },
         rate,
         pause,
         mkdir,
+        measured,
+        chosen_background: log.matches("background snapshot chosen").count(),
         live: log.matches("RAM copied live").count(),
         given_up: log.matches("live copy of RAM given up").count(),
     }
@@ -366,7 +397,13 @@ fn main() {
                     all.push(measure(&q));
                 }
                 if only.is_empty() || only == "dirty" {
-                    dirty.push(measure_dirty(&q));
+                    let d = measure_dirty(&q, false);
+                    // Where the dirty rate chose, the live copy as before too.
+                    let chose = !d.measured.is_empty();
+                    dirty.push(d);
+                    if chose {
+                        dirty.push(measure_dirty(&q, true));
+                    }
                 }
             }
             None => println!("QEMU {prefix}x not installed: skipped (scripts/install-deps.sh)"),
@@ -377,13 +414,22 @@ fn main() {
             v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
         };
         println!(
-            "QEMU {}: mkdir of a real guest (192 MiB, TCG) dirtying RAM at {:.0} MiB/s: guest \
-             paused {} ms, mkdir returns after {} s; {} live cop{} converged, {} given up for \
-             the background snapshot",
+            "QEMU {} ({}): mkdir of a real guest (192 MiB, TCG) dirtying RAM at {:.0} MiB/s \
+             (QEMU measured {} MiB/s): guest paused {} ms, mkdir returns after {} s; {} \
+             background snapshot{} chosen, {} live cop{} converged, {} given up for the \
+             background snapshot",
             d.version,
+            d.how,
             d.rate,
+            if d.measured.is_empty() {
+                "-".to_owned()
+            } else {
+                d.measured.join(" / ")
+            },
             list(&d.pause, &|x| format!("{:.1}", ms(x))),
             list(&d.mkdir, &|x| format!("{:.2}", x.as_secs_f64())),
+            d.chosen_background,
+            if d.chosen_background == 1 { "" } else { "s" },
             d.live,
             if d.live == 1 { "y" } else { "ies" },
             d.given_up,

@@ -1,18 +1,24 @@
-//! A running guest's checkpoint as a live copy of its RAM (QEMU 10.0:
-//! precopy into a mapped-ram file, see src/backend/precopy.rs) with a
-//! real Linux guest (tests/common/guest.rs) that dirties RAM the whole
-//! time: a loop rewriting files in its initramfs, while it also writes
-//! and syncs files on its ext4 disk. The copy either converges (`.log`:
-//! `RAM copied live`, a mapped-ram file) or gives up and falls back to the
-//! background snapshot (`.log`: `live copy of RAM given up`, a stream);
-//! either way nothing half-made is left (one memory file, no `.part`,
-//! QEMU's migration settings as before), the checkpoint's disks hold
-//! every file synced before `mkdir`, and a revert brings the guest back
-//! as it was at the checkpoint: it goes on writing where it was, its
-//! RAM-only files are whole, and a quiesced snapshot taken after the
-//! revert has a clean ext4. The give-up is seen twice: as it comes, and
-//! forced by holding QEMU's copy below the guest's dirty rate (the
-//! give-up itself is then QEMU's real non-convergence, not injected).
+//! A running guest's checkpoint with a real Linux guest
+//! (tests/common/guest.rs) that dirties RAM the whole time: a loop
+//! rewriting files in its initramfs, while it also writes and syncs files
+//! on its ext4 disk.
+//!
+//! On a QEMU that offers both a live copy into a mapped-ram file (see
+//! src/backend/precopy.rs) and a background snapshot, the guest's dirty
+//! rate, measured by QEMU just before, chooses (src/backend/ram_way.rs):
+//! the guest quiet, a live copy (`.log`: `live copy chosen`, a mapped-ram
+//! file); the guest dirtying RAM, a background snapshot (`background
+//! snapshot chosen`, a stream). Elsewhere (QEMU 7.2) no choice is made:
+//! the background snapshot. A live copy forced on the busy guest (the
+//! measurement failed by injection) and held below its dirty rate gives
+//! up and falls back to the background snapshot.
+//!
+//! Either way nothing half-made is left (one memory file per checkpoint,
+//! no `.part`, QEMU's migration settings as before), the checkpoint's
+//! disks hold every file synced before `mkdir`, and a revert brings the
+//! guest back as it was at the checkpoint: it goes on writing where it
+//! was, its RAM-only files are whole, and a quiesced snapshot taken after
+//! the revert has a clean ext4.
 
 mod common;
 
@@ -63,102 +69,71 @@ fn check_files(rg: &RealGuest, snap: &str, upto: u64) {
     }
 }
 
-/// How the live copy of `c1` is to end.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Ending {
-    /// As it does: converged or given up, whichever happens.
-    AsItGoes,
-    /// Given up: the test holds QEMU's copy to `max-bandwidth` 16 MiB/s
-    /// (below the rate at which the guest dirties RAM) while the daemon
-    /// waits at the failpoint `checkpoint.converging` after starting it.
-    Throttled,
+/// The `.log` lines of `mkdir "name"`, joined.
+fn mkdir_line(rg: &RealGuest, name: &str) -> String {
+    rg.read(".log")
+        .lines()
+        .filter(|l| l.contains(&format!("mkdir \"{name}\"")))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
-/// A guest on QEMU 10 dirtying RAM, a checkpoint `c1` of it, the checks
-/// on what it left, a revert to it and the checks on the guest after.
-/// Returns whether the live copy converged.
-fn checkpoint_and_revert(tag: &str, ending: Ending) -> bool {
-    let qemu = qemu10();
-    let gate = Gate::new(tag);
-    let env: Vec<(&str, String)> = match ending {
-        Ending::AsItGoes => vec![],
-        Ending::Throttled => vec![(
-            "VMSNAPFS_FAILPOINTS",
-            format!("checkpoint.converging={}", gate.action()),
-        )],
-    };
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let rg = RealGuest::start_with(tag, "external", &env, qemu.to_str().unwrap());
-    let caps = Capabilities::read(&mut rg.qmp()).unwrap();
-    assert!(
-        caps.has_live_parallel_checkpoints(),
-        "QEMU {} takes no live copy",
-        caps.version_text()
-    );
-    rg.guest.wait_wrote(3, Duration::from_secs(120));
-    let rate = rg.guest.dirty_ram(12);
-    eprintln!("{tag}: the guest dirties RAM at {rate:.0} MiB/s");
+/// The dirty rate (MiB/s) a `.log` line says QEMU measured, if it says.
+fn measured_rate(line: &str) -> Option<i64> {
+    let at = line.find("the guest dirties ")? + "the guest dirties ".len();
+    line[at..].split(' ').next()?.parse().ok()
+}
 
-    // The checkpoint, while the loop runs.
-    let n1 = rg.guest.wrote();
+/// Takes checkpoint `name` while the guest runs; returns its `.log`
+/// lines and how long `mkdir` took. The checkpoint is running, so is the
+/// guest, and QEMU's migration settings are as before.
+fn checkpoint(rg: &RealGuest, name: &str) -> (String, Duration) {
     let t = Instant::now();
-    let mkdir = {
-        let p = rg.path("c1");
-        std::thread::spawn(move || fs::create_dir(p))
-    };
-    if ending == Ending::Throttled {
-        assert!(rate > 16.0, "the guest dirties RAM at only {rate:.0} MiB/s");
-        rg.daemon.wait_log("failpoint checkpoint.converging");
-        rg.qmp().set_max_bandwidth(16 << 20).unwrap();
-        gate.open();
-    }
-    mkdir.join().unwrap().unwrap();
+    fs::create_dir(rg.path(name)).unwrap();
     let took = t.elapsed();
-    let n1_end = rg.guest.wrote();
-    assert_eq!(rg.read("c1/state"), "running\n");
+    assert_eq!(rg.read(&format!("{name}/state")), "running\n");
     assert_eq!(rg.read(".state"), "running\n", "the guest runs on");
-    let log = rg.read(".log");
-    let line = log
-        .lines()
-        .filter(|l| l.contains("mkdir \"c1\""))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let converged = line.contains("RAM copied live");
-    let gave_up = line.contains("live copy of RAM given up");
-    assert!(converged != gave_up, "the log says which: {line}");
-    eprintln!(
-        "{tag}: mkdir took {took:?}; the live copy {}:\n{line}",
-        if converged { "converged" } else { "gave up" }
-    );
-    if ending == Ending::Throttled {
-        assert!(
-            gave_up && line.contains("RAM written as a background snapshot"),
-            "{line}"
-        );
-    }
-    let want = if converged { "mapped-ram" } else { "stream" };
-    let xml = rg.read("c1/snapshot.xml");
-    assert!(xml.contains(&format!("memory-format='{want}'")), "{xml}");
-    assert_eq!(
-        memory_files(&rg.vm.dir),
-        vec!["vm1.c1.memory".to_string()],
-        "one memory file, nothing partial"
-    );
-    {
-        let mut q = rg.qmp();
+    let line = mkdir_line(rg, name);
+    eprintln!("{name}: mkdir took {took:?}:\n{line}");
+    settings_as_before(rg);
+    (line, took)
+}
+
+/// QEMU's migration settings after a checkpoint: as vmsnapfs found them.
+fn settings_as_before(rg: &RealGuest) {
+    let mut q = rg.qmp();
+    assert!(!q.migrate_capability_on("background-snapshot").unwrap());
+    let caps = Capabilities::read(&mut q).unwrap();
+    if caps.has_live_stream_checkpoints() {
         assert!(!q.migrate_capability_on("pause-before-switchover").unwrap());
+    }
+    if caps.has_live_parallel_checkpoints() {
         assert!(!q.migrate_capability_on("mapped-ram").unwrap());
         assert_eq!(
             q.downtime_and_direct_io().unwrap(),
             (Some(300), Some(false))
         );
     }
-    check_files(&rg, "c1", n1);
+}
 
-    // The guest goes on, then goes back to the checkpoint.
+/// `name`'s memory format is `want`, and the memory files beside the
+/// images are `files` (nothing partial).
+fn check_memory(rg: &RealGuest, name: &str, want: &str, files: &[&str]) {
+    let xml = rg.read(&format!("{name}/snapshot.xml"));
+    assert!(xml.contains(&format!("memory-format='{want}'")), "{xml}");
+    let mut want_files: Vec<String> = files.iter().map(|f| format!("vm1.{f}.memory")).collect();
+    want_files.sort();
+    assert_eq!(memory_files(&rg.vm.dir), want_files, "nothing partial");
+}
+
+/// Goes back to `name`, taken after the guest synced f`n1` (and before
+/// `mkdir` returned, after f`n1_end`), and checks the guest it brings
+/// back: it resumes between them, its RAM-only files are whole, and its
+/// ext4 (frozen by its agent) is clean as it is.
+fn revert_and_check(rg: &RealGuest, name: &str, n1: u64, n1_end: u64) {
     let later = rg.guest.wait_wrote(n1_end + 2, Duration::from_secs(120));
     let seen = rg.guest.console_text().len();
-    rg.revert("c1", "running").unwrap();
+    rg.revert(name, "running").unwrap();
     rg.wait_state("running");
     let resumed = |g: &Guest| g.wrote_after_revert(seen);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -173,7 +148,7 @@ fn checkpoint_and_revert(tag: &str, ending: Ending) -> bool {
     let first = resumed(&rg.guest)[0];
     assert!(
         first > n1 && first <= n1_end + 1 && first <= later,
-        "after the revert to c1 (taken after f{n1}, mkdir returned after f{n1_end}; \
+        "after the revert to {name} (taken after f{n1}, mkdir returned after f{n1_end}; \
          f{later} was written before the revert) the guest wrote f{first}"
     );
     assert!(
@@ -182,8 +157,7 @@ fn checkpoint_and_revert(tag: &str, ending: Ending) -> bool {
     );
     rg.guest.check_dirtier();
 
-    // RAM and disks came back of one instant: the guest's ext4, frozen
-    // by its agent, is clean as it is.
+    // RAM and disks came back of one instant.
     write_file(
         &rg.path(".create"),
         b"<domainsnapshot><name>q1</name><memory snapshot='no'/><disks>\
@@ -193,16 +167,137 @@ fn checkpoint_and_revert(tag: &str, ending: Ending) -> bool {
     .unwrap();
     assert_clean(&rg.path("q1/disks/vda"));
     rg.guest.check_dirtier();
-    converged
 }
 
+/// The QEMU on PATH (the suite runs once per version): a quiet guest's
+/// checkpoint, then checkpoints of the guest dirtying RAM, each made the
+/// way its measured dirty rate chooses (or the background snapshot where
+/// QEMU offers no choice), and a revert to the busy guest's checkpoint.
 #[test]
-fn a_live_copy_of_a_guest_dirtying_ram_ends_either_way_and_reverts_whole() {
-    checkpoint_and_revert("lc-dirty", Ending::AsItGoes);
+fn the_dirty_rate_chooses_how_ram_is_copied_and_the_busy_checkpoint_reverts_whole() {
+    let rg = RealGuest::start("lc-choice", "external", &[]);
+    let caps = Capabilities::read(&mut rg.qmp()).unwrap();
+    let chooses = caps.has_live_parallel_checkpoints() && caps.has_short_dirty_rate();
+    eprintln!(
+        "QEMU {}: {}",
+        caps.version_text(),
+        if chooses {
+            "the dirty rate chooses"
+        } else {
+            "no choice"
+        }
+    );
+    rg.guest.wait_wrote(3, Duration::from_secs(120));
+
+    // Quiet (it writes and syncs a small file now and then): a live copy.
+    let (line, _) = checkpoint(&rg, "q0");
+    if chooses {
+        let rate = measured_rate(&line).unwrap_or_else(|| panic!("no rate: {line}"));
+        assert!(
+            rate <= vmsnapfs::backend::ram_way::LIVE_COPY_MAX_MIB_S,
+            "the quiet guest dirties {rate} MiB/s: {line}"
+        );
+        assert!(line.contains("live copy chosen"), "{line}");
+        assert!(line.contains("RAM copied live"), "{line}");
+        check_memory(&rg, "q0", "mapped-ram", &["q0"]);
+    } else {
+        assert!(!line.contains("chosen"), "{line}");
+        check_memory(&rg, "q0", "stream", &["q0"]);
+    }
+
+    // Busy: the background snapshot. A guest starved by a loaded host may
+    // dirty less during the 100 ms measured; then it gets the live copy,
+    // as the rate says, and one more checkpoint is taken.
+    let rate = rg.guest.dirty_ram(12);
+    eprintln!("the guest dirties RAM at {rate:.0} MiB/s (its own count)");
+    let mut made = vec!["q0"];
+    let mut taken = None;
+    for name in ["c1", "c2"] {
+        let n1 = rg.guest.wrote();
+        let (line, _) = checkpoint(&rg, name);
+        let n1_end = rg.guest.wrote();
+        made.push(name);
+        check_files(&rg, name, n1);
+        if !chooses {
+            assert!(!line.contains("chosen"), "{line}");
+            check_memory(&rg, name, "stream", &made);
+            taken = Some((name, n1, n1_end));
+            break;
+        }
+        let measured = measured_rate(&line).unwrap_or_else(|| panic!("no rate: {line}"));
+        if measured > vmsnapfs::backend::ram_way::LIVE_COPY_MAX_MIB_S {
+            assert!(line.contains("background snapshot chosen"), "{line}");
+            assert!(!line.contains("RAM copied live"), "{line}");
+            assert!(line.contains("guest paused"), "{line}");
+            check_memory(&rg, name, "stream", &made);
+            taken = Some((name, n1, n1_end));
+            break;
+        }
+        assert!(line.contains("live copy chosen"), "{line}");
+    }
+    let (name, n1, n1_end) =
+        taken.expect("two checkpoints of the busy guest, neither measured it busy");
+    revert_and_check(&rg, name, n1, n1_end);
 }
 
+/// A live copy of the guest dirtying RAM on QEMU 10, forced (the dirty
+/// rate's measurement fails by injection) and held below the guest's
+/// dirty rate: QEMU's copy at `max-bandwidth` 16 MiB/s, set while the
+/// daemon waits at `checkpoint.converging`. It gives up (QEMU's real
+/// non-convergence, not injected), the background snapshot takes over,
+/// and the checkpoint reverts whole.
 #[test]
 fn a_live_copy_outrun_by_the_guest_falls_back_and_reverts_whole() {
-    let converged = checkpoint_and_revert("lc-outrun", Ending::Throttled);
-    assert!(!converged);
+    let qemu = qemu10();
+    let tag = "lc-outrun";
+    let gate = Gate::new(tag);
+    let points = format!(
+        "checkpoint.dirty-rate=error,checkpoint.converging={}",
+        gate.action()
+    );
+    let rg = RealGuest::start_with(
+        tag,
+        "external",
+        &[("VMSNAPFS_FAILPOINTS", points.as_str())],
+        qemu.to_str().unwrap(),
+    );
+    let caps = Capabilities::read(&mut rg.qmp()).unwrap();
+    assert!(
+        caps.has_live_parallel_checkpoints(),
+        "QEMU {} takes no live copy",
+        caps.version_text()
+    );
+    rg.guest.wait_wrote(3, Duration::from_secs(120));
+    let rate = rg.guest.dirty_ram(12);
+    eprintln!("{tag}: the guest dirties RAM at {rate:.0} MiB/s");
+    assert!(rate > 16.0, "the guest dirties RAM at only {rate:.0} MiB/s");
+
+    let n1 = rg.guest.wrote();
+    let mkdir = {
+        let p = rg.path("c1");
+        std::thread::spawn(move || fs::create_dir(p))
+    };
+    rg.daemon.wait_log("failpoint checkpoint.converging");
+    rg.qmp().set_max_bandwidth(16 << 20).unwrap();
+    gate.open();
+    mkdir.join().unwrap().unwrap();
+    let n1_end = rg.guest.wrote();
+    assert_eq!(rg.read("c1/state"), "running\n");
+    assert_eq!(rg.read(".state"), "running\n", "the guest runs on");
+    let line = mkdir_line(&rg, "c1");
+    eprintln!("{tag}:\n{line}");
+    assert!(
+        line.contains("live copy chosen: the guest's dirty rate was not measured"),
+        "{line}"
+    );
+    assert!(
+        line.contains("live copy of RAM given up")
+            && line.contains("RAM written as a background snapshot"),
+        "{line}"
+    );
+    assert!(!line.contains("RAM copied live"), "{line}");
+    settings_as_before(&rg);
+    check_memory(&rg, "c1", "stream", &["c1"]);
+    check_files(&rg, "c1", n1);
+    revert_and_check(&rg, "c1", n1, n1_end);
 }

@@ -49,6 +49,7 @@ pub struct Capabilities {
     migrate_caps: BTreeSet<String>,
     migrate_params: BTreeSet<String>,
     migration_transports: BTreeSet<String>,
+    short_dirty_rate: bool,
 }
 
 impl Capabilities {
@@ -143,6 +144,11 @@ impl Capabilities {
             .find(|v| v.contains("exec") && v.contains("socket"))
             .cloned()
             .unwrap_or_default();
+        // calc-dirty-rate {calc-time, calc-time-unit, ...}
+        let short_dirty_rate = commands
+            .get("calc-dirty-rate")
+            .and_then(|c| objects.get(c.arg_type.as_str()))
+            .is_some_and(|o| member_type(o, "calc-time-unit").is_some());
         Capabilities {
             version: (
                 num(version.qemu.major),
@@ -154,7 +160,14 @@ impl Capabilities {
             migrate_caps,
             migrate_params,
             migration_transports,
+            short_dirty_rate,
         }
+    }
+
+    /// True when QEMU measures the guest's dirty rate over milliseconds
+    /// (`calc-dirty-rate` with `calc-time-unit`), not whole seconds only.
+    pub fn has_short_dirty_rate(&self) -> bool {
+        self.short_dirty_rate
     }
 
     /// True when QEMU has the QMP command `name`.
@@ -392,6 +405,40 @@ mod tests {
             &["migrate-continue"],
             &["max-bandwidth"]
         ));
+    }
+
+    #[test]
+    fn a_dirty_rate_in_milliseconds_needs_calc_time_unit() {
+        let with_args = |members: serde_json::Value| -> Capabilities {
+            let mut s = schema(&["background-snapshot"], &["socket", "exec"]);
+            let extra: Vec<qmp::SchemaInfo> = serde_json::from_value(json!([
+                {"name": "calc-dirty-rate", "meta-type": "command", "arg-type": "30",
+                 "ret-type": "0"},
+                {"name": "30", "meta-type": "object", "members": members},
+            ]))
+            .unwrap();
+            s.extend(extra);
+            Capabilities::from_answers(&version(10, 0), &s)
+        };
+        // 8.2 on: calc-time-unit.
+        assert!(with_args(json!([
+            {"name": "calc-time", "type": "int"},
+            {"name": "calc-time-unit", "type": "31", "default": null},
+            {"name": "sample-pages", "type": "int", "default": null},
+        ]))
+        .has_short_dirty_rate());
+        // 7.2: seconds only.
+        assert!(!with_args(json!([
+            {"name": "calc-time", "type": "int"},
+            {"name": "sample-pages", "type": "int", "default": null},
+        ]))
+        .has_short_dirty_rate());
+        // No such command.
+        assert!(!Capabilities::from_answers(
+            &version(10, 0),
+            &schema(&["background-snapshot"], &["socket"])
+        )
+        .has_short_dirty_rate());
     }
 
     fn version(major: u64, minor: u64) -> qmp::VersionInfo {

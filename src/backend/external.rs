@@ -473,8 +473,10 @@ impl QemuBackend {
 
     /// A checkpoint: RAM and disks of one instant. A running guest on a
     /// QEMU that can ([`super::precopy`]) is copied live into a mapped-ram
-    /// file and paused only for the last pass and the disk switch; if that
-    /// copy does not converge, or elsewhere, the guest is stopped, the disks
+    /// file and paused only for the last pass and the disk switch, unless
+    /// QEMU also takes a background snapshot and measures the guest
+    /// dirtying RAM too fast for a short last pass ([`super::ram_way`]);
+    /// if that copy does not converge, or elsewhere, the guest is stopped, the disks
     /// switched, and RAM saved from that instant: with background-snapshot
     /// QEMU resumes the guest at once and writes RAM while it runs. Where
     /// QEMU refuses background-snapshot (it needs userfaultfd, which the
@@ -508,7 +510,21 @@ impl QemuBackend {
                 .is_some_and(crate::store::safe_dir::only_root_can_change)
         });
         let mut try_background = true;
-        if format == MemoryFormat::MappedRam && running {
+        // Where background-snapshot is there too, the guest's dirty rate
+        // chooses between the two (see `ram_way`).
+        let chosen = (format == MemoryFormat::MappedRam && running && !swappable)
+            .then(|| Self::choose_ram_way(conn))
+            .flatten();
+        if let Some(choice) = &chosen {
+            add_note(outcome, choice.why.clone());
+        }
+        let background_chosen = chosen
+            .as_ref()
+            .is_some_and(|c| c.way == super::ram_way::RamWay::Background);
+        if background_chosen {
+            format = MemoryFormat::Stream;
+            outcome.memory_format = Some(format);
+        } else if format == MemoryFormat::MappedRam && running {
             let why = if swappable {
                 Some("the overlays' directory can be changed by others than root".to_owned())
             } else {
@@ -583,6 +599,20 @@ impl QemuBackend {
             },
         )
         .map(drop)
+    }
+
+    /// The way a running guest's RAM is written where QEMU offers a live
+    /// copy into a mapped-ram file: `None` where it refuses
+    /// background-snapshot (asked before anything is made: QEMU checks at
+    /// once that the kernel lets it track writes), so the live copy it is;
+    /// else chosen from the guest's dirty rate ([`super::ram_way`]).
+    fn choose_ram_way(conn: &mut Conn) -> Option<super::ram_way::Choice> {
+        Self::set_background_snapshot(conn, true).ok()?;
+        let _ = Self::set_background_snapshot(conn, false);
+        let t = Instant::now();
+        let measured = super::ram_way::measure(conn);
+        log::debug!("dirty rate {measured:?}, measured in {:?}", t.elapsed());
+        Some(super::ram_way::choose(measured))
     }
 
     /// [`Self::checkpoint`] into a new file at `memory`: written as

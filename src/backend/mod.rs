@@ -23,6 +23,7 @@ pub mod qemu_img;
 pub mod qmp;
 pub mod qmp_message;
 pub mod qmp_ops;
+pub mod ram_way;
 mod trust;
 
 pub use images::{Images, OnMade, QemuImg};
