@@ -535,7 +535,16 @@ impl QemuBackend {
                     memory,
                     live,
                     outcome,
-                    Way::Live(LiveFile::MappedRam),
+                    // A shorter last pass where a background snapshot
+                    // takes over from a copy that does not converge.
+                    Way::Live(
+                        LiveFile::MappedRam,
+                        if chosen.is_some() {
+                            super::ram_way::CHOSEN_DOWNTIME_MS
+                        } else {
+                            super::precopy::DOWNTIME_MS
+                        },
+                    ),
                 )?
             };
             let Some(why) = why else {
@@ -563,7 +572,7 @@ impl QemuBackend {
                         memory,
                         live,
                         outcome,
-                        Way::Live(LiveFile::Stream),
+                        Way::Live(LiveFile::Stream, super::precopy::DOWNTIME_MS),
                     )?;
                     let Some(why) = why else {
                         add_note(
@@ -689,11 +698,11 @@ impl QemuBackend {
                     outcome,
                 )
                 .map(|()| None),
-            Way::Live(kind) => {
+            Way::Live(kind, downtime_ms) => {
                 let overlays: Vec<&Path> = plan.overlays.iter().map(|(_, o)| o.as_path()).collect();
                 let r = self.precopy_save(
                     conn,
-                    kind,
+                    (kind, downtime_ms),
                     (&part, &file),
                     &overlays,
                     &mut |conn| self.switch_disks(conn, actions, plan),
@@ -1095,8 +1104,9 @@ fn add_note(outcome: &mut ExternalOutcome, line: String) {
 
 /// How [`QemuBackend::checkpoint_into`] writes RAM.
 enum Way {
-    /// A live copy (see [`super::precopy`]).
-    Live(super::precopy::LiveFile),
+    /// A live copy (see [`super::precopy`]) aiming at a last pass of
+    /// so many ms (`downtime-limit`).
+    Live(super::precopy::LiveFile, u64),
     /// A save from the instant the guest stopped (`background`: try
     /// background-snapshot for a running guest's stream).
     Save {

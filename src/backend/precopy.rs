@@ -37,7 +37,9 @@ use qapi::qmp::{MigrationCapability, MigrationStatus};
 use super::qemu::{qmp_err, Conn, QemuBackend, JOB_TIMEOUT};
 use crate::error::{Error, Result};
 
-/// The guest pause QEMU aims at for the last pass (`downtime-limit`, ms).
+/// The guest pause QEMU aims at for the last pass (`downtime-limit`, ms)
+/// where no background snapshot can take over from a copy that does not
+/// converge (see [`super::ram_way::CHOSEN_DOWNTIME_MS`] for where one can).
 pub const DOWNTIME_MS: u64 = 20;
 /// The most passes over dirty RAM before giving up.
 pub const MAX_PASSES: i64 = 8;
@@ -169,7 +171,8 @@ struct Converged {
 
 impl QemuBackend {
     /// The save of a running guest's checkpoint as a live copy of
-    /// `kind` into `part` (held open as `held`), with the disks switched
+    /// `kind` into `part` (held open as `held`), QEMU aiming at a last
+    /// pass of `downtime_ms`, with the disks switched
     /// by `switch` while QEMU waits in `pre-switchover`. On an error
     /// nothing is left (the overlays merged back and removed, `part`
     /// removed) and the guest runs, except when QEMU opened a file other
@@ -177,7 +180,7 @@ impl QemuBackend {
     pub(super) fn precopy_save(
         &self,
         conn: &mut Conn,
-        kind: LiveFile,
+        (kind, downtime_ms): (LiveFile, u64),
         (part, held): (&Path, &fs::File),
         overlays: &[&Path],
         switch: &mut dyn FnMut(&mut Conn) -> Result<()>,
@@ -218,12 +221,12 @@ impl QemuBackend {
             let uri = match kind {
                 LiveFile::MappedRam => {
                     conn.qmp
-                        .set_downtime_and_direct_io(DOWNTIME_MS, true)
+                        .set_downtime_and_direct_io(downtime_ms, true)
                         .map_err(qmp_err)?;
                     hand_over_direct(conn, part, held)?
                 }
                 LiveFile::Stream => {
-                    conn.qmp.set_downtime(DOWNTIME_MS).map_err(qmp_err)?;
+                    conn.qmp.set_downtime(downtime_ms).map_err(qmp_err)?;
                     super::fdset::add_named(&mut conn.qmp, held, super::external::MEMORY_FD)
                         .map_err(qmp_err)?;
                     format!("fd:{}", super::external::MEMORY_FD)
@@ -314,12 +317,13 @@ impl QemuBackend {
         let from = stopped.unwrap_or(converged.seen);
         let ms = |t: SystemTime| t.duration_since(from).unwrap_or_default().as_secs_f64() * 1000.0;
         let steps = format!(
-            "RAM copied live into a {} file: {} pass{} over RAM, a {:.1} MiB file in {:.1} s; \
-             after QEMU stopped the guest: seen at {:.1} ms, disks switched at {:.1} ms, RAM \
-             saved at {:.1} ms, guest continued at {:.1} ms",
+            "RAM copied live into a {} file: {} pass{} over RAM (downtime-limit {} ms), a {:.1} \
+             MiB file in {:.1} s; after QEMU stopped the guest: seen at {:.1} ms, disks switched \
+             at {:.1} ms, RAM saved at {:.1} ms, guest continued at {:.1} ms",
             kind.name(),
             converged.passes,
             if converged.passes == 1 { "" } else { "es" },
+            downtime_ms,
             written as f64 / (1u64 << 20) as f64,
             converged
                 .seen
