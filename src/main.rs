@@ -49,6 +49,11 @@ struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Directory of block devices (nodes, or root's links such as an LVM
+    /// volume group's /dev/VG) that `.create` may format as overlays, and
+    /// that members of --group may name.
+    #[arg(long)]
+    format_devices: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +182,10 @@ fn detach_stdio(log: &std::path::Path) {
 #[allow(clippy::too_many_arguments)]
 fn mount(args: MountArgs) -> Result<(), String> {
     let group = args.group.as_deref().map(resolve_group).transpose()?;
+    if let Some(dir) = &args.format_devices {
+        vmsnapfs::backend::block_dev::set_format_dir(dir)
+            .map_err(|e| format!("--format-devices: {e}"))?;
+    }
     // Every path absolute from here on: sockets of view servers, the
     // daemon's log and anything handed to QEMU must not depend on the
     // directory the daemon was started in.

@@ -22,6 +22,7 @@ struct Request {
     state: Option<String>,
     allow_other: bool,
     group: Option<String>,
+    format_devices: Option<String>,
     threads: Option<String>,
     fake: bool,
     verbose: bool,
@@ -50,6 +51,7 @@ fn parse(args: &[String]) -> Result<Request, String> {
                         ("domains", Some(v)) => req.domains = Some(v),
                         ("state", Some(v)) => req.state = Some(v),
                         ("group", Some(v)) => req.group = Some(v),
+                        ("format_devices", Some(v)) => req.format_devices = Some(v),
                         ("threads", Some(v)) => req.threads = Some(v),
                         ("allow_other", None) => req.allow_other = true,
                         ("ro", None) => return Err("vmsnapfs cannot be mounted read-only".into()),
@@ -108,6 +110,9 @@ fn main() -> ExitCode {
     if let Some(g) = &req.group {
         cmd.arg("--group").arg(g);
     }
+    if let Some(d) = &req.format_devices {
+        cmd.arg("--format-devices").arg(d);
+    }
     if let Some(t) = &req.threads {
         cmd.arg("--threads").arg(t);
     }
@@ -138,9 +143,10 @@ mod tests {
     #[test]
     fn parses_mount_arguments() {
         let r = parse(&args(
-            "none /snaps -o rw,domains=/d,state=/s,allow_other,group=kvm",
+            "none /snaps -o rw,domains=/d,state=/s,allow_other,group=kvm,format_devices=/dev/vg0",
         ))
         .unwrap();
+        assert_eq!(r.format_devices.as_deref(), Some("/dev/vg0"));
         assert_eq!(r.dir, "/snaps");
         assert_eq!(r.domains.as_deref(), Some("/d"));
         assert_eq!(r.state.as_deref(), Some("/s"));

@@ -50,7 +50,25 @@ fn overlay_node(overlay: &Path) -> String {
 impl QemuBackend {
     /// Creates an overlay (see [`qemu_img::create_overlay`]) and records
     /// its inode as a file vmsnapfs made.
+    /// A block device accepted as a layer ([`super::block_dev`]) is not
+    /// made but checked again and, where allowed, formatted.
     pub(super) fn make_overlay(&self, overlay: &Path, backing: &Path, format: &str) -> Result<()> {
+        if super::block_dev::is_device_path(overlay) {
+            let target = self
+                .active()
+                .into_iter()
+                .find(|d| d.source == backing)
+                .map_or_else(String::new, |d| d.target);
+            return super::block_dev::prepare(
+                overlay,
+                &super::block_dev::Over {
+                    domain: &self.def.name,
+                    target: &target,
+                    active: backing,
+                    format,
+                },
+            );
+        }
         let id = qemu_img::create_overlay(overlay, backing, format)?;
         if let Err(e) = self.store.record_made(&[(overlay.to_owned(), id)]) {
             let _ = crate::store::owned::remove(overlay, Some(id));
@@ -83,7 +101,17 @@ impl QemuBackend {
 
     /// Removes a file vmsnapfs made (see [`crate::store::DomainStore::remove_made`]);
     /// anything else found at the path is left alone and logged.
+    /// A block device is never removed: what a format wrote on it is
+    /// undone and it is released ([`super::block_dev::undo`]).
     pub(super) fn remove_made(&self, path: &Path) -> Result<()> {
+        if super::block_dev::undo(path) {
+            log::info!(
+                "{}: block device {} released",
+                self.def.name,
+                path.display()
+            );
+            return Ok(());
+        }
         if let crate::store::owned::Removal::Refused(why) = self.store.remove_made(path, false)? {
             log::warn!("{}: not removed: {why}", self.def.name);
         }
@@ -1386,6 +1414,8 @@ pub fn check_plan_paths(plan: &ExternalPlan) -> Result<()> {
         .overlays
         .iter()
         .map(|(_, o)| o)
+        // A block device accepted as a layer is there already.
+        .filter(|o| !super::block_dev::is_device_path(o))
         .chain(plan.memory.iter())
         .chain(part.iter())
         .find(|p| fs::symlink_metadata(p).is_ok());

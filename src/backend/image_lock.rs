@@ -43,7 +43,9 @@ impl WriterLock {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(image)?;
-        if !file.metadata()?.is_file() {
+        // QEMU locks a block device (`host_device`) the same way; only
+        // one accepted as a layer is locked here.
+        if !file.metadata()?.is_file() && !super::block_dev::accepted(image, &file) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file",

@@ -1,6 +1,7 @@
 //! What really happens to the VM and its images: QMP on a running QEMU,
 //! `qemu-img` on a stopped one. Never imports FUSE.
 
+pub mod block_dev;
 pub mod capabilities;
 pub mod child;
 pub mod cmdline;

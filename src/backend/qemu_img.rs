@@ -79,7 +79,8 @@ pub fn info(image: &Path, format: &str) -> Result<Value> {
 /// Opens the image `image` for qemu-img to use as `/proc/self/fd/N` (see
 /// [`fd_name`]): never through a symlink someone other than root could
 /// have made (at its last name or on the way), and only a regular file (a
-/// FIFO would hang whoever opens it, a device is no image). qemu-img then
+/// FIFO would hang whoever opens it, a device is no image) or a block
+/// device accepted as a layer ([`super::block_dev`]). qemu-img then
 /// works on the very file checked here, whatever is renamed meanwhile.
 pub fn pin(image: &Path) -> Result<std::fs::File> {
     use std::os::unix::fs::FileTypeExt;
@@ -92,6 +93,17 @@ pub fn pin(image: &Path) -> Result<std::fs::File> {
     };
     match std::fs::symlink_metadata(image) {
         Ok(m) if m.file_type().is_symlink() || m.is_file() => {}
+        Ok(m) if m.file_type().is_block_device() => {
+            // Only a device accepted as a layer (see `block_dev`).
+            let file = crate::store::owned::open_existing(image, false)
+                .map_err(|e| Error::at(image, e))?;
+            if super::block_dev::accepted(image, &file) {
+                return Ok(file);
+            }
+            return Err(refused(
+                "is a block device vmsnapfs did not accept as a layer",
+            ));
+        }
         Ok(m) if m.file_type().is_fifo() => return Err(refused("is a FIFO")),
         Ok(_) => return Err(refused("is not a regular file")),
         Err(e) => return Err(Error::at(image, e)),
@@ -296,8 +308,9 @@ pub fn image_opts(chain: &[ChainImage]) -> Result<(OsString, Vec<std::fs::File>)
             prefix.push_str("backing.");
         }
         let file = pin(&c.path)?;
+        let protocol = protocol_of(&file);
         opts.push(format!(
-            "{prefix}driver={},{prefix}file.driver=file,{prefix}file.filename=",
+            "{prefix}driver={},{prefix}file.driver={protocol},{prefix}file.filename=",
             c.format
         ));
         opts.push(fd_name(&file));
@@ -310,11 +323,24 @@ pub fn image_opts(chain: &[ChainImage]) -> Result<(OsString, Vec<std::fs::File>)
     Ok((opts, files))
 }
 
+/// QEMU's protocol driver for a pinned image: `file` opens regular files
+/// only, `host_device` a block device.
+fn protocol_of(file: &std::fs::File) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match file.metadata() {
+        Ok(m) if m.file_type().is_block_device() => "host_device",
+        _ => "file",
+    }
+}
+
 /// `--image-opts` of the qcow2 image `image` (pinned) alone, writable, its
 /// backing file not opened: for work inside the image (internal
 /// snapshots), which never needs it.
 fn qcow2_alone(image: &std::fs::File) -> OsString {
-    let mut opts = OsString::from("driver=qcow2,file.driver=file,file.filename=");
+    let mut opts = OsString::from(format!(
+        "driver=qcow2,file.driver={},file.filename=",
+        protocol_of(image)
+    ));
     opts.push(fd_name(image));
     opts.push(",backing=");
     opts
@@ -532,11 +558,15 @@ pub fn commit(image: &Path, drop_after: bool) -> Result<()> {
     // Both images as vmsnapfs opened them; nothing below `lower` is
     // needed (only what `image` holds is copied).
     let (top, base) = (pin(image)?, pin(&lower.path)?);
-    let mut opts = OsString::from("driver=qcow2,file.driver=file,file.filename=");
+    let mut opts = OsString::from(format!(
+        "driver=qcow2,file.driver={},file.filename=",
+        protocol_of(&top)
+    ));
     opts.push(fd_name(&top));
     opts.push(format!(
-        ",backing.driver={},backing.file.driver=file,backing.file.filename=",
-        lower.format
+        ",backing.driver={},backing.file.driver={},backing.file.filename=",
+        lower.format,
+        protocol_of(&base)
     ));
     opts.push(fd_name(&base));
     if lower.format == "qcow2" {

@@ -5,9 +5,13 @@
 use std::path::PathBuf;
 
 use super::{oplog::now_secs, CreateKind, CreateRequest, Domain};
+use crate::backend::block_dev;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{validate_name, DiskSnapshotKind};
 use crate::xml::snapshot::{parse_snapshot_xml, MemorySpec, SnapshotSpec};
+
+/// A block device a spec names, accepted for a disk: target, node, use.
+type Accepted = (String, PathBuf, block_dev::DeviceUse);
 
 /// What a spec asks for, once checked against the domain.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,7 +43,8 @@ fn absolute(what: &str, p: Option<PathBuf>) -> Result<Option<PathBuf>> {
 /// the active layer); `<state>disk-snapshot</state>` without `<memory>`
 /// (how `--disk-only` can be written in the XML) becomes
 /// `<memory snapshot='no'/>`. An external disk onto a block device
-/// (`type='block'`, `<source dev>`) is refused: overlays are files.
+/// (`type='block'`, `<source dev>`) is checked by the domain
+/// ([`crate::backend::block_dev::check`]).
 pub fn normalize_spec(
     mut spec: SnapshotSpec,
     disks: &[(&str, Vec<&std::path::Path>)],
@@ -55,20 +60,8 @@ pub fn normalize_spec(
                 Error::invalid(format!("no disk of the domain has the image {:?}", d.name))
             })?;
         }
-        if let Some(src) = &d.source {
-            if std::fs::symlink_metadata(src)
-                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-            {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "disk {}: {} is a block device; vmsnapfs makes external overlays as \
-                         new files only",
-                        d.name,
-                        src.display()
-                    ),
-                ));
-            }
+        if d.source.as_deref().is_some_and(block_dev::is_block) {
+            d.device = true;
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -220,6 +213,7 @@ impl Domain {
     /// disk images, where it could write itself (see [`super::paths`]).
     pub fn create_from_spec(&self, xml: &[u8], caller: &super::Caller) -> Result<String> {
         let what = ".create".to_owned();
+        let mut accepted: Vec<Accepted> = Vec::new();
         let r = (|| {
             let text =
                 std::str::from_utf8(xml).map_err(|_| Error::invalid("the spec is not UTF-8"))?;
@@ -248,11 +242,21 @@ impl Domain {
                 })
                 .collect();
             let spec = normalize_spec(spec, &known)?;
+            let devices: Vec<String> = spec
+                .disks
+                .iter()
+                .filter(|d| d.device && d.source.is_some())
+                .map(|d| d.name.clone())
+                .collect();
             let targets: Vec<&str> = self.def.disks.iter().map(|d| d.target.as_str()).collect();
-            let checked = check_spec(spec, &targets)?;
-            if let CreateKind::External { disks, memory } = &checked.kind {
-                for (target, path) in disks {
-                    if let Some(p) = path {
+            let mut checked = check_spec(spec, &targets)?;
+            if let CreateKind::External { disks, memory } = &mut checked.kind {
+                for (target, path) in disks.iter_mut() {
+                    let Some(p) = path else { continue };
+                    if devices.contains(target) {
+                        let node = self.check_device(target, p, caller, &mut accepted)?;
+                        *p = node;
+                    } else {
                         self.check_caller_path(caller, &format!("disk {target}: overlay"), p)?;
                     }
                 }
@@ -264,7 +268,10 @@ impl Domain {
         })();
         let (checked, left_out) = match r {
             Ok(c) => c,
-            Err(e) => return self.refuse(&what, e),
+            Err(e) => {
+                release_all(&accepted);
+                return self.refuse(&what, e);
+            }
         };
         let what = format!(".create {:?}", checked.name);
         let request = CreateRequest {
@@ -274,8 +281,64 @@ impl Domain {
             quiesce: checked.quiesce,
             left_out,
         };
-        self.create_as(&what, request)
-            .or_else(|e| self.refuse(&what, e))
+        for (target, node, usage) in &accepted {
+            self.log
+                .line(&format!("{what}: {}", device_note(target, node, *usage)));
+        }
+        self.create_as(&what, request).or_else(|e| {
+            release_all(&accepted);
+            self.refuse(&what, e)
+        })
+    }
+
+    /// Checks the block device `named` that a spec gives for `target`
+    /// (see [`block_dev::check`]) and returns its node, noted in
+    /// `accepted`.
+    fn check_device(
+        &self,
+        target: &str,
+        named: &std::path::Path,
+        caller: &super::Caller,
+        accepted: &mut Vec<Accepted>,
+    ) -> Result<PathBuf> {
+        let active = self.backend.active_disks();
+        let now = active
+            .iter()
+            .find(|d| d.target == target)
+            .ok_or_else(|| Error::invalid(format!("the domain has no disk {target:?}")))?;
+        let over = block_dev::Over {
+            domain: &self.def.name,
+            target,
+            active: &now.source,
+            format: &now.format,
+        };
+        let (node, usage) = block_dev::check(named, &over, caller.uid == 0)?;
+        accepted.push((target.to_owned(), node.clone(), usage));
+        Ok(node)
+    }
+}
+
+/// The `.log` line that says how an accepted device is used.
+fn device_note(target: &str, node: &std::path::Path, usage: block_dev::DeviceUse) -> String {
+    match usage {
+        block_dev::DeviceUse::Format => format!(
+            "disk {target}: block device {} is blank and listed in --format-devices; it is \
+             formatted as the new overlay",
+            node.display()
+        ),
+        block_dev::DeviceUse::Reuse => format!(
+            "disk {target}: block device {} holds a qcow2 over the disk's active layer; it \
+             becomes the new overlay as it is",
+            node.display()
+        ),
+    }
+}
+
+/// Releases the devices a failed create had accepted (nothing was
+/// written to them, or [`block_dev::undo`] put it back).
+fn release_all(accepted: &[Accepted]) {
+    for (_, p, _) in accepted {
+        block_dev::undo(p);
     }
 }
 

@@ -206,6 +206,10 @@ impl Domain {
         overlays: &[(String, PathBuf)],
         plan_xml: &str,
     ) -> Result<&'static str> {
+        // A block device the intent names was accepted before the crash.
+        for (_, o) in overlays {
+            crate::backend::block_dev::remember(o, &self.def.name);
+        }
         let mut snap = snapshot_from_plan(plan_xml)?;
         let memory = match &snap.memory {
             MemoryLocation::External(p) => Some(p.clone()),

@@ -180,6 +180,18 @@ impl Domain {
             crate::views::ErrorSink(Arc::new(move |text: &str| log.line(text)))
         };
         let views = views::DiskViews::new(Some(sink), def.disks.clone());
+        // Block devices vmsnapfs accepted as layers earlier: its own
+        // records name them.
+        for s in loaded.forest.iter() {
+            for d in &s.disks {
+                for p in [&d.image, &d.overlay].into_iter().flatten() {
+                    crate::backend::block_dev::remember(p, &def.name);
+                }
+            }
+        }
+        for d in backend.active_disks() {
+            crate::backend::block_dev::remember(&d.source, &def.name);
+        }
         Ok(Domain {
             def,
             store,

@@ -178,8 +178,11 @@ impl Domain {
                     .any(|d| d.image.as_deref().map(canonical).as_ref() == Some(upper))
         });
         let can_commit = !self.is_defined_image(upper) && !viewed;
-        let can_stream =
-            g.tags.get(&point).copied().unwrap_or(0) == 0 && !self.is_defined_image(&point);
+        // A block device's room is fixed: data is committed down out of
+        // it, never streamed up into it.
+        let can_stream = g.tags.get(&point).copied().unwrap_or(0) == 0
+            && !self.is_defined_image(&point)
+            && !crate::backend::block_dev::is_device_path(upper);
         let kind = match (can_commit, can_stream) {
             (false, false) => {
                 return Ok(DiskPlan::Keep(format!(
@@ -455,6 +458,14 @@ impl Domain {
             let needed =
                 |p: &Path| g.needed.contains(p) || memory.contains(p) || self.is_defined_image(p);
             if needed(&p) || needed(c) {
+                continue;
+            }
+            // A device is never removed or truncated: it is released.
+            if crate::backend::block_dev::release(c) {
+                left.push(format!(
+                    "{} is a block device: released, never removed",
+                    c.display()
+                ));
                 continue;
             }
             match self.store.remove_made(c, true)? {

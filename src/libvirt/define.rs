@@ -76,6 +76,13 @@ fn rewrite_disk(
     let file = d.source.to_str().ok_or_else(|| {
         Error::invalid("an image path that is not UTF-8 cannot go into libvirt's XML")
     })?;
+    // A block device vmsnapfs accepted as a layer is libvirt's
+    // `type='block'` disk with `<source dev>`; a file `type='file'`.
+    let (kind, key, other) = if crate::backend::block_dev::is_device_path(&d.source) {
+        ("block", "dev", "file")
+    } else {
+        ("file", "file", "dev")
+    };
     let mut out = Vec::with_capacity(events.len());
     let mut depth = 0usize;
     let mut skipping: Option<usize> = None;
@@ -108,11 +115,14 @@ fn rewrite_disk(
                 }
                 continue;
             }
+            Event::Start(s) if depth == 0 && s.name().as_ref() == "disk" => {
+                Event::Start(set_attr(&s, "type", kind, changed))
+            }
             Event::Start(s) if child && s.name().as_ref() == "source" => {
-                Event::Start(set_attr(&s, "file", file, changed))
+                Event::Start(set_attr(&drop_attr(&s, other, changed), key, file, changed))
             }
             Event::Empty(s) if child && s.name().as_ref() == "source" => {
-                Event::Empty(set_attr(&s, "file", file, changed))
+                Event::Empty(set_attr(&drop_attr(&s, other, changed), key, file, changed))
             }
             Event::Start(s) if child && s.name().as_ref() == "driver" => {
                 Event::Start(set_attr(&s, "type", &d.format, changed))
@@ -140,6 +150,21 @@ fn attr(s: &BytesStart<'_>, key: &str) -> Option<String> {
                 .ok()
                 .map(|v| v.into_owned())
         })
+}
+
+/// `s` without attribute `key`.
+fn drop_attr(s: &BytesStart<'_>, key: &str, changed: &mut bool) -> BytesStart<'static> {
+    if attr(s, key).is_none() {
+        return s.clone().into_owned();
+    }
+    *changed = true;
+    let mut n = BytesStart::new(s.name().as_ref().to_owned());
+    for a in s.attributes().flatten() {
+        if a.key.as_ref() != key {
+            n.push_attribute(a);
+        }
+    }
+    n
 }
 
 /// `s` with attribute `key` set to `value` (added if missing).

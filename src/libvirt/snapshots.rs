@@ -62,12 +62,19 @@ pub fn snapshot_xml(
         push_attr_value(&mut name, &d.target);
         match d.kind {
             DiskSnapshotKind::External => {
+                let overlay = d.overlay.as_ref().or_else(|| overlays.get(&d.target));
+                // A block device (see `backend::block_dev`) is libvirt's
+                // `type='block'` disk, named by `<source dev>`.
+                let (kind, key) = match overlay {
+                    Some(o) if crate::backend::block_dev::is_device_path(o) => ("block", "dev"),
+                    _ => ("file", "file"),
+                };
                 x.push_str(&format!(
-                    "    <disk name='{name}' snapshot='external' type='file'>\n      \
+                    "    <disk name='{name}' snapshot='external' type='{kind}'>\n      \
                      <driver type='qcow2'/>\n"
                 ));
-                if let Some(o) = d.overlay.as_ref().or_else(|| overlays.get(&d.target)) {
-                    x.push_str("      <source file='");
+                if let Some(o) = overlay {
+                    x.push_str(&format!("      <source {key}='"));
                     push_attr_value(&mut x, &o.to_string_lossy());
                     x.push_str("'/>\n");
                 }

@@ -1,5 +1,6 @@
 //! The bytes of one image file, as the readers see them: `pread` of a
-//! file opened once (never through a symlink, never a FIFO or device), or
+//! file opened once (never through a symlink, never a FIFO, a device only
+//! when accepted as a layer), or
 //! a buffer in memory (the fuzz targets and corpus tests).
 
 use std::fs::File;
@@ -77,9 +78,10 @@ pub struct ImageFile {
 
 impl ImageFile {
     /// Opens `path` read-only, never through a symlink; refuses anything
-    /// but a regular file.
+    /// but a regular file or a block device accepted as a layer
+    /// ([`crate::backend::block_dev`]).
     pub fn open(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let not_file = || {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -89,7 +91,8 @@ impl ImageFile {
         // Looked at before it is opened: a FIFO is never opened.
         let named = std::fs::symlink_metadata(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        if !named.is_file() {
+        let device = named.file_type().is_block_device();
+        if !named.is_file() && !device {
             return Err(not_file());
         }
         let file = std::fs::OpenOptions::new()
@@ -98,12 +101,16 @@ impl ImageFile {
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let meta = file.metadata()?;
-        if !meta.is_file() {
+        let len = if meta.is_file() {
+            meta.len()
+        } else if crate::backend::block_dev::accepted(path, &file) {
+            crate::backend::block_dev::size_of(&file)?
+        } else {
             return Err(not_file());
-        }
+        };
         Ok(ImageFile {
             file,
-            len: AtomicU64::new(meta.len()),
+            len: AtomicU64::new(len),
             id: (meta.dev(), meta.ino()),
         })
     }

@@ -82,6 +82,9 @@ pub struct DiskSpec {
     pub kind: Option<DiskSnapshotKind>,
     /// `<source file='...'/>` (or `dev`): the overlay or image file.
     pub source: Option<PathBuf>,
+    /// The source is a block device: `type='block'` on the disk, or
+    /// `<source dev='...'/>`.
+    pub device: bool,
     /// The `overlay` attribute of vmsnapfs's own record: the overlay an
     /// external snapshot created (its `<source>` there is the point).
     pub overlay: Option<PathBuf>,
@@ -472,8 +475,10 @@ fn parse_disks(disks: &Element) -> Result<Vec<DiskSpec>, XmlError> {
             .attr("snapshot")
             .map(|kind| parse_location(kind, "<disk snapshot>"))
             .transpose()?;
+        let mut device = disk.attr("type") == Some("block");
         let source = match disk.child("source")? {
             Some(source) => {
+                device |= source.attr("file").is_none() && source.attr("dev").is_some();
                 let file = source
                     .attr("file")
                     .or_else(|| source.attr("dev"))
@@ -495,6 +500,7 @@ fn parse_disks(disks: &Element) -> Result<Vec<DiskSpec>, XmlError> {
             name: name.to_string(),
             kind,
             source,
+            device,
             overlay,
         });
     }
@@ -845,12 +851,14 @@ mod tests {
                         name: "vda".into(),
                         kind: Some(DiskSnapshotKind::External),
                         source: Some("/var/lib/vda.x.qcow2".into()),
+                        device: false,
                         overlay: None,
                     },
                     DiskSpec {
                         name: "vdb".into(),
                         kind: Some(DiskSnapshotKind::No),
                         source: None,
+                        device: false,
                         overlay: None,
                     },
                 ],
@@ -889,6 +897,22 @@ mod tests {
         assert_eq!(spec.disks[1].source, None);
         assert_eq!(spec.disks[2].kind, Some(DiskSnapshotKind::Internal));
         assert_eq!(spec.quiesce, None);
+        assert!(!spec.disks[0].device);
+
+        // virsh snapshot-create-as --diskspec vda,snapshot=external,
+        // stype=block,file=/dev/vg0/s1 --print-xml: a block device.
+        let spec = parse_snapshot_xml(
+            "<domainsnapshot><disks><disk name='vda' snapshot='external' type='block'>\
+             <source dev='/dev/vg0/s1'/></disk><disk name='vdb'><source dev='/dev/sdz'/>\
+             </disk></disks></domainsnapshot>",
+        )
+        .expect("parses");
+        assert!(spec.disks.iter().all(|d| d.device));
+        assert_eq!(
+            spec.disks[0].source.as_deref(),
+            Some(Path::new("/dev/vg0/s1"))
+        );
+        assert_eq!(spec.disks[1].kind, Some(DiskSnapshotKind::External));
 
         let spec = parse_snapshot_xml("<domainsnapshot/>").expect("parses");
         assert_eq!(spec, SnapshotSpec::default());
@@ -1081,6 +1105,7 @@ mod tests {
                         name: "vda".into(),
                         kind: None,
                         source: None,
+                        device: false,
                         overlay: None,
                     }],
                     ..full.clone()
@@ -1093,6 +1118,7 @@ mod tests {
                         name: "/path/to/old".into(),
                         kind: Some(DiskSnapshotKind::External),
                         source: None,
+                        device: false,
                         overlay: None,
                     }],
                     ..full.clone()
