@@ -26,6 +26,16 @@
 //! the revert to an external checkpoint against virsh's restore, are
 //! measured again on that guest. Run: `cargo bench --bench libvirt`
 //! (root, libvirt installed by scripts/install-deps.sh, /dev/fuse).
+//!
+//! Options (environment): `VMSNAPFS_BENCH_ONLY=PARTS`, a comma list of
+//! `internal` (the internal checkpoint's create, pause, revert, delete),
+//! `mkdir` (the default mkdir's pause), `revert` (the revert to an
+//! external checkpoint; it makes its checkpoints with mkdir) and `filled`
+//! (the guest whose RAM holds data): only those parts run;
+//! `VMSNAPFS_BENCH_ROUNDS=N` measures N rounds instead of 9;
+//! `VMSNAPFS_BENCH_RUST_LOG=trace` has the daemon's log show every QMP
+//! message with its time, `VMSNAPFS_BENCH_KEEP_LOG=DIR` keeps that log
+//! in DIR.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,6 +49,22 @@ use common::libvirtd::*;
 use common::*;
 
 const ROUNDS: usize = 9;
+
+/// The rounds measured ([`ROUNDS`] unless `VMSNAPFS_BENCH_ROUNDS` says).
+fn rounds() -> usize {
+    std::env::var("VMSNAPFS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(ROUNDS)
+}
+
+/// Whether part `part` runs (`VMSNAPFS_BENCH_ONLY` unset: every part).
+fn runs(part: &str) -> bool {
+    std::env::var("VMSNAPFS_BENCH_ONLY")
+        .map(|only| only.split(',').any(|p| p.trim() == part))
+        .unwrap_or(true)
+}
 const MIB: u64 = 1024;
 /// How much of the guest's RAM the second part fills with data (from
 /// guest-physical 16 MiB on).
@@ -74,7 +100,23 @@ fn fill_guest_ram(lv: &Libvirtd, dom: &str) {
     }
 }
 
+/// Prints the medians of `a` (vmsnapfs) and `b` (virsh) and their
+/// ratio, unless either part did not run.
+fn row(what: &str, a: Vec<f64>, b: Vec<f64>) {
+    if a.is_empty() || b.is_empty() {
+        return;
+    }
+    let (a, b) = (median(a), median(b));
+    println!(
+        "{what:<40} vmsnapfs {a:>8.3} s   virsh {b:>8.3} s   ratio {:.2}",
+        a / b
+    );
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -149,7 +191,12 @@ fn main() {
     let dom = "lvbench";
     lv.define_with_memory(dom, &images, MIB);
     lv.virsh(&["start", dom]);
-    let daemon = Daemon::start_with_args(&dir.0, &[], &["--libvirt", &lv.uri.clone()]);
+    let level = std::env::var("VMSNAPFS_BENCH_RUST_LOG").unwrap_or_else(|_| "debug".into());
+    let daemon = Daemon::start_with_args(
+        &dir.0,
+        &[("RUST_LOG", level.as_str())],
+        &["--libvirt", &lv.uri.clone()],
+    );
     let mnt = daemon.mnt.clone();
     let d = mnt.join(dom);
     wait_until("running", Duration::from_secs(60), || {
@@ -161,7 +208,8 @@ fn main() {
 
     let (mut ours, mut theirs, mut our_pause, mut their_pause) = (vec![], vec![], vec![], vec![]);
     let (mut our_rev, mut their_rev, mut our_del, mut their_del) = (vec![], vec![], vec![], vec![]);
-    for i in 0..ROUNDS {
+    let n = rounds();
+    for i in 0..if runs("internal") { n } else { 0 } {
         let spec = format!(
             "<domainsnapshot><name>v{i}</name><memory snapshot='internal'/></domainsnapshot>"
         );
@@ -190,7 +238,11 @@ fn main() {
     }
     // The default mkdir: an external checkpoint, its pause from events.
     let (mut ext_pause, mut ext_took) = (vec![], vec![]);
-    for i in 0..ROUNDS {
+    for i in 0..if runs("mkdir") || runs("revert") {
+        n
+    } else {
+        0
+    } {
         let (t, p) = timed_with_pause(&lv, dom, || {
             fs::create_dir(d.join(format!("e{i}"))).unwrap();
         });
@@ -200,19 +252,12 @@ fn main() {
     // Revert to each external checkpoint; virsh restores a save image.
     let (mut our_ext, mut their_restore) = (vec![], vec![]);
     let save = dir.0.join("bench.save");
-    for i in 0..ROUNDS {
+    for i in 0..if runs("revert") { n } else { 0 } {
         let (ours, theirs) = revert_against_restore(&lv, dom, &d, &format!("e{i}"), &save);
         our_ext.push(ours);
         their_restore.push(theirs);
     }
-    let row = |what: &str, a: Vec<f64>, b: Vec<f64>| {
-        let (a, b) = (median(a), median(b));
-        println!(
-            "{what:<40} vmsnapfs {a:>8.3} s   virsh {b:>8.3} s   ratio {:.2}",
-            a / b
-        );
-    };
-    println!("libvirt domain, {MIB} MiB RAM, median of {ROUNDS}");
+    println!("libvirt domain, {MIB} MiB RAM, median of {n}");
     row("internal checkpoint (create)", ours, theirs);
     row("  its guest pause", our_pause, their_pause.clone());
     row("revert to it (running)", our_rev, their_rev);
@@ -229,11 +274,13 @@ fn main() {
     );
     // The default mkdir's wall time has no peer (libvirt 9.0 takes
     // external checkpoints but can neither revert nor delete them).
-    println!(
-        "{:<40} vmsnapfs {:>8.3} s",
-        "mkdir (external checkpoint), wall",
-        median(ext_took)
-    );
+    if !ext_took.is_empty() {
+        println!(
+            "{:<40} vmsnapfs {:>8.3} s",
+            "mkdir (external checkpoint), wall",
+            median(ext_took)
+        );
+    }
     // Where the default mkdir's pause went (each one's `.log` line).
     let log = fs::read_to_string(d.join(".log")).unwrap_or_default();
     for l in log
@@ -243,19 +290,43 @@ fn main() {
         println!("  {l}");
     }
 
+    if runs("filled") {
+        filled(&lv, dom, &d, &dir.0, n);
+    }
+    // Where the reverts went (the daemon's debug log): libvirt's destroy,
+    // then its restore and what follows it.
+    let log = fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("virsh destroy ") || l.contains(" started QEMU in "))
+    {
+        println!("  {}", l.rsplit("] ").next().unwrap_or(l));
+    }
+    drop(daemon);
+    if let Ok(keep) = std::env::var("VMSNAPFS_BENCH_KEEP_LOG") {
+        let to = std::path::Path::new(&keep).join("daemon-libvirt.log");
+        fs::copy(dir.0.join("daemon.log"), &to).unwrap();
+        println!("the daemon's log: {}", to.display());
+    }
+}
+
+/// The part with [`FILL_MIB`] MiB of the guest's RAM filled: the default
+/// mkdir's pause and wall time against virsh's internal checkpoint, and
+/// the revert to an external checkpoint against virsh's restore.
+fn filled(lv: &Libvirtd, dom: &str, d: &std::path::Path, dir: &std::path::Path, n: usize) {
     // The same guest with most of its RAM holding data: each save writes
     // it all. Each snapshot goes again after it is measured (disk space).
-    fill_guest_ram(&lv, dom);
+    fill_guest_ram(lv, dom);
     let (mut full_ours, mut full_took, mut full_theirs, mut full_their_took) =
         (vec![], vec![], vec![], vec![]);
-    for i in 0..ROUNDS {
-        let (t, p) = timed_with_pause(&lv, dom, || {
+    for i in 0..n {
+        let (t, p) = timed_with_pause(lv, dom, || {
             lv.virsh(&["snapshot-create-as", dom, &format!("f{i}")]);
         });
         full_their_took.push(t);
         full_theirs.push(p);
         lv.virsh(&["snapshot-delete", dom, &format!("f{i}")]);
-        let (t, p) = timed_with_pause(&lv, dom, || {
+        let (t, p) = timed_with_pause(lv, dom, || {
             fs::create_dir(d.join(format!("g{i}"))).unwrap();
         });
         full_took.push(t);
@@ -288,9 +359,10 @@ fn main() {
     // Revert to a checkpoint of the filled guest (its memory file holds
     // the data), against virsh's restore of a save image of it.
     let (mut full_rev, mut full_restore) = (vec![], vec![]);
-    for i in 0..ROUNDS {
+    let save = dir.join("bench.save");
+    for i in 0..n {
         fs::create_dir(d.join(format!("h{i}"))).unwrap();
-        let (ours, theirs) = revert_against_restore(&lv, dom, &d, &format!("h{i}"), &save);
+        let (ours, theirs) = revert_against_restore(lv, dom, d, &format!("h{i}"), &save);
         full_rev.push(ours);
         full_restore.push(theirs);
         fs::remove_dir(d.join(format!("h{i}"))).unwrap();
@@ -300,16 +372,6 @@ fn main() {
         full_rev,
         full_restore,
     );
-    // Where the reverts went (the daemon's debug log): libvirt's destroy,
-    // then its restore and what follows it.
-    let log = fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
-    for l in log
-        .lines()
-        .filter(|l| l.contains("virsh destroy ") || l.contains(" started QEMU in "))
-    {
-        println!("  {}", l.rsplit("] ").next().unwrap_or(l));
-    }
-    drop(daemon);
 }
 
 /// Reverts the running domain to its external checkpoint `name` through

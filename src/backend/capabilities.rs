@@ -65,7 +65,8 @@ impl Capabilities {
     /// asked only once per QEMU executable: a process of the same
     /// executable file (same device, inode, size and times of
     /// `/proc/PID/exe`) reporting the same version has the same schema,
-    /// which is compiled into it. `query-version` is asked every time.
+    /// which is compiled into it. The version is read every time (from
+    /// the greeting, which carries what `query-version` answers).
     /// Without a pid, or when the executable cannot be told, it is asked.
     pub fn read_cached(qmp: &mut Qmp, pid: Option<i32>) -> Result<Self, QmpError> {
         type Cache = std::sync::Mutex<BTreeMap<(ExeId, String), Capabilities>>;

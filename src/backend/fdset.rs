@@ -176,6 +176,14 @@ pub const NODE_PREFIX: &str = "vso-";
 /// backing node and its file; QEMU refuses `blockdev-del` of a node still
 /// in use, so every candidate is tried until no more go.
 pub fn release_unused(qmp: &mut Qmp) -> Result<(), QmpError> {
+    release_unused_knowing(qmp, false)
+}
+
+/// [`release_unused`] when `no_sets` says QEMU just listed no fd set of
+/// vmsnapfs's (on this connection): unless a node of ours is closed,
+/// the fd sets are not asked again.
+pub fn release_unused_knowing(qmp: &mut Qmp, no_sets: bool) -> Result<(), QmpError> {
+    let mut closed_any = false;
     loop {
         let nodes = qmp.named_nodes()?;
         let mut closed = false;
@@ -189,6 +197,10 @@ pub fn release_unused(qmp: &mut Qmp) -> Result<(), QmpError> {
         if !closed {
             break;
         }
+        closed_any = true;
+    }
+    if no_sets && !closed_any {
+        return Ok(());
     }
     let sets = ours(qmp)?;
     if sets.is_empty() {

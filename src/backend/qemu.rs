@@ -43,6 +43,34 @@ pub(super) struct Conn {
     pub(super) nodes: Option<Vec<String>>,
     /// What this QEMU can do, read when the connection was made.
     pub(super) caps: Capabilities,
+    /// The run state last read (`query-status`), with the count of
+    /// commands sent when it was read: it still holds while no command
+    /// followed, so the checks of one operation ask once.
+    pub(super) status: Option<(u64, qapi::qmp::RunState)>,
+    /// The disks as QEMU reported them when the connection was made, with
+    /// the count of changing commands sent then: still what QEMU has while
+    /// that count has not moved (a restored QEMU's check uses them).
+    pub(super) disks_at_connect: Option<(u64, BTreeMap<String, LiveDisk>)>,
+}
+
+impl Conn {
+    /// The run state read before any later command was sent, if any.
+    fn status_unchanged(&self) -> Option<qapi::qmp::RunState> {
+        self.status
+            .as_ref()
+            .filter(|(sent, _)| *sent == self.qmp.commands_sent())
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Reads the run state (`query-status`) within `timeout`, and keeps it.
+    fn read_status(
+        &mut self,
+        timeout: Duration,
+    ) -> std::result::Result<qapi::qmp::RunState, QmpError> {
+        let s = self.qmp.run_state(timeout)?;
+        self.status = Some((self.qmp.commands_sent(), s.clone()));
+        Ok(s)
+    }
 }
 
 /// An internal snapshot job: its id and the qcow2 nodes it covers (the
@@ -298,10 +326,19 @@ impl QemuBackend {
     /// Makes the recorded active layers follow what QEMU has open (QEMU
     /// is the truth while it runs: an interrupted external snapshot may
     /// have switched a disk before the record was written).
-    fn sync_layers(&self, qmp: &mut Qmp) {
-        let Ok(live) = self.live_disks(qmp) else {
-            return;
+    /// Returns the disks QEMU reported, and whether it listed no fd set
+    /// of vmsnapfs's.
+    fn sync_layers(&self, qmp: &mut Qmp) -> Option<(BTreeMap<String, LiveDisk>, bool)> {
+        let Ok((live, sets)) = self.live_disks_and_sets(qmp) else {
+            return None;
         };
+        self.follow_live_layers(&live);
+        Some((live, sets.is_empty()))
+    }
+
+    /// Records as active layers the tops of the chains QEMU has open
+    /// (`live`), saying so where they differ from the record.
+    fn follow_live_layers(&self, live: &BTreeMap<String, LiveDisk>) {
         let known = self.layers.lock().clone();
         let changes: Vec<(String, Layer)> = live
             .iter()
@@ -393,15 +430,20 @@ impl QemuBackend {
                         caps.package
                     );
                     *self.qemu_warning.lock() = caps.range_warning();
-                    self.sync_layers(&mut qmp);
+                    let seen = self.sync_layers(&mut qmp);
+                    let changes = qmp.changes_sent();
                     // Descriptors handed over by an operation that was
                     // cut short (a daemon crash) are released.
-                    let _ = super::fdset::release_unused(&mut qmp);
+                    let no_sets = seen.as_ref().is_some_and(|(_, n)| *n);
+                    let _ = super::fdset::release_unused_knowing(&mut qmp, no_sets);
+                    let disks_at_connect = seen.map(|(d, _)| (changes, d));
                     *guard = Some(Conn {
                         qmp,
                         pid,
                         nodes: None,
                         caps,
+                        status: None,
+                        disks_at_connect,
                     });
                 }
                 Err(e) => {
@@ -569,7 +611,7 @@ impl QemuBackend {
                 Err(NoMonitor::Absent(why)) => return self.absent(why),
                 Err(NoMonitor::Unreachable(why)) => return self.mark_unreachable(why),
             };
-            match conn.qmp.run_state(STATUS_TIMEOUT) {
+            match conn.read_status(STATUS_TIMEOUT) {
                 Ok(state) => {
                     *self.unreachable.lock() = None;
                     return if matches!(state, qapi::qmp::RunState::running) {
@@ -590,6 +632,20 @@ impl QemuBackend {
             }
         }
         self.mark_unreachable("the monitor closed every connection".into())
+    }
+
+    /// [`Self::state_of`], from the state the operation read a moment ago
+    /// on this connection when no command was sent since.
+    fn recent_state(&self, guard: &mut Option<Conn>) -> DomainState {
+        let seen = guard
+            .as_ref()
+            .filter(|c| c.qmp.is_usable())
+            .and_then(Conn::status_unchanged);
+        match seen {
+            Some(qapi::qmp::RunState::running) => DomainState::Running,
+            Some(_) => DomainState::Paused,
+            None => self.state_of(guard),
+        }
     }
 
     /// The error an operation gets while the domain is unreachable:
@@ -641,6 +697,17 @@ impl QemuBackend {
     /// block device whose chain holds the disk's active layer (or, failing
     /// that, the image the definition names).
     pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
+        self.live_disks_and_sets(qmp).map(|(d, _)| d)
+    }
+
+    /// [`Self::live_disks`], with the fd sets of vmsnapfs's QEMU listed.
+    fn live_disks_and_sets(
+        &self,
+        qmp: &mut Qmp,
+    ) -> Result<(
+        BTreeMap<String, LiveDisk>,
+        std::collections::HashMap<i64, PathBuf>,
+    )> {
         let sets = super::fdset::ours(qmp).map_err(qmp_err)?;
         let blocks = qmp.block_devices().map_err(qmp_err)?;
         type Found = (String, Option<String>, Vec<qemu_img::ChainImage>);
@@ -696,7 +763,7 @@ impl QemuBackend {
                 },
             );
         }
-        Ok(out)
+        Ok((out, sets))
     }
 
     /// True when QEMU answers on the monitor, false when the domain is
@@ -740,7 +807,14 @@ impl QemuBackend {
 
     /// Starts a snapshot job and waits for it; a job error becomes EIO.
     fn run_job<C: qapi::Command>(qmp: &mut Qmp, command: &C, job_id: &str) -> Result<()> {
+        qmp.forget_job_events(job_id);
         qmp.execute(command).map_err(qmp_err)?;
+        // Done by the time the command answered (through libvirt's
+        // passthrough the answer comes after the job's events): no
+        // `query-jobs` needed.
+        if qmp.job_succeeded_by_events(job_id) {
+            return qmp.job_dismiss(job_id).map_err(qmp_err);
+        }
         match qmp
             .wait_job(job_id, JOB_TIMEOUT, |_, _| {})
             .map_err(qmp_err)?
@@ -769,7 +843,10 @@ impl QemuBackend {
     fn job_args(&self, conn: &mut Conn, job: &str) -> Result<InternalJob> {
         self.qcow2_disks()?;
         let nodes = self.active_nodes(conn)?;
-        let job_id = format!("vmsnapfs-{job}-{}", std::process::id());
+        // Each job its own id: no event of an earlier job is taken for its.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let job_id = format!("vmsnapfs-{job}-{}-{n}", std::process::id());
         Ok(InternalJob { job_id, nodes })
     }
 }
@@ -880,13 +957,14 @@ impl QemuBackend {
         })?;
         let started = t.elapsed();
         let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            {
-                let mut guard = self.conn.lock();
-                if self.connect(&mut guard).is_ok() {
-                    break;
-                }
+        // The monitor stays held from the first answer to the resume: no
+        // state poll slips its commands in between.
+        let mut guard = loop {
+            let mut guard = self.conn.lock();
+            if self.connect(&mut guard).is_ok() {
+                break guard;
             }
+            drop(guard);
             if Instant::now() > deadline {
                 let _ = m.destroy();
                 return Err(Error::io(format!(
@@ -895,15 +973,33 @@ impl QemuBackend {
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
         let answered = t.elapsed();
         let chains = chains.unwrap_or_else(|| self.active_chains());
-        let ready = self
-            .check_started_chains_with(&chains)
-            .and_then(|()| match loadvm {
-                Some(tag) => self.load_checkpoint_live(tag),
-                None => Ok(()),
-            });
+        let conn = guard.as_mut().expect("connected");
+        let mut ready = self.check_started_chains_in(conn, &chains);
+        if ready.is_ok() && loadvm.is_none() && !paused {
+            ready = conn.qmp.cont().map_err(qmp_err);
+            if ready.is_ok() {
+                drop(guard);
+                let checked = t.elapsed();
+                log::debug!(
+                    "{}: {} started QEMU in {:.3} s, it answered at {:.3} s, chains checked \
+                     and the guest resumed at {:.3} s",
+                    self.def.name,
+                    m.describe(),
+                    started.as_secs_f64(),
+                    answered.as_secs_f64(),
+                    checked.as_secs_f64(),
+                );
+                return Ok(());
+            }
+        }
+        drop(guard);
+        let ready = ready.and_then(|()| match loadvm {
+            Some(tag) => self.load_checkpoint_live(tag),
+            None => Ok(()),
+        });
         if let Err(e) = ready {
             let _ = self.stop_process();
             return Err(e);
@@ -1006,6 +1102,17 @@ impl QemuBackend {
         &self,
         chains: &[(DiskDef, Result<Vec<qemu_img::ChainImage>>)],
     ) -> Result<()> {
+        self.with_qmp(|c| self.check_started_chains_in(c, chains))
+    }
+
+    /// [`Self::check_started_chains_with`] on a connection already held;
+    /// the disks QEMU reported when the connection was made are used when
+    /// nothing that could change them was sent since.
+    fn check_started_chains_in(
+        &self,
+        c: &mut Conn,
+        chains: &[(DiskDef, Result<Vec<qemu_img::ChainImage>>)],
+    ) -> Result<()> {
         let mut named = Vec::new();
         let expected: Vec<(String, Vec<PathBuf>)> = chains
             .iter()
@@ -1018,13 +1125,21 @@ impl QemuBackend {
                 ))
             })
             .collect::<Result<_>>()?;
-        self.with_qmp(|c| {
+        {
             // QEMU opened the images by name: those vmsnapfs made must be
             // the very files it made.
             let named: Vec<&Path> = named.iter().map(PathBuf::as_path).collect();
             self.check_opened_made(c, &named)
                 .map_err(|e| e.context("QEMU was stopped before the guest ran"))?;
-            let live = self.live_disks(&mut c.qmp)?;
+            let seen = c
+                .disks_at_connect
+                .take()
+                .filter(|(at, _)| *at == c.qmp.changes_sent())
+                .map(|(_, d)| d);
+            let live = match seen {
+                Some(d) => d,
+                None => self.live_disks(&mut c.qmp)?,
+            };
             for (target, want) in &expected {
                 let got: Vec<PathBuf> = live
                     .get(target)
@@ -1039,7 +1154,7 @@ impl QemuBackend {
                 }
             }
             Ok(())
-        })
+        }
     }
 }
 
@@ -1142,7 +1257,7 @@ impl Backend for QemuBackend {
 
     fn delete_internal(&self, tag: &str) -> Result<()> {
         let mut guard = self.conn.lock();
-        let state = self.state_of(&mut guard);
+        let state = self.recent_state(&mut guard);
         if state == DomainState::Unreachable {
             return Err(self.refusal());
         }
@@ -1351,7 +1466,17 @@ impl Backend for QemuBackend {
         if let Some(m) = &self.manager {
             managed_can_load(m.as_ref(), format)?;
         }
-        if !self.is_up()? {
+        // The operation read the state a moment ago: asked again only
+        // when a command went to QEMU since.
+        let up = {
+            let mut guard = self.conn.lock();
+            match self.recent_state(&mut guard) {
+                DomainState::Shutoff => false,
+                DomainState::Unreachable => return Err(self.refusal()),
+                DomainState::Running | DomainState::Paused => true,
+            }
+        };
+        if !up {
             return Ok(());
         }
         self.with_qmp(|c| super::external::check_can_load(&c.caps, format))
@@ -1435,10 +1560,13 @@ impl Backend for QemuBackend {
     fn disks_unavailable(&self) -> Option<String> {
         let mut guard = self.conn.lock();
         let conn = self.connect(&mut guard).ok()?;
-        let inactive = conn
-            .qmp
-            .run_state(STATUS_TIMEOUT)
-            .is_ok_and(|s| matches!(s, qapi::qmp::RunState::postmigrate));
+        // The operation's own look at the state, when nothing was sent
+        // since (it asked a moment ago), else a new one.
+        let state = match conn.status_unchanged() {
+            Some(s) => Ok(s),
+            None => conn.read_status(STATUS_TIMEOUT),
+        };
+        let inactive = state.is_ok_and(|s| matches!(s, qapi::qmp::RunState::postmigrate));
         inactive.then(|| {
             "QEMU keeps the disks inactive since the RAM of the paused guest was saved \
              (QEMU 7.2 reactivates them when the guest resumes): resume the guest first, \

@@ -167,9 +167,40 @@ pub fn run_pinned<S: AsRef<OsStr>>(
 
 /// The virtual size of `image` opened as `format`.
 pub fn virtual_size(image: &Path, format: &str) -> Result<u64> {
+    if let Some(size) = header_size(image, format) {
+        return Ok(size);
+    }
     info(image, format)?["virtual-size"]
         .as_u64()
         .ok_or_else(|| Error::io(format!("{}: no virtual size", image.display())))
+}
+
+/// The virtual size a qcow2 image's header gives (big-endian at byte
+/// 24, after the magic `QFI\xfb` and a version of 2 or 3), without a
+/// `qemu-img` process: the size QEMU uses when it is a whole number of
+/// 512-byte sectors. `None` (ask `qemu-img`) for anything else: another
+/// format, a file [`pin`] refuses, a header that does not read so.
+fn header_size(image: &Path, format: &str) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    if format != "qcow2" {
+        return None;
+    }
+    // Opened as for qemu-img (see [`pin`]).
+    let f = pin(image).ok()?;
+    let mut h = [0u8; 32];
+    f.read_exact_at(&mut h, 0).ok()?;
+    qcow2_header_size(&h)
+}
+
+/// The virtual size in the first 32 bytes of a qcow2 header (see
+/// [`header_size`]).
+fn qcow2_header_size(h: &[u8; 32]) -> Option<u64> {
+    let version = u32::from_be_bytes(h[4..8].try_into().ok()?);
+    if &h[..4] != b"QFI\xfb" || !(2..=3).contains(&version) {
+        return None;
+    }
+    let size = u64::from_be_bytes(h[24..32].try_into().ok()?);
+    (size % 512 == 0).then_some(size)
 }
 
 /// The internal snapshots of one image (read with `-U`, so it works while
@@ -669,5 +700,49 @@ mod tests {
         assert_eq!(t[0].vm_state_size, 4096);
         assert_eq!(t[1].vm_state_size, 0);
         assert!(parse_snapshot_table(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn the_header_gives_the_size_qemu_img_reports() {
+        let dir = std::env::temp_dir().join(format!("vmsnapfs-hdr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, size) in ["1M", "1000000", "64M", "3G"].iter().enumerate() {
+            let img = dir.join(format!("{i}.qcow2"));
+            let ok = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&img)
+                .arg(size)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "qemu-img create {size}");
+            let reported = info(&img, "qcow2").unwrap()["virtual-size"].as_u64();
+            assert_eq!(header_size(&img, "qcow2"), reported, "{size}");
+        }
+        // Another format, or no qcow2 header: qemu-img is asked.
+        let raw = dir.join("raw");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        assert_eq!(header_size(&raw, "raw"), None);
+        assert_eq!(header_size(&raw, "qcow2"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_qcow2_header_of_whole_sectors_gives_a_size() {
+        let mut h = [0u8; 32];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        assert_eq!(qcow2_header_size(&h), Some(1 << 30));
+        h[4..8].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(qcow2_header_size(&h), Some(1 << 30));
+        h[4..8].copy_from_slice(&4u32.to_be_bytes());
+        assert_eq!(qcow2_header_size(&h), None);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[24..32].copy_from_slice(&1000u64.to_be_bytes());
+        assert_eq!(qcow2_header_size(&h), None);
+        h[0] = b'X';
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        assert_eq!(qcow2_header_size(&h), None);
     }
 }

@@ -64,6 +64,13 @@ pub struct Qmp {
     timeout: Duration,
     peer: Option<libc::ucred>,
     broken: bool,
+    /// QEMU's version as its greeting gave it (the answer `query-version`
+    /// would give), when the greeting carried one.
+    greeting_version: Option<qapi::qmp::VersionInfo>,
+    /// Commands sent on this connection so far.
+    sent: u64,
+    /// Of those, the ones that may change QEMU (all but `query-*`).
+    changes: u64,
 }
 
 impl Qmp {
@@ -91,15 +98,21 @@ impl Qmp {
             timeout,
             peer,
             broken: false,
+            greeting_version: None,
+            sent: 0,
+            changes: 0,
         };
         let deadline = Instant::now() + timeout;
         let greeting = qmp.read_message(deadline, "no greeting", timeout)?;
-        if !matches!(greeting, Message::Greeting(_)) {
+        let Message::Greeting(greeting) = greeting else {
             return Err(QmpError::Protocol(format!(
                 "expected a greeting, got {}",
                 greeting.kind()
             )));
-        }
+        };
+        qmp.greeting_version = greeting
+            .get("version")
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
         qmp.execute(&qapi::qmp::qmp_capabilities { enable: None })?;
         Ok(qmp)
     }
@@ -124,6 +137,25 @@ impl Qmp {
     /// kernel gives them (`SO_PEERCRED`).
     pub fn peer_ids(&self) -> Option<(u32, u32)> {
         self.peer.map(|c| (c.uid, c.gid))
+    }
+
+    /// QEMU's version from its greeting, when it gave a whole one.
+    pub fn greeting_version(&self) -> Option<&qapi::qmp::VersionInfo> {
+        self.greeting_version.as_ref()
+    }
+
+    /// How many commands were sent on this connection: a state read
+    /// earlier on it still holds while this count has not moved (and no
+    /// one else changed QEMU).
+    pub fn commands_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// How many commands that may change QEMU (any but a `query-*`) were
+    /// sent on this connection: what a query answered earlier on it still
+    /// holds while this count has not moved (and no one else changed QEMU).
+    pub fn changes_sent(&self) -> u64 {
+        self.changes
     }
 
     /// False once a timeout or protocol error left the stream in an unknown state.
@@ -202,6 +234,10 @@ impl Qmp {
             .map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
         log::trace!("qmp -> {}", String::from_utf8_lossy(&line).trim_end());
+        self.sent += 1;
+        if !name.starts_with("query-") {
+            self.changes += 1;
+        }
         let mut sent = 0;
         if !fds.is_empty() {
             match send_with_fds(&self.writer, &line, fds) {
@@ -324,6 +360,48 @@ impl Qmp {
         on_progress: impl FnMut(u64, u64),
     ) -> Result<Option<String>, QmpError> {
         self.follow_job(job_id, timeout, true, on_progress)
+    }
+
+    /// Drops the queued status changes of job `job_id` (before a job of
+    /// that id starts, so that only its own are seen afterwards).
+    pub fn forget_job_events(&mut self, job_id: &str) {
+        self.events
+            .retain(|e| !super::qmp_ops::is_status_change_of(e, job_id));
+    }
+
+    /// Whether the queued status changes of job `job_id` (queued since
+    /// [`Qmp::forget_job_events`]) show it concluded without aborting:
+    /// QEMU passes every failing job through `aborting` before
+    /// `concluded`, and sends a job's changes in order, so a `concluded`
+    /// with no `aborting` before it is a success and `query-jobs` need not
+    /// be asked. Those events are taken from the queue when it is so.
+    pub fn job_succeeded_by_events(&mut self, job_id: &str) -> bool {
+        let statuses: Vec<qapi::qmp::JobStatus> = self
+            .events
+            .iter()
+            .filter_map(
+                |e| match serde_json::from_value::<qapi::qmp::Event>(e.clone()) {
+                    Ok(qapi::qmp::Event::JOB_STATUS_CHANGE { data, .. }) if data.id == job_id => {
+                        Some(data.status)
+                    }
+                    _ => None,
+                },
+            )
+            .collect();
+        let Some(end) = statuses
+            .iter()
+            .position(|s| matches!(s, qapi::qmp::JobStatus::concluded))
+        else {
+            return false;
+        };
+        if statuses[..end]
+            .iter()
+            .any(|s| matches!(s, qapi::qmp::JobStatus::aborting))
+        {
+            return false;
+        }
+        self.forget_job_events(job_id);
+        true
     }
 
     fn follow_job(

@@ -327,8 +327,12 @@ impl Qmp {
         self.execute(&args).map(drop)
     }
 
-    /// QEMU's version (`query-version`).
+    /// QEMU's version: as its greeting gave it (the same answer), else
+    /// from `query-version`.
     pub fn version(&mut self) -> Result<qmp::VersionInfo, QmpError> {
+        if let Some(v) = self.greeting_version() {
+            return Ok(v.clone());
+        }
         self.execute(&qmp::query_version {})
     }
 }
