@@ -16,7 +16,9 @@
 //!   `virsh restore`) against `virsh restore` of a `virsh save` image of
 //!   the same guest (libvirt 9.0 cannot revert to external snapshots;
 //!   its restore is the same load without vmsnapfs's destroy, overlays
-//!   and checks).
+//!   and checks), and against `virsh destroy` + `virsh restore` of that
+//!   image on the running domain (libvirt's nearest sequence: a revert
+//!   of a running domain has to stop it first).
 //!
 //! The guest has [`MIB`] MiB of RAM (TCG, no guest OS, RAM untouched:
 //! the RAM written is small; libvirt's and vmsnapfs's saves write the same
@@ -250,12 +252,13 @@ fn main() {
         ext_pause.push(p);
     }
     // Revert to each external checkpoint; virsh restores a save image.
-    let (mut our_ext, mut their_restore) = (vec![], vec![]);
+    let (mut our_ext, mut their_restore, mut their_cycle) = (vec![], vec![], vec![]);
     let save = dir.0.join("bench.save");
     for i in 0..if runs("revert") { n } else { 0 } {
-        let (ours, theirs) = revert_against_restore(&lv, dom, &d, &format!("e{i}"), &save);
+        let (ours, theirs, cycle) = revert_against_restore(&lv, dom, &d, &format!("e{i}"), &save);
         our_ext.push(ours);
         their_restore.push(theirs);
+        their_cycle.push(cycle);
     }
     println!("libvirt domain, {MIB} MiB RAM, median of {n}");
     row("internal checkpoint (create)", ours, theirs);
@@ -269,9 +272,10 @@ fn main() {
     );
     row(
         "revert to external checkpoint vs restore",
-        our_ext,
+        our_ext.clone(),
         their_restore,
     );
+    row("  the same vs destroy + restore", our_ext, their_cycle);
     // The default mkdir's wall time has no peer (libvirt 9.0 takes
     // external checkpoints but can neither revert nor delete them).
     if !ext_took.is_empty() {
@@ -358,33 +362,38 @@ fn filled(lv: &Libvirtd, dom: &str, d: &std::path::Path, dir: &std::path::Path, 
     }
     // Revert to a checkpoint of the filled guest (its memory file holds
     // the data), against virsh's restore of a save image of it.
-    let (mut full_rev, mut full_restore) = (vec![], vec![]);
+    let (mut full_rev, mut full_restore, mut full_cycle) = (vec![], vec![], vec![]);
     let save = dir.join("bench.save");
     for i in 0..n {
         fs::create_dir(d.join(format!("h{i}"))).unwrap();
-        let (ours, theirs) = revert_against_restore(lv, dom, d, &format!("h{i}"), &save);
+        let (ours, theirs, cycle) = revert_against_restore(lv, dom, d, &format!("h{i}"), &save);
         full_rev.push(ours);
         full_restore.push(theirs);
+        full_cycle.push(cycle);
         fs::remove_dir(d.join(format!("h{i}"))).unwrap();
     }
     row(
         "  revert to external checkpoint vs restore",
-        full_rev,
+        full_rev.clone(),
         full_restore,
     );
+    row("    the same vs destroy + restore", full_rev, full_cycle);
 }
 
 /// Reverts the running domain to its external checkpoint `name` through
 /// the tree, then times `virsh restore` of a `virsh save` image (at
-/// `save`, removed afterwards) of the guest it runs: (ours, virsh's) in
-/// seconds. Returns once vmsnapfs sees the domain running again.
+/// `save`, removed afterwards) of the guest it runs, then `virsh destroy`
+/// and `virsh restore` of the same image (what libvirt does for a
+/// running domain, stopping it first, as a revert must): (ours, virsh's
+/// restore, virsh's destroy and restore) in seconds. Returns once
+/// vmsnapfs sees the domain running again.
 fn revert_against_restore(
     lv: &Libvirtd,
     dom: &str,
     d: &std::path::Path,
     name: &str,
     save: &std::path::Path,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let t = Instant::now();
     fs::write(d.join(format!("{name}/revert")), "running discard").unwrap();
     let ours = t.elapsed().as_secs_f64();
@@ -392,6 +401,10 @@ fn revert_against_restore(
     let t = Instant::now();
     lv.virsh(&["restore", save.to_str().unwrap()]);
     let theirs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    lv.virsh(&["destroy", dom]);
+    lv.virsh(&["restore", save.to_str().unwrap()]);
+    let theirs_stopping = t.elapsed().as_secs_f64();
     fs::remove_file(save).unwrap();
     wait_until("running", Duration::from_secs(60), || {
         fs::read_to_string(d.join(".state"))
@@ -399,5 +412,5 @@ fn revert_against_restore(
             .trim()
             == "running"
     });
-    (ours, theirs)
+    (ours, theirs, theirs_stopping)
 }

@@ -65,7 +65,8 @@ pub fn switch(
 ) -> Result<()> {
     let xml = switch_xml(overlays, unchanged)?;
     let file = state_dir.join(SWITCH_XML);
-    crate::store::atomic::write_atomic(&file, xml.as_bytes())?;
+    // Read by virsh at once and removed: no sync inside the guest's pause.
+    crate::store::atomic::write_transient(&file, xml.as_bytes())?;
     let r = virsh.run(
         &[
             OsStr::new("snapshot-create"),

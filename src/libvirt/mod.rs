@@ -217,7 +217,7 @@ impl LibvirtDomain {
                 defined.insert(s.name.clone(), *hash);
                 continue;
             }
-            crate::store::atomic::write_atomic(&file, xml.as_bytes())?;
+            crate::store::atomic::write_transient(&file, xml.as_bytes())?;
             let r = self.virsh.run(
                 &[
                     std::ffi::OsStr::new("snapshot-create"),
@@ -357,7 +357,8 @@ impl Manager for LibvirtDomain {
             return Ok(());
         };
         let file = self.state_dir.join("libvirt-define.xml");
-        crate::store::atomic::write_atomic(&file, new.as_bytes())?;
+        // Read by virsh at once and removed: it need not be durable.
+        crate::store::atomic::write_transient(&file, new.as_bytes())?;
         let r = self
             .virsh
             .run(&[std::ffi::OsStr::new("define"), file.as_os_str()], QUICK);

@@ -44,6 +44,18 @@ pub fn tighten(dir: &Path) -> io::Result<()> {
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_replacing(path, data, true)
+}
+
+/// Replaces `path` with `data` atomically, not durably: for a file read
+/// at once by another program and removed afterwards (an input to
+/// `virsh`), which a crash may lose without harm. Saves the two syncs
+/// (file and directory) of [`write_atomic`].
+pub fn write_transient(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_replacing(path, data, false)
+}
+
+fn write_replacing(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -64,9 +76,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
