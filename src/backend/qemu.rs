@@ -59,7 +59,7 @@ impl Conn {
         self.status
             .as_ref()
             .filter(|(sent, _)| *sent == self.qmp.commands_sent())
-            .map(|(_, s)| s.clone())
+            .map(|(_, s)| *s)
     }
 
     /// Reads the run state (`query-status`) within `timeout`, and keeps it.
@@ -68,7 +68,7 @@ impl Conn {
         timeout: Duration,
     ) -> std::result::Result<qapi::qmp::RunState, QmpError> {
         let s = self.qmp.run_state(timeout)?;
-        self.status = Some((self.qmp.commands_sent(), s.clone()));
+        self.status = Some((self.qmp.commands_sent(), s));
         Ok(s)
     }
 }
