@@ -542,3 +542,37 @@ pub fn size_of(file: &File) -> std::io::Result<u64> {
     f.seek(SeekFrom::Start(0))?;
     Ok(end)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_device_nodes_and_operator_links_are_taken() {
+        let dir = std::env::temp_dir().join(format!("vmsnapfs-blockdev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        // A regular file is no device; a link outside the operator's
+        // directory is never followed; a missing name is ENOENT.
+        assert_eq!(resolve(&file, "d").unwrap_err().kind, ErrorKind::Invalid);
+        assert_eq!(
+            resolve(&link, "d").unwrap_err().kind,
+            ErrorKind::NotPermitted
+        );
+        assert_eq!(
+            resolve(&dir.join("none"), "d").unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        // A file is never taken for an accepted device, nor is an
+        // unknown path.
+        let f = File::open(&file).unwrap();
+        assert!(!accepted(&file, &f));
+        assert!(!is_device_path(&file));
+        assert!(!release(&file) && !undo(&file));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1438,6 +1438,16 @@ impl Backend for QemuBackend {
         self.qemu_warning.lock().clone()
     }
 
+    fn no_block_devices(&self) -> Option<String> {
+        self.manager.as_ref().map(|m| {
+            format!(
+                "an external disk onto a block device is not supported yet for a domain run \
+                 by {} (its definitions would name a type='block' disk); name a file overlay",
+                m.describe()
+            )
+        })
+    }
+
     fn memory_format(&self, live: DomainState, memory: &Path) -> MemoryFormat {
         // `file:` URIs end at a comma (`file:PATH,offset=N`); a manager
         // loads streams only (see `managed_can_load`).
