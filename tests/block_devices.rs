@@ -127,18 +127,15 @@ fn external_disks_onto_block_devices() {
     let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
     vm.policy = Some("external".into());
     vm.write_definition(&dir.0.join("domains")).unwrap();
-    let daemon = Daemon::start_with_args(
-        &dir.0,
-        &[],
-        &[
-            "--allow-other",
-            "--group",
-            &group,
-            "--format-devices",
-            devs.to_str().unwrap(),
-        ],
-    );
-    let fx = Fixture { daemon, vm, dir };
+    let args = [
+        "--allow-other",
+        "--group",
+        group.as_str(),
+        "--format-devices",
+        devs.to_str().unwrap(),
+    ];
+    let daemon = Daemon::start_with_args(&dir.0, &[], &args);
+    let mut fx = Fixture { daemon, vm, dir };
     let images = fx.vm.disks[0].image.parent().unwrap().to_owned();
     let vda = fx.vm.disks[0].image.clone();
     let create = fx.path(".create");
@@ -310,6 +307,50 @@ fn external_disks_onto_block_devices() {
     // device, a delete that merges into it.
     fx.quit_vm();
     let top = active_layer(&fx, "vda");
+
+    // --- The daemon killed after formatting e, before the create commits:
+    // at the restart the recovery puts back e's first MiB (kept in the
+    // state directory before the format), and nothing of the snapshot is
+    // left, nor the kept copy.
+    let e = Loop::new(&fx.dir.0.join("e.raw"), 80);
+    {
+        // A pattern no signature matches: blank to blkid, not zeros.
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&e.0).unwrap();
+        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        f.write_all_at(&pattern, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::os::unix::fs::symlink(&e.0, devs.join("lv-e")).unwrap();
+    let e_head = e.head();
+    let heads_dir = fx.daemon.state.join("vm1/device-heads");
+    fx.daemon.stop();
+    fx.daemon = Daemon::start_with_args(
+        &fx.dir.0,
+        &[("VMSNAPFS_FAILPOINTS", "create.after-overlays=crash")],
+        &args,
+    );
+    assert!(write_file(&create, spec("s5", &devs.join("lv-e")).as_bytes()).is_err());
+    assert!(fx.daemon.wait_exit(std::time::Duration::from_secs(30)));
+    assert_eq!(&e.head()[..4], b"QFI\xfb", "formatted before the crash");
+    assert_eq!(
+        fs::read_dir(&heads_dir).unwrap().count(),
+        1,
+        "the first MiB kept before the format"
+    );
+    fx.daemon.kill9();
+    fx.daemon = Daemon::start_with_args(&fx.dir.0, &[], &args);
+    let journal = fx.journal();
+    assert!(journal.is_empty(), "{journal:?}\n{}", fx.read(".log"));
+    assert!(e.head() == e_head, "e's first MiB put back");
+    assert!(!fx.ls().contains(&"s5".to_owned()), "{:?}", fx.ls());
+    assert_eq!(active_layer(&fx, "vda"), top);
+    assert_eq!(
+        fs::read_dir(&heads_dir).unwrap().count(),
+        0,
+        "the kept copy removed"
+    );
+    drop(e);
     qemu_img(&[
         "create",
         "-q",

@@ -28,11 +28,15 @@
 //! only regular files otherwise, let it in. A device is never removed,
 //! truncated or given to `rm`: when no chain needs it any more it is
 //! released (forgotten); a failed create puts back the bytes a format
-//! overwrote.
+//! overwrote. Those bytes are kept in the domain's root-only state
+//! directory (`device-heads/`, written `O_EXCL|O_NOFOLLOW` and fsynced
+//! before the format writes), so that the recovery of a create a crash
+//! interrupted puts them back too; a committed create removes the copy.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,6 +54,10 @@ static FORMAT_DIR: OnceLock<PathBuf> = OnceLock::new();
 /// undo puts back (a qcow2 header, refcount table and block, L1 table).
 const SAVED_HEAD: usize = 1 << 20;
 
+/// The directory of a domain's state directory holding the first MiB of
+/// each device a create formatted and has not committed yet.
+pub const HEADS_DIR: &str = "device-heads";
+
 /// How long `blkid` or `qemu-img info` on a device may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -61,8 +69,6 @@ struct Entry {
     domain: String,
     /// Whether the operator's directory lists it (it may be formatted).
     may_format: bool,
-    /// The bytes a format overwrote, to put back on undo.
-    saved_head: Option<Vec<u8>>,
 }
 
 static ACCEPTED: LazyLock<RwLock<HashMap<PathBuf, Entry>>> =
@@ -132,7 +138,6 @@ pub fn remember(path: &Path, domain: &str) {
             rdev: m.rdev(),
             domain: domain.to_owned(),
             may_format: false,
-            saved_head: None,
         });
 }
 
@@ -144,29 +149,128 @@ pub fn release(path: &Path) -> bool {
 }
 
 /// Undoes what a failed create did to the device at `path`: the bytes a
-/// format overwrote are put back, and the device is released. True when
-/// `path` is a device (nothing else is done to it).
-pub fn undo(path: &Path) -> bool {
-    let entry = ACCEPTED.write().remove(path);
-    let Some(entry) = entry else {
-        return is_block(path);
-    };
-    if let Some(head) = entry.saved_head {
-        let put_back = open_node(path, true, false)
-            .map_err(|e| e.to_string())
-            .and_then(|f| {
-                f.write_all_at(&head, 0)
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = put_back {
-            log::warn!(
-                "{}: the bytes the format overwrote could not be put back: {e}",
-                path.display()
-            );
-        }
+/// format overwrote, kept in the domain's state directory `state`, are put
+/// back, and the device is released. True when `path` is a device
+/// (nothing else is done to it).
+pub fn undo(path: &Path, state: &Path) -> bool {
+    let known = ACCEPTED.write().remove(path).is_some();
+    if !known && !is_block(path) {
+        return false;
     }
+    put_back(path, state);
     true
+}
+
+/// The create that formatted `node` committed: the saved copy of the
+/// bytes the format overwrote is removed.
+pub fn committed(node: &Path, state: &Path) {
+    let saved = saved_path(state, node);
+    if let Err(e) = crate::store::atomic::remove_durable(&saved) {
+        log::warn!("{}: {e}", saved.display());
+    }
+}
+
+/// Where the first MiB of `node` is kept while a create that formatted it
+/// is not committed: its path's bytes in hex, under [`HEADS_DIR`].
+fn saved_path(state: &Path, node: &Path) -> PathBuf {
+    let name: String = node
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state.join(HEADS_DIR).join(name)
+}
+
+/// Durably keeps `head`, the first bytes of the device `node` (device
+/// number `rdev`), before a format overwrites them: a new root-only file
+/// (`O_EXCL|O_NOFOLLOW`) holding the device number and the bytes, fsynced
+/// with its directory.
+fn save_head(state: &Path, node: &Path, rdev: u64, head: &[u8]) -> Result<()> {
+    let dir = state.join(HEADS_DIR);
+    crate::store::atomic::private_dir(&dir)?;
+    let saved = saved_path(state, node);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::store::atomic::FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&saved)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::io(format!(
+                "{}: the bytes an earlier format overwrote are still kept in {} \
+                 (they could not be put back); it is not formatted again",
+                node.display(),
+                saved.display()
+            )),
+            _ => Error::at(&saved, e),
+        })?;
+    let written = f
+        .write_all(&rdev.to_le_bytes())
+        .and_then(|_| f.write_all(head))
+        .and_then(|_| f.sync_all())
+        .and_then(|_| crate::store::atomic::sync_dir(&dir));
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(&saved);
+        return Err(Error::at(&saved, e));
+    }
+    Ok(())
+}
+
+/// Puts back the bytes kept for `path` (see [`save_head`]), only while the
+/// node (never followed) still leads to the device they came from; the
+/// copy is removed once they are back, kept (with a warning) otherwise.
+fn put_back(path: &Path, state: &Path) {
+    let saved = saved_path(state, path);
+    let bytes = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&saved)
+        .and_then(|mut f| {
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).map(|_| b)
+        }) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            log::warn!("{}: {e}", saved.display());
+            return;
+        }
+    };
+    let Some((rdev, head)) = bytes.split_first_chunk::<8>() else {
+        log::warn!("{}: too short; kept", saved.display());
+        return;
+    };
+    let rdev = u64::from_le_bytes(*rdev);
+    let put = open_node(path, true, false)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            let m = f.metadata().map_err(|e| e.to_string())?;
+            if !m.file_type().is_block_device() || m.rdev() != rdev {
+                return Err("it no longer leads to the device that was formatted".to_owned());
+            }
+            f.write_all_at(head, 0)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| e.to_string())
+        });
+    match put {
+        Ok(()) => {
+            log::info!(
+                "{}: the {} bytes the format overwrote are put back",
+                path.display(),
+                head.len()
+            );
+            if let Err(e) = crate::store::atomic::remove_durable(&saved) {
+                log::warn!("{}: {e}", saved.display());
+            }
+        }
+        Err(e) => log::warn!(
+            "{}: the bytes the format overwrote could not be put back ({e}); they are kept in {}",
+            path.display(),
+            saved.display()
+        ),
+    }
 }
 
 /// How a checked device becomes the layer.
@@ -482,7 +586,6 @@ pub fn check(named: &Path, over: &Over<'_>, root: bool) -> Result<(PathBuf, Devi
             rdev,
             domain: over.domain.to_owned(),
             may_format,
-            saved_head: None,
         },
     );
     Ok((node, usage))
@@ -491,8 +594,9 @@ pub fn check(named: &Path, over: &Over<'_>, root: bool) -> Result<(PathBuf, Devi
 /// Makes the accepted device `node` the qcow2 overlay of `over` right
 /// before the switch: checked again (`O_EXCL`), and formatted when it does
 /// not hold that overlay yet and may be formatted; the bytes a format
-/// overwrites are kept for [`undo`].
-pub fn prepare(node: &Path, over: &Over<'_>) -> Result<()> {
+/// overwrites are first kept durably in the domain's state directory
+/// `state` for [`undo`].
+pub fn prepare(node: &Path, over: &Over<'_>, state: &Path) -> Result<()> {
     let (rdev, may_format) = match ACCEPTED.read().get(node) {
         Some(e) => (e.rdev, e.may_format),
         None => {
@@ -520,9 +624,7 @@ pub fn prepare(node: &Path, over: &Over<'_>) -> Result<()> {
     }
     let mut head = vec![0u8; SAVED_HEAD.min(device_size(&f)? as usize)];
     f.read_exact_at(&mut head, 0)?;
-    if let Some(e) = ACCEPTED.write().get_mut(node) {
-        e.saved_head = Some(head);
-    }
+    save_head(state, node, rdev, &head)?;
     super::qemu_img::create_overlay_in(&f, over.active, over.format)?;
     f.sync_all()?;
     log::info!(
@@ -572,7 +674,7 @@ mod tests {
         let f = File::open(&file).unwrap();
         assert!(!accepted(&file, &f));
         assert!(!is_device_path(&file));
-        assert!(!release(&file) && !undo(&file));
+        assert!(!release(&file) && !undo(&file, &dir));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -70,6 +70,7 @@ impl QemuBackend {
                     active: backing,
                     format,
                 },
+                self.store.dir(),
             );
         }
         let id = qemu_img::create_overlay(overlay, backing, format)?;
@@ -107,7 +108,7 @@ impl QemuBackend {
     /// A block device is never removed: what a format wrote on it is
     /// undone and it is released ([`super::block_dev::undo`]).
     pub(super) fn remove_made(&self, path: &Path) -> Result<()> {
-        if super::block_dev::undo(path) {
+        if super::block_dev::undo(path, self.store.dir()) {
             log::info!(
                 "{}: block device {} released",
                 self.def.name,

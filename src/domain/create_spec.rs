@@ -341,10 +341,12 @@ fn device_note(target: &str, node: &std::path::Path, usage: block_dev::DeviceUse
 }
 
 /// Releases the devices a failed create had accepted (nothing was
-/// written to them, or [`block_dev::undo`] put it back).
+/// written to them, or the create's undo put it back with
+/// [`block_dev::undo`]; a create whose undo failed leaves its intent, and
+/// the saved bytes, to the recovery at the next start).
 fn release_all(accepted: &[Accepted]) {
     for (_, p, _) in accepted {
-        block_dev::undo(p);
+        block_dev::release(p);
     }
 }
 

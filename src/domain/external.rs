@@ -189,7 +189,18 @@ impl Domain {
                 p.image = Some(image);
             }
         }
-        self.record_new(snap)
+        self.record_new(snap)?;
+        self.committed_devices(&plan.overlays);
+        Ok(())
+    }
+
+    /// The create onto `overlays` committed: the bytes kept for a device
+    /// it formatted are no longer needed (see
+    /// [`crate::backend::block_dev::committed`]).
+    fn committed_devices(&self, overlays: &[(String, PathBuf)]) {
+        for (_, o) in overlays {
+            crate::backend::block_dev::committed(o, self.store.dir());
+        }
     }
 
     /// Removes what a failed external create may have made.
@@ -222,6 +233,7 @@ impl Domain {
         };
         if self.store.has_snapshot(id) {
             self.set_current(id)?;
+            self.committed_devices(overlays);
             return Ok("completed");
         }
         if !self.backend.settle_external(&plan)? {
@@ -244,6 +256,7 @@ impl Domain {
             ));
         }
         self.record_new(snap)?;
+        self.committed_devices(overlays);
         Ok("completed (the disks had switched to the new overlays)")
     }
 }
