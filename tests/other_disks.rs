@@ -11,40 +11,8 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
-
-/// A loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    fn read(&self, len: usize) -> Vec<u8> {
-        let mut b = fs::read(&self.0).unwrap_or_default();
-        b.truncate(len);
-        b
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
 
 /// The definition of `vm` with the block disk vdz, `attr` on its `<disk>`.
 fn write_definition(vm: &Vm, domains: &Path, dev: &str, attr: &str) {
@@ -61,11 +29,7 @@ fn write_definition(vm: &Vm, domains: &Path, dev: &str, attr: &str) {
 fn a_block_disk_is_left_out_only_on_purpose() {
     let dir = TempDir::new("otherdisk");
     let backing = dir.0.join("vdz.raw");
-    fs::File::create(&backing)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let lp = Loop::attach(&backing);
+    let lp = LoopDevice::new(&backing, 16);
     let mut vm = Vm::create(
         &VmSpec::small("vm1"),
         &dir.0.join("images"),
@@ -136,7 +100,7 @@ fn a_block_disk_is_left_out_only_on_purpose() {
         .unwrap_or_else(|e| panic!("revert: errno {e}: {}", fx.read(".log")));
     assert!(all_bytes(&fx.vm.read_disk("vda").unwrap(), 0, 65536, 0x11));
     assert!(
-        all_bytes(&lp.read(65536), 0, 65536, 0x22),
+        all_bytes(&lp.head(65536), 0, 65536, 0x22),
         "vdz was left as it is"
     );
 

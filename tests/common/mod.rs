@@ -15,6 +15,46 @@ pub mod libvirtd;
 
 pub use vmsnapfs::demo::vm::{Vm, VmSpec};
 
+/// A loop device over a new file of `mib` MiB, detached on drop.
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    /// Creates `file` (`mib` MiB, sparse) and attaches a free loop device to it.
+    pub fn new(file: &Path, mib: u64) -> LoopDevice {
+        fs::File::create(file).unwrap().set_len(mib << 20).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The device node, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+
+    /// Its first `len` bytes.
+    pub fn head(&self, len: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut b = vec![0u8; len];
+        fs::File::open(&self.0).unwrap().read_exact(&mut b).unwrap();
+        b
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 /// A temp directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
