@@ -17,44 +17,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A loop device over a new file of `mib` MiB, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &Path, mib: u64) -> Loop {
-        fs::File::create(file).unwrap().set_len(mib << 20).unwrap();
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    fn path(&self) -> &Path {
-        Path::new(&self.0)
-    }
-
-    /// Its first MiB.
-    fn head(&self) -> Vec<u8> {
-        use std::io::Read;
-        let mut b = vec![0u8; 1 << 20];
-        fs::File::open(&self.0).unwrap().read_exact(&mut b).unwrap();
-        b
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 /// A file system mounted for the test, unmounted on drop.
 struct Mounted(PathBuf);
 
@@ -96,10 +58,10 @@ fn external_disks_onto_block_devices() {
     let group = member.group.as_ref().unwrap().0.clone();
     let dir = TempDir::new("blockdev");
     let (a, b, c, d) = (
-        Loop::new(&dir.0.join("a.raw"), 80),
-        Loop::new(&dir.0.join("b.raw"), 80),
-        Loop::new(&dir.0.join("c.raw"), 80),
-        Loop::new(&dir.0.join("d.raw"), 80),
+        LoopDevice::new(&dir.0.join("a.raw"), 80),
+        LoopDevice::new(&dir.0.join("b.raw"), 80),
+        LoopDevice::new(&dir.0.join("c.raw"), 80),
+        LoopDevice::new(&dir.0.join("d.raw"), 80),
     );
     // c holds a mounted file system.
     let st = Command::new("mkfs.ext4")
@@ -158,7 +120,7 @@ fn external_disks_onto_block_devices() {
 
     // --- Attacks: each refused with its errno and `.log` line, nothing made.
     let files = names(&images);
-    let heads = [a.head(), b.head(), d.head()];
+    let heads = [a.head(1 << 20), b.head(1 << 20), d.head(1 << 20)];
     let refused = |errno: i32, xml: String, says: &str| {
         assert_eq!(write_file(&create, xml.as_bytes()), Err(errno), "{says}");
         let log = fx.read(".log");
@@ -216,7 +178,7 @@ fn external_disks_onto_block_devices() {
         &d.0,
         "64M",
     ]);
-    let d_head = d.head();
+    let d_head = d.head(1 << 20);
     refused(
         libc::EPERM,
         spec("x4", d.path()),
@@ -227,8 +189,11 @@ fn external_disks_onto_block_devices() {
         ),
     );
     assert_eq!(names(&images), files, "nothing made");
-    assert_eq!([a.head(), b.head()], [heads[0].clone(), heads[1].clone()]);
-    assert_eq!(d.head(), d_head);
+    assert_eq!(
+        [a.head(1 << 20), b.head(1 << 20)],
+        [heads[0].clone(), heads[1].clone()]
+    );
+    assert_eq!(d.head(1 << 20), d_head);
     assert!(fx.ls().is_empty(), "{:?}", fx.ls());
     drop(heads);
 
@@ -298,7 +263,7 @@ fn external_disks_onto_block_devices() {
         a.0
     )));
     assert_eq!(
-        &a.head()[..4],
+        &a.head(1 << 20)[..4],
         b"QFI\xfb",
         "a released device keeps its bytes"
     );
@@ -312,7 +277,7 @@ fn external_disks_onto_block_devices() {
     // at the restart the recovery puts back e's first MiB (kept in the
     // state directory before the format), and nothing of the snapshot is
     // left, nor the kept copy.
-    let e = Loop::new(&fx.dir.0.join("e.raw"), 80);
+    let e = LoopDevice::new(&fx.dir.0.join("e.raw"), 80);
     {
         // A pattern no signature matches: blank to blkid, not zeros.
         use std::os::unix::fs::FileExt;
@@ -322,7 +287,7 @@ fn external_disks_onto_block_devices() {
         f.sync_all().unwrap();
     }
     std::os::unix::fs::symlink(&e.0, devs.join("lv-e")).unwrap();
-    let e_head = e.head();
+    let e_head = e.head(1 << 20);
     let heads_dir = fx.daemon.state.join("vm1/device-heads");
     fx.daemon.stop();
     fx.daemon = Daemon::start_with_args(
@@ -332,7 +297,11 @@ fn external_disks_onto_block_devices() {
     );
     assert!(write_file(&create, spec("s5", &devs.join("lv-e")).as_bytes()).is_err());
     assert!(fx.daemon.wait_exit(std::time::Duration::from_secs(30)));
-    assert_eq!(&e.head()[..4], b"QFI\xfb", "formatted before the crash");
+    assert_eq!(
+        &e.head(1 << 20)[..4],
+        b"QFI\xfb",
+        "formatted before the crash"
+    );
     assert_eq!(
         fs::read_dir(&heads_dir).unwrap().count(),
         1,
@@ -342,7 +311,7 @@ fn external_disks_onto_block_devices() {
     fx.daemon = Daemon::start_with_args(&fx.dir.0, &[], &args);
     let journal = fx.journal();
     assert!(journal.is_empty(), "{journal:?}\n{}", fx.read(".log"));
-    assert!(e.head() == e_head, "e's first MiB put back");
+    assert!(e.head(1 << 20) == e_head, "e's first MiB put back");
     assert!(!fx.ls().contains(&"s5".to_owned()), "{:?}", fx.ls());
     assert_eq!(active_layer(&fx, "vda"), top);
     assert_eq!(
