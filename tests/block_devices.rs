@@ -36,11 +36,20 @@ fn spec(name: &str, dev: &Path) -> String {
     )
 }
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
+/// Writes on `dev` a 64 MiB qcow2 image over the qcow2 `backing`, as an
+/// operator prepares a device for libvirt's `--reuse-external`.
+fn qcow2_over(backing: &Path, dev: &LoopDevice) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(dev.path())
+        .arg("64M")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
-        "qemu-img {args:?}: {}",
+        "qemu-img create over {}: {}",
+        backing.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -104,19 +113,7 @@ fn external_disks_onto_block_devices() {
     let by_member =
         |xml: String| member.sh(&format!("cat > '{}'", create.display()), xml.as_bytes());
     // a holds the overlay already (libvirt's --reuse-external).
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        vda.to_str().unwrap(),
-        &a.0,
-        "64M",
-    ]);
+    qcow2_over(&vda, &a);
 
     // --- Attacks: each refused with its errno and `.log` line, nothing made.
     let files = names(&images);
@@ -165,19 +162,7 @@ fn external_disks_onto_block_devices() {
     // A device holding a qcow2 over another image.
     let other = fx.dir.0.join("other.qcow2");
     create_qcow2(&other, "64M");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        other.to_str().unwrap(),
-        &d.0,
-        "64M",
-    ]);
+    qcow2_over(&other, &d);
     let d_head = d.head(1 << 20);
     refused(
         libc::EPERM,
@@ -320,19 +305,7 @@ fn external_disks_onto_block_devices() {
         "the kept copy removed"
     );
     drop(e);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        top.to_str().unwrap(),
-        &d.0,
-        "64M",
-    ]);
+    qcow2_over(&top, &d);
     write_file(&create, spec("s3", d.path()).as_bytes())
         .unwrap_or_else(|e| panic!("errno {e}: {}", fx.read(".log")));
     assert_eq!(active_layer(&fx, "vda"), d.path());
