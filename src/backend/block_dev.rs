@@ -636,6 +636,27 @@ pub fn prepare(node: &Path, over: &Over<'_>, state: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The path beside which the new files of a disk defined on `source`
+/// (in `format`) are named: `source` itself, or, where that is a block
+/// device vmsnapfs accepted as a layer (libvirt's definition then names
+/// it), the first image file below it in its backing chain: a device's
+/// directory (`/dev`) is no place for files.
+pub fn file_beside(source: &Path, format: &str) -> Result<PathBuf> {
+    if !is_device_path(source) {
+        return Ok(source.to_owned());
+    }
+    super::qemu_img::chain(source, format)?
+        .into_iter()
+        .map(|i| i.path)
+        .find(|p| !is_device_path(p))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{} is a block device with no image file below it to name new files                  beside; name them in a .create spec",
+                source.display()
+            ))
+        })
+}
+
 /// The size of a block device opened as `file` (its length is not in
 /// its metadata).
 pub fn size_of(file: &File) -> std::io::Result<u64> {

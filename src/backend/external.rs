@@ -54,9 +54,6 @@ impl QemuBackend {
     /// made but checked again and, where allowed, formatted.
     pub(super) fn make_overlay(&self, overlay: &Path, backing: &Path, format: &str) -> Result<()> {
         if super::block_dev::is_device_path(overlay) {
-            if let Some(why) = super::Backend::no_block_devices(self) {
-                return Err(Error::new(ErrorKind::Unsupported, why));
-            }
             let target = self
                 .active()
                 .into_iter()

@@ -337,12 +337,6 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Why an external disk cannot go onto a block device here (see
-    /// [`block_dev`]); `None` when it can.
-    fn no_block_devices(&self) -> Option<String> {
-        None
-    }
-
     /// Merges two images (see [`Merge`]): live with a block job when the
     /// running QEMU has them open, with `qemu-img` otherwise. Safe to run
     /// again after an interruption. `progress` sees (done, total) bytes.

@@ -1413,12 +1413,21 @@ impl Backend for QemuBackend {
                 .and_then(|c| c.qmp.base_memory(STATUS_TIMEOUT).ok())
         };
         let need = ram.unwrap_or(0) + 16 * 1024 * 1024;
+        let active = self.active();
         self.def.disks.iter().find_map(|d| {
-            let free = free_bytes(d.source.parent()?)?;
+            // A block device vmsnapfs put into libvirt's definition: new
+            // files go beside the first file below the active layer.
+            let beside = if super::block_dev::is_device_path(&d.source) {
+                let now = active.iter().find(|a| a.target == d.target)?;
+                super::block_dev::file_beside(&now.source, &now.format).ok()?
+            } else {
+                d.source.clone()
+            };
+            let free = free_bytes(beside.parent()?)?;
             (free < need).then(|| {
                 format!(
                     "no space left on the filesystem of {}: {} MiB free, a snapshot needs about {} MiB",
-                    d.source.display(),
+                    beside.display(),
                     free >> 20,
                     need >> 20
                 )
@@ -1436,16 +1445,6 @@ impl Backend for QemuBackend {
 
     fn qemu_warning(&self) -> Option<String> {
         self.qemu_warning.lock().clone()
-    }
-
-    fn no_block_devices(&self) -> Option<String> {
-        self.manager.as_ref().map(|m| {
-            format!(
-                "an external disk onto a block device is not supported yet for a domain run \
-                 by {} (its definitions would name a type='block' disk); name a file overlay",
-                m.describe()
-            )
-        })
     }
 
     fn memory_format(&self, live: DomainState, memory: &Path) -> MemoryFormat {

@@ -11,6 +11,7 @@ use super::oplog::now_secs;
 use super::revert::{left_behind, RevertTo};
 use super::revert_rule::{RevertCase, RevertPlace};
 use super::Domain;
+use crate::backend::qemu_img::canonical;
 use crate::backend::{ExternalPlan, ExternalRevert};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
@@ -98,7 +99,7 @@ impl Domain {
                     image: Some(image),
                     ..
                 }) => {
-                    let overlay = branch_overlay(&def.source, &snap.name);
+                    let overlay = branch_overlay(&self.beside(def)?, &snap.name);
                     let format = if image == &def.source {
                         def.format.clone()
                     } else {
@@ -312,7 +313,7 @@ impl Domain {
         images
             .iter()
             .filter(|img| {
-                let named = self.def.disks.iter().any(|d| &d.source == *img);
+                let named = self.is_defined_image(&canonical(img));
                 let point = forest
                     .iter()
                     .any(|s| s.disks.iter().any(|d| d.image.as_ref() == Some(*img)));

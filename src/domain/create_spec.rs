@@ -301,12 +301,6 @@ impl Domain {
         caller: &super::Caller,
         accepted: &mut Vec<Accepted>,
     ) -> Result<PathBuf> {
-        if let Some(why) = self.backend.no_block_devices() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("disk {target}: {why}"),
-            ));
-        }
         let active = self.backend.active_disks();
         let now = active
             .iter()

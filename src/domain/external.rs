@@ -8,7 +8,8 @@ use super::{CreateRequest, Domain};
 use crate::backend::{ExternalOutcome, ExternalPlan};
 use crate::error::{Error, Result};
 use crate::model::{
-    DiskPoint, DiskSnapshotKind, DomainState, MemoryFormat, MemoryLocation, Snapshot, SnapshotState,
+    DiskDef, DiskPoint, DiskSnapshotKind, DomainState, MemoryFormat, MemoryLocation, Snapshot,
+    SnapshotState,
 };
 use crate::xml::snapshot::{parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml};
 
@@ -37,6 +38,23 @@ pub fn snapshot_from_plan(xml: &str) -> Result<Snapshot> {
 }
 
 impl Domain {
+    /// The path beside which new files of the disk `def` are named: its
+    /// defined image, or, where the definition names a block device
+    /// vmsnapfs accepted as a layer (libvirt's does), the first image
+    /// file in the chain of the disk's active layer (see
+    /// [`crate::backend::block_dev::file_beside`]).
+    pub(super) fn beside(&self, def: &DiskDef) -> Result<PathBuf> {
+        if !crate::backend::block_dev::is_device_path(&def.source) {
+            return Ok(def.source.clone());
+        }
+        let active = self.backend.active_disks();
+        let now = active
+            .iter()
+            .find(|d| d.target == def.target)
+            .unwrap_or(def);
+        crate::backend::block_dev::file_beside(&now.source, &now.format)
+    }
+
     /// Decides the files of an external snapshot and the metadata it will
     /// have, before anything changes.
     pub(super) fn plan_external(
@@ -62,9 +80,10 @@ impl Domain {
                 .unwrap_or(def);
             match disks.iter().find(|(t, _)| *t == def.target) {
                 Some((_, path)) => {
-                    let overlay = path
-                        .clone()
-                        .unwrap_or_else(|| default_overlay(&def.source, request.name));
+                    let overlay = match path {
+                        Some(p) => p.clone(),
+                        None => default_overlay(&self.beside(def)?, request.name),
+                    };
                     overlays.push((def.target.clone(), overlay.clone()));
                     points.push(DiskPoint {
                         target: def.target.clone(),
@@ -83,9 +102,15 @@ impl Domain {
         }
         let up = live != DomainState::Shutoff;
         let memory_file = match (memory, up) {
-            (Some(path), true) => Some(path.clone().unwrap_or_else(|| {
-                default_memory(&self.def.disks[0].source, &self.def.name, request.name)
-            })),
+            (Some(Some(path)), true) => Some(path.clone()),
+            (Some(None), true) => {
+                let first = &self.def.disks[0];
+                Some(default_memory(
+                    &self.beside(first)?,
+                    &self.def.name,
+                    request.name,
+                ))
+            }
             _ => None,
         };
         let state = match (live, &memory_file) {

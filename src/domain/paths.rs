@@ -152,12 +152,15 @@ fn may_write(caller: &Caller, dir: &Path) -> bool {
 }
 
 impl Domain {
-    /// The directories of the domain's disk images (symlinks resolved).
+    /// The directories of the domain's disk images (symlinks resolved;
+    /// for a disk defined on a block device, its first file below, see
+    /// [`Domain::beside`]).
     fn image_dirs(&self) -> Vec<PathBuf> {
         self.def
             .disks
             .iter()
-            .filter_map(|d| d.source.parent().map(canonical))
+            .filter_map(|d| self.beside(d).ok())
+            .filter_map(|p| p.parent().map(canonical))
             .collect()
     }
 

@@ -126,8 +126,15 @@ impl Domain {
             .collect()
     }
 
-    fn is_defined_image(&self, p: &Path) -> bool {
-        self.def.disks.iter().any(|d| canonical(&d.source) == p)
+    /// True when `p` is an image the domain's definition names, kept
+    /// as the operator's. A block device there is not: a definition
+    /// names one only as a layer vmsnapfs accepted (see
+    /// [`crate::xml::parse_domain_def_with`]), merged out of and
+    /// released like any other.
+    pub(super) fn is_defined_image(&self, p: &Path) -> bool {
+        self.def.disks.iter().any(|d| {
+            canonical(&d.source) == p && !crate::backend::block_dev::is_device_path(&d.source)
+        })
     }
 
     fn plan_disk(

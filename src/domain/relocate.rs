@@ -19,8 +19,11 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DiskPoint, DiskSnapshotKind, DomainState, Snapshot, SnapshotState};
 use crate::store::Intent;
 
-/// Where the current contents of `image` are copied.
-fn copy_path(image: &Path) -> PathBuf {
+/// Where the current contents of `image` are copied: beside it, or
+/// beside the first file below it when it is a block device (see
+/// [`crate::backend::block_dev::file_beside`]).
+fn copy_path(image: &Path) -> Result<PathBuf> {
+    let image = crate::backend::block_dev::file_beside(image, "qcow2")?;
     let stem = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -29,7 +32,7 @@ fn copy_path(image: &Path) -> PathBuf {
     (1..)
         .map(|n| image.with_file_name(format!("{stem}.moved-{secs}-{n}.qcow2")))
         .find(|p| !p.exists())
-        .expect("a free name")
+        .ok_or_else(|| Error::io("no free name for a copy"))
 }
 
 impl Domain {
@@ -103,7 +106,7 @@ impl Domain {
                 });
             let keep_live = is_active && !req.discard;
             if has_dependents || keep_live {
-                let copy = copy_path(img);
+                let copy = copy_path(img)?;
                 if is_active {
                     left_images.push(copy.clone());
                 }

@@ -35,14 +35,21 @@ fn utf8(path: &Path) -> Result<&str> {
 }
 
 /// The `<domainsnapshot>` that switches `overlays` (target, existing
-/// qcow2 overlay) and leaves the disks `unchanged` alone.
+/// qcow2 overlay) and leaves the disks `unchanged` alone. An overlay on
+/// a block device vmsnapfs accepted ([`crate::backend::block_dev`]) is
+/// libvirt's `type='block'` disk with `<source dev>`.
 pub fn switch_xml(overlays: &[(String, &Path)], unchanged: &[&str]) -> Result<String> {
     use quick_xml::escape::escape;
     let mut x = String::from("<domainsnapshot><description>vmsnapfs</description><disks>");
     for (target, overlay) in overlays {
+        let (kind, key) = if crate::backend::block_dev::is_device_path(overlay) {
+            ("block", "dev")
+        } else {
+            ("file", "file")
+        };
         x.push_str(&format!(
-            "<disk name='{}' snapshot='external' type='file'><driver type='qcow2'/>\
-             <source file='{}'/></disk>",
+            "<disk name='{}' snapshot='external' type='{kind}'><driver type='qcow2'/>\
+             <source {key}='{}'/></disk>",
             escape(target.as_str()),
             escape(utf8(overlay)?)
         ));
@@ -139,6 +146,30 @@ mod tests {
              <disk name='vda' snapshot='external' type='file'><driver type='qcow2'/>\
              <source file='/i/a&apos;&amp;b.qcow2'/></disk>\
              <disk name='vdb' snapshot='no'/></disks></domainsnapshot>"
+        );
+    }
+
+    #[test]
+    fn a_block_device_is_switched_to_as_a_block_disk() {
+        // /dev/null is a character device: a file to libvirt.
+        let x = switch_xml(&[("vda".into(), Path::new("/dev/null"))], &[]).unwrap();
+        assert!(x.contains("type='file'") && x.contains("<source file='/dev/null'/>"));
+        let Some(dev) = std::fs::read_dir("/dev").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| crate::backend::block_dev::is_block(p))
+        }) else {
+            return;
+        };
+        let x = switch_xml(&[("vdb".into(), dev.as_path())], &[]).unwrap();
+        assert_eq!(
+            x,
+            format!(
+                "<domainsnapshot><description>vmsnapfs</description><disks>\
+                 <disk name='vdb' snapshot='external' type='block'><driver type='qcow2'/>\
+                 <source dev='{}'/></disk></disks></domainsnapshot>",
+                dev.display()
+            )
         );
     }
 

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 use crate::model::{DiskDef, DiskSnapshotKind, DomainDef, Snapshot};
 use crate::store::DomainStore;
-use crate::xml::domain::parse_domain_def;
+use crate::xml::domain::parse_domain_def_with;
 
 pub use virsh::Virsh;
 
@@ -78,7 +78,8 @@ impl LibvirtDomain {
     /// names the endpoint as its monitor.
     pub fn open(virsh: &Virsh, name: &str, store: &DomainStore) -> Result<(DomainDef, Self)> {
         let xml = inactive_xml(virsh, name)?;
-        let mut def = parse_domain_def(&xml)
+        let ours = own_devices(store);
+        let mut def = parse_domain_def_with(&xml, &|p| ours.iter().any(|o| o == p))
             .map_err(|e| Error::invalid(format!("libvirt's definition of {name}: {e}")))?;
         if def.name != name {
             return Err(Error::invalid(format!(
@@ -258,6 +259,23 @@ impl LibvirtDomain {
         crate::store::atomic::write_atomic(&record, &text)?;
         result
     }
+}
+
+/// The block devices the records in `store` name as layers (the active
+/// layers and the snapshots' images and overlays): the only ones a
+/// libvirt definition may name as a disk vmsnapfs snapshots (see
+/// [`parse_domain_def_with`]).
+fn own_devices(store: &DomainStore) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = store.load_layers().into_values().map(|l| l.path).collect();
+    if let Ok(loaded) = store.load() {
+        for s in loaded.forest.iter() {
+            for d in &s.disks {
+                out.extend([&d.image, &d.overlay].into_iter().flatten().cloned());
+            }
+        }
+    }
+    out.retain(|p| crate::backend::block_dev::is_block(p));
+    out
 }
 
 /// The backing chains (paths, top first) of the active layers and of

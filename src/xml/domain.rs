@@ -74,6 +74,19 @@ const REDACTED: &str = "***";
 /// name, and no two disks read may share one. The returned
 /// [`DomainDef::xml`] is `xml` as given.
 pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
+    parse_domain_def_with(xml, &|_| false)
+}
+
+/// [`parse_domain_def`] for a definition that may name, as a disk's
+/// active layer, a block device vmsnapfs accepted as one (see
+/// [`crate::backend::block_dev`]): a `type='block'` disk (not a LUN)
+/// whose `<driver type>` is qcow2 and whose `<source dev>` `ours` takes
+/// is read as an image disk on that device. Every other block disk stays
+/// a disk vmsnapfs cannot snapshot.
+pub fn parse_domain_def_with(
+    xml: &str,
+    ours: &dyn Fn(&std::path::Path) -> bool,
+) -> Result<DomainDef, XmlError> {
     let root = tree::parse(xml)?;
     root.expect_root("domain")?;
 
@@ -102,7 +115,7 @@ pub fn parse_domain_def(xml: &str) -> Result<DomainDef, XmlError> {
         }
         let mut targets = HashSet::new();
         for disk in devices.children_named("disk") {
-            let target = match parse_disk(disk)? {
+            let target = match parse_disk(disk, ours)? {
                 ParsedDisk::Skipped => continue,
                 ParsedDisk::File(d) => {
                     let t = d.target.clone();
@@ -231,8 +244,12 @@ fn other_what(disk: &Element, source: Option<&Element>, lun: bool) -> String {
     }
 }
 
-/// Reads one `<disk>`.
-fn parse_disk(disk: &Element) -> Result<ParsedDisk, XmlError> {
+/// Reads one `<disk>`; `ours` tells which block devices are layers
+/// vmsnapfs accepted (see [`parse_domain_def_with`]).
+fn parse_disk(
+    disk: &Element,
+    ours: &dyn Fn(&std::path::Path) -> bool,
+) -> Result<ParsedDisk, XmlError> {
     let lun = match disk.attr("device").unwrap_or("disk") {
         "disk" => false,
         "lun" => true,
@@ -248,8 +265,17 @@ fn parse_disk(disk: &Element) -> Result<ParsedDisk, XmlError> {
     let Some(source) = disk.child("source")? else {
         return Ok(ParsedDisk::Skipped);
     };
-    let file = match source.attr("file") {
-        Some(file) if !lun && disk.attr("type").unwrap_or("file") == "file" => file,
+    let format_attr = disk.child("driver")?.and_then(|d| d.attr("type"));
+    let file = match (disk.attr("type").unwrap_or("file"), lun) {
+        ("file", false) if source.attr("file").is_some() => source.attr("file").unwrap_or(""),
+        ("block", false)
+            if format_attr == Some("qcow2")
+                && source
+                    .attr("dev")
+                    .is_some_and(|d| !d.is_empty() && ours(std::path::Path::new(d))) =>
+        {
+            source.attr("dev").unwrap_or("")
+        }
         _ => {
             return Ok(ParsedDisk::Other(OtherDisk {
                 target: target.to_string(),
@@ -262,7 +288,7 @@ fn parse_disk(disk: &Element) -> Result<ParsedDisk, XmlError> {
         return Err(XmlError::bad_value("<source file>", file, "empty path"));
     }
 
-    let format = match disk.child("driver")?.and_then(|d| d.attr("type")) {
+    let format = match format_attr {
         Some(format) if is_format_name(format) => format,
         Some(format) => {
             return Err(XmlError::bad_value(
@@ -584,6 +610,39 @@ mod tests {
                 ("vdg", "block device /dev/vg/d", false),
             ]
         );
+    }
+
+    #[test]
+    fn only_block_devices_vmsnapfs_accepted_are_image_disks() {
+        let xml = "<domain><name>v</name><devices>\
+            <disk type='block' device='disk'><driver name='qemu' type='qcow2'/>\
+            <source dev='/dev/ours' index='2'/><backingStore type='file'>\
+            <format type='qcow2'/><source file='/i/base.qcow2'/></backingStore>\
+            <target dev='vda'/></disk>\
+            <disk type='block' device='disk'><driver name='qemu' type='qcow2'/>\
+            <source dev='/dev/theirs'/><target dev='vdb'/></disk>\
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/>\
+            <source dev='/dev/ours'/><target dev='vdc'/></disk>\
+            <disk type='block' device='lun'><driver name='qemu' type='qcow2'/>\
+            <source dev='/dev/ours'/><target dev='sda'/></disk>\
+            </devices></domain>";
+        let ours = |p: &std::path::Path| p == std::path::Path::new("/dev/ours");
+        let def = parse_domain_def_with(xml, &ours).unwrap();
+        assert_eq!(
+            def.disks,
+            vec![DiskDef {
+                target: "vda".into(),
+                source: "/dev/ours".into(),
+                format: "qcow2".into(),
+            }]
+        );
+        // Another device, a raw one, a LUN: not layers vmsnapfs made.
+        let others: Vec<&str> = def.other_disks.iter().map(|d| d.target.as_str()).collect();
+        assert_eq!(others, ["vdb", "vdc", "sda"]);
+        // Without the records, every block disk is another disk.
+        let def = parse_domain_def(xml).unwrap();
+        assert!(def.disks.is_empty());
+        assert_eq!(def.other_disks.len(), 4);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod secrets;
 pub mod snapshot;
 mod tree;
 
-pub use domain::{parse_domain_def, redact_secrets};
+pub use domain::{parse_domain_def, parse_domain_def_with, redact_secrets};
 pub use limits::{MAX_DEPTH, MAX_INPUT_BYTES};
 pub use snapshot::{
     parse_snapshot_xml, snapshot_from_spec, write_snapshot_xml, DiskSpec, MemorySpec, SnapshotSpec,

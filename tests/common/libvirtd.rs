@@ -179,10 +179,11 @@ impl Libvirtd {
         self.domains.push(name.to_owned());
     }
 
-    /// The images of the domain's disk vda: (live top, persistent source).
+    /// The images of the domain's disk vda: (live top, persistent source),
+    /// a file or a block device holding a qcow2.
     pub fn sources(&self, name: &str) -> (String, String) {
         let top = |xml: &str| {
-            let def = vmsnapfs::xml::domain::parse_domain_def(xml).unwrap();
+            let def = vmsnapfs::xml::domain::parse_domain_def_with(xml, &|_| true).unwrap();
             def.disks[0].source.to_string_lossy().into_owned()
         };
         (
