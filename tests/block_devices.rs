@@ -11,7 +11,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -327,5 +327,277 @@ fn external_disks_onto_block_devices() {
         .file_type()
         .is_block_device());
     fs::remove_dir(fx.path("s1")).unwrap_or_else(|e| panic!("{e}: {}", fx.read(".log")));
+    check_no_orphans(&fx);
+}
+
+/// Fills the first MiB of `dev` with a pattern no signature matches
+/// (blank to blkid, and not zeros); `salt` makes two devices differ.
+fn fill_blank(dev: &LoopDevice, salt: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(&dev.0).unwrap();
+    let pattern: Vec<u8> = (0..1u32 << 20)
+        .map(|i| ((i + salt) % 251) as u8 | 1)
+        .collect();
+    f.write_all_at(&pattern, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The image QEMU has under disk `target` (its active layer as the
+/// running QEMU sees it), asked on the VM's own control socket.
+fn qemu_active(vm: &Vm, target: &str) -> PathBuf {
+    let disk = vm.disks.iter().find(|d| d.target == target).unwrap();
+    let qdev = format!("/machine/peripheral/{}/virtio-backend", disk.device);
+    let blocks = vm.control().unwrap().block_devices().unwrap();
+    let file = blocks
+        .into_iter()
+        .find(|b| b.qdev.as_deref() == Some(qdev.as_str()))
+        .and_then(|b| b.inserted)
+        .map(|i| i.file)
+        .unwrap_or_else(|| panic!("QEMU has no image under {target}"));
+    PathBuf::from(file)
+}
+
+/// QEMU's run state (`query-status`), asked on the VM's control socket.
+fn qemu_status(vm: &Vm) -> String {
+    let s = vm
+        .control()
+        .unwrap()
+        .execute_raw("query-status", serde_json::json!({}))
+        .unwrap();
+    s["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A device node `name` in `dir` (root's, 0600) for the device `rdev`,
+/// made with mknod(2): a node the operator keeps in the
+/// `--format-devices` directory.
+fn device_node(dir: &Path, name: &str, rdev: u64) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let p = dir.join(name);
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mknod(2) on a NUL-terminated path with integer arguments.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, rdev as libc::dev_t) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    p
+}
+
+/// The device number of the loop device `dev`.
+fn rdev_of(dev: &LoopDevice) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(&dev.0).unwrap().rdev()
+}
+
+/// A running VM (policy `external`) and a daemon with `--format-devices
+/// devs` that crashes once a create's overlays are made (a format done),
+/// before QEMU is handed them.
+fn crashing_fixture(tag: &str) -> (Fixture, PathBuf, Vec<String>) {
+    let dir = TempDir::new(tag);
+    let devs = dir.0.join("devs");
+    fs::create_dir(&devs).unwrap();
+    fs::set_permissions(&devs, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut vm = Vm::start(&VmSpec::small("vm1"), &dir.0.join("images")).expect("start VM");
+    vm.policy = Some("external".into());
+    vm.write_definition(&dir.0.join("domains")).unwrap();
+    let args = vec![
+        "--format-devices".to_owned(),
+        devs.to_str().unwrap().to_owned(),
+    ];
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with_args(
+        &dir.0,
+        &[("VMSNAPFS_FAILPOINTS", "create.overlays-made=crash")],
+        &a,
+    );
+    (Fixture { daemon, vm, dir }, devs, args)
+}
+
+/// Runs the create of `c1` onto `dev`, which kills the daemon after the
+/// format (QEMU runs on); checks that the format happened and its bytes
+/// were kept, then restarts the daemon so that its recovery runs.
+fn create_killed_after_format(
+    fx: &mut Fixture,
+    dev: &Path,
+    formatted: &LoopDevice,
+    args: &[String],
+) {
+    let heads_dir = fx.daemon.state.join("vm1/device-heads");
+    assert!(write_file(&fx.path(".create"), spec("c1", dev).as_bytes()).is_err());
+    assert!(
+        fx.daemon.wait_exit(std::time::Duration::from_secs(30)),
+        "the daemon did not stop at create.overlays-made"
+    );
+    assert_eq!(
+        &formatted.head(1 << 20)[..4],
+        b"QFI\xfb",
+        "formatted before the crash"
+    );
+    assert_eq!(
+        fs::read_dir(&heads_dir).unwrap().count(),
+        1,
+        "the first MiB kept before the format"
+    );
+    // QEMU ran on while the daemon was gone.
+    assert_eq!(qemu_status(&fx.vm), "running");
+    fx.daemon.kill9();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fx.daemon = Daemon::start_with_args(&fx.dir.0, &[], &a);
+    let journal = fx.journal();
+    assert!(journal.is_empty(), "{journal:?}\n{}", fx.read(".log"));
+}
+
+/// Waits (up to 30 s) until vm1's `.log` holds `needle`.
+fn wait_dot_log(fx: &Fixture, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = fx.read(".log");
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wanted {needle:?} in .log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_format_is_undone_by_recovery_while_the_guest_runs() {
+    let (mut fx, devs, args) = crashing_fixture("blockdev-crash-run");
+    let e = LoopDevice::new(&fx.dir.0.join("e.raw"), 80);
+    fill_blank(&e, 0);
+    std::os::unix::fs::symlink(&e.0, devs.join("lv-e")).unwrap();
+    let e_head = e.head(1 << 20);
+    let images = fx.vm.disks[0].image.parent().unwrap().to_owned();
+    let files = names(&images);
+    let before = active_layer(&fx, "vda");
+    assert_eq!(qemu_active(&fx.vm, "vda"), before);
+    fx.vm.qemu_io("vda", "write -P 0x44 0 64k").unwrap();
+
+    create_killed_after_format(&mut fx, &devs.join("lv-e"), &e, &args);
+
+    // Nothing half-made: no snapshot, no file, no kept copy.
+    assert!(
+        e.head(1 << 20) == e_head,
+        "e's first MiB put back byte for byte"
+    );
+    let heads_dir = fx.daemon.state.join("vm1/device-heads");
+    assert_eq!(
+        fs::read_dir(&heads_dir).unwrap().count(),
+        0,
+        "the kept copy removed"
+    );
+    assert!(!fx.ls().contains(&"c1".to_owned()), "{:?}", fx.ls());
+    assert_eq!(names(&images), files, "nothing made beside the images");
+    wait_dot_log(
+        &fx,
+        &format!(
+            "{}: the 1048576 bytes the format overwrote are put back",
+            e.0
+        ),
+    );
+    // The guest runs on as before, on its previous active layer, and
+    // QEMU never took the device.
+    assert_eq!(fx.read(".state").trim(), "running");
+    assert_eq!(qemu_status(&fx.vm), "running");
+    assert_eq!(active_layer(&fx, "vda"), before);
+    assert_eq!(qemu_active(&fx.vm, "vda"), before);
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&e.0)
+        .expect("nobody holds e");
+    fx.vm.qemu_io("vda", "write -P 0x55 64k 64k").unwrap();
+    let disk = fx.vm.read_disk("vda").unwrap();
+    assert!(all_bytes(&disk, 0, 65536, 0x44) && all_bytes(&disk, 65536, 65536, 0x55));
+    // The same device is taken again by the next create.
+    write_file(
+        &fx.path(".create"),
+        spec("c2", &devs.join("lv-e")).as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("errno {e}: {}", fx.read(".log")));
+    assert_eq!(active_layer(&fx, "vda"), e.path());
+    view_is(&fx, "c2", 0x44);
+    fs::remove_dir(fx.path("c2")).unwrap_or_else(|e| panic!("{e}: {}", fx.read(".log")));
+    check_no_orphans(&fx);
+}
+
+#[test]
+fn saved_bytes_never_go_to_another_device() {
+    let (mut fx, devs, args) = crashing_fixture("blockdev-crash-rdev");
+    let e = LoopDevice::new(&fx.dir.0.join("e.raw"), 80);
+    let f = LoopDevice::new(&fx.dir.0.join("f.raw"), 80);
+    fill_blank(&e, 0);
+    fill_blank(&f, 7);
+    // The operator keeps a device node in the directory; after the crash
+    // it is made again for another device.
+    let node = device_node(&devs, "node-e", rdev_of(&e));
+    let f_head = f.head(1 << 20);
+    let before = active_layer(&fx, "vda");
+
+    // The daemon's kill, and the node replaced while it is gone.
+    let heads_dir = fx.daemon.state.join("vm1/device-heads");
+    assert!(write_file(&fx.path(".create"), spec("c1", &node).as_bytes()).is_err());
+    assert!(fx.daemon.wait_exit(std::time::Duration::from_secs(30)));
+    assert_eq!(
+        &e.head(1 << 20)[..4],
+        b"QFI\xfb",
+        "formatted before the crash"
+    );
+    fs::remove_file(&node).unwrap();
+    device_node(&devs, "node-e", rdev_of(&f));
+    fx.daemon.kill9();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fx.daemon = Daemon::start_with_args(&fx.dir.0, &[], &a);
+    let journal = fx.journal();
+    assert!(journal.is_empty(), "{journal:?}\n{}", fx.read(".log"));
+
+    // Not a byte written to the other device; `.log` says why and where
+    // the bytes are kept; the copy stays for the operator.
+    let log = wait_dot_log(
+        &fx,
+        &format!(
+            "{}: the bytes the format overwrote are not put back: it now leads to device {}:{}",
+            node.display(),
+            libc::major(rdev_of(&f)),
+            libc::minor(rdev_of(&f))
+        ),
+    );
+    assert!(log.contains("nothing is written to it"), "{log}");
+    assert!(f.head(1 << 20) == f_head, "the other device unchanged");
+    assert_eq!(
+        &e.head(1 << 20)[..4],
+        b"QFI\xfb",
+        "e left as the format made it"
+    );
+    let kept: Vec<_> = fs::read_dir(&heads_dir).unwrap().collect();
+    assert_eq!(kept.len(), 1, "the kept copy stays");
+    let kept = kept.into_iter().next().unwrap().unwrap().path();
+    assert!(
+        log.contains(&format!("they are kept in {}", kept.display())),
+        "{log}"
+    );
+    // The kept copy is e's first MiB as it was.
+    let bytes = fs::read(&kept).unwrap();
+    assert_eq!(&bytes[..8], &rdev_of(&e).to_le_bytes());
+    fill_blank(&e, 0);
+    assert!(bytes[8..] == e.head(1 << 20)[..], "the kept bytes are e's");
+    // The guest runs on its previous layer; no snapshot.
+    assert!(!fx.ls().contains(&"c1".to_owned()), "{:?}", fx.ls());
+    assert_eq!(qemu_status(&fx.vm), "running");
+    assert_eq!(active_layer(&fx, "vda"), before);
+    assert_eq!(qemu_active(&fx.vm, "vda"), before);
+    // A new format of that node is refused while the copy is kept.
+    assert!(write_file(&fx.path(".create"), spec("c2", &node).as_bytes()).is_err());
+    assert!(
+        f.head(1 << 20) == f_head,
+        "the other device still unchanged"
+    );
+    wait_dot_log(&fx, "the bytes an earlier format overwrote are still kept");
     check_no_orphans(&fx);
 }

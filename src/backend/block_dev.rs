@@ -148,17 +148,26 @@ pub fn release(path: &Path) -> bool {
     known || is_block(path)
 }
 
+/// What [`undo`] found at a path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undone {
+    /// Not a device: a file, for the caller to remove.
+    NotDevice,
+    /// A device, released (nothing else is done to it). With a line for
+    /// the domain's `.log` when a format's bytes were kept for it: put
+    /// back, or why not and where they are kept.
+    Released(Option<String>),
+}
+
 /// Undoes what a failed create did to the device at `path`: the bytes a
 /// format overwrote, kept in the domain's state directory `state`, are put
-/// back, and the device is released. True when `path` is a device
-/// (nothing else is done to it).
-pub fn undo(path: &Path, state: &Path) -> bool {
+/// back, and the device is released.
+pub fn undo(path: &Path, state: &Path) -> Undone {
     let known = ACCEPTED.write().remove(path).is_some();
     if !known && !is_block(path) {
-        return false;
+        return Undone::NotDevice;
     }
-    put_back(path, state);
-    true
+    Undone::Released(put_back(path, state))
 }
 
 /// The create that formatted `node` committed: the saved copy of the
@@ -220,8 +229,9 @@ fn save_head(state: &Path, node: &Path, rdev: u64, head: &[u8]) -> Result<()> {
 
 /// Puts back the bytes kept for `path` (see [`save_head`]), only while the
 /// node (never followed) still leads to the device they came from; the
-/// copy is removed once they are back, kept (with a warning) otherwise.
-fn put_back(path: &Path, state: &Path) {
+/// copy is removed once they are back, kept otherwise. Returns what
+/// happened, for `.log` (`None`: nothing was kept for `path`).
+fn put_back(path: &Path, state: &Path) -> Option<String> {
     let saved = saved_path(state, path);
     let bytes = match std::fs::OpenOptions::new()
         .read(true)
@@ -232,45 +242,64 @@ fn put_back(path: &Path, state: &Path) {
             f.read_to_end(&mut b).map(|_| b)
         }) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            log::warn!("{}: {e}", saved.display());
-            return;
+            return Some(format!(
+                "{}: the bytes a format overwrote cannot be read from {} ({e}); they are \
+                 not put back",
+                path.display(),
+                saved.display()
+            ))
         }
     };
     let Some((rdev, head)) = bytes.split_first_chunk::<8>() else {
-        log::warn!("{}: too short; kept", saved.display());
-        return;
+        return Some(format!(
+            "{}: {} is too short to hold the bytes a format overwrote; nothing is put back, \
+             the file is kept",
+            path.display(),
+            saved.display()
+        ));
     };
     let rdev = u64::from_le_bytes(*rdev);
     let put = open_node(path, true, false)
         .map_err(|e| e.to_string())
         .and_then(|f| {
             let m = f.metadata().map_err(|e| e.to_string())?;
-            if !m.file_type().is_block_device() || m.rdev() != rdev {
-                return Err("it no longer leads to the device that was formatted".to_owned());
+            if !m.file_type().is_block_device() {
+                return Err("it is no longer a device node".to_owned());
+            }
+            if m.rdev() != rdev {
+                return Err(format!(
+                    "it now leads to device {}:{}, not to {}:{}, the device that was \
+                     formatted; nothing is written to it",
+                    libc::major(m.rdev()),
+                    libc::minor(m.rdev()),
+                    libc::major(rdev),
+                    libc::minor(rdev)
+                ));
             }
             f.write_all_at(head, 0)
                 .and_then(|_| f.sync_all())
                 .map_err(|e| e.to_string())
         });
-    match put {
+    Some(match put {
         Ok(()) => {
-            log::info!(
-                "{}: the {} bytes the format overwrote are put back",
+            let kept = match crate::store::atomic::remove_durable(&saved) {
+                Ok(()) => String::new(),
+                Err(e) => format!(" (the copy in {} stays: {e})", saved.display()),
+            };
+            format!(
+                "{}: the {} bytes the format overwrote are put back{kept}",
                 path.display(),
                 head.len()
-            );
-            if let Err(e) = crate::store::atomic::remove_durable(&saved) {
-                log::warn!("{}: {e}", saved.display());
-            }
+            )
         }
-        Err(e) => log::warn!(
-            "{}: the bytes the format overwrote could not be put back ({e}); they are kept in {}",
+        Err(e) => format!(
+            "{}: the bytes the format overwrote are not put back: {e}; they are kept in {}",
             path.display(),
             saved.display()
         ),
-    }
+    })
 }
 
 /// How a checked device becomes the layer.
@@ -695,7 +724,8 @@ mod tests {
         let f = File::open(&file).unwrap();
         assert!(!accepted(&file, &f));
         assert!(!is_device_path(&file));
-        assert!(!release(&file) && !undo(&file, &dir));
+        assert!(!release(&file));
+        assert_eq!(undo(&file, &dir), Undone::NotDevice);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -105,12 +105,17 @@ impl QemuBackend {
     /// A block device is never removed: what a format wrote on it is
     /// undone and it is released ([`super::block_dev::undo`]).
     pub(super) fn remove_made(&self, path: &Path) -> Result<()> {
-        if super::block_dev::undo(path, self.store.dir()) {
+        if let super::block_dev::Undone::Released(note) =
+            super::block_dev::undo(path, self.store.dir())
+        {
             log::info!(
                 "{}: block device {} released",
                 self.def.name,
                 path.display()
             );
+            if let Some(n) = note {
+                self.note(n);
+            }
             return Ok(());
         }
         if let crate::store::owned::Removal::Refused(why) = self.store.remove_made(path, false)? {
