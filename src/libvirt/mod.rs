@@ -262,11 +262,24 @@ impl LibvirtDomain {
 }
 
 /// The block devices the records in `store` name as layers (the active
-/// layers and the snapshots' images and overlays): the only ones a
-/// libvirt definition may name as a disk vmsnapfs snapshots (see
-/// [`parse_domain_def_with`]).
+/// layers, the snapshots' images and overlays, and the overlays of an
+/// interrupted create or revert, which libvirt may have switched to
+/// before the crash): the only ones a libvirt definition may name as a
+/// disk vmsnapfs snapshots (see [`parse_domain_def_with`]).
 fn own_devices(store: &DomainStore) -> Vec<PathBuf> {
+    use crate::store::Intent;
     let mut out: Vec<PathBuf> = store.load_layers().into_values().map(|l| l.path).collect();
+    let pending = store
+        .journal()
+        .and_then(|j| j.pending())
+        .unwrap_or_default();
+    for r in pending.into_iter().flatten() {
+        if let Intent::CreateExternal { overlays, .. } | Intent::RevertExternal { overlays, .. } =
+            r.intent
+        {
+            out.extend(overlays.into_iter().map(|(_, o)| o));
+        }
+    }
     if let Ok(loaded) = store.load() {
         for s in loaded.forest.iter() {
             for d in &s.disks {
