@@ -341,25 +341,32 @@ fn inactive_xml(virsh: &Virsh, name: &str) -> Result<String> {
     )
 }
 
+/// The pid of domain `name`'s QEMU from libvirt's pid file, for a
+/// privileged libvirtd (`qemu:///system`), while it runs; `None` for
+/// other URIs (the file is elsewhere, and not root's).
+pub fn system_qemu_pid(virsh: &Virsh, name: &str) -> Option<i32> {
+    if !virsh.uri().starts_with("qemu:///system") {
+        return None;
+    }
+    let path = Path::new(SYSTEM_PID_DIR).join(format!("{name}.pid"));
+    let mut text = String::new();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    // Only a file root wrote: libvirtd's.
+    if !meta.is_file() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+        return None;
+    }
+    std::io::Read::read_to_string(&mut (&mut f).take(64), &mut text).ok()?;
+    text.trim().parse().ok()
+}
+
 impl Manager for LibvirtDomain {
     fn qemu_pid(&self) -> Option<i32> {
-        if !self.virsh.uri().starts_with("qemu:///system") {
-            return None;
-        }
-        let path = Path::new(SYSTEM_PID_DIR).join(format!("{}.pid", self.name));
-        let mut text = String::new();
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .ok()?;
-        let meta = f.metadata().ok()?;
-        // Only a file root wrote: libvirtd's.
-        if !meta.is_file() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
-            return None;
-        }
-        std::io::Read::read_to_string(&mut (&mut f).take(64), &mut text).ok()?;
-        text.trim().parse().ok()
+        system_qemu_pid(&self.virsh, &self.name)
     }
 
     fn start_paused(&self) -> Result<()> {

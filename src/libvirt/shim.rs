@@ -12,6 +12,19 @@
 //! `qmp_capabilities` is answered here; `quit` becomes `virsh destroy`;
 //! every other command is passed through, each within a deadline; the
 //! events of the domain (`virsh qemu-monitor-event`) are forwarded.
+//!
+//! A connection talks to one QEMU process: the one that answered its
+//! greeting. libvirt may start another behind it (`virsh destroy; virsh
+//! start`, its own revert or restore), and what the client learnt of the
+//! old one (node names, pid, version, disks) would not hold for the new
+//! one. So the QEMU is identified at the greeting and again before each
+//! command (and, where that is free, after it): by libvirt's pid file
+//! (the pid and the start time of the process it names; a local read)
+//! for a privileged libvirtd, else by libvirt's id of the running
+//! domain (`virsh domid`, new at every start or restore). When it
+//! changed, the connection is closed without the command going to the
+//! new QEMU (or without its answer, when the change shows only after
+//! it): the client connects again and learns everything anew.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -27,6 +40,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::virsh::{self, Virsh};
+use crate::backend::liveness::QemuProcess;
 
 /// Deadline of one passed-through command (longer than any the QEMU
 /// backend gives a command, so the backend times out first).
@@ -99,8 +113,63 @@ impl Drop for EventChild {
     }
 }
 
+/// Which QEMU process of a domain a connection talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Qemu {
+    /// The process libvirt's pid file names (pid and start time).
+    Process(QemuProcess),
+    /// libvirt's id of the running domain (new at every start).
+    Id(u32),
+}
+
+impl std::fmt::Display for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Qemu::Process(p) => write!(f, "pid {} (started at tick {})", p.pid, p.start),
+            Qemu::Id(id) => write!(f, "libvirt domain id {id}"),
+        }
+    }
+}
+
+/// How a connection tells which QEMU runs the domain now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// libvirt's pid file (a privileged libvirtd): read locally.
+    PidFile,
+    /// `virsh domid`: a round trip to libvirt.
+    DomainId,
+}
+
+impl Watch {
+    /// The QEMU running `domain` now, as this way tells it; `None` when
+    /// none runs (or it cannot be told).
+    fn current(self, virsh: &Virsh, domain: &str) -> Option<Qemu> {
+        match self {
+            Watch::PidFile => super::system_qemu_pid(virsh, domain)
+                .and_then(QemuProcess::of)
+                .map(Qemu::Process),
+            Watch::DomainId => virsh
+                .run(&["domid", "--domain", domain], GREETING_DEADLINE)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+                .map(Qemu::Id),
+        }
+    }
+}
+
+/// The QEMU running `domain` now and the way it was told: libvirt's pid
+/// file where it names a live process, else libvirt's domain id.
+fn identify(virsh: &Virsh, domain: &str) -> Option<(Watch, Qemu)> {
+    [Watch::PidFile, Watch::DomainId]
+        .into_iter()
+        .find_map(|w| w.current(virsh, domain).map(|q| (w, q)))
+}
+
 /// Serves one QMP connection until the client leaves.
 fn serve(virsh: Virsh, domain: String, conn: UnixStream) {
+    let greeted = identify(&virsh, &domain);
     let version = virsh.run(
         &[
             "qemu-monitor-command",
@@ -123,6 +192,27 @@ fn serve(virsh: Virsh, domain: String, conn: UnixStream) {
         }
         Err(_) => return silent(conn),
     };
+    // The QEMU that answered is the one identified before: else it is
+    // starting or stopping (closed: the client asks again).
+    let Some((watch, greeted)) = greeted else {
+        return;
+    };
+    if watch == Watch::PidFile && watch.current(&virsh, &domain) != Some(greeted) {
+        return;
+    }
+    let same = |when: &str| {
+        let now = watch.current(&virsh, &domain);
+        if now == Some(greeted) {
+            return true;
+        }
+        log::info!(
+            "{domain}: libvirt's QEMU changed behind a monitor connection {when} ({greeted} \
+             became {}): the connection is closed, and what its client knew of the old \
+             QEMU with it",
+            now.map_or_else(|| "none".to_owned(), |q| q.to_string())
+        );
+        false
+    };
     let writer = Arc::new(Mutex::new(match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -138,7 +228,16 @@ fn serve(virsh: Virsh, domain: String, conn: UnixStream) {
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=end).collect();
             let passed = std::mem::take(&mut fds);
+            // Never a command to another QEMU than the greeting's; nor
+            // an answer that may come from one (told free of charge
+            // only by the pid file).
+            if !same("before a command") {
+                return;
+            }
             let reply = answer(&virsh, &domain, &line, &passed);
+            if watch == Watch::PidFile && reply.get("quit").is_none() && !same("during a command") {
+                return;
+            }
             let quit = reply.get("quit").is_some();
             let reply = reply.get("quit").cloned().unwrap_or(reply);
             if send(&writer, &reply).is_err() || quit {
