@@ -1313,6 +1313,9 @@ impl QemuBackend {
             }
             return self.set_layers(&layers);
         }
+        // From the stop to the start through the manager, state polls
+        // keep out of the way (see `restarting`).
+        let _restarting = (up && self.manager.is_some()).then(|| self.restarting());
         if up {
             if let Err(e) = super::Backend::stop_process(self) {
                 cleanup(&made);

@@ -131,6 +131,25 @@ pub struct QemuBackend {
     /// Who starts and stops QEMU when it is not vmsnapfs (libvirt); the
     /// running domain's images then change through it.
     pub(super) manager: Option<std::sync::Arc<dyn super::managed::Manager>>,
+    /// How many operations are stopping or starting QEMU through the
+    /// manager: state polls wait (a poll's connection to a QEMU being
+    /// restored would wait for the manager, then take the monitor from
+    /// the operation that started it).
+    restarting: std::sync::atomic::AtomicUsize,
+    /// The manager has just started QEMU from the definition vmsnapfs
+    /// gave it: nothing of vmsnapfs's is in it (no node it added, no fd
+    /// set), which the next connection need not ask.
+    fresh: std::sync::atomic::AtomicBool,
+}
+
+/// While held, the domain's QEMU is being stopped or started through
+/// its manager (see `QemuBackend::restarting`).
+pub(super) struct Restarting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Restarting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The file in the domain's state directory that records QEMU's pid.
@@ -197,6 +216,8 @@ impl QemuBackend {
             known_images: Mutex::new(Default::default()),
             layers: Mutex::new(layers),
             manager: None,
+            restarting: Default::default(),
+            fresh: Default::default(),
         }
     }
 
@@ -223,6 +244,14 @@ impl QemuBackend {
             Some(m) => m.qemu_pid(),
             None => conn.pid,
         }
+    }
+
+    /// Marks the domain's QEMU as being stopped or started through its
+    /// manager until the guard is dropped: state polls skip meanwhile.
+    pub(super) fn restarting(&self) -> Restarting<'_> {
+        self.restarting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Restarting(&self.restarting)
     }
 
     /// A line for the domain's `.log`.
@@ -327,9 +356,14 @@ impl QemuBackend {
     /// is the truth while it runs: an interrupted external snapshot may
     /// have switched a disk before the record was written).
     /// Returns the disks QEMU reported, and whether it listed no fd set
-    /// of vmsnapfs's.
-    fn sync_layers(&self, qmp: &mut Qmp) -> Option<(BTreeMap<String, LiveDisk>, bool)> {
-        let Ok((live, sets)) = self.live_disks_and_sets(qmp) else {
+    /// of vmsnapfs's. `fresh`: QEMU is known to hold no fd set of
+    /// vmsnapfs's (not asked).
+    fn sync_layers(
+        &self,
+        qmp: &mut Qmp,
+        fresh: bool,
+    ) -> Option<(BTreeMap<String, LiveDisk>, bool)> {
+        let Ok((live, sets)) = self.live_disks_and_sets(qmp, fresh) else {
             return None;
         };
         self.follow_live_layers(&live);
@@ -430,12 +464,18 @@ impl QemuBackend {
                         caps.package
                     );
                     *self.qemu_warning.lock() = caps.range_warning();
-                    let seen = self.sync_layers(&mut qmp);
+                    // A QEMU the manager has just started from vmsnapfs's
+                    // definition holds no fd set or node of vmsnapfs's.
+                    let fresh = self.manager.is_some()
+                        && self.fresh.swap(false, std::sync::atomic::Ordering::AcqRel);
+                    let seen = self.sync_layers(&mut qmp, fresh);
                     let changes = qmp.changes_sent();
                     // Descriptors handed over by an operation that was
                     // cut short (a daemon crash) are released.
-                    let no_sets = seen.as_ref().is_some_and(|(_, n)| *n);
-                    let _ = super::fdset::release_unused_knowing(&mut qmp, no_sets);
+                    if !fresh {
+                        let no_sets = seen.as_ref().is_some_and(|(_, n)| *n);
+                        let _ = super::fdset::release_unused_knowing(&mut qmp, no_sets);
+                    }
                     let disks_at_connect = seen.map(|(d, _)| (changes, d));
                     *guard = Some(Conn {
                         qmp,
@@ -697,18 +737,24 @@ impl QemuBackend {
     /// block device whose chain holds the disk's active layer (or, failing
     /// that, the image the definition names).
     pub(super) fn live_disks(&self, qmp: &mut Qmp) -> Result<BTreeMap<String, LiveDisk>> {
-        self.live_disks_and_sets(qmp).map(|(d, _)| d)
+        self.live_disks_and_sets(qmp, false).map(|(d, _)| d)
     }
 
-    /// [`Self::live_disks`], with the fd sets of vmsnapfs's QEMU listed.
+    /// [`Self::live_disks`], with the fd sets of vmsnapfs's QEMU listed
+    /// (`no_sets`: known to be none, not asked).
     fn live_disks_and_sets(
         &self,
         qmp: &mut Qmp,
+        no_sets: bool,
     ) -> Result<(
         BTreeMap<String, LiveDisk>,
         std::collections::HashMap<i64, PathBuf>,
     )> {
-        let sets = super::fdset::ours(qmp).map_err(qmp_err)?;
+        let sets = if no_sets {
+            Default::default()
+        } else {
+            super::fdset::ours(qmp).map_err(qmp_err)?
+        };
         let blocks = qmp.block_devices().map_err(qmp_err)?;
         type Found = (String, Option<String>, Vec<qemu_img::ChainImage>);
         // A device without a medium (an empty CD-ROM) has no chain.
@@ -936,6 +982,7 @@ impl QemuBackend {
         incoming: Option<&Incoming<'_>>,
         paused: bool,
     ) -> Result<()> {
+        let _restarting = self.restarting();
         let t = Instant::now();
         // The active layers' chains are read while the manager starts
         // QEMU: read before QEMU opens the images, they catch what a read
@@ -955,6 +1002,9 @@ impl QemuBackend {
             let chains = reader.and_then(|r| r.join().ok());
             started.map(|()| chains)
         })?;
+        // Started from the definition vmsnapfs gave: nothing of
+        // vmsnapfs's is in it yet.
+        self.fresh.store(true, std::sync::atomic::Ordering::Release);
         let started = t.elapsed();
         let deadline = Instant::now() + START_TIMEOUT;
         // The monitor stays held from the first answer to the resume: no
@@ -966,6 +1016,8 @@ impl QemuBackend {
             }
             drop(guard);
             if Instant::now() > deadline {
+                self.fresh
+                    .store(false, std::sync::atomic::Ordering::Release);
                 let _ = m.destroy();
                 return Err(Error::io(format!(
                     "the QEMU that {} started did not answer in time",
@@ -1196,6 +1248,9 @@ impl Backend for QemuBackend {
     }
 
     fn try_refresh_state(&self) -> Option<DomainState> {
+        if self.restarting.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
         let mut guard = self.conn.try_lock()?;
         Some(self.state_of(&mut guard))
     }
@@ -1607,7 +1662,7 @@ impl Backend for QemuBackend {
             }
             c.nodes = None;
             if !ours.is_empty() {
-                self.sync_layers(&mut c.qmp);
+                self.sync_layers(&mut c.qmp, false);
             }
             Ok(ours.len())
         })
