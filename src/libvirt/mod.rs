@@ -70,6 +70,11 @@ pub struct LibvirtDomain {
     /// What libvirt's snapshot list was last made to mirror (a hash of
     /// the snapshots, the current one and the active layers).
     synced: parking_lot::Mutex<Option<u64>>,
+    /// libvirt's persistent definition as the last change of the active
+    /// layers left it (read, then defined when it named other images),
+    /// with the disks it names: a restore on those disks that follows
+    /// at once starts from it instead of reading it again.
+    defined: parking_lot::Mutex<Option<(Vec<DiskDef>, String)>>,
 }
 
 impl LibvirtDomain {
@@ -107,6 +112,7 @@ impl LibvirtDomain {
                 state_dir: store.dir().to_owned(),
                 shim,
                 synced: parking_lot::Mutex::new(None),
+                defined: parking_lot::Mutex::new(None),
             },
         ))
     }
@@ -378,8 +384,16 @@ impl Manager for LibvirtDomain {
     fn restore_paused(&self, memory: &std::fs::File, disks: &[DiskDef]) -> Result<()> {
         // libvirt's persistent definition (what `virsh start` boots),
         // on the disks given: the live definition of the restored QEMU.
-        let xml = inactive_xml(&self.virsh, &self.name)?;
-        let xml = define::with_sources(&xml, disks)?.unwrap_or(xml);
+        // Every revert records the new layers right before (see
+        // `layers_changed`): the definition it left is used.
+        let defined = self.defined.lock().take().filter(|(d, _)| d == disks);
+        let xml = match defined {
+            Some((_, xml)) => xml,
+            None => {
+                let xml = inactive_xml(&self.virsh, &self.name)?;
+                define::with_sources(&xml, disks)?.unwrap_or(xml)
+            }
+        };
         save_image::restore(&self.virsh, &self.state_dir, &xml, memory, RESTORE)
     }
 
@@ -390,8 +404,10 @@ impl Manager for LibvirtDomain {
     }
 
     fn layers_changed(&self, disks: &[DiskDef]) -> Result<()> {
+        *self.defined.lock() = None;
         let xml = inactive_xml(&self.virsh, &self.name)?;
         let Some(new) = define::with_sources(&xml, disks)? else {
+            *self.defined.lock() = Some((disks.to_vec(), xml));
             return Ok(());
         };
         let file = self.state_dir.join("libvirt-define.xml");
@@ -401,6 +417,9 @@ impl Manager for LibvirtDomain {
             .virsh
             .run(&[std::ffi::OsStr::new("define"), file.as_os_str()], QUICK);
         let _ = std::fs::remove_file(&file);
+        if r.is_ok() {
+            *self.defined.lock() = Some((disks.to_vec(), new));
+        }
         r.map(drop)
     }
 
