@@ -214,6 +214,18 @@ impl Feed {
 
     fn stop_and_join(&mut self) -> io::Result<u64> {
         self.stop.store(true, Ordering::Release);
+        if let Some(t) = &self.thread {
+            // A feeder still waiting in its open for a reader is woken by
+            // one (opened and closed at once; again until it has left
+            // the open, which it may not have reached yet).
+            while !t.is_finished() {
+                let _ = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&self.path);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let r = match self.thread.take() {
             Some(t) => t
                 .join()
@@ -260,31 +272,34 @@ fn feed(path: &Path, ino: u64, head: &[u8], memory: &File, stop: &AtomicBool) ->
 }
 
 /// Opens the FIFO's write end once a reader has opened it (`None`:
-/// stopped first), checking that it is still the FIFO made.
+/// stopped first), checking that it is still the FIFO made. The open
+/// blocks until the reader comes (no polling: libvirt's own open waits
+/// for this one); [`Feed`]'s stop wakes it by opening the read end.
+/// The descriptor is then non-blocking, so that a reader that stops
+/// reading never holds the thread past a stop.
 fn open_writer(path: &Path, ino: u64, stop: &AtomicBool) -> io::Result<Option<File>> {
-    loop {
-        if stop.load(Ordering::Acquire) {
-            return Ok(None);
-        }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path);
-        match f {
-            Ok(f) => {
-                let m = f.metadata()?;
-                if !m.file_type().is_fifo() || m.ino() != ino {
-                    return Err(io::Error::other("the FIFO was replaced"));
-                }
-                return Ok(Some(f));
-            }
-            // No reader yet.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(e),
+    if stop.load(Ordering::Acquire) {
+        return Ok(None);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if stop.load(Ordering::Acquire) {
+        return Ok(None);
+    }
+    let m = f.metadata()?;
+    if !m.file_type().is_fifo() || m.ino() != ino {
+        return Err(io::Error::other("the FIFO was replaced"));
+    }
+    // SAFETY: fcntl(2) on a descriptor this thread owns.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
         }
     }
+    Ok(Some(f))
 }
 
 /// Writes `head` then `memory` into `pipe`, counting in `written`;
