@@ -70,9 +70,12 @@ impl QemuProcess {
         })
     }
 
-    /// Writes the record to `file` (atomically).
+    /// Writes the record to `file` (atomically, not durably: a process
+    /// does not outlive a crash of the machine, and a crash of the daemon
+    /// keeps what it wrote; an old record after a reboot names a process
+    /// whose start time no live one has).
     pub fn save(&self, file: &Path) -> io::Result<()> {
-        crate::store::atomic::write_atomic(
+        crate::store::atomic::write_transient(
             file,
             format!("{} {}\n", self.pid, self.start).as_bytes(),
         )
