@@ -23,6 +23,11 @@ pub trait Images: Send + Sync {
     /// The internal snapshots of qcow2 `image`.
     fn tags(&self, image: &Path) -> Result<Vec<ImageSnapshot>>;
 
+    /// Whether qcow2 `image` holds any internal snapshot.
+    fn has_tags(&self, image: &Path) -> Result<bool> {
+        Ok(!self.tags(image)?.is_empty())
+    }
+
     /// Bytes `image` itself holds (not its backing chain).
     fn own_bytes(&self, image: &Path, format: &str) -> Result<u64>;
 
@@ -54,6 +59,10 @@ impl Images for QemuImg {
 
     fn tags(&self, image: &Path) -> Result<Vec<ImageSnapshot>> {
         qemu_img::list(image)
+    }
+
+    fn has_tags(&self, image: &Path) -> Result<bool> {
+        qemu_img::has_snapshots(image)
     }
 
     fn own_bytes(&self, image: &Path, format: &str) -> Result<u64> {

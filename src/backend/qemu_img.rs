@@ -203,6 +203,34 @@ fn qcow2_header_size(h: &[u8; 32]) -> Option<u64> {
     (size % 512 == 0).then_some(size)
 }
 
+/// Whether qcow2 `image` holds internal snapshots: the count in its
+/// header (big-endian at byte 60), without a `qemu-img` process, where
+/// the header reads as qcow2 version 2 or 3; else from `qemu-img` ([`list`]).
+pub fn has_snapshots(image: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let counted = (|| {
+        // Opened as for qemu-img (see [`pin`]).
+        let f = pin(image).ok()?;
+        let mut h = [0u8; 64];
+        f.read_exact_at(&mut h, 0).ok()?;
+        qcow2_header_snapshots(&h)
+    })();
+    match counted {
+        Some(n) => Ok(n > 0),
+        None => Ok(!list(image)?.is_empty()),
+    }
+}
+
+/// The count of internal snapshots in the first 64 bytes of a qcow2
+/// header (see [`has_snapshots`]).
+fn qcow2_header_snapshots(h: &[u8; 64]) -> Option<u32> {
+    let version = u32::from_be_bytes(h[4..8].try_into().ok()?);
+    if &h[..4] != b"QFI\xfb" || !(2..=3).contains(&version) {
+        return None;
+    }
+    Some(u32::from_be_bytes(h[60..64].try_into().ok()?))
+}
+
 /// The internal snapshots of one image (read with `-U`, so it works while
 /// a QEMU holds the image; use QMP for an authoritative view then).
 pub fn list(image: &Path) -> Result<Vec<ImageSnapshot>> {
@@ -724,6 +752,48 @@ mod tests {
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
         assert_eq!(header_size(&raw, "raw"), None);
         assert_eq!(header_size(&raw, "qcow2"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_header_counts_the_snapshots_qemu_img_lists() {
+        let dir = std::env::temp_dir().join(format!("vmsnapfs-snaps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let qemu_img = |args: &[&str], img: &Path| {
+            let ok = Command::new("qemu-img")
+                .args(args)
+                .arg(img)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "qemu-img {args:?}");
+        };
+        for compat in ["0.10", "1.1"] {
+            let img = dir.join(format!("{compat}.qcow2"));
+            let made = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-o"])
+                .arg(format!("compat={compat}"))
+                .arg(&img)
+                .arg("1M")
+                .status()
+                .unwrap()
+                .success();
+            assert!(made, "qemu-img create {compat}");
+            assert!(!has_snapshots(&img).unwrap());
+            assert!(list(&img).unwrap().is_empty());
+            qemu_img(&["snapshot", "-c", "one"], &img);
+            assert!(has_snapshots(&img).unwrap(), "{compat}");
+            qemu_img(&["snapshot", "-c", "two"], &img);
+            qemu_img(&["snapshot", "-d", "one"], &img);
+            assert!(has_snapshots(&img).unwrap(), "{compat}");
+            assert_eq!(list(&img).unwrap().len(), 1);
+            qemu_img(&["snapshot", "-d", "two"], &img);
+            assert!(!has_snapshots(&img).unwrap(), "{compat}");
+        }
+        // No qcow2 header: qemu-img is asked (and refuses a raw file).
+        let raw = dir.join("raw");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        assert!(has_snapshots(&raw).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -317,7 +317,7 @@ impl Domain {
                 let point = forest
                     .iter()
                     .any(|s| s.disks.iter().any(|d| d.image.as_ref() == Some(*img)));
-                let tags = self.images.tags(img).map(|t| !t.is_empty()).unwrap_or(true);
+                let tags = self.images.has_tags(img).unwrap_or(true);
                 !named && !point && !tags
             })
             .cloned()
