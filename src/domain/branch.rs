@@ -168,8 +168,9 @@ impl Domain {
             return Err(e);
         }
         // Stopping the guest flushes its images: what the state left
-        // behind holds can now be read from outside QEMU.
-        let live = if live == DomainState::Running {
+        // behind holds can now be read from outside QEMU. A discarded
+        // state is not read (QEMU's exit or the switch stops the guest).
+        let live = if live == DomainState::Running && left.is_some() {
             self.backend.set_running(false)?;
             DomainState::Paused
         } else {
