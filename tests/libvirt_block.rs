@@ -630,6 +630,8 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         LoopDevice::new(&devices.0.join("f.raw"), 80),
         LoopDevice::new(&devices.0.join("g.raw"), 80),
     );
+    // h is blank and listed, and another libvirt domain's raw disk.
+    let h = LoopDevice::new(&devices.0.join("h.raw"), 80);
     for dev in [&c, &e] {
         let st = Command::new("mkfs.ext4")
             .args(["-q", "-F", &dev.0])
@@ -637,7 +639,7 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
             .unwrap();
         assert!(st.success());
     }
-    for dev in [&f, &g] {
+    for dev in [&f, &g, &h] {
         use std::os::unix::fs::FileExt;
         let h = fs::OpenOptions::new().write(true).open(&dev.0).unwrap();
         let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
@@ -653,7 +655,13 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         .unwrap()
         .success());
     let _mounted = Unmount(mnt_c);
-    for (dev, name) in [(&c, "lv-c"), (&e, "lv-e"), (&f, "lv-f"), (&g, "lv-g")] {
+    for (dev, name) in [
+        (&c, "lv-c"),
+        (&e, "lv-e"),
+        (&f, "lv-f"),
+        (&g, "lv-g"),
+        (&h, "lv-h"),
+    ] {
         std::os::unix::fs::symlink(&dev.0, dv.devs.join(name)).unwrap();
     }
     let f_label = label(&f);
@@ -661,6 +669,20 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         return;
     };
     let image = t.lv.define("lvbc", &t.images);
+    t.lv.define_xml(
+        "lvbh",
+        &format!(
+            "<domain type='qemu'><name>lvbh</name><memory unit='MiB'>128</memory>\
+             <vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type></os>\
+             <devices><emulator>{EMULATOR}</emulator>\
+             <disk type='block' device='disk'><driver name='qemu' type='raw'/>\
+             <source dev='{}'/><target dev='vda' bus='virtio'/></disk>\
+             </devices></domain>",
+            h.0
+        ),
+    );
+    t.lv.virsh(&["start", "lvbh"]);
+    let h_head = h.head(1 << 20);
     t.lv.virsh(&["start", "lvbc"]);
     t.lv.guest_write("lvbc", 0x61);
     let uri = t.lv.uri.clone();
@@ -708,6 +730,14 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         spec("x2", &dv.devs.join("lv-c")),
         &format!("{} is in use (mounted", c.0),
     );
+    // A listed, blank device another libvirt domain's QEMU runs on (its
+    // image locks are on the node of that QEMU's own /dev).
+    refused(
+        libc::EBUSY,
+        spec("x4", &dv.devs.join("lv-h")),
+        &format!("{} is in use", h.0),
+    );
+    assert!(h.head(1 << 20) == h_head, "h unchanged");
     // A listed device that holds a file system.
     refused(
         libc::EPERM,

@@ -17,8 +17,8 @@
 //!   the disk: vmsnapfs writes a qcow2 header on it.
 //!
 //! Either way the device is opened `O_EXCL` first (`EBUSY` when it is
-//! mounted or held), must not be locked by a QEMU (`EBUSY`), nor be a
-//! layer of another domain (`EBUSY`). The name must be the device node
+//! mounted or held), must not be locked by a QEMU nor open in any other
+//! process (`EBUSY`), nor be a layer of another domain (`EBUSY`). The name must be the device node
 //! itself in a directory only root can change; a symlink is followed only
 //! inside the `--format-devices` directory (udev's links there are the
 //! operator's), and the node it leads to is what is recorded.
@@ -406,6 +406,36 @@ fn device_size(f: &File) -> Result<u64> {
     Ok(f.seek(SeekFrom::End(0))?)
 }
 
+/// A process other than vmsnapfs that has the block device `rdev` open
+/// (its pid and command name), whatever node it opened it by: a QEMU
+/// that libvirt runs in a mount namespace of its own opens the node of
+/// its own `/dev`, whose image locks the host's node does not show.
+fn holder(rdev: u64) -> Option<(i32, String)> {
+    let me = std::process::id() as i32;
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        // stat(2) of /proc/PID/fd/N is the open file itself.
+        let holds = fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path())
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            return Some((pid, comm.trim().to_owned()));
+        }
+    }
+    None
+}
+
 /// Whether the device starts with a qcow2 header.
 fn has_qcow2_magic(f: &File) -> Result<bool> {
     let mut magic = [0u8; 4];
@@ -478,6 +508,12 @@ fn check_open(node: &Path, f: &File, over: &Over<'_>, may_format: bool) -> Resul
         "" => node.display().to_string(),
         t => format!("disk {t}: {}", node.display()),
     };
+    if let Some((pid, comm)) = holder(f.metadata()?.rdev()) {
+        return Err(refused(
+            ErrorKind::Busy,
+            format!("{what} is in use: process {pid} ({comm}) has it open"),
+        ));
+    }
     let size = super::qemu_img::virtual_size(over.active, over.format)?;
     if has_qcow2_magic(f)? {
         let info = qcow2_info(node, f, "qcow2")?;
