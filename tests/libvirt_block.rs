@@ -694,12 +694,8 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         name: "lvbc",
     };
     dom.wait_state("running");
-    let heads = [
-        c.head(1 << 20),
-        e.head(1 << 20),
-        f.head(1 << 20),
-        g.head(1 << 20),
-    ];
+    // c is mounted: the kernel writes its file system (not compared).
+    let heads = [e.head(1 << 20), f.head(1 << 20), g.head(1 << 20)];
     let sources = t.lv.sources("lvbc");
     let refused = |errno: i32, xml: String, says: &str| {
         assert_eq!(
@@ -744,15 +740,7 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
         spec("x3", &dv.devs.join("lv-e")),
         &format!("{} holds TYPE=ext4", e.0),
     );
-    assert_eq!(
-        [
-            c.head(1 << 20),
-            e.head(1 << 20),
-            f.head(1 << 20),
-            g.head(1 << 20)
-        ],
-        heads
-    );
+    assert_eq!([e.head(1 << 20), f.head(1 << 20), g.head(1 << 20)], heads);
     assert_eq!(t.lv.sources("lvbc"), sources, "libvirt's definitions");
     assert!(
         !dom.state.join("lvbc/layers").exists() || { active_layer_of(&dom.state, "lvbc") == image }
@@ -819,7 +807,7 @@ fn libvirt_block_device_checks_and_a_crash_after_a_format() {
     drop(daemon);
     daemon = crash(&mut dom, "s6", "lv-g");
     dom.wait_state("shutoff");
-    assert!(g.head(1 << 20) == heads[3], "g's first MiB put back");
+    assert!(g.head(1 << 20) == heads[2], "g's first MiB put back");
     assert_eq!(fs::read_dir(&heads_dir).unwrap().count(), 0);
     assert!(!dom.path("s6").exists(), "{}", dom.log());
     assert_eq!(t.lv.sources("lvbc"), sources, "libvirt's definitions");

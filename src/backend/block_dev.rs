@@ -423,10 +423,15 @@ fn holder(rdev: u64) -> Option<(i32, String)> {
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
             continue;
         };
-        // stat(2) of /proc/PID/fd/N is the open file itself.
+        // stat(2) of /proc/PID/fd/N is the open file itself; only nodes
+        // a process opened under /dev (its own, in its namespace) are
+        // looked at, so that no file system (a FUSE mount) is asked.
         let holds = fds.flatten().any(|fd| {
-            std::fs::metadata(fd.path())
-                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+            let under_dev = std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/dev/"));
+            under_dev
+                && std::fs::metadata(fd.path())
+                    .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
         });
         if holds {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
