@@ -37,7 +37,8 @@
 //! `VMSNAPFS_BENCH_ROUNDS=N` measures N rounds instead of 9;
 //! `VMSNAPFS_BENCH_RUST_LOG=trace` has the daemon's log show every QMP
 //! message with its time, `VMSNAPFS_BENCH_KEEP_LOG=DIR` keeps that log
-//! in DIR.
+//! (and libvirtd's) in DIR; `VMSNAPFS_TEST_LIBVIRTD_DEBUG=1` has libvirtd
+//! log its QEMU driver's work, each monitor message timed.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -311,6 +312,10 @@ fn main() {
         let to = std::path::Path::new(&keep).join("daemon-libvirt.log");
         fs::copy(dir.0.join("daemon.log"), &to).unwrap();
         println!("the daemon's log: {}", to.display());
+        let to = std::path::Path::new(&keep).join("libvirtd.log");
+        if fs::copy(dir.0.join("libvirtd/libvirtd.log"), &to).is_ok() {
+            println!("libvirtd's log: {}", to.display());
+        }
     }
 }
 

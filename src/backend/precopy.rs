@@ -57,6 +57,13 @@ const POLL: Duration = Duration::from_millis(1);
 const RESUME_EVENT_WAIT: Duration = Duration::from_secs(2);
 /// QEMU's `downtime-limit` when it reports none.
 const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Where QEMU sends MIGRATION events (capability `events`, which libvirt
+/// turns on for its QEMU), how long one is awaited before QEMU's state is
+/// read again. Through libvirt's passthrough a read is a round trip of
+/// several ms that holds libvirt's job (a disk switch sent meanwhile
+/// waits for it): the stop and the end of the copy are seen from their
+/// events instead, and the state is read only for progress and errors.
+const EVENT_WAIT: Duration = Duration::from_millis(100);
 
 /// The memory file a live copy writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,17 +239,22 @@ impl QemuBackend {
                     format!("fd:{}", super::external::MEMORY_FD)
                 }
             };
+            // Read before the events are cleared: its answer may carry some.
+            let events = conn.qmp.migrate_capability_on("events").unwrap_or(false);
             conn.qmp.take_events();
-            conn.qmp.migrate(&uri).map_err(qmp_err)
+            conn.qmp.migrate(&uri).map_err(qmp_err).map(|_| events)
         })();
-        if let Err(e) = started {
-            let _ = conn.qmp.migrate_cancel();
-            restore(conn);
-            let _ = self.remove_made(part);
-            return Ok(Precopy::GaveUp(e.message));
-        }
+        let events = match started {
+            Ok(events) => events,
+            Err(e) => {
+                let _ = conn.qmp.migrate_cancel();
+                restore(conn);
+                let _ = self.remove_made(part);
+                return Ok(Precopy::GaveUp(e.message));
+            }
+        };
         let started_at = SystemTime::now();
-        let converged = match Self::converge(conn, kind, held) {
+        let converged = match Self::converge(conn, kind, held, events) {
             Ok(c) => c,
             Err(why) => {
                 // Cancelled before the switch: QEMU resumes a guest it stopped.
@@ -267,7 +279,7 @@ impl QemuBackend {
             .qmp
             .migrate_continue()
             .map_err(qmp_err)
-            .and_then(|_| finish(conn));
+            .and_then(|_| finish(conn, events));
         let saved_at = SystemTime::now();
         if let Err(e) = overlays_checked {
             // QEMU opened something else: the guest stays paused (see
@@ -343,15 +355,19 @@ impl QemuBackend {
 
     /// Waits until QEMU stopped the guest in `pre-switchover`; `Err(why)`
     /// when it will not (see [`gives_up`], [`space_gives_up`]) or the
-    /// migration ended.
+    /// migration ended. With `events` (QEMU sends MIGRATION events) the
+    /// stop is seen from its event, and the state is read every
+    /// [`EVENT_WAIT`]; without, it is read every [`POLL`].
     fn converge(
         conn: &mut Conn,
         kind: LiveFile,
         held: &fs::File,
+        events: bool,
     ) -> std::result::Result<Converged, String> {
         let t0 = Instant::now();
         let deadline = t0 + JOB_TIMEOUT;
         let mut first_pass_end: Option<Instant> = None;
+        let mut passes_seen = 0;
         loop {
             // Injected before QEMU's state is read, so that a copy quick
             // enough to be waiting already is given up all the same.
@@ -392,7 +408,20 @@ impl QemuBackend {
             if Instant::now() > deadline {
                 return Err("the live copy took too long".into());
             }
-            std::thread::sleep(POLL);
+            if !events {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            let ended = ["pre-switchover", "completed", "failed", "cancelled"];
+            // Any other end is read (with its reason) by the next poll.
+            if migration_event(conn, EVENT_WAIT, &ended, &mut passes_seen).as_deref()
+                == Some("pre-switchover")
+            {
+                return Ok(Converged {
+                    passes: passes.max(passes_seen),
+                    seen: SystemTime::now(),
+                });
+            }
         }
     }
 
@@ -444,11 +473,54 @@ impl QemuBackend {
     }
 }
 
-/// Waits (polling often: the guest is stopped meanwhile) until the last
-/// pass and the device state are written.
-fn finish(conn: &mut Conn) -> Result<()> {
-    let deadline = Instant::now() + JOB_TIMEOUT;
+/// Waits for a MIGRATION event whose status is one of `want` (events
+/// already received count) for at most `wait`, and returns that status;
+/// MIGRATION_PASS events seen meanwhile raise `passes`. Other events stay
+/// queued.
+fn migration_event(
+    conn: &mut Conn,
+    wait: Duration,
+    want: &[&str],
+    passes: &mut i64,
+) -> Option<String> {
+    let until = Instant::now() + wait;
     loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let e = conn
+            .qmp
+            .wait_event(left, |e| match e["event"].as_str() {
+                Some("MIGRATION_PASS") => true,
+                Some("MIGRATION") => e["data"]["status"]
+                    .as_str()
+                    .is_some_and(|s| want.contains(&s)),
+                _ => false,
+            })
+            .ok()?;
+        match e["data"]["pass"].as_i64() {
+            Some(p) => *passes = (*passes).max(p),
+            None => return e["data"]["status"].as_str().map(str::to_owned),
+        }
+    }
+}
+
+/// Waits until the last pass and the device state are written: from
+/// QEMU's MIGRATION event where it sends them (`events`), else by reading
+/// the state often (the guest is stopped meanwhile).
+fn finish(conn: &mut Conn, events: bool) -> Result<()> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    let ended = ["completed", "failed", "cancelled"];
+    let mut passes = 0;
+    loop {
+        // A failure's reason comes from the state read below.
+        if events
+            && migration_event(conn, EVENT_WAIT, &ended, &mut passes).as_deref()
+                == Some("completed")
+        {
+            return Ok(());
+        }
         let m = conn.qmp.migration().map_err(qmp_err)?;
         match m.status {
             Some(MigrationStatus::completed) => return Ok(()),
@@ -459,6 +531,7 @@ fn finish(conn: &mut Conn) -> Result<()> {
             _ if Instant::now() > deadline => {
                 return Err(Error::io("saving RAM took too long"));
             }
+            _ if events => {}
             _ => std::thread::sleep(POLL),
         }
     }

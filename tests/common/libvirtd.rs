@@ -68,12 +68,21 @@ impl Libvirtd {
         let sock = dir.join("sock");
         fs::create_dir_all(&sock).unwrap();
         let conf = dir.join("libvirtd.conf");
+        // `VMSNAPFS_TEST_LIBVIRTD_DEBUG=1`: libvirtd logs what its QEMU
+        // driver does (each monitor message, timed to the ms) into its
+        // libvirtd.log, for breakdowns of where a libvirt call goes.
+        let debug = std::env::var("VMSNAPFS_TEST_LIBVIRTD_DEBUG").is_ok_and(|v| v == "1");
+        let logging = if debug {
+            "log_filters = \"1:qemu 1:security 1:util.command 3:*\"\nlog_outputs = \"1:file:"
+        } else {
+            "log_outputs = \"3:file:"
+        };
         fs::write(
             &conf,
             format!(
                 "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\n\
                  auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
-                 log_outputs = \"3:file:{}\"\n",
+                 {logging}{}\"\n",
                 sock.display(),
                 dir.join("libvirtd.log").display()
             ),
